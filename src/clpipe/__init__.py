@@ -1,0 +1,3 @@
+"""clpipe: the DICOM sync step of the clpipe MRI pipeline."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from clpipe.cli import main
+
+main()

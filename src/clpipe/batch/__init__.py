@@ -1,0 +1,1 @@
+"""Batch jobs: a job as data, and the executors that run it."""

@@ -1,0 +1,44 @@
+"""A batch job as plain data: what to run, with which resources, logging where.
+
+Rendering (a script, a scheduler's directives) and running (locally, SLURM, Grid Engine)
+are separate steps that take a :class:`Job`; nothing here knows about a scheduler.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..config.units import format_hms
+
+
+@dataclass(frozen=True)
+class Resources:
+    time_seconds: int
+    mem_mb: int
+    cores: int
+
+    def describe(self) -> str:
+        return f"time {format_hms(self.time_seconds)}, memory {self.mem_mb} MB, cores {self.cores}"
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    argv: tuple[str, ...]
+    resources: Resources
+    log_path: Path
+    cwd: Path
+    env: dict[str, str] = field(default_factory=dict)  # never secrets
+
+    def command_line(self) -> str:
+        """The argv as one correctly quoted shell line, for display and scripts."""
+        return shlex.join(self.argv)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["argv"] = list(self.argv)
+        data["log_path"] = str(self.log_path)
+        data["cwd"] = str(self.cwd)
+        return data

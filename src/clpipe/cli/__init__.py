@@ -1,0 +1,155 @@
+"""The ``clpipe`` command: click commands that parse, call the core, and render.
+
+Options follow clpipe's single-dash style (``-config_file``, ``-c``), with the
+``--config-file`` style accepted as an alias.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..errors import ClpipeError, ConfigError
+
+_STATE = {"debug": False}
+
+CONFIG_HELP = "The project's clpipe_config.json (or .yaml). Default: ./clpipe_config.json"
+SUBMIT_HELP = "Run the job (submit it to the batch system, or run it here when there is none). Without it, only print the job."
+DEBUG_HELP = "Show tracebacks and extra detail."
+
+
+def _debug_option(func):
+    def remember(ctx, param, value):
+        if value:
+            _STATE["debug"] = True
+        return value
+
+    return click.option("-debug", "-d", "--debug", "debug", is_flag=True, help=DEBUG_HELP,
+                        callback=remember, expose_value=False, is_eager=True)(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help", "-help"]})
+@click.version_option(__version__, "-version", "--version", prog_name="clpipe")
+def cli() -> None:
+    """clpipe: the MRI pipeline's DICOM sync step."""
+
+
+@cli.group("dicom")
+def dicom() -> None:
+    """Get DICOM data onto the cluster."""
+
+
+def _find_config(config_file: str | None) -> str:
+    if config_file:
+        return config_file
+    default = Path("clpipe_config.json")
+    if default.exists():
+        return str(default)
+    raise ConfigError("no config file given and no clpipe_config.json here; pass -config_file PATH")
+
+
+@dicom.command("flywheel_sync")
+@click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("-source_url", "--source-url", "source_url", help="Flywheel project to sync, fw://<group>/<project>/ (overrides SourceURL). `fw ls` browses projects.")
+@click.option("-dropoff_dir", "--dropoff-dir", "dropoff_dir", help="Where synced DICOMs go (overrides DropoffDirectory).")
+@click.option("-temp_dir", "--temp-dir", "temp_dir", help="Where fw keeps temporary files (overrides TempDirectory).")
+@click.option("-submit", "-s", "--submit", "submit", is_flag=True, help=SUBMIT_HELP)
+@_debug_option
+def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, submit) -> int:
+    """Sync DICOM data from a Flywheel project into the dropoff folder with `fw sync`.
+
+    Reads SourceOptions from the config file. Log in with `fw login` first. Logs and the
+    audit CSV go to <project>/logs/sync_logs.
+    """
+    from ..config import load_project_config
+    from ..fwcli import make_plan
+
+    config = load_project_config(_find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir)
+    plan = make_plan(config)
+    plan_path = Path(plan.sync_logs) / f"flywheel_sync-{plan.run_id}.plan.json"
+    job = plan.job((sys.executable, "-m", "clpipe", "_run_plan", str(plan_path)))
+    executor = "locally (no batch configuration)" if not config.batch_config else f"with batch configuration {config.batch_config}"
+
+    if not submit:
+        click.echo(f"Job:       {job.name} (would run {executor})")
+        click.echo(f"Source:    {plan.source_url}")
+        click.echo(f"Dropoff:   {plan.dropoff}")
+        click.echo(f"Temp:      {plan.temp_dir}")
+        click.echo(f"Resources: {job.resources.describe()}")
+        click.echo(f"Log:       {job.log_path}")
+        click.echo(f"Audit log: {plan.audit_csv}")
+        click.echo(f"Command:   {shlex.join(plan.fw_argv)}")
+        if shutil.which("fw") is None:
+            click.echo("Note:      `fw` is not on PATH here; install the Flywheel CLI before running (see the README).")
+        click.echo("Nothing was run. Add -submit to run it.")
+        return 0
+
+    if config.batch_config:
+        raise ConfigError(
+            f"{config.path}: BatchConfig {config.batch_config!r}: submission to a batch system is not available "
+            "in this version yet; set BatchConfig to \"\" to run the sync here"
+        )
+    from ..batch.local import run_local
+
+    Path(plan.sync_logs).mkdir(parents=True, exist_ok=True)
+    plan_path.write_text(plan.to_json())
+    click.echo(f"Running {job.name} here; log: {job.log_path}")
+    return run_local(job)
+
+
+@cli.command("_run_plan", hidden=True)
+@click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
+@_debug_option
+def run_plan_cli(plan_file) -> int:
+    """Run a sync plan on this node (what a batch job executes)."""
+    from ..fwcli import SyncPlan, run_plan
+
+    plan = SyncPlan.from_json(Path(plan_file).read_text())
+    return run_plan(plan)
+
+
+@cli.command("project_setup")
+@click.option("-project_title", "--project-title", "project_title", required=True, help="The project's name.")
+@click.option("-project_dir", "--project-dir", "project_dir", required=True, type=click.Path(file_okay=False), help="Where to create the project.")
+@click.option("-source_url", "--source-url", "source_url", help="The Flywheel project to sync from, fw://<group>/<project>/.")
+@_debug_option
+def project_setup_cli(project_title, project_dir, source_url) -> int:
+    """Create a clpipe project: clpipe_config.json, data_DICOMs/, logs/sync_logs/, ..."""
+    from ..project_setup import setup_project
+
+    path = setup_project(project_title, project_dir, source_url)
+    click.echo(f"Created project {project_title!r}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one clear line and a non-zero exit code for every user error."""
+    _STATE["debug"] = False
+    try:
+        result = cli.main(args=argv, prog_name="clpipe", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("clpipe: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ClpipeError as exc:
+        if _STATE["debug"]:
+            traceback.print_exc()
+        click.echo(f"clpipe: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("clpipe: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so plainly
+        if _STATE["debug"]:
+            traceback.print_exc()
+        click.echo(f"clpipe: internal error: {exc.__class__.__name__}: {exc} (rerun with -debug for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,343 @@
+"""``clpipe_config.json`` (or ``.yaml``): reading, validating and resolving it.
+
+Two spellings exist in the wild and both are read:
+
+* legacy CamelCase files (``SourceOptions`` / ``SourceURL`` / ...), which clpipe wrote up
+  to 1.8 and whose keys the documentation shows;
+* clpipe 1.9 snake_case files (``source`` / ``source_url`` / ...), marked by
+  ``clpipe_version`` or ``version``.
+
+Only what the sync step uses is validated in depth (the source block, the project
+directory, e-mail, batch config). The other sections belong to later pipeline steps and
+are passed over, but a top-level key that no clpipe version knows is reported, with the
+nearest known key suggested, because a misspelt ``SourceOptions`` would otherwise be
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from ..errors import ConfigError
+from ..sources.flywheel import FlywheelURL, parse_fw_url
+from .units import parse_cores, parse_mem_mb, parse_time
+
+Style = Literal["legacy", "snake"]
+
+# canonical name -> (legacy CamelCase, clpipe 1.9 snake_case)
+SOURCE_KEYS: dict[str, tuple[str, str]] = {
+    "source_url": ("SourceURL", "source_url"),
+    "dropoff_directory": ("DropoffDirectory", "dropoff_directory"),
+    "temp_directory": ("TempDirectory", "temp_directory"),
+    "commandline_opts": ("CommandLineOpts", "commandline_opts"),
+    "time_usage": ("TimeUsage", "time_usage"),
+    "mem_usage": ("MemUsage", "mem_usage"),
+    "core_usage": ("CoreUsage", "core_usage"),
+}
+SOURCE_SECTION = ("SourceOptions", "source")
+
+# Top-level keys this step reads: canonical -> (legacy, snake)
+TOP_KEYS: dict[str, tuple[str, str]] = {
+    "project_title": ("ProjectTitle", "project_title"),
+    "project_directory": ("ProjectDirectory", "project_directory"),
+    "email_address": ("EmailAddress", "email_address"),
+    "batch_config": ("BatchConfig", "batch_config_path"),
+}
+
+# Top-level keys owned by other clpipe steps (any version): accepted and left alone.
+OTHER_TOP_LEGACY = {
+    "ConfigTitle", "Authors/Contributors", "TempDirectory", "DICOMToBIDSOptions",
+    "BIDSValidationOptions", "FMRIPrepOptions", "PostProcessingOptions",
+    "PostProcessingOptions2", "PostProcessingMemoryUsage", "ProcessingStreams",
+    "BetaSeriesOptions", "SUSANOptions", "ROIExtractionOptions", "ReHoExtraction",
+    "T2StarExtraction", "GLMSetupOptions", "RunLog", "StatusCache", "version",
+}
+OTHER_TOP_SNAKE = {
+    "clpipe_version", "version", "contributors", "convert2bids", "bids_validation",
+    "fmriprep", "postprocessing", "processing_streams", "beta_series", "roi_extraction",
+    "reho_extraction", "t2star_extraction", "glm_setup", "status_cache", "run_log",
+}
+
+# clpipe 1.9 defaults for the source block; legacy files had the same ones bar memory.
+SOURCE_DEFAULTS = {
+    "source_url": "fw://",
+    "dropoff_directory": "",
+    "temp_directory": "",
+    "commandline_opts": "-y",
+    "time_usage": "1:0:0",
+    "mem_usage": "10G",
+    "core_usage": "1",
+}
+
+
+def key_name(canonical: str, style: Style, table: dict[str, tuple[str, str]] = SOURCE_KEYS) -> str:
+    legacy, snake = table[canonical]
+    return legacy if style == "legacy" else snake
+
+
+class SourceModel(BaseModel):
+    """Validation of the source block (values already under canonical names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_url: FlywheelURL
+    dropoff_directory: str
+    temp_directory: str
+    commandline_opts: str
+    time_usage: int  # seconds
+    mem_usage: int  # megabytes
+    core_usage: int
+
+    @field_validator("source_url", mode="before")
+    @classmethod
+    def _url(cls, value: Any) -> FlywheelURL:
+        if isinstance(value, FlywheelURL):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("expected a text value such as fw://<group>/<project>/")
+        return parse_fw_url(value.strip())
+
+    @field_validator("dropoff_directory", "temp_directory", "commandline_opts", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ValueError("expected a text value")
+        return value
+
+    @field_validator("time_usage", mode="before")
+    @classmethod
+    def _time(cls, value: Any) -> int:
+        return parse_time(value)
+
+    @field_validator("mem_usage", mode="before")
+    @classmethod
+    def _mem(cls, value: Any) -> int:
+        return parse_mem_mb(value)
+
+    @field_validator("core_usage", mode="before")
+    @classmethod
+    def _cores(cls, value: Any) -> int:
+        return parse_cores(value)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """The validated, resolved source block (absolute paths)."""
+
+    url: FlywheelURL
+    dropoff_directory: Path
+    temp_directory: Path
+    commandline_opts: str
+    time_seconds: int
+    mem_mb: int
+    cores: int
+    raw_time: str  # as the user wrote it, for display
+    raw_mem: str
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """What the sync step needs from ``clpipe_config.json``."""
+
+    path: Path
+    style: Style
+    project_directory: Path
+    project_title: str
+    email_address: str | None
+    batch_config: str | None
+    source: SourceConfig
+    raw: dict = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def sync_logs(self) -> Path:
+        return self.project_directory / "logs" / "sync_logs"
+
+    def key(self, canonical: str) -> str:
+        """The user's own spelling of a source key, for messages: ``SourceOptions.TimeUsage``."""
+        section = SOURCE_SECTION[0] if self.style == "legacy" else SOURCE_SECTION[1]
+        return f"{section}.{key_name(canonical, self.style)}"
+
+
+def _read_mapping(path: Path) -> dict:
+    """Read JSON or YAML into a dict; errors name the file, line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; create one with `clpipe project_setup` or pass -config_file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; pass the path of clpipe_config.json") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object {{...}} at the top level, found {type(data).__name__}")
+    return data
+
+
+def _detect_style(data: dict, path: Path) -> Style:
+    legacy_hits = {k for k in data if k in {v[0] for v in TOP_KEYS.values()} | {SOURCE_SECTION[0]}}
+    snake_hits = {k for k in data if k in {v[1] for v in TOP_KEYS.values()} | {SOURCE_SECTION[1], "clpipe_version"}}
+    if SOURCE_SECTION[0] in data and SOURCE_SECTION[1] in data:
+        raise ConfigError(
+            f"{path}: has both SourceOptions (legacy) and source (clpipe 1.9) blocks; keep one of them"
+        )
+    if snake_hits and not legacy_hits:
+        return "snake"
+    if legacy_hits and not snake_hits:
+        return "legacy"
+    if "clpipe_version" in data or SOURCE_SECTION[1] in data:
+        return "snake"
+    return "legacy"
+
+
+def _unknown_key(path: Path, where: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:
+        lowered = {k.lower(): k for k in known}
+        close = [lowered[key.lower()]] if key.lower() in lowered else []
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"{path}: unknown key {key!r} in {where}{hint}")
+
+
+def _check_top_level(data: dict, style: Style, path: Path) -> None:
+    ours = [v[0] if style == "legacy" else v[1] for v in TOP_KEYS.values()]
+    section = SOURCE_SECTION[0] if style == "legacy" else SOURCE_SECTION[1]
+    others = OTHER_TOP_LEGACY if style == "legacy" else OTHER_TOP_SNAKE
+    known = ours + [section] + sorted(others)
+    for key in data:
+        if key not in known:
+            raise _unknown_key(path, "the top level", key, known)
+
+
+def _canonical_source(block: Any, style: Style, path: Path) -> dict:
+    section = SOURCE_SECTION[0] if style == "legacy" else SOURCE_SECTION[1]
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: {section}: expected an object {{...}}, found {type(block).__name__}")
+    by_name = {key_name(c, style): c for c in SOURCE_KEYS}
+    out = {}
+    for key, value in block.items():
+        if key not in by_name:
+            raise _unknown_key(path, section, key, list(by_name))
+        out[by_name[key]] = value
+    return out
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(os.path.expandvars(os.path.expanduser(value)))
+    return path if path.is_absolute() else (base / path)
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Fail unless ``path`` is a folder that exists and is writable, or could be created."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{what}: {path} cannot be created because {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: {path} cannot be written (no write permission on {probe})")
+
+
+def load_project_config(
+    config_file: str | os.PathLike,
+    source_url: str | None = None,
+    dropoff_dir: str | None = None,
+    temp_dir: str | None = None,
+) -> ProjectConfig:
+    """Read, validate and resolve a project config; flags override the file's values."""
+    path = Path(config_file).expanduser().absolute()
+    data = _read_mapping(path)
+    style = _detect_style(data, path)
+    _check_top_level(data, style, path)
+    section = SOURCE_SECTION[0] if style == "legacy" else SOURCE_SECTION[1]
+
+    def top(canonical: str) -> Any:
+        return data.get(key_name(canonical, style, TOP_KEYS))
+
+    project_dir_value = top("project_directory")
+    if project_dir_value is not None and not isinstance(project_dir_value, str):
+        raise ConfigError(f"{path}: {key_name('project_directory', style, TOP_KEYS)}: expected a folder path as text")
+    project_dir = _resolve(path.parent, project_dir_value) if project_dir_value else path.parent
+
+    values = dict(SOURCE_DEFAULTS)
+    values.update(_canonical_source(data.get(section), style, path))
+    flag_names = {"source_url": "-source_url", "dropoff_directory": "-dropoff_dir", "temp_directory": "-temp_dir"}
+    from_flag: set[str] = set()
+    for canonical, value in (("source_url", source_url), ("dropoff_directory", dropoff_dir), ("temp_directory", temp_dir)):
+        if value is not None:
+            values[canonical] = value
+            from_flag.add(canonical)
+
+    try:
+        model = SourceModel.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        canonical = str(error["loc"][0]) if error["loc"] else ""
+        message = error["msg"].removeprefix("Value error, ")
+        shown = flag_names[canonical] if canonical in from_flag else f"{section}.{key_name(canonical, style)}"
+        bad = values.get(canonical)
+        raise ConfigError(f"{path}: {shown}: {bad!r} is not valid: {message}") from None
+
+    dropoff = _resolve(project_dir, model.dropoff_directory) if model.dropoff_directory.strip() else project_dir / "data_DICOMs"
+    temp = _resolve(project_dir, model.temp_directory) if model.temp_directory.strip() else project_dir / "flywheel_tmp"
+    where = lambda c: flag_names[c] if c in from_flag else f"{section}.{key_name(c, style)}"  # noqa: E731
+    check_writable_dir(dropoff, f"{path}: {where('dropoff_directory')}")
+    check_writable_dir(temp, f"{path}: {where('temp_directory')}")
+    check_writable_dir(project_dir / "logs" / "sync_logs", f"{path}: the log folder")
+
+    email = top("email_address")
+    if isinstance(email, str) and ("@" not in email or email.strip().upper() == "SET EMAIL ADDRESS"):
+        email = None
+    batch = top("batch_config")
+    if batch is not None and not isinstance(batch, str):
+        raise ConfigError(f"{path}: {key_name('batch_config', style, TOP_KEYS)}: expected a profile name or a file path as text")
+    title = top("project_title")
+
+    source = SourceConfig(
+        url=model.source_url,
+        dropoff_directory=dropoff,
+        temp_directory=temp,
+        commandline_opts=model.commandline_opts,
+        time_seconds=model.time_usage,
+        mem_mb=model.mem_usage,
+        cores=model.core_usage,
+        raw_time=str(values["time_usage"]),
+        raw_mem=str(values["mem_usage"]),
+    )
+    return ProjectConfig(
+        path=path,
+        style=style,
+        project_directory=project_dir,
+        project_title=title if isinstance(title, str) and title else project_dir.name,
+        email_address=email if isinstance(email, str) and email else None,
+        batch_config=batch or None,
+        source=source,
+        raw=data,
+    )
+

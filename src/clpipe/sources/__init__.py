@@ -1,0 +1,1 @@
+"""Remote sources of DICOM data, one module per kind (Flywheel for now)."""

@@ -1,0 +1,213 @@
+"""Flywheel as a source: the ``fw://`` URL, the saved login, and the few API calls clpipe
+makes itself (login check, project lookup, the bulk file listing).
+
+The API key is read from the file ``fw login`` writes and only ever travels in the
+``Authorization`` header; it never reaches a command line, a log or a report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+from ..errors import ConfigError, PreflightError
+
+URL_EXPECTED = "expected fw://<group>/<project> or fw://<group>/<project>/ (`fw ls` lists your projects)"
+LOGIN_HINT = "run `fw login <SITE>:<API KEY>` (the key is on your Flywheel profile page)"
+
+
+@dataclass(frozen=True)
+class FlywheelURL:
+    """A Flywheel project address: ``fw://group/project`` with or without trailing slash.
+
+    With the slash (rsync style) ``fw sync`` puts ``SUBJECTS/...`` straight into the
+    dropoff; without it, inside a folder named after the project.
+    """
+
+    group: str
+    project: str
+    trailing_slash: bool
+
+    def __str__(self) -> str:
+        return f"fw://{self.group}/{self.project}" + ("/" if self.trailing_slash else "")
+
+
+def parse_fw_url(value: str) -> FlywheelURL:
+    """Parse and validate a SourceURL; raise ``ValueError`` saying what is expected."""
+    if not isinstance(value, str) or not value.startswith("fw://"):
+        raise ValueError(URL_EXPECTED)
+    rest = value[len("fw://"):]
+    trailing = rest.endswith("/")
+    parts = rest.rstrip("/").split("/") if rest.strip("/") else []
+    if len(parts) < 2 or any(not p.strip() for p in parts):
+        raise ValueError(f"it does not name a project; {URL_EXPECTED}")
+    if len(parts) > 2:
+        raise ValueError(f"it points below a project ({'/'.join(parts[2:])}); fw sync takes a whole project; {URL_EXPECTED}")
+    group, project = parts
+    if not re.fullmatch(r"[0-9a-z][0-9a-z._-]*", group):
+        raise ValueError(f"group id {group!r} is not a Flywheel group id (lowercase letters, digits, . _ -); {URL_EXPECTED}")
+    return FlywheelURL(group, project, trailing)
+
+
+# ---------------------------------------------------------------------------------------
+# Credentials: the file `fw login` writes, read the way the SDK reads it.
+
+
+def user_config_path() -> Path:
+    """Where ``fw login`` stores the key: ``$FLYWHEEL_USER_HOME`` (default ``~``)."""
+    home = os.environ.get("FLYWHEEL_USER_HOME") or os.path.expanduser("~")
+    return Path(home) / ".config" / "flywheel" / "user.json"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    api_url: str  # e.g. https://lab.flywheel.io:443/api
+    key: str  # the secret part sent in the Authorization header
+
+    def __repr__(self) -> str:  # never show the key, even in a traceback
+        return f"Credentials(api_url={self.api_url!r}, key=<hidden>)"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"scitran-user {self.key}"}
+
+
+def credentials_from_api_key(api_key: str) -> Credentials:
+    """Split a ``fw login`` key into API URL and secret, as the Flywheel SDK does.
+
+    ``host:key`` -> https://host:443/api; ``host:port:key`` -> https://host:port/api; a part
+    equal to ``__force_insecure`` switches to plain http.
+    """
+    parts = api_key.split(":")
+    if len(parts) < 2 or not parts[-1]:
+        raise PreflightError(
+            f"the saved Flywheel login in {user_config_path()} is not of the form <site>:<key>; {LOGIN_HINT}"
+        )
+    insecure = "__force_insecure" in parts
+    parts = [p for p in parts if p != "__force_insecure"]
+    key = parts[-1]
+    host = parts[0]
+    port = parts[1] if len(parts) > 2 else "443"
+    if not host or not port.isdigit():
+        raise PreflightError(
+            f"the saved Flywheel login in {user_config_path()} does not name a site; {LOGIN_HINT}"
+        )
+    scheme = "http" if insecure else "https"
+    return Credentials(api_url=f"{scheme}://{host}:{port}/api", key=key)
+
+
+def load_credentials() -> Credentials:
+    """Read the key saved by ``fw login``; a clear error when there is none."""
+    path = user_config_path()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PreflightError(f"not logged in to Flywheel (no {path}); {LOGIN_HINT}") from None
+    except (OSError, ValueError) as exc:
+        raise PreflightError(f"cannot read the Flywheel login in {path} ({exc.__class__.__name__}); {LOGIN_HINT}") from None
+    key = data.get("key") if isinstance(data, dict) else None
+    if not key or not isinstance(key, str):
+        raise PreflightError(f"not logged in to Flywheel ({path} holds no key); {LOGIN_HINT}")
+    return credentials_from_api_key(key)
+
+
+# ---------------------------------------------------------------------------------------
+# API calls
+
+
+class FlywheelAPI:
+    """The handful of Flywheel API requests clpipe makes itself, with clear errors."""
+
+    def __init__(self, credentials: Credentials, timeout: float = 30.0):
+        self.credentials = credentials
+        self._client = httpx.Client(
+            base_url=credentials.api_url,
+            headers=credentials.headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "FlywheelAPI":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        site = self.credentials.api_url
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise PreflightError(f"Flywheel at {site} did not answer in time; check the site is up and reachable from this node") from None
+        except httpx.TransportError as exc:
+            raise PreflightError(
+                f"cannot reach Flywheel at {site} ({exc.__class__.__name__}: {exc}); check the network, "
+                f"or log in again with `fw login` if your site's address changed"
+            ) from None
+        if response.status_code == 401:
+            raise PreflightError(
+                f"Flywheel at {site} rejected the saved API key (expired or revoked); log in again with `fw login <SITE>:<NEW API KEY>`"
+            )
+        return response
+
+    @staticmethod
+    def _error_text(response: httpx.Response) -> str:
+        try:
+            body = response.json()
+            return str(body.get("message") or body)
+        except ValueError:
+            return response.text[:200]
+
+    def check_login(self) -> dict:
+        """``GET auth/status``: proves the site is reachable and the key is accepted."""
+        response = self._request("GET", "/auth/status")
+        if response.status_code != 200:
+            raise PreflightError(
+                f"Flywheel at {self.credentials.api_url} answered the login check with HTTP "
+                f"{response.status_code} ({self._error_text(response)}); try `fw status`, then `fw login` again"
+            )
+        return response.json()
+
+    def lookup_project(self, url: FlywheelURL) -> dict:
+        """``POST lookup``: the project's id, or a clear error when it does not exist."""
+        response = self._request("POST", "/lookup", json={"path": [url.group, url.project]})
+        if response.status_code in (403, 404):
+            raise PreflightError(
+                f"Flywheel project {url.group}/{url.project} was not found or you have no access to it; "
+                f"check SourceURL ({URL_EXPECTED})"
+            )
+        if response.status_code != 200:
+            raise PreflightError(
+                f"Flywheel lookup of {url.group}/{url.project} failed with HTTP {response.status_code} ({self._error_text(response)})"
+            )
+        body = response.json()
+        if body.get("container_type") != "project":
+            raise PreflightError(f"{url} is a {body.get('container_type')}, not a project; {URL_EXPECTED}")
+        return body
+
+    def download_targets(self, project_id: str, body_filters: dict, params: dict) -> Iterator[dict]:
+        """``POST download/targets``: every file of the project in one NDJSON response."""
+        payload = {"nodes": [{"level": "project", "_id": project_id}], **body_filters}
+        query = {"type": "full", "prefix": "", **params}
+        site = self.credentials.api_url
+        try:
+            with self._client.stream("POST", "/download/targets", params=query, json=payload) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise PreflightError(
+                        f"Flywheel listing of the project failed with HTTP {response.status_code} ({self._error_text(response)})"
+                    )
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.TransportError as exc:
+            raise PreflightError(f"the file listing from Flywheel at {site} broke off ({exc.__class__.__name__})") from None
