@@ -42,6 +42,7 @@ STRAY_TEMP_GLOB = "<TemporaryDirectory '*'>"
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]?")
 ERROR_RE = re.compile(r"\bERROR - (.*)")
 PROGRESS_EVERY = 15.0  # seconds between progress lines in a batch log
+JOB_ENV = ("PATH", "FLYWHEEL_USER_HOME")  # what a batch job needs from the submitter's environment
 
 # ---------------------------------------------------------------------------------------
 # CommandLineOpts: parsed with a replica of `fw sync`'s own options (flywheel-cli 18.x), so a
@@ -191,12 +192,16 @@ class SyncPlan:
         return SyncOptions(**opts)
 
     def job(self, argv: tuple[str, ...]) -> Job:
+        """The batch job that runs this plan. It carries the submitter's PATH (where `fw`
+        is) and login location, never a credential."""
+        env = {name: os.environ[name] for name in JOB_ENV if name in os.environ}
         return Job(
             name=self.job_name,
             argv=argv,
             resources=Resources(**self.resources),
             log_path=Path(self.log_path),
             cwd=Path(self.sync_logs),
+            env=env,
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .batch.config import LOCAL_NAMES, builtin_profile_text
 from .errors import ConfigError
 from .sources.flywheel import parse_fw_url
 
@@ -42,8 +43,13 @@ def project_config(title: str, project_dir: Path, source_url: str) -> dict:
     }
 
 
-def setup_project(title: str, project_dir: str, source_url: str | None = None) -> Path:
-    """Create the project folder tree and its clpipe_config.json; never overwrite one."""
+def setup_project(title: str, project_dir: str, source_url: str | None = None, profile: str = "local") -> Path:
+    """Create the project folder tree and its clpipe_config.json; never overwrite one.
+
+    ``profile`` is ``local`` (no batch system) or a built-in batch profile, which is copied
+    to ``.clpipe/batch_config.json`` for the lab to adjust, and named in ``BatchConfig``.
+    """
+    profile_text = None if profile.strip().lower() in LOCAL_NAMES else builtin_profile_text(profile.strip())
     if not title or not title.strip():
         raise ConfigError("-project_title: give the project a name, e.g. -project_title my_study")
     root = Path(project_dir).expanduser().absolute()
@@ -64,7 +70,12 @@ def setup_project(title: str, project_dir: str, source_url: str | None = None) -
         conversion = root / "conversion_config.json"
         if not conversion.exists():
             conversion.write_text(json.dumps({"descriptions": []}, indent=4) + "\n")
-        config_path.write_text(json.dumps(project_config(title.strip(), root, url), indent=4) + "\n")
+        config = project_config(title.strip(), root, url)
+        if profile_text is not None:
+            batch_path = root / ".clpipe" / "batch_config.json"
+            batch_path.write_text(profile_text)
+            config["BatchConfig"] = str(batch_path)
+        config_path.write_text(json.dumps(config, indent=4) + "\n")
     except OSError as exc:
         raise ConfigError(f"-project_dir: cannot create the project in {root}: {exc.strerror}") from None
     return config_path

@@ -59,48 +59,73 @@ def _find_config(config_file: str | None) -> str:
 @click.option("-source_url", "--source-url", "source_url", help="Flywheel project to sync, fw://<group>/<project>/ (overrides SourceURL). `fw ls` browses projects.")
 @click.option("-dropoff_dir", "--dropoff-dir", "dropoff_dir", help="Where synced DICOMs go (overrides DropoffDirectory).")
 @click.option("-temp_dir", "--temp-dir", "temp_dir", help="Where fw keeps temporary files (overrides TempDirectory).")
+@click.option("-batch_config", "--batch-config", "batch_config", help="Batch configuration: a built-in profile (e.g. slurmUNCConfig.json), a file, or \"\" to run here (overrides BatchConfig).")
+@click.option("-after", "--after", "after", metavar="JOBID", help="Start the sync only after this batch job has completed successfully.")
 @click.option("-submit", "-s", "--submit", "submit", is_flag=True, help=SUBMIT_HELP)
 @_debug_option
-def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, submit) -> int:
+def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, batch_config, after, submit) -> int:
     """Sync DICOM data from a Flywheel project into the dropoff folder with `fw sync`.
 
     Reads SourceOptions from the config file. Log in with `fw login` first. Logs and the
     audit CSV go to <project>/logs/sync_logs.
     """
+    from ..batch.config import load_batch_config
     from ..config import load_project_config
     from ..fwcli import make_plan
 
     config = load_project_config(_find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir)
+    batch = load_batch_config(batch_config if batch_config is not None else config.batch_config, config.project_directory)
     plan = make_plan(config)
-    plan_path = Path(plan.sync_logs) / f"flywheel_sync-{plan.run_id}.plan.json"
+    logs = Path(plan.sync_logs)
+    stem = f"{plan.job_name}-{plan.run_id}"
+    plan_path = logs / f"{stem}.plan.json"
     job = plan.job((sys.executable, "-m", "clpipe", "_run_plan", str(plan_path)))
-    executor = "locally (no batch configuration)" if not config.batch_config else f"with batch configuration {config.batch_config}"
+    if after is not None and batch is None:
+        raise ConfigError("-after: waiting for another job needs a batch system; set BatchConfig or -batch_config")
+
+    submission = None
+    if batch is not None:
+        from ..batch.scheduler import render
+
+        submission = render(job, batch, config.email_address, logs / f"{stem}.sh", after=after)
 
     if not submit:
-        click.echo(f"Job:       {job.name} (would run {executor})")
+        where = "locally (no batch configuration)" if batch is None else f"as a {batch.scheduler} batch job ({batch.name})"
+        click.echo(f"Job:       {job.name} (would run {where})")
         click.echo(f"Source:    {plan.source_url}")
         click.echo(f"Dropoff:   {plan.dropoff}")
         click.echo(f"Temp:      {plan.temp_dir}")
         click.echo(f"Resources: {job.resources.describe()}")
-        click.echo(f"Log:       {job.log_path}")
+        click.echo(f"Log:       {job.log_path if submission is None else logs / submission.output_pattern}")
         click.echo(f"Audit log: {plan.audit_csv}")
         click.echo(f"Command:   {shlex.join(plan.fw_argv)}")
+        if submission is not None:
+            click.echo(f"Script:    {submission.script_path}")
+            click.echo(f"Submit:    {submission.command_line()}")
+            click.echo("--- script ---")
+            click.echo(submission.script.rstrip("\n"))
+            click.echo("--------------")
         if shutil.which("fw") is None:
             click.echo("Note:      `fw` is not on PATH here; install the Flywheel CLI before running (see the README).")
         click.echo("Nothing was run. Add -submit to run it.")
         return 0
 
-    if config.batch_config:
-        raise ConfigError(
-            f"{config.path}: BatchConfig {config.batch_config!r}: submission to a batch system is not available "
-            "in this version yet; set BatchConfig to \"\" to run the sync here"
-        )
-    from ..batch.local import run_local
-
-    Path(plan.sync_logs).mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(plan.to_json())
-    click.echo(f"Running {job.name} here; log: {job.log_path}")
-    return run_local(job)
+    if submission is None:
+        from ..batch.local import run_local
+
+        click.echo(f"Running {job.name} here; log: {job.log_path}")
+        return run_local(job)
+
+    from ..batch.scheduler import record_submission, submit as submit_job
+
+    job_id = submit_job(submission)
+    record = record_submission(submission, job, job_id, after, logs / f"{stem}.job.json")
+    click.echo(f"Submitted batch job {job_id}")
+    click.echo(f"Output:    {record['output']}")
+    click.echo(f"Record:    {logs / f'{stem}.job.json'} (next step: {record['wait_for_it']})")
+    return 0
 
 
 @cli.command("_run_plan", hidden=True)
@@ -118,12 +143,14 @@ def run_plan_cli(plan_file) -> int:
 @click.option("-project_title", "--project-title", "project_title", required=True, help="The project's name.")
 @click.option("-project_dir", "--project-dir", "project_dir", required=True, type=click.Path(file_okay=False), help="Where to create the project.")
 @click.option("-source_url", "--source-url", "source_url", help="The Flywheel project to sync from, fw://<group>/<project>/.")
+@click.option("-profile", "--profile", "profile", default="local", show_default=True,
+              help="Batch configuration to start from: local (no batch system) or a built-in profile such as slurmUNCConfig.json.")
 @_debug_option
-def project_setup_cli(project_title, project_dir, source_url) -> int:
+def project_setup_cli(project_title, project_dir, source_url, profile) -> int:
     """Create a clpipe project: clpipe_config.json, data_DICOMs/, logs/sync_logs/, ..."""
     from ..project_setup import setup_project
 
-    path = setup_project(project_title, project_dir, source_url)
+    path = setup_project(project_title, project_dir, source_url, profile)
     click.echo(f"Created project {project_title!r}: {path}")
     return 0
 

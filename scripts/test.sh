@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh) and run the whole test suite against the real Flywheel CLI.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k config -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+TOOLS=${CLPIPE_TOOLS:-$HOME/.cache/clpipe-tests}
+export CLPIPE_TEST_FW="$TOOLS/fw-18.5.1/bin/fw"
+export CLPIPE_TEST_FW_OLD="$TOOLS/fw-17.5.1/bin/fw"
+export CLPIPE_TEST_SDK_PYTHON="$TOOLS/sdk/bin/python"
+export CLPIPE_REQUIRE_TOOLS=1   # a missing tool fails the run instead of skipping tests
+set +e
+.venv/bin/python -m pytest -ra "$@"
+code=$?
+set -e
+if [ "$code" = 5 ]; then echo "pytest collected no tests: treating as a failure" >&2; exit 1; fi
+exit "$code"

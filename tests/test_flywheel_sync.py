@@ -1,0 +1,213 @@
+"""`clpipe dicom flywheel_sync -submit` end to end: the real `fw` (flywheel-cli 18.5.1, and
+17.5.1 for the temporary-folder quirk) against the bundled Flywheel-compatible server."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import files_under, new_project
+
+KEY = "test-key-s3cr3t"
+SUMMARY_RE = re.compile(r"Sync summary: (\d+) created, (\d+) updated, (\d+) skipped, (\d+) failed; .*\((\d+) bytes\); [\d.]+ s")
+
+
+def summary(output: str) -> tuple[int, int, int, int, int]:
+    match = SUMMARY_RE.search(output)
+    assert match, f"no summary line in:\n{output}"
+    return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
+
+
+def sync(env, config: Path, *extra, timeout=240):
+    proc = env.clpipe("dicom", "flywheel_sync", "-c", config, "-submit", *extra, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def only_log(project: Path, suffix: str) -> Path:
+    found = sorted((project / "logs" / "sync_logs").glob(f"flywheel_sync-*{suffix}"))
+    assert found, f"no *{suffix} in logs/sync_logs"
+    return found[-1]
+
+
+@pytest.mark.fwcli
+def test_first_sync_lands_every_dicom_then_second_changes_nothing(fw_env, server, demo_project, tmp_path):
+    fw_env.fw_login(server.login_key(KEY))
+    project = tmp_path / "proj"
+    config = new_project(project, "fw://lab/study/")
+    dropoff = project / "data_DICOMs"
+
+    code, out = sync(fw_env, config)
+    assert code == 0, out
+    expected = demo_project.expected_dicom_paths(strip_root=True)
+    assert files_under(dropoff) == expected  # every DICOM, byte for byte, and nothing else
+    assert not any(name.endswith((".nii.gz", ".json", ".zip")) for name in files_under(dropoff))
+    created, updated, skipped, failed, nbytes = summary(out)
+    assert (created, updated, skipped, failed) == (len(expected), 0, 0, 0)
+    assert nbytes == sum(len(b) for b in expected.values())
+
+    # the log and the audit CSV are in logs/sync_logs, and the log holds what the console showed
+    log = only_log(project, ".log").read_text()
+    assert "Sync summary:" in log and "sync complete" in log
+    with only_log(project, ".csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["dest_path"] for r in rows) == sorted(expected)
+    assert {r["status"] for r in rows} == {"completed"}
+
+    # a second sync changes nothing
+    mtimes = {p: p.stat().st_mtime_ns for p in dropoff.rglob("*") if p.is_file()}
+    code, out = sync(fw_env, config)
+    assert code == 0, out
+    assert summary(out)[:4] == (0, 0, len(expected), 0)
+    assert files_under(dropoff) == expected
+    assert {p: p.stat().st_mtime_ns for p in dropoff.rglob("*") if p.is_file()} == mtimes
+
+
+@pytest.mark.fwcli
+def test_without_trailing_slash_files_go_under_project_folder(fw_env, server, demo_project, tmp_path):
+    fw_env.fw_login(server.login_key(KEY))
+    project = tmp_path / "proj"
+    config = new_project(project, "fw://lab/study")
+    code, out = sync(fw_env, config)
+    assert code == 0, out
+    expected = demo_project.expected_dicom_paths(strip_root=False)
+    assert all(name.startswith("study/SUBJECTS/") for name in expected)
+    assert files_under(project / "data_DICOMs") == expected
+
+
+@pytest.mark.fwcli
+def test_changed_file_is_updated(fw_env, server, demo_project, tmp_path):
+    fw_env.fw_login(server.login_key(KEY))
+    project = tmp_path / "proj"
+    config = new_project(project)
+    assert sync(fw_env, config)[0] == 0
+    single = next(f for s in demo_project.subjects for ss in s.sessions for a in ss.acquisitions for f in a.files
+                  if f.type == "dicom" and not f.name.endswith(".zip"))
+    from datetime import datetime, timezone
+
+    single.content = single.content + b"\0" * 128
+    single.modified = datetime.now(timezone.utc).replace(microsecond=0)
+    single.version += 1
+    code, out = sync(fw_env, config)
+    assert code == 0, out
+    assert summary(out)[1] == 1  # one updated
+    assert files_under(project / "data_DICOMs") == demo_project.expected_dicom_paths(strip_root=True)
+
+
+@pytest.mark.fwcli
+def test_one_file_404_fails_although_fw_exits_0(fw_env, server, demo_project, tmp_path):
+    fw_env.fw_login(server.login_key(KEY))
+    single = next(f for s in demo_project.subjects for ss in s.sessions for a in ss.acquisitions for f in a.files
+                  if f.type == "dicom" and not f.name.endswith(".zip"))
+    server.add_fault(re.escape("/files/" + single.name) + "$", "status", status=404)
+    project = tmp_path / "proj"
+    config = new_project(project)
+    code, out = sync(fw_env, config)
+    assert code != 0, out
+    assert single.name in out and "FAILED" in out
+    assert "fw sync exited with status" not in out  # fw itself said 0: clpipe found the gap
+    assert summary(out)[3] >= 1
+    log = only_log(project, ".log").read_text()
+    assert "sync FAILED" in log
+
+
+@pytest.mark.fwcli
+def test_missing_project(fw_env, server, tmp_path):
+    fw_env.fw_login(server.login_key(KEY))
+    config = new_project(tmp_path / "proj", "fw://lab/nosuchstudy/")
+    code, out = sync(fw_env, config)
+    assert code != 0
+    assert "Flywheel project lab/nosuchstudy was not found" in out
+    assert not any((tmp_path / "proj" / "data_DICOMs").iterdir())
+
+
+@pytest.mark.fwcli
+def test_expired_key_says_log_in_again(fw_env, server, tmp_path):
+    fw_env.fw_login(server.login_key(KEY))
+    server.api_keys.clear()  # the key expires after login
+    config = new_project(tmp_path / "proj")
+    code, out = sync(fw_env, config)
+    assert code != 0
+    assert "rejected the saved API key" in out and "fw login" in out
+
+
+@pytest.mark.fwcli
+def test_not_logged_in(fw_env, server, tmp_path):
+    config = new_project(tmp_path / "proj")
+    code, out = sync(fw_env, config)
+    assert code != 0
+    assert "not logged in to Flywheel" in out and "fw login" in out
+
+
+@pytest.mark.fwcli
+def test_server_down(fw_env, server, tmp_path):
+    fw_env.fw_login(server.login_key(KEY))
+    server.stop()
+    config = new_project(tmp_path / "proj")
+    code, out = sync(fw_env, config, timeout=120)
+    assert code != 0
+    assert "cannot reach Flywheel at http://127.0.0.1:" in out
+
+
+def test_fw_missing_from_path_says_how_to_install(no_fw_env, tmp_path):
+    config = new_project(tmp_path / "proj")
+    code, out = sync(no_fw_env, config)
+    assert code != 0
+    assert "`fw` was not found on PATH" in out and "pip install flywheel-cli" in out
+
+
+@pytest.mark.fwcli
+def test_api_key_never_leaves_the_login_file(fw_env, server, tmp_path):
+    """No argv or environment of any process clpipe starts, and no file it writes, holds the key."""
+    strace = shutil.which("strace")
+    if strace is None:
+        if os.environ.get("CLPIPE_REQUIRE_TOOLS") == "1":
+            pytest.fail("strace is needed to watch child processes; run scripts/setup.sh")
+        pytest.skip("strace not installed")
+    fw_env.fw_login(server.login_key(KEY))
+    project = tmp_path / "proj"
+    config = new_project(project)
+    trace = tmp_path / "execve.txt"
+    proc = fw_env.run(strace, "-f", "-v", "-s", "65536", "-e", "trace=execve", "-o", trace,
+                      sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", config, "-submit", "--debug", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    execs = [line for line in trace.read_text().splitlines() if "execve(" in line]
+    assert any('"fw", "sync"' in line or "/fw\", \"sync\"" in line for line in execs), "fw sync was not traced"
+    assert len(execs) > 3
+    assert not [line for line in execs if KEY in line]
+    assert KEY not in proc.stdout + proc.stderr
+    for path in project.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), f"key found in {path}"
+
+
+@pytest.mark.fwcli
+def test_old_fw_temporary_folder_is_removed(fw_old_env, server, demo_project, tmp_path):
+    fw_old_env.fw_login(server.login_key(KEY))
+    project = tmp_path / "proj"
+    config = new_project(project)
+    code, out = sync(fw_old_env, config)
+    assert code == 0, out
+    assert "removed" in out and "<TemporaryDirectory" in out  # fw 17.5.1 left them; clpipe cleaned them
+    temp = project / "flywheel_tmp"
+    assert not list(temp.glob("<TemporaryDirectory*"))
+    assert not list(Path.cwd().glob("<TemporaryDirectory*"))
+    assert files_under(project / "data_DICOMs") == demo_project.expected_dicom_paths(strip_root=True)
+
+
+@pytest.mark.fwcli
+def test_new_fw_leaves_no_temporary_folder_and_cleanup_is_harmless(fw_env, server, tmp_path):
+    fw_env.fw_login(server.login_key(KEY))
+    project = tmp_path / "proj"
+    config = new_project(project)
+    code, out = sync(fw_env, config)
+    assert code == 0, out
+    assert "<TemporaryDirectory" not in out
+    assert not list((project / "flywheel_tmp").glob("<TemporaryDirectory*"))
