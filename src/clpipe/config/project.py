@@ -247,7 +247,7 @@ def _canonical_source(block: Any, style: Style, path: Path) -> dict:
 
 
 def _resolve(base: Path, value: str) -> Path:
-    path = Path(os.path.expandvars(os.path.expanduser(value)))
+    path = Path(value).expanduser()
     return path if path.is_absolute() else (base / path)
 
 

@@ -1,0 +1,164 @@
+"""Batch configurations and the scripts rendered from them (no scheduler needed)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clpipe.batch.config import builtin_profiles, load_batch_config
+from clpipe.batch.job import Job, Resources
+from clpipe.batch.scheduler import memory_value, parse_job_id, render
+from clpipe.errors import ConfigError
+
+WEIRD = "lab's $HOME \"quoted\" dir"
+
+
+def job(tmp_path: Path, **kw) -> Job:
+    logs = tmp_path / WEIRD / "logs" / "sync_logs"
+    return Job(
+        name="flywheel_sync",
+        argv=("/usr/bin/python3", "-m", "clpipe", "_run_plan", str(logs / "x.plan.json")),
+        resources=Resources(time_seconds=5400, mem_mb=kw.get("mem_mb", 10000), cores=2),
+        log_path=logs / "x.log",
+        cwd=logs,
+        env={"PATH": "/opt/fw bin:/usr/bin"},
+    )
+
+
+def test_builtin_profiles_load_with_their_scheduler():
+    kinds = {name: load_batch_config(name, Path("/nonexistent")).scheduler for name in builtin_profiles()}
+    assert kinds == {"pittWorkstation.json": "generic", "sgeDukeBIAC.json": "sge",
+                     "slurmUNCConfig.json": "slurm", "slurmUVAConfig.json": "slurm"}
+    assert load_batch_config("slurmUNCConfig", Path("/x")).name == "slurmUNCConfig"  # .json optional
+    for local in (None, "", "local"):
+        assert load_batch_config(local, Path("/x")) is None
+
+
+def test_profile_name_typo_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean 'slurmUNCConfig.json'\?"):
+        load_batch_config("slurmUNCconfig.json", tmp_path)
+    with pytest.raises(ConfigError, match=r"neither a file"):
+        load_batch_config("conf/mine.json", tmp_path)
+
+
+def write(tmp_path: Path, data: dict) -> str:
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_custom_file_in_either_spelling(tmp_path):
+    legacy = load_batch_config(write(tmp_path, {"SubmissionHead": "sbatch", "MemoryCommand": "--mem=", "TimeCommandActive": False}), tmp_path)
+    assert legacy.scheduler == "slurm" and legacy.memory_command == "--mem="
+    snake = load_batch_config(write(tmp_path, {"submission_head": "qsub", "memory_command": "-l h_vmem={mem}G", "output_command_Active": True}), tmp_path)
+    assert snake.scheduler == "sge" and snake.output_command_active is True
+    relative = load_batch_config("batch.json", tmp_path)  # relative to the project directory
+    assert relative.scheduler == "sge"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"SubmissionHead": "sbatch", "MemoryComand": "--mem="}, r"unknown batch configuration key 'MemoryComand'; did you mean 'MemoryCommand'\?"),
+        ({"SubmissionHead": "sbatch", "TimeCommandActive": "yes"}, r"TimeCommandActive: expected true or false"),
+        ({"SubmissionHead": "sbatch", "SubmissionOptions": [{"command": "-n"}]}, r"SubmissionOptions: each entry must be"),
+        ({"MemoryCommand": "--mem="}, r"SubmissionHead \(or submission_head\) is missing"),
+        ([], r"expected a JSON object"),
+    ],
+)
+def test_invalid_batch_files(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=message):
+        load_batch_config(write(tmp_path, data), tmp_path)
+
+
+def test_bad_json_batch_file(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text('{"SubmissionHead": "sbatch",,}')
+    with pytest.raises(ConfigError, match=r"not valid JSON at line 1, column \d+"):
+        load_batch_config(str(path), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "template, scheduler, expected",
+    [("--mem={mem}", "slurm", "10000"), ("--mem=", "slurm", "10000"), ("-l h_vmem={mem}G", "sge", "10"),
+     ("-l h_vmem={mem}", "sge", "10000M"), ("-l h_vmem={mem}M", "sge", "10000"), ("--mem={mem}G", "slurm", "10")],
+)
+def test_memory_units_follow_template_and_scheduler(template, scheduler, expected):
+    assert memory_value(template, 10000, scheduler) == expected
+
+
+def test_slurm_script_directives_and_quoting(tmp_path):
+    batch = load_batch_config("slurmUNCConfig.json", tmp_path)
+    sub = render(job(tmp_path), batch, "pi@lab.edu", tmp_path / "s.sh", after="123")
+    lines = sub.script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    directives = [line for line in lines if line.startswith("#SBATCH")]
+    assert directives == [
+        "#SBATCH -n 1", "#SBATCH --mem=10000", "#SBATCH --time=1:30:00", "#SBATCH --cpus-per-task=2",
+        "#SBATCH --job-name=flywheel_sync", "#SBATCH --mail-user=pi@lab.edu --mail-type=FAIL",
+        "#SBATCH --output=Output-flywheel_sync-jobid-%j.out",
+    ]
+    assert "set -euo pipefail" in lines
+    assert sub.argv == ("sbatch", "--no-requeue", "--parsable", "--dependency=afterok:123", str(tmp_path / "s.sh"))
+    assert sub.cwd == tmp_path / WEIRD / "logs" / "sync_logs"
+    # the script's command survives a shell: bash parses it back into the same argv
+    exec_line = next(line for line in lines if line.startswith("exec "))
+    assert shlex.split(exec_line)[1:] == list(job(tmp_path).argv)
+    out = subprocess.run(["bash", "-c", exec_line.replace("exec ", "printf '%s\\n' ", 1)], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == list(job(tmp_path).argv)
+    assert "export PATH='/opt/fw bin:/usr/bin'" in lines
+
+
+def test_sge_script_converts_memory_and_waits_with_hold_jid(tmp_path):
+    batch = load_batch_config("sgeDukeBIAC.json", tmp_path)
+    sub = render(job(tmp_path, mem_mb=3000), batch, None, tmp_path / "s.sh", after="77")
+    directives = [line for line in sub.script.splitlines() if line.startswith("#$")]
+    assert "#$ -l h_vmem=3G" in directives and "#$ -N flywheel_sync" in directives
+    assert "#$ -o Output-flywheel_sync-jobid-$JOB_ID.out" in directives and "#$ -cwd" in directives
+    assert not any("h_rt" in d for d in directives)  # the profile has no time option
+    assert sub.argv[:4] == ("qsub", "-terse", "-hold_jid", "77")
+
+
+def test_bad_after_and_email(tmp_path):
+    batch = load_batch_config("slurmUNCConfig.json", tmp_path)
+    with pytest.raises(ConfigError, match=r"-after: '12; rm -rf /' is not a job id"):
+        render(job(tmp_path), batch, None, tmp_path / "s.sh", after="12; rm -rf /")
+    with pytest.raises(ConfigError, match=r"not an e-mail address"):
+        render(job(tmp_path), batch, "a b@c", tmp_path / "s.sh")
+
+
+def test_job_id_parsing():
+    assert parse_job_id("slurm", "4242\n") == "4242"
+    assert parse_job_id("slurm", "4242;cluster\n") == "4242"
+    assert parse_job_id("sge", "77.1-4:1\n") == "77"
+    assert parse_job_id("sge", "Your job 77 has been submitted") is None
+    assert parse_job_id("generic", "queued as job 901") == "901"
+    assert parse_job_id("slurm", "") is None
+
+
+def test_cli_prints_script_and_submit_command(tmp_path):
+    from conftest import new_project
+
+    config = new_project(tmp_path / WEIRD)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-batch_config", "slurmUNCConfig.json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "would run as a slurm batch job" in proc.stdout
+    submit = next(line for line in proc.stdout.splitlines() if line.startswith("Submit:"))
+    words = shlex.split(submit.split(":", 1)[1])
+    assert words[0] == "cd" and words[1] == str(tmp_path / WEIRD / "logs" / "sync_logs")
+    assert words[3:6] == ["sbatch", "--no-requeue", "--parsable"]
+    assert "#SBATCH --mem=10000" in proc.stdout
+    assert not list((tmp_path / WEIRD / "logs" / "sync_logs").iterdir())  # printing writes nothing
+    proc = subprocess.run(
+        [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-after", "5"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and "needs a batch system" in proc.stderr
