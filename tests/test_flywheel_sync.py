@@ -90,11 +90,7 @@ def test_changed_file_is_updated(fw_env, server, demo_project, tmp_path):
     assert sync(fw_env, config)[0] == 0
     single = next(f for s in demo_project.subjects for ss in s.sessions for a in ss.acquisitions for f in a.files
                   if f.type == "dicom" and not f.name.endswith(".zip"))
-    from datetime import datetime, timezone
-
-    single.content = single.content + b"\0" * 128
-    single.modified = datetime.now(timezone.utc).replace(microsecond=0)
-    single.version += 1
+    single.replace_content(single.content + b"\0" * 128)  # a re-upload: new bytes, version, time
     code, out = sync(fw_env, config)
     assert code == 0, out
     assert summary(out)[1] == 1  # one updated

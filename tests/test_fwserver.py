@@ -154,12 +154,12 @@ def test_ids_unique_ordered_and_assigned_to_new_containers(srv, api, project):
 
 
 def test_auth(srv, api):
-    anon = httpx.Client(base_url=srv.base_url + "/api", timeout=TIMEOUT)
-    assert anon.get("/config").json() == {"features": {}, "site": {"api_url": srv.base_url + "/api"}}
-    r = anon.get("/auth/status")
-    assert r.status_code == 401 and {"message", "detail"} <= r.json().keys()
-    bad = anon.get("/auth/status", headers={"Authorization": "scitran-user nope"})
-    assert bad.status_code == 401
+    with httpx.Client(base_url=srv.base_url + "/api", timeout=TIMEOUT) as anon:
+        assert anon.get("/config").json() == {"features": {}, "site": {}}
+        r = anon.get("/auth/status")
+        assert r.status_code == 401 and {"message", "detail"} <= r.json().keys()
+        bad = anon.get("/auth/status", headers={"Authorization": "scitran-user nope"})
+        assert bad.status_code == 401
     assert api.get("/auth/status").json()["origin"]["type"] == "user"
     assert api.get("/users/self").json()["firstname"] == "Demo"
     assert "release" in api.get("/version").json()

@@ -38,7 +38,9 @@ FW_INSTALL_HINT = (
     "`python3 -m venv ~/fw-cli && ~/fw-cli/bin/pip install flywheel-cli` and add ~/fw-cli/bin to PATH "
     "(on a cluster, `module load flywheel` may provide it)"
 )
-STRAY_TEMP_GLOB = "<TemporaryDirectory '*'>"
+# fw 15.9-17.6 use the repr of a TemporaryDirectory as a relative path, "<TemporaryDirectory
+# '/abs/tmpXYZ'>/x.zip"; its slashes make a tree whose top folder is "<TemporaryDirectory '".
+STRAY_TEMP_GLOB = "<TemporaryDirectory *"
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]?")
 ERROR_RE = re.compile(r"\bERROR - (.*)")
 PROGRESS_EVERY = 15.0  # seconds between progress lines in a batch log
@@ -378,8 +380,8 @@ def verify(plan: SyncPlan, rows: list[AuditRow], targets: list[dict] | None, out
 
 
 def remove_stray_temp_dirs(where: Path) -> list[Path]:
-    """Remove ``<TemporaryDirectory '...'>`` folders that fw 15.9-17.6 leave in their
-    working directory; only ones that exist, only folders."""
+    """Remove the ``<TemporaryDirectory '...'>`` folder tree that fw 15.9-17.6 leave in their
+    working directory (clpipe runs fw inside TempDirectory); only if it exists."""
     removed = []
     for path in where.glob(STRAY_TEMP_GLOB):
         if path.is_dir() and not path.is_symlink():

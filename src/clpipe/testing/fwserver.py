@@ -524,7 +524,7 @@ class FlywheelTestServer:
                ctype: str = ""):
         """Return (status, body bytes, content type) for an /api request, or raise ApiError."""
         if parts == ["config"] and method == "GET":  # the only call made without a key
-            return _json({"features": {}, "site": {"api_url": self.base_url + "/api"}})
+            return _json({"features": {}, "site": {}})  # no signed URLs: files come from /api
         if not auth_ok:
             raise ApiError(401, "Invalid or expired API key", "Authentication required")
         kinds = {"projects": "project", "subjects": "subject", "sessions": "session",
