@@ -148,6 +148,25 @@ def test_ids_unique_ordered_and_assigned_to_new_containers(srv, api, project):
     listed = api.get(f"/sessions/{session.id}/acquisitions").json()
     assert [a["label"] for a in listed] == ["T1w", "T2w", "late"]
     assert listed[-1]["_id"] > listed[-2]["_id"]
+    late = [t for t in targets(api) if t["filename"] == "late.dcm"]
+    assert [t["container_id"] for t in late] == [listed[-1]["_id"]]
+
+
+def test_hand_built_project_next_to_demo(project):
+    mine = Project("other", "pilot", [Subject("s1", [Session("baseline", [
+        Acquisition("scan", [FwFile("a.dcm", b"A" * 10), FwFile("notes.txt", b"hi", "text")])])])])
+    assert {n.obj.id for n in mine.walk()}.isdisjoint({n.obj.id for n in project.walk()})
+    assert mine.expected_dicom_paths(strip_root=False) == {
+        "pilot/SUBJECTS/s1/SESSIONS/baseline/ACQUISITIONS/scan/FILES/a.dcm": b"A" * 10}
+    with FlywheelTestServer([project, mine], api_keys={KEY}) as srv, \
+            httpx.Client(base_url=srv.base_url + "/api", timeout=TIMEOUT,
+                         headers={"Authorization": f"scitran-user {KEY}"}) as api:
+        found = api.post("/lookup", json={"path": ["other", "pilot"]}).json()
+        assert found["_id"] == mine.id and srv.project("pilot", group="other") is mine
+        listed = api.get("/projects").json()
+        assert {p["label"] for p in listed} == {"study", "pilot"}
+        acq = mine.subjects[0].sessions[0].acquisitions[0]
+        assert api.get(f"/containers/{acq.id}/files/notes.txt").content == b"hi"
 
 
 # --- auth and basic endpoints ---------------------------------------------------------------
@@ -240,6 +259,8 @@ def test_download_targets_filters(api, project):
     tagged = targets(api, [{"types": {"+": ["dicom"]}}],
                      container_filters=[{"tags": {"plus": ["x"]}, "type": "subject"}])
     assert len(tagged) == len(dicom)
+    unknown = api.post("/download/targets", json={"nodes": [{"level": "project", "_id": "0" * 24}]})
+    assert unknown.status_code == 404 and "message" in unknown.json()
     for t in dicom:
         assert t["download_type"] == "file"
         assert re.fullmatch(r"/study/SUBJECTS/sub-0\d/SESSIONS/ses-01/ACQUISITIONS/T[12]w/FILES/.+",

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 FIXED_TIME = datetime(2024, 1, 15, 12, 0, 0, tzinfo=timezone.utc)
 USER_ID = "demo.user@example.org"
 FAULT_KINDS = ("status", "drop", "truncate", "delay", "corrupt")
-_MIMETYPES = {"dicom": "application/dicom", "nifti": "application/octet-stream", "qa": "application/json"}
+_MIMETYPES = {"dicom": "application/dicom", "qa": "application/json"}  # else octet-stream
 
 
 def _iso(dt: datetime) -> str:
@@ -338,7 +338,7 @@ class Fault:
 
     pattern: str
     kind: str
-    count: int | None = None  # remaining matching requests to hit; None = unlimited
+    count: int | None = None  # how many matching requests get it; None = all
     status: int = 500
     delay: float = 0.0
     method: str | None = None
@@ -353,6 +353,7 @@ class ApiError(Exception):
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64  # listen backlog (default 5)
 
     def __init__(self, address, app: FlywheelTestServer):
         self.app = app
@@ -541,8 +542,8 @@ class FlywheelTestServer:
                 return _json({"_id": USER_ID, "firstname": "Demo", "lastname": "User",
                               "email": USER_ID, "roles": [], "root": False, "disabled": False})
             if parts == ["projects"]:
-                return _json(_page([self._container_json(Node("project", p, p))
-                                    for p in self.projects], query))
+                return _json(_page([self._container_json(n) for n in self._nodes()
+                                    if n.kind == "project"], query))
             if n == 4 and parts[0] in ("containers", *kinds) and parts[2] == "files":
                 kind = None if parts[0] == "containers" else kinds[parts[0]]
                 return self._file_response(self._node(parts[1], kind), parts[3], query)
@@ -581,16 +582,19 @@ class FlywheelTestServer:
     def _download_targets(self, payload: dict):
         nodes = payload.get("nodes") or []
         plus, minus = set(), set()
-        for flt in payload.get("filters") or []:  # [{"types": {"+": [...]}}, {"types": {"-": [...]}}]
+        for flt in payload.get("filters") or []:  # [{"types": {"+": [..]}}, {"types": {"-": [..]}}]
             types = (flt or {}).get("types") or {}
             plus.update(t.lower() for t in types.get("+") or [])
             minus.update(t.lower() for t in types.get("-") or [])
         # Container tag / mlset filters and analyses/metadata options are accepted and ignored.
         wanted = {(n.get("level"), n.get("_id")) for n in nodes if isinstance(n, dict)}
+        if not wanted & {(n.kind, n.obj.id) for n in self._nodes()}:  # (also assigns new ids)
+            raise ApiError(404, "No such container", {"nodes": nodes})
         lines = []
         for p in self.projects:
             for node, f in p.iter_files():
-                ids = {(k, getattr(node, k).id) for k in ("project", "subject", "session", "acquisition")}
+                ids = {(k, getattr(node, k).id) for k in ("project", "subject", "session",
+                                                          "acquisition")}
                 ftype = (f.type or "").lower()
                 if not wanted & ids or (plus and ftype not in plus) or ftype in minus:
                     continue
@@ -598,12 +602,7 @@ class FlywheelTestServer:
                     "download_type": "file", "container_type": "acquisition",
                     "container_id": node.obj.id, "filename": f.name, "filetype": f.type,
                     "size": f.size, "modified": _iso(f.modified), "dst_path": p.dst_path(node, f.name)}))
-        if nodes and not lines and not any(self._has_node(level, cid) for level, cid in wanted):
-            raise ApiError(404, "No such container", {"nodes": nodes})
         return 200, "".join(line + "\n" for line in lines).encode(), "application/x-ndjson"
-
-    def _has_node(self, level, cid) -> bool:
-        return any(n.kind == level and n.obj.id == cid for n in self._nodes())
 
     def _file_response(self, node: Node, name: str, query: dict):
         files = getattr(node.obj, "files", [])
@@ -673,15 +672,10 @@ class FlywheelTestServer:
 
     @staticmethod
     def _parents(node: Node, include_self: bool = False) -> dict:
-        parents = {"group": node.project.group}
-        for kind in ("project", "subject", "session", "acquisition"):
-            if kind == node.kind and not include_self:
-                break
-            obj = getattr(node, kind)
-            parents[kind] = obj.id if obj is not None else None
-            if kind == node.kind:
-                break
-        return parents
+        """Ids of the containers above ``node`` (and of ``node`` itself if ``include_self``)."""
+        levels = ["project", "subject", "session", "acquisition"]
+        upto = levels.index(node.kind) + include_self
+        return {"group": node.project.group, **{k: getattr(node, k).id for k in levels[:upto]}}
 
     def _container_json(self, node: Node) -> dict:
         obj = node.obj
@@ -704,6 +698,12 @@ class FlywheelTestServer:
 
 def _json(obj) -> tuple[int, bytes, str]:
     return 200, json.dumps(obj).encode(), "application/json; charset=utf-8"
+
+
+def _error(exc: ApiError) -> tuple[int, bytes, str]:
+    """Flywheel's JSON error shape."""
+    body = {"status_code": exc.status, "message": exc.message, "detail": exc.detail}
+    return exc.status, json.dumps(body).encode(), "application/json; charset=utf-8"
 
 
 def _json_body(body: bytes) -> dict:
@@ -758,32 +758,33 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(url.path)
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         self._status = 0
-        body = self._read_body()
         auth_ok = app._auth_ok(self.headers.get("Authorization"))
         self._fault = fault = app._take_fault(self.command, path)
         try:
+            body = self._read_body()  # always read it, so a kept-alive connection stays in step
             if fault and fault.delay:
                 time.sleep(fault.delay)
             if fault and fault.kind == "drop":
                 self.close_connection = True
                 return
             if fault and fault.kind == "status":
-                self._fault = None
-                self._send_error(ApiError(fault.status, f"Injected fault (HTTP {fault.status})", path))
+                self._fault = None  # the error body itself is sent intact
+                injected = ApiError(fault.status, f"Injected fault (HTTP {fault.status})", path)
+                self._send(*_error(injected))
                 return
             try:
                 if parts[:2] != ["", "api"]:
                     raise ApiError(404, "The resource could not be found.", path)
                 api_parts = parts[2:-1] if parts[-1] == "" else parts[2:]  # tolerate a trailing /
-                status, data, ctype = app._route(self.command, api_parts, query, body, auth_ok,
-                                                 self.headers.get("Content-Type") or "")
-                self._send(status, data, ctype)
+                response = app._route(self.command, api_parts, query, body, auth_ok,
+                                      self.headers.get("Content-Type") or "")
             except ApiError as exc:
-                self._send_error(exc)
+                response = _error(exc)
             except Exception:  # a server bug: answer 500 rather than hang the client
                 log.exception("fwserver: error handling %s %s", self.command, path)
-                self._send_error(ApiError(500, "Internal server error"))
-        except (BrokenPipeError, ConnectionResetError):
+                response = _error(ApiError(500, "Internal server error"))
+            self._send(*response)
+        except OSError:  # the client went away
             self.close_connection = True
         finally:
             with app._lock:
@@ -792,10 +793,6 @@ class _Handler(BaseHTTPRequestHandler):
                                      "fault": fault.kind if fault else None})
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch
-
-    def _send_error(self, exc: ApiError) -> None:
-        body = {"status_code": exc.status, "message": exc.message, "detail": exc.detail}
-        self._send(exc.status, json.dumps(body).encode(), "application/json; charset=utf-8")
 
     def _send(self, status: int, data: bytes, ctype: str) -> None:
         fault = self._fault
