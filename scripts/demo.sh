@@ -10,7 +10,7 @@ TOOLS=${CLPIPE_TOOLS:-$HOME/.cache/clpipe-tests}
 DEMO=${DEMO_DIR:-$PWD/demo}
 rm -rf "$DEMO"; mkdir -p "$DEMO/home"
 export FLYWHEEL_USER_HOME="$DEMO/home"          # the demo's own login: yours is left untouched
-export PATH="$TOOLS/fw-18.5.1/bin:$PWD/.venv/bin:$PATH"
+export PATH="$PWD/.venv/bin:$TOOLS/fw-18.5.1/bin:$PATH"   # clpipe first: the fw environment has a python of its own
 export PYTHONWARNINGS=ignore                    # hides flywheel-cli's pkg_resources warning
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }

@@ -150,7 +150,7 @@ def test_cli_prints_script_and_submit_command(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "would run as a slurm batch job" in proc.stdout
+    assert "would run as a slurm batch job (slurmUNCConfig.json)" in proc.stdout
     submit = next(line for line in proc.stdout.splitlines() if line.startswith("Submit:"))
     words = shlex.split(submit.split(":", 1)[1])
     assert words[0] == "cd" and words[1] == str(tmp_path / WEIRD / "logs" / "sync_logs")

@@ -207,3 +207,31 @@ def test_new_fw_leaves_no_temporary_folder_and_cleanup_is_harmless(fw_env, serve
     assert code == 0, out
     assert "<TemporaryDirectory" not in out
     assert not list((project / "flywheel_tmp").glob("<TemporaryDirectory*"))
+
+
+@pytest.mark.fwcli
+def test_truncated_download_leaves_half_file_and_fails(fw_env, server, tmp_path):
+    """fw writes half a file and exits 0 when a body is cut short; clpipe names it and fails."""
+    fw_env.fw_login(server.login_key(KEY))
+    server.add_fault(r"/files/localizer\.dcm$", "truncate")
+    project = tmp_path / "proj"
+    config = new_project(project)
+    code, out = sync(fw_env, config)
+    assert code == 1, out
+    assert "fw reported an error" in out
+    failed = [line for line in out.splitlines() if line.startswith("[clpipe] FAILED")]
+    assert failed and all("localizer.dcm" in line for line in failed)
+
+
+def test_readme_demo_command(tmp_path):
+    """The README's first command: a real sync from the bundled server with the real fw."""
+    need = os.environ.get("CLPIPE_REQUIRE_TOOLS") == "1" or Path(os.environ.get("CLPIPE_TEST_FW", "/nonexistent")).exists()
+    if not need:
+        pytest.skip("the demo installs flywheel-cli; run it through scripts/test.sh")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([str(root / "scripts" / "demo.sh")], env=dict(os.environ, DEMO_DIR=str(tmp_path / "demo")),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sync complete: every listed file is in the dropoff" in proc.stdout
+    assert "Sync summary: 14 created, 0 updated, 0 skipped, 0 failed" in proc.stdout
+    assert len(files_under(tmp_path / "demo" / "project" / "data_DICOMs")) == 14

@@ -61,6 +61,10 @@ alive() {
   [ "$comm" = "$2" ]
 }
 
+# daemon <cmd...>: start a daemon without our stdout (fd 3) or lock (fd 9): a daemon that kept
+# them would hold the lock forever and make `eval "$(schedulers-up.sh)"` wait for ever
+daemon() { "$@" 3>&- 9>&-; }
+
 mkdir -p "$INFRA/pids"
 exec 9>"$INFRA/.lock"
 flock -w 300 9 || { log "another schedulers-up/down holds $INFRA/.lock"; exit 1; }
@@ -97,7 +101,7 @@ start_munge() {
   mkdir -p /run/munge && chown munge:munge /run/munge && chmod 0755 /run/munge
   install -d -o munge -g munge -m 0700 "$INFRA/munge"
   rm -f "$INFRA/munge/munged.pid" "$INFRA/pids/munged.pid"
-  runuser -u munge -- /usr/sbin/munged --pid-file="$INFRA/munge/munged.pid" \
+  daemon runuser -u munge -- /usr/sbin/munged --pid-file="$INFRA/munge/munged.pid" \
     --log-file="$INFRA/munge/munged.log" >"$INFRA/munge/start.log" 2>&1 ||
     fail munged "$INFRA/munge/start.log" "$INFRA/munge/munged.log"
   waitfor 15 munge_ok || fail munged "$INFRA/munge/start.log" "$INFRA/munge/munged.log"
@@ -172,7 +176,7 @@ EOF
     log "slurmctld already running"
     if [ $changed = 1 ]; then scontrol reconfigure || true; fi
   else
-    /usr/sbin/slurmctld -f "$SLURM_CONF" >"$SLURM_DIR/log/slurmctld.start.log" 2>&1 ||
+    daemon /usr/sbin/slurmctld -f "$SLURM_CONF" >"$SLURM_DIR/log/slurmctld.start.log" 2>&1 ||
       fail slurmctld "$SLURM_DIR/log/slurmctld.start.log" "$SLURM_DIR/log/slurmctld.log"
     waitfor 30 scontrol ping ||
       fail "slurmctld (not answering scontrol ping)" "$SLURM_DIR/log/slurmctld.start.log" "$SLURM_DIR/log/slurmctld.log"
@@ -182,7 +186,7 @@ EOF
     log "slurmd already running"
   else
     # -N: the node is called localhost, which is not this machine's host name
-    /usr/sbin/slurmd -f "$SLURM_CONF" -N localhost >"$SLURM_DIR/log/slurmd.start.log" 2>&1 ||
+    daemon /usr/sbin/slurmd -f "$SLURM_CONF" -N localhost >"$SLURM_DIR/log/slurmd.start.log" 2>&1 ||
       fail slurmd "$SLURM_DIR/log/slurmd.start.log" "$SLURM_DIR/log/slurmd.log"
     log "slurmd started"
   fi
@@ -297,7 +301,7 @@ start_sge() {
     log "sge_qmaster already running"
   else
     rm -f "$SGE_QSPOOL/qmaster.pid" "$SGE_QSPOOL/lock"
-    /usr/sbin/sge_qmaster >"$SGE_ROOT/qmaster.start.log" 2>&1 || fail sge_qmaster $(sge_logs)
+    daemon /usr/sbin/sge_qmaster >"$SGE_ROOT/qmaster.start.log" 2>&1 || fail sge_qmaster $(sge_logs)
     waitfor 30 sge_qmaster_ok || fail "sge_qmaster (qconf gets no answer)" $(sge_logs)
     cp "$SGE_QSPOOL/qmaster.pid" "$INFRA/pids/sge_qmaster.pid"
     log "sge_qmaster started (pid $(cat "$INFRA/pids/sge_qmaster.pid"))"
@@ -343,7 +347,7 @@ shell /bin/sh"
     log "sge_execd already running"
   else
     rm -f "$SGE_ESPOOL/localhost/execd.pid"
-    /usr/sbin/sge_execd >"$SGE_ROOT/execd.start.log" 2>&1 || fail sge_execd $(sge_logs)
+    daemon /usr/sbin/sge_execd >"$SGE_ROOT/execd.start.log" 2>&1 || fail sge_execd $(sge_logs)
     waitfor 30 test -s "$SGE_ESPOOL/localhost/execd.pid" || fail "sge_execd (no pid file)" $(sge_logs)
     cp "$SGE_ESPOOL/localhost/execd.pid" "$INFRA/pids/sge_execd.pid"
     log "sge_execd started (pid $(cat "$INFRA/pids/sge_execd.pid"))"

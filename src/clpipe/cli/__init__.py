@@ -90,8 +90,8 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, batch_conf
         submission = render(job, batch, config.email_address, logs / f"{stem}.sh", after=after)
 
     if not submit:
-        where = "locally (no batch configuration)" if batch is None else f"as a {batch.scheduler} batch job ({batch.name})"
-        click.echo(f"Job:       {job.name} (would run {where})")
+        where = "here, with no batch system" if batch is None else f"as a {batch.scheduler} batch job ({batch.name})"
+        click.echo(f"Job:       {job.name}, would run {where}")
         click.echo(f"Source:    {plan.source_url}")
         click.echo(f"Dropoff:   {plan.dropoff}")
         click.echo(f"Temp:      {plan.temp_dir}")
