@@ -61,6 +61,22 @@ alive() {
   [ "$comm" = "$2" ]
 }
 
+# port_busy <port>: something already listens on this TCP port (another cluster's daemon?)
+port_busy() {
+  if command -v ss >/dev/null; then
+    [ -n "$(ss -Hltn "sport = :$1")" ]
+  else
+    (exec 5<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  fi
+}
+# check_port <daemon> <port>: fail before starting a daemon whose port is taken
+check_port() {
+  port_busy "$2" || return 0
+  log "FAILED: $1: TCP port $2 is already in use, by a daemon this script did not start here:"
+  if command -v ss >/dev/null; then ss -Hltnp "sport = :$2"; fi
+  log "stop it first (another CLPIPE_INFRA? scripts/infra/schedulers-down.sh with that CLPIPE_INFRA)"
+  exit 1
+}
 # daemon <cmd...>: start a daemon without our stdout (fd 3) or lock (fd 9): a daemon that kept
 # them would hold the lock forever and make `eval "$(schedulers-up.sh)"` wait for ever
 daemon() { "$@" 3>&- 9>&-; }
@@ -111,6 +127,7 @@ start_munge() {
 
 # ---------------------------------------------------------------- SLURM
 SLURM_DIR=$INFRA/slurm
+slurmctld_ok() { alive "$INFRA/pids/slurmctld.pid" slurmctld && scontrol ping >/dev/null 2>&1; }
 slurm_node_ok() { # the node accepts work (idle, or busy with jobs already)
   case "$(sinfo -h -o %T 2>/dev/null)" in idle | mixed | allocated | completing) return 0 ;; esac
   return 1
@@ -176,9 +193,11 @@ EOF
     log "slurmctld already running"
     if [ $changed = 1 ]; then scontrol reconfigure || true; fi
   else
+    check_port slurmctld 6817
+    rm -f "$INFRA/pids/slurmctld.pid"
     daemon /usr/sbin/slurmctld -f "$SLURM_CONF" >"$SLURM_DIR/log/slurmctld.start.log" 2>&1 ||
       fail slurmctld "$SLURM_DIR/log/slurmctld.start.log" "$SLURM_DIR/log/slurmctld.log"
-    waitfor 30 scontrol ping ||
+    waitfor 30 slurmctld_ok ||
       fail "slurmctld (not answering scontrol ping)" "$SLURM_DIR/log/slurmctld.start.log" "$SLURM_DIR/log/slurmctld.log"
     log "slurmctld started (pid $(cat "$INFRA/pids/slurmctld.pid"))"
   fi
@@ -186,6 +205,8 @@ EOF
     log "slurmd already running"
   else
     # -N: the node is called localhost, which is not this machine's host name
+    check_port slurmd 6818
+    rm -f "$INFRA/pids/slurmd.pid"
     daemon /usr/sbin/slurmd -f "$SLURM_CONF" -N localhost >"$SLURM_DIR/log/slurmd.start.log" 2>&1 ||
       fail slurmd "$SLURM_DIR/log/slurmd.start.log" "$SLURM_DIR/log/slurmd.log"
     log "slurmd started"
@@ -216,7 +237,7 @@ export SGE_ROOT=$INFRA/sge SGE_CELL=default
 SGE_COMMON=$SGE_ROOT/$SGE_CELL/common
 SGE_QSPOOL=$SGE_ROOT/spool/qmaster
 SGE_ESPOOL=$SGE_ROOT/spool/execd
-sge_qmaster_ok() { qconf -sh >/dev/null 2>&1; }
+sge_qmaster_ok() { alive "$SGE_QSPOOL/qmaster.pid" sge_qmaster && qconf -sh >/dev/null 2>&1; }
 sge_logs() {
   local f
   echo "$SGE_ROOT/qmaster.start.log" "$SGE_QSPOOL/messages" "$SGE_ROOT/execd.start.log"
@@ -300,7 +321,8 @@ start_sge() {
   if alive "$INFRA/pids/sge_qmaster.pid" sge_qmaster; then
     log "sge_qmaster already running"
   else
-    rm -f "$SGE_QSPOOL/qmaster.pid" "$SGE_QSPOOL/lock"
+    check_port sge_qmaster 6444
+    rm -f "$SGE_QSPOOL/qmaster.pid" "$SGE_QSPOOL/lock" "$INFRA/pids/sge_qmaster.pid"
     daemon /usr/sbin/sge_qmaster >"$SGE_ROOT/qmaster.start.log" 2>&1 || fail sge_qmaster $(sge_logs)
     waitfor 30 sge_qmaster_ok || fail "sge_qmaster (qconf gets no answer)" $(sge_logs)
     cp "$SGE_QSPOOL/qmaster.pid" "$INFRA/pids/sge_qmaster.pid"
@@ -346,9 +368,10 @@ shell /bin/sh"
   if alive "$INFRA/pids/sge_execd.pid" sge_execd; then
     log "sge_execd already running"
   else
-    rm -f "$SGE_ESPOOL/localhost/execd.pid"
+    check_port sge_execd 6445
+    rm -f "$SGE_ESPOOL/localhost/execd.pid" "$INFRA/pids/sge_execd.pid"
     daemon /usr/sbin/sge_execd >"$SGE_ROOT/execd.start.log" 2>&1 || fail sge_execd $(sge_logs)
-    waitfor 30 test -s "$SGE_ESPOOL/localhost/execd.pid" || fail "sge_execd (no pid file)" $(sge_logs)
+    waitfor 30 alive "$SGE_ESPOOL/localhost/execd.pid" sge_execd || fail "sge_execd (not running)" $(sge_logs)
     cp "$SGE_ESPOOL/localhost/execd.pid" "$INFRA/pids/sge_execd.pid"
     log "sge_execd started (pid $(cat "$INFRA/pids/sge_execd.pid"))"
   fi

@@ -203,6 +203,8 @@ def submit(submission: Submission) -> str:
         raise ClpipeError(f"{command} refused the job (exit {proc.returncode}): {reason}")
     job_id = parse_job_id(submission.scheduler, proc.stdout)
     if job_id is None:
+        if submission.scheduler == "generic":  # e.g. bq: accepted, but it names no job id
+            return "unknown"
         raise ClpipeError(f"{command} answered without a job id: {proc.stdout.strip()[:200]!r}")
     return job_id
 
