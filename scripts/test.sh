@@ -9,6 +9,13 @@ export CLPIPE_TEST_FW="$TOOLS/fw-18.5.1/bin/fw"
 export CLPIPE_TEST_FW_OLD="$TOOLS/fw-17.5.1/bin/fw"
 export CLPIPE_TEST_SDK_PYTHON="$TOOLS/sdk/bin/python"
 export CLPIPE_REQUIRE_TOOLS=1   # a missing tool fails the run instead of skipping tests
+
+# Real SLURM and Grid Engine on loopback for the batch tests (root with apt only; elsewhere
+# those tests skip, saying why). Stopped again when the tests end.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${CLPIPE_SCHEDULERS:-1}" = 1 ]; then
+  trap 'scripts/infra/schedulers-down.sh >/dev/null 2>&1 || true' EXIT
+  eval "$(scripts/infra/schedulers-up.sh)"
+fi
 set +e
 .venv/bin/python -m pytest -ra "$@"
 code=$?

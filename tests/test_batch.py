@@ -119,7 +119,13 @@ def test_sge_script_converts_memory_and_waits_with_hold_jid(tmp_path):
     sub = render(job(tmp_path, mem_mb=3000), batch, None, tmp_path / "s.sh", after="77")
     directives = [line for line in sub.script.splitlines() if line.startswith("#$")]
     assert "#$ -l h_vmem=3G" in directives and "#$ -N flywheel_sync" in directives
-    assert "#$ -o Output-flywheel_sync-jobid-$JOB_ID.out" in directives and "#$ -cwd" in directives
+    assert "#$ -o /dev/null" in directives and "#$ -j y" in directives
+    # Grid Engine would expand the `$HOME` in this path: the script logs for itself instead
+    redirect = next(line for line in sub.script.splitlines() if line.startswith("exec >>"))
+    logs = tmp_path / WEIRD / "logs" / "sync_logs"
+    out = subprocess.run(["bash", "-c", redirect.replace("exec >>", "printf '%s' ", 1).replace(" 2>&1", "")],
+                         env={"JOB_ID": "77"}, capture_output=True, text=True, check=True).stdout
+    assert out == f"{logs}/Output-flywheel_sync-jobid-77.out"
     assert not any("h_rt" in d for d in directives)  # the profile has no time option
     assert sub.argv[:4] == ("qsub", "-terse", "-hold_jid", "77")
 

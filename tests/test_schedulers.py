@@ -52,7 +52,11 @@ def wait_for(scheduler: str, job_id: str) -> dict:
                 code = int(fields["ExitCode"].split(":")[0])
                 return {"state": fields["JobState"], "exit": code, "start": fields["StartTime"], "end": fields["EndTime"], "raw": proc.stdout}
         else:
-            if _run("qstat", "-j", job_id).returncode != 0:  # no longer queued or running
+            queued = _run("qstat", "-j", job_id)
+            if "error reason" in queued.stdout:  # Eqw: it would wait for qdel forever
+                _run("qdel", job_id)
+                return {"state": "ERROR", "exit": -1, "start": "", "end": "", "raw": queued.stdout}
+            if queued.returncode != 0:  # no longer queued or running
                 proc = _run("qacct", "-j", job_id)
                 if proc.returncode == 0:
                     fields = dict(re.findall(r"^(\w+)\s+(.*?)\s*$", proc.stdout, re.M))

@@ -12,7 +12,7 @@ T0=$(date +%s.%N)
 log() { echo "[schedulers-down +$(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')s] $*" >&2; }
 [ -d "$INFRA/pids" ] || { log "nothing to stop ($INFRA/pids does not exist)"; exit 0; }
 exec 9>"$INFRA/.lock"
-flock -w 300 9 || { log "another schedulers-up/down holds $INFRA/.lock"; exit 1; }
+flock -w 120 9 || { log "another schedulers-up/down holds $INFRA/.lock"; exit 1; }
 
 # gone <pid>: no such process, or only a zombie left (daemons re-parented to PID 1 may never be reaped)
 gone() {

@@ -83,7 +83,7 @@ daemon() { "$@" 3>&- 9>&-; }
 
 mkdir -p "$INFRA/pids"
 exec 9>"$INFRA/.lock"
-flock -w 300 9 || { log "another schedulers-up/down holds $INFRA/.lock"; exit 1; }
+flock -w 120 9 || { log "another schedulers-up/down holds $INFRA/.lock"; exit 1; }
 
 # ---------------------------------------------------------------- packages
 PKGS=()
@@ -238,11 +238,23 @@ SGE_COMMON=$SGE_ROOT/$SGE_CELL/common
 SGE_QSPOOL=$SGE_ROOT/spool/qmaster
 SGE_ESPOOL=$SGE_ROOT/spool/execd
 sge_qmaster_ok() { alive "$SGE_QSPOOL/qmaster.pid" sge_qmaster && qconf -sh >/dev/null 2>&1; }
-sge_logs() {
-  local f
-  echo "$SGE_ROOT/qmaster.start.log" "$SGE_QSPOOL/messages" "$SGE_ROOT/execd.start.log"
-  for f in "$SGE_ESPOOL"/*/messages /tmp/qmaster_messages* /tmp/execd_messages*; do [ -e "$f" ] && echo "$f"; done
-  return 0
+lines() { if [ -f "$1" ]; then wc -l <"$1"; else echo 0; fi; }
+# sge_wait <daemon> <pidfile> <messages> <lines before start> <check...>: wait (30 s) until
+# check succeeds; give up at once when the daemon logged a critical error or its pid died
+sge_wait() {
+  local who=$1 pidfile=$2 msgs=$3 from=$4 end=$((SECONDS + 30))
+  shift 4
+  until "$@" >/dev/null 2>&1; do
+    if tail -n +$((from + 1)) "$msgs" 2>/dev/null | grep -q '|C|'; then fail_sge "$who (critical error in $msgs)"; fi
+    if [ -s "$pidfile" ] && ! alive "$pidfile" "$who"; then fail_sge "$who (exited)"; fi
+    [ $SECONDS -lt $end ] || fail_sge "$who (not ready after 30 s)"
+    sleep 0.2
+  done
+}
+fail_sge() { # fail_sge <what>: fail with the Grid Engine logs that exist
+  local f logs=("$SGE_ROOT/qmaster.start.log" "$SGE_QSPOOL/messages" "$SGE_ROOT/execd.start.log")
+  for f in "$SGE_ESPOOL"/*/messages /tmp/qmaster_messages* /tmp/execd_messages*; do [ -e "$f" ] && logs+=("$f"); done
+  fail "$1" "${logs[@]}"
 }
 # qconf_edit <qconf args...>: run an editing qconf (-mconf, -msconf, -aq, -mq) with an EDITOR
 # that sets each "key value" line of $SGE_SET in the file qconf hands it
@@ -277,7 +289,7 @@ sge_queue_state() { # prints the all.q@localhost line's state letters ("" = heal
 }
 init_sge_cell() {
   log "creating Grid Engine cell in $SGE_ROOT"
-  rm -rf "$SGE_ROOT/spooldb" "$SGE_QSPOOL" "$SGE_ESPOOL" "$SGE_ROOT/$SGE_CELL"
+  rm -rf "${SGE_ROOT:?}/spooldb" "$SGE_QSPOOL" "$SGE_ESPOOL" "${SGE_ROOT:?}/$SGE_CELL"
   mkdir -p "$SGE_COMMON" "$SGE_ROOT/spooldb" "$SGE_QSPOOL" "$SGE_ESPOOL"
   cat >"$SGE_COMMON/bootstrap" <<EOF
 # Version: 8.1.9 (written by scripts/infra/schedulers-up.sh)
@@ -309,7 +321,7 @@ EOF
 }
 start_sge() {
   mkdir -p "$SGE_ROOT"
-  local d
+  local d n
   for d in bin lib util utilbin; do ln -sfn "/var/lib/gridengine/$d" "$SGE_ROOT/$d"; done
   write_qconf_editor
   [ -e "$SGE_ROOT/.initialized" ] || init_sge_cell
@@ -323,8 +335,9 @@ start_sge() {
   else
     check_port sge_qmaster 6444
     rm -f "$SGE_QSPOOL/qmaster.pid" "$SGE_QSPOOL/lock" "$INFRA/pids/sge_qmaster.pid"
-    daemon /usr/sbin/sge_qmaster >"$SGE_ROOT/qmaster.start.log" 2>&1 || fail sge_qmaster $(sge_logs)
-    waitfor 30 sge_qmaster_ok || fail "sge_qmaster (qconf gets no answer)" $(sge_logs)
+    n=$(lines "$SGE_QSPOOL/messages")
+    daemon /usr/sbin/sge_qmaster >"$SGE_ROOT/qmaster.start.log" 2>&1 || fail_sge sge_qmaster
+    sge_wait sge_qmaster "$SGE_QSPOOL/qmaster.pid" "$SGE_QSPOOL/messages" "$n" sge_qmaster_ok
     cp "$SGE_QSPOOL/qmaster.pid" "$INFRA/pids/sge_qmaster.pid"
     log "sge_qmaster started (pid $(cat "$INFRA/pids/sge_qmaster.pid"))"
   fi
@@ -343,6 +356,12 @@ reporting_params accounting=true reporting=false flush_time=00:00:01 accounting_
 flush_submit_sec 1
 flush_finish_sec 1" qconf_edit -msconf >>"$SGE_ROOT/qconf.log" 2>&1 || true
   qconf -ssconf | grep -Eq '^schedule_interval +0:0:1$' || fail "qconf -msconf" "$SGE_ROOT/qconf.log"
+  # -l h_vmem=2G / -l h_rt=0:10:0 must be accepted: both complexes requestable (the package's
+  # defaults are; an edited cell is put right). Not consumable: a request is a per-job limit.
+  if ! qconf -sc | awk '$1 == "h_vmem" || $1 == "h_rt" { n++; if ($5 != "YES") bad = 1 } END { exit !(n == 2 && !bad) }'; then
+    qconf -sc | awk '$1 == "h_vmem" || $1 == "h_rt" { $5 = "YES" } { print }' >"$SGE_ROOT/complexes"
+    qconf -Mc "$SGE_ROOT/complexes" >>"$SGE_ROOT/qconf.log" 2>&1 || fail "qconf -Mc (h_vmem, h_rt requestable)" "$SGE_ROOT/qconf.log"
+  fi
   # hosts: localhost is admin, submit and execution host
   qconf -sh 2>/dev/null | grep -qx localhost || qconf -ah localhost >>"$SGE_ROOT/qconf.log" 2>&1 || fail "qconf -ah localhost" "$SGE_ROOT/qconf.log"
   qconf -ss 2>/dev/null | grep -qx localhost || qconf -as localhost >>"$SGE_ROOT/qconf.log" 2>&1 || fail "qconf -as localhost" "$SGE_ROOT/qconf.log"
@@ -370,8 +389,10 @@ shell /bin/sh"
   else
     check_port sge_execd 6445
     rm -f "$SGE_ESPOOL/localhost/execd.pid" "$INFRA/pids/sge_execd.pid"
-    daemon /usr/sbin/sge_execd >"$SGE_ROOT/execd.start.log" 2>&1 || fail sge_execd $(sge_logs)
-    waitfor 30 alive "$SGE_ESPOOL/localhost/execd.pid" sge_execd || fail "sge_execd (not running)" $(sge_logs)
+    n=$(lines "$SGE_ESPOOL/localhost/messages")
+    daemon /usr/sbin/sge_execd >"$SGE_ROOT/execd.start.log" 2>&1 || fail_sge sge_execd
+    sge_wait sge_execd "$SGE_ESPOOL/localhost/execd.pid" "$SGE_ESPOOL/localhost/messages" "$n" \
+      alive "$SGE_ESPOOL/localhost/execd.pid" sge_execd
     cp "$SGE_ESPOOL/localhost/execd.pid" "$INFRA/pids/sge_execd.pid"
     log "sge_execd started (pid $(cat "$INFRA/pids/sge_execd.pid"))"
   fi
@@ -382,7 +403,7 @@ shell /bin/sh"
     [ -z "$st" ] && break
     case "$st" in *E*) qmod -cq all.q >/dev/null 2>&1 || true ;; esac # error state from an earlier job
     case "$st" in *d*) qmod -e all.q >/dev/null 2>&1 || true ;; esac
-    [ $SECONDS -lt $end ] || fail "sge_execd (queue all.q@localhost state '$st' after 60 s)" $(sge_logs)
+    [ $SECONDS -lt $end ] || fail_sge "sge_execd (queue all.q@localhost state '$st' after 60 s)"
     sleep 0.2
   done
   log "Grid Engine up: $(qstat -f -q all.q | awk '$1 ~ /^all\.q@/ {print $1, "slots", $3}')"

@@ -51,16 +51,19 @@ class Submission:
 @dataclass(frozen=True)
 class _Dialect:
     prefix: str
-    output_option: str
-    output_name: str  # {name} is the job name
+    output_name: str  # {name} is the job name; the scheduler's job-id placeholder follows
     extra: tuple[str, ...]
     submit_flags: tuple[str, ...]
+    self_logging: bool  # the script sends its own output to the log file
 
 
 DIALECTS = {
-    "slurm": _Dialect("#SBATCH", "--output=", "Output-{name}-jobid-%j.out", (), ("--parsable",)),
-    # -cwd: run in (and write -o relative to) the folder qsub runs in; -j y: one output file
-    "sge": _Dialect("#$", "-o ", "Output-{name}-jobid-$JOB_ID.out", ("-S /bin/bash", "-cwd", "-j y"), ("-terse",)),
+    # sbatch runs in the log folder, so a relative --output lands there; the folder's own
+    # path is never parsed by SLURM.
+    "slurm": _Dialect("#SBATCH", "Output-{name}-jobid-%j.out", ("--output=Output-{name}-jobid-%j.out",), ("--parsable",), False),
+    # Grid Engine expands $VARIABLES in -cwd/-wd/-o paths, so a project path with a `$`
+    # would break them: the script redirects its own output (a shell-quoted path) instead.
+    "sge": _Dialect("#$", "Output-{name}-jobid-$JOB_ID.out", ("-S /bin/bash", "-j y", "-o /dev/null"), ("-terse",), True),
 }
 
 
@@ -127,6 +130,13 @@ def directives(job: Job, batch: BatchConfig, email: str | None) -> list[list[str
     return lines
 
 
+def _self_log_line(job: Job, output_pattern: str) -> str:
+    """``exec >>'<log folder>'/Output-<name>-jobid-"$JOB_ID".out 2>&1``: the folder quoted for
+    the shell, the job id left for the shell to fill in."""
+    name = output_pattern.replace("$JOB_ID", '"$JOB_ID"')
+    return f"exec >>{shlex.quote(str(job.log_path.parent))}/{name} 2>&1"
+
+
 def render(job: Job, batch: BatchConfig, email: str | None, script_path: Path, after: str | None = None) -> Submission:
     """The batch script for ``job`` and the exact command that submits it."""
     if after is not None and not JOB_ID_RE.match(after):
@@ -140,14 +150,14 @@ def render(job: Job, batch: BatchConfig, email: str | None, script_path: Path, a
         for words in directives(job, batch, email):
             lines.append(f"{dialect.prefix} {' '.join(words)}")
         for extra in dialect.extra:
-            lines.append(f"{dialect.prefix} {extra}")
-        lines.append(f"{dialect.prefix} {dialect.output_option}{output_pattern}")
+            lines.append(f"{dialect.prefix} {extra.format(name=job.name)}")
     lines += [
         f"# Written by clpipe {__version__} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC "
         f"from batch configuration {json.dumps(batch.name)} ({scheduler}).",
         "# It holds no credentials: the job reads the saved Flywheel login when it runs.",
         "set -euo pipefail",
         *(f"export {name}={shlex.quote(value)}" for name, value in sorted(job.env.items())),
+        *([_self_log_line(job, output_pattern)] if dialect is not None and dialect.self_logging else []),
         f"cd {shlex.quote(str(job.cwd))}",
         f"exec {shlex.join(job.argv)}",
         "",
