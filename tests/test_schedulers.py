@@ -44,15 +44,18 @@ def scheduler(request) -> str:
 def wait_for(scheduler: str, job_id: str) -> dict:
     """Poll (bounded) until the job has ended; return its state, exit code and times."""
     deadline = time.monotonic() + WAIT_SECONDS
+    seen = []  # every record the scheduler showed of the job while it was queued or running
     while time.monotonic() < deadline:
         if scheduler == "slurm":
             proc = _run("scontrol", "show", "job", "-o", job_id)
+            seen.append(proc.stdout)
             fields = dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
             if fields.get("JobState") in TERMINAL_SLURM:
                 code = int(fields["ExitCode"].split(":")[0])
-                return {"state": fields["JobState"], "exit": code, "start": fields["StartTime"], "end": fields["EndTime"], "raw": proc.stdout}
+                return {"state": fields["JobState"], "exit": code, "start": fields["StartTime"], "end": fields["EndTime"], "raw": "\n".join(seen)}
         else:
             queued = _run("qstat", "-j", job_id)
+            seen.append(queued.stdout)
             if "error reason" in queued.stdout:  # Eqw: it would wait for qdel forever
                 _run("qdel", job_id)
                 return {"state": "ERROR", "exit": -1, "start": "", "end": "", "raw": queued.stdout}
@@ -62,7 +65,7 @@ def wait_for(scheduler: str, job_id: str) -> dict:
                     fields = dict(re.findall(r"^(\w+)\s+(.*?)\s*$", proc.stdout, re.M))
                     code = int(fields["exit_status"].split()[0])
                     return {"state": "COMPLETED" if code == 0 and fields["failed"].startswith("0") else "FAILED",
-                            "exit": code, "start": fields["start_time"], "end": fields["end_time"], "raw": proc.stdout}
+                            "exit": code, "start": fields["start_time"], "end": fields["end_time"], "raw": "\n".join([*seen, proc.stdout])}
         time.sleep(0.5)
     raise AssertionError(f"{scheduler} job {job_id} did not finish within {WAIT_SECONDS} s")
 
@@ -80,8 +83,13 @@ def submit(env, config: Path, scheduler: str, *extra) -> str:
 
 
 def project_for(tmp_path: Path, name: str = "p") -> Path:
-    # small resources so the one-node test cluster can run it; a path that needs quoting
-    return new_project(tmp_path / WEIRD / name, MemUsage="500", TimeUsage="0:10:0", CoreUsage="1")
+    # small resources so the one-node test cluster can run it; a path that needs quoting;
+    # an e-mail address, so the profile's failure-mail option goes to the real scheduler too
+    config = new_project(tmp_path / WEIRD / name, MemUsage="500", TimeUsage="0:10:0", CoreUsage="1")
+    data = json.loads(config.read_text())
+    data["EmailAddress"] = "pi@lab.example.edu"
+    config.write_text(json.dumps(data, indent=2))
+    return config
 
 
 @pytest.mark.fwcli
@@ -106,7 +114,9 @@ def test_clean_sync_completes_and_is_recorded(scheduler, fw_env, server, demo_pr
     assert len(records) == 2  # this run's record and the -latest copy
 
     # no secret in the script, the submit record, or the scheduler's record of the job
-    assert KEY not in Path(record["script"]).read_text()
+    script = Path(record["script"]).read_text()
+    assert "pi@lab.example.edu" in script  # failure mail requested through the profile
+    assert KEY not in script
     assert KEY not in json.dumps(record)
     assert KEY not in result["raw"]
 
