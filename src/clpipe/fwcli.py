@@ -93,7 +93,7 @@ def _fw_sync_option_parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True)
 class SyncOptions:
-    """What CommandLineOpts asks of ``fw sync``, as far as verification needs to know."""
+    """What CommandLineOpts asks of a sync (written for ``fw sync``, read by both engines)."""
 
     args: tuple[str, ...]
     include: tuple[str, ...] = ("dicom",)
@@ -104,9 +104,48 @@ class SyncOptions:
     metadata: bool = False
     unpack: bool = True
     transfers: bool = True  # False for --dry-run / --list-only: nothing to verify
+    dry_run: bool = False
+    list_only: bool = False
+    verbose: bool = False
+    jobs: int = 4
+    delete: bool = False
+    ca_certs: str | None = None
+    export_templates_file: str | None = None
+    quiet: bool = False
+
+    def listing_request(self) -> tuple[dict, dict]:
+        """The body filters and query parameters of the ``download/targets`` request."""
+        body: dict = {"filters": [{"types": {"+": list(self.include)}}]}
+        if self.exclude:
+            body["filters"].append({"types": {"-": list(self.exclude)}})
+        if self.container_filters:
+            body["container_filters"] = list(self.container_filters)
+        if self.mlset_filters:
+            body["mlset_filters"] = self.mlset_filters
+        if self.export_templates_file:
+            import yaml
+
+            try:
+                body["export_templates"] = yaml.safe_load(Path(self.export_templates_file).read_text())
+            except (OSError, yaml.YAMLError) as exc:
+                raise PreflightError(f"--export-templates-file {self.export_templates_file}: cannot be read ({exc})") from None
+        params = {}
+        if self.analyses:
+            params["analyses"] = "true"
+        if self.metadata:
+            params["metadata"] = "true"
+        return body, params
 
 
-def parse_commandline_opts(text: str, where: str) -> SyncOptions:
+# Options of `fw sync` that mean nothing to the native engine, and why.
+NATIVE_MEANINGLESS = {
+    "config_file": "--config-file (fw's own configuration file)",
+    "no_config": "--no-config (fw's own configuration file)",
+    "timezone": "--timezone (used by fw's importers only)",
+}
+
+
+def parse_commandline_opts(text: str, where: str, engine: str = "fw-cli") -> SyncOptions:
     """Split CommandLineOpts as a shell would and check them against fw sync's options."""
     try:
         args = shlex.split(text or "")
@@ -124,7 +163,11 @@ def parse_commandline_opts(text: str, where: str) -> SyncOptions:
         raise ConfigError(f"{where}: --save-audit-logs is set by clpipe (the audit log goes to logs/sync_logs); remove it")
     if ns.jobs is not None and ns.jobs < 1:
         raise ConfigError(f"{where}: --jobs must be 1 or more")
-    if ns.delete and ns.unpack:
+    if engine == "native":
+        for name, what in NATIVE_MEANINGLESS.items():
+            if getattr(ns, name) not in (None, False):
+                raise ConfigError(f"{where}: {what} means nothing to the native engine; remove it, or use Engine \"fw-cli\"")
+    elif ns.delete and ns.unpack:
         raise ConfigError(
             f"{where}: --delete together with unpacking is refused: fw sync compares the zip names with the "
             "unpacked files and deletes the unpacked DICOMs; add -z (keep zips) or remove --delete"
@@ -154,6 +197,14 @@ def parse_commandline_opts(text: str, where: str) -> SyncOptions:
         metadata=ns.metadata or ns.full_project,
         unpack=ns.unpack,
         transfers=not (ns.dry_run or ns.list_only),
+        dry_run=ns.dry_run,
+        list_only=ns.list_only,
+        verbose=ns.verbose,
+        jobs=ns.jobs or 4,
+        delete=ns.delete,
+        ca_certs=ns.ca_certs,
+        export_templates_file=ns.export_templates_file,
+        quiet=ns.quiet,
     )
 
 
@@ -174,6 +225,10 @@ class SyncPlan:
     job_name: str
     resources: dict
     options: dict = field(default_factory=dict)
+    engine: str = "fw-cli"
+    summary_json: str = ""
+    layout_template: str = ""
+    max_delete: int = 1000
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -214,11 +269,11 @@ def new_run_id() -> str:
 def make_plan(config: ProjectConfig, run_id: str | None = None) -> SyncPlan:
     """Build the run plan from a validated config (no network, no files written)."""
     source = config.source
-    options = parse_commandline_opts(source.commandline_opts, f"{config.path}: {config.key('commandline_opts')}")
+    options = parse_commandline_opts(source.commandline_opts, f"{config.path}: {config.key('commandline_opts')}", source.engine)
     run_id = run_id or new_run_id()
     logs = config.sync_logs
     audit_csv = logs / f"flywheel_sync-{run_id}.csv"
-    argv = (
+    argv = () if source.engine == "native" else (
         "fw", "sync",
         "--include", "dicom",
         "--tmp-path", str(source.temp_directory),
@@ -240,6 +295,10 @@ def make_plan(config: ProjectConfig, run_id: str | None = None) -> SyncPlan:
         job_name="flywheel_sync",
         resources={"time_seconds": source.time_seconds, "mem_mb": source.mem_mb, "cores": source.cores},
         options=asdict(options),
+        engine=source.engine,
+        summary_json=str(logs / f"flywheel_sync-{run_id}.summary.json"),
+        layout_template=source.layout_template,
+        max_delete=source.max_delete,
     )
 
 
@@ -502,19 +561,7 @@ def run_plan(plan: SyncPlan) -> int:
         targets = None
         try:
             with FlywheelAPI(credentials) as api:
-                filters: dict = {"filters": [{"types": {"+": list(sync_opts.include)}}]}
-                if sync_opts.exclude:
-                    filters["filters"].append({"types": {"-": list(sync_opts.exclude)}})
-                if sync_opts.container_filters:
-                    filters["container_filters"] = list(sync_opts.container_filters)
-                if sync_opts.mlset_filters:
-                    filters["mlset_filters"] = sync_opts.mlset_filters
-                params = {}
-                if sync_opts.analyses:
-                    params["analyses"] = "true"
-                if sync_opts.metadata:
-                    params["metadata"] = "true"
-                targets = list(api.download_targets(project["_id"], filters, params))
+                targets = list(api.download_targets(project["_id"], *sync_opts.listing_request()))
         except PreflightError as exc:
             outcome.problems.append(f"could not list the project to check the result: {exc}")
         verify(plan, rows, targets, outcome)

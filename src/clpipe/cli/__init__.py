@@ -59,11 +59,13 @@ def _find_config(config_file: str | None) -> str:
 @click.option("-source_url", "--source-url", "source_url", help="Flywheel project to sync, fw://<group>/<project>/ (overrides SourceURL). `fw ls` browses projects.")
 @click.option("-dropoff_dir", "--dropoff-dir", "dropoff_dir", help="Where synced DICOMs go (overrides DropoffDirectory).")
 @click.option("-temp_dir", "--temp-dir", "temp_dir", help="Where fw keeps temporary files (overrides TempDirectory).")
+@click.option("-engine", "--engine", "engine", type=click.Choice(["fw-cli", "native"]),
+              help="fw-cli: run the Flywheel CLI's fw sync (default); native: clpipe's own engine, no fw needed (overrides Engine).")
 @click.option("-batch_config", "--batch-config", "batch_config", help="Batch configuration: a built-in profile (e.g. slurmUNCConfig.json), a file, or \"\" to run here (overrides BatchConfig).")
 @click.option("-after", "--after", "after", metavar="JOBID", help="Start the sync only after this batch job has completed successfully.")
 @click.option("-submit", "-s", "--submit", "submit", is_flag=True, help=SUBMIT_HELP)
 @_debug_option
-def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, batch_config, after, submit) -> int:
+def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, batch_config, after, submit) -> int:
     """Sync DICOM data from a Flywheel project into the dropoff folder with `fw sync`.
 
     Reads SourceOptions from the config file. Log in with `fw login` first. Logs and the
@@ -73,7 +75,7 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, batch_conf
     from ..config import load_project_config
     from ..fwcli import make_plan
 
-    config = load_project_config(_find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir)
+    config = load_project_config(_find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir, engine=engine)
     batch = load_batch_config(batch_config if batch_config is not None else config.batch_config, config.project_directory)
     plan = make_plan(config)
     logs = Path(plan.sync_logs)
@@ -98,14 +100,18 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, batch_conf
         click.echo(f"Resources: {job.resources.describe()}")
         click.echo(f"Log:       {job.log_path if submission is None else logs / submission.output_pattern}")
         click.echo(f"Audit log: {plan.audit_csv}")
-        click.echo(f"Command:   {shlex.join(plan.fw_argv)}")
+        if plan.engine == "native":
+            click.echo(f"Engine:    native (clpipe's own; no fw needed), {plan.sync_options.jobs} parallel downloads")
+            click.echo(f"Summary:   {plan.summary_json}")
+        else:
+            click.echo(f"Command:   {shlex.join(plan.fw_argv)}")
         if submission is not None:
             click.echo(f"Script:    {submission.script_path}")
             click.echo(f"Submit:    {submission.command_line()}")
             click.echo("--- script ---")
             click.echo(submission.script.rstrip("\n"))
             click.echo("--------------")
-        if shutil.which("fw") is None:
+        if plan.engine == "fw-cli" and shutil.which("fw") is None:
             click.echo("Note:      `fw` is not on PATH here; install the Flywheel CLI before running (see the README).")
         click.echo("Nothing was run. Add -submit to run it.")
         return 0
@@ -136,6 +142,10 @@ def run_plan_cli(plan_file) -> int:
     from ..fwcli import SyncPlan, run_plan
 
     plan = SyncPlan.from_json(Path(plan_file).read_text())
+    if plan.engine == "native":
+        from ..sync.run import run_native
+
+        return run_native(plan)
     return run_plan(plan)
 
 

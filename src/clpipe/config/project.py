@@ -41,6 +41,9 @@ SOURCE_KEYS: dict[str, tuple[str, str]] = {
     "time_usage": ("TimeUsage", "time_usage"),
     "mem_usage": ("MemUsage", "mem_usage"),
     "core_usage": ("CoreUsage", "core_usage"),
+    "engine": ("Engine", "engine"),
+    "layout_template": ("LayoutTemplate", "layout_template"),
+    "max_delete": ("MaxDelete", "max_delete"),
 }
 SOURCE_SECTION = ("SourceOptions", "source")
 
@@ -75,7 +78,11 @@ SOURCE_DEFAULTS = {
     "time_usage": "1:0:0",
     "mem_usage": "10G",
     "core_usage": "1",
+    "engine": "fw-cli",
+    "layout_template": "",
+    "max_delete": 1000,
 }
+ENGINES = ("fw-cli", "native")
 
 
 def key_name(canonical: str, style: Style, table: dict[str, tuple[str, str]] = SOURCE_KEYS) -> str:
@@ -95,6 +102,35 @@ class SourceModel(BaseModel):
     time_usage: int  # seconds
     mem_usage: int  # megabytes
     core_usage: int
+    engine: str
+    layout_template: str
+    max_delete: int
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine(cls, value: Any) -> str:
+        if value not in ENGINES:
+            raise ValueError(f"expected one of {', '.join(ENGINES)}")
+        return value
+
+    @field_validator("layout_template", mode="before")
+    @classmethod
+    def _template(cls, value: Any) -> str:
+        from ..sync.layout import check_template
+
+        if value is None or value == "":
+            return ""
+        if not isinstance(value, str):
+            raise ValueError("expected a template such as {subject}/{session}/{acquisition}")
+        check_template(value)
+        return value
+
+    @field_validator("max_delete", mode="before")
+    @classmethod
+    def _max_delete(cls, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+            raise ValueError("expected a whole number of files, 0 or more")
+        return int(value)
 
     @field_validator("source_url", mode="before")
     @classmethod
@@ -143,6 +179,9 @@ class SourceConfig:
     cores: int
     raw_time: str  # as the user wrote it, for display
     raw_mem: str
+    engine: str = "fw-cli"
+    layout_template: str = ""
+    max_delete: int = 1000
 
 
 @dataclass(frozen=True)
@@ -269,6 +308,7 @@ def load_project_config(
     source_url: str | None = None,
     dropoff_dir: str | None = None,
     temp_dir: str | None = None,
+    engine: str | None = None,
 ) -> ProjectConfig:
     """Read, validate and resolve a project config; flags override the file's values."""
     path = Path(config_file).expanduser().absolute()
@@ -287,9 +327,9 @@ def load_project_config(
 
     values = dict(SOURCE_DEFAULTS)
     values.update(_canonical_source(data.get(section), style, path))
-    flag_names = {"source_url": "-source_url", "dropoff_directory": "-dropoff_dir", "temp_directory": "-temp_dir"}
+    flag_names = {"source_url": "-source_url", "dropoff_directory": "-dropoff_dir", "temp_directory": "-temp_dir", "engine": "-engine"}
     from_flag: set[str] = set()
-    for canonical, value in (("source_url", source_url), ("dropoff_directory", dropoff_dir), ("temp_directory", temp_dir)):
+    for canonical, value in (("source_url", source_url), ("dropoff_directory", dropoff_dir), ("temp_directory", temp_dir), ("engine", engine)):
         if value is not None:
             values[canonical] = value
             from_flag.add(canonical)
@@ -303,6 +343,9 @@ def load_project_config(
         shown = flag_names[canonical] if canonical in from_flag else f"{section}.{key_name(canonical, style)}"
         bad = values.get(canonical)
         raise ConfigError(f"{path}: {shown}: {bad!r} is not valid: {message}") from None
+    if model.layout_template and model.engine != "native":
+        raise ConfigError(f"{path}: {section}.{key_name('layout_template', style)}: a layout template needs the native engine; "
+                          f"set {key_name('engine', style)} to \"native\" (fw sync always uses Flywheel's layout)")
 
     dropoff = _resolve(project_dir, model.dropoff_directory) if model.dropoff_directory.strip() else project_dir / "data_DICOMs"
     temp = _resolve(project_dir, model.temp_directory) if model.temp_directory.strip() else project_dir / "flywheel_tmp"
@@ -329,6 +372,9 @@ def load_project_config(
         cores=model.core_usage,
         raw_time=str(values["time_usage"]),
         raw_mem=str(values["mem_usage"]),
+        engine=model.engine,
+        layout_template=model.layout_template,
+        max_delete=model.max_delete,
     )
     return ProjectConfig(
         path=path,

@@ -12,7 +12,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Iterator
+from urllib.parse import quote
 
 import httpx
 
@@ -124,9 +126,9 @@ def load_credentials() -> Credentials:
 class FlywheelAPI:
     """The handful of Flywheel API requests clpipe makes itself, with clear errors."""
 
-    def __init__(self, credentials: Credentials, timeout: float = 30.0):
+    def __init__(self, credentials: Credentials, timeout: float = 30.0, client: httpx.Client | None = None):
         self.credentials = credentials
-        self._client = httpx.Client(
+        self._client = client or httpx.Client(
             base_url=credentials.api_url,
             headers=credentials.headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
@@ -211,3 +213,141 @@ class FlywheelAPI:
                         yield json.loads(line)
         except httpx.TransportError as exc:
             raise PreflightError(f"the file listing from Flywheel at {site} broke off ({exc.__class__.__name__})") from None
+
+
+# ---------------------------------------------------------------------------------------
+# The source the native engine syncs from
+
+
+_DST_RE = re.compile(r"^/?(?P<project>[^/]+)/SUBJECTS/(?P<subject>[^/]+)/SESSIONS/(?P<session>[^/]+)/ACQUISITIONS/(?P<acquisition>[^/]+)/FILES/(?P<filename>[^/]+)$")
+_ZIP_SUFFIX = re.compile(r"(\.(dcm|dicom))?\.zip$", re.IGNORECASE)
+CHUNK = 1 << 20
+
+
+def parse_hash(value: object) -> str | None:
+    """Flywheel's file hash as ``algorithm:hex``: ``v0-sha384-<hex>`` or a bare sha384 hex;
+    any other form counts as no hash (size check only), never as a mismatch."""
+    if not isinstance(value, str):
+        return None
+    match = re.fullmatch(r"v0-(sha\d+)-([0-9a-f]+)", value.strip().lower())
+    if match:
+        return f"{match.group(1)}:{match.group(2)}"
+    if re.fullmatch(r"[0-9a-f]{96}", value.strip().lower()):
+        return f"sha384:{value.strip().lower()}"
+    return None
+
+
+def _epoch(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+class FlywheelSource:
+    """Lists a project with one ``download/targets`` request and streams its files."""
+
+    def __init__(self, credentials: Credentials, jobs: int = 4, timeout: float = 60.0, verify: bool | str = True):
+        self.credentials = credentials
+        self._client = httpx.Client(
+            base_url=credentials.api_url,
+            headers=credentials.headers,
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            limits=httpx.Limits(max_connections=jobs + 4, max_keepalive_connections=jobs + 4),
+            verify=verify,
+        )
+        self.api = FlywheelAPI(credentials, client=self._client)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def entries(self, project_id: str, url: FlywheelURL, body_filters: dict, params: dict,
+                unpack: bool = True, template: str | None = None) -> list:
+        from ..sync.engine import RemoteEntry
+        from ..sync.layout import render, safe_relpath
+
+        strip = r"^/?[^/]+/" if url.trailing_slash else r"^/"
+        seen: set[str] = set()
+        result = []
+        for target in self.api.download_targets(project_id, body_filters, params):
+            dst = target.get("dst_path", "")
+            name = os.path.normpath(re.sub(strip, "", dst))
+            if name in seen:  # the server may list a file twice (fw skips repeats too)
+                continue
+            seen.add(name)
+            filename = target.get("filename", "")
+            sidecar = target.get("download_type") == "metadata_sidecar"
+            is_zip = unpack and not sidecar and target.get("filetype") == "dicom" and filename.lower().endswith("zip")
+            match = _DST_RE.match(dst)
+            if template and match:
+                labels = dict(match.groupdict(), group=url.group)
+                path = render(template, labels)
+            else:
+                path = safe_relpath(name)
+            if is_zip:
+                path = path.with_name(_ZIP_SUFFIX.sub("", path.name) or "_")
+            inline = json.dumps(target.get("metadata")).encode() if sidecar else None
+            result.append(RemoteEntry(
+                key=f"{target.get('container_id')}/{filename}" + ("#metadata" if sidecar else ""),
+                path=path,
+                size=len(inline) if inline is not None else int(target.get("size") or 0),
+                modified=_epoch(target["modified"]) if target.get("modified") else 0.0,
+                checksum=parse_hash(target.get("hash")),
+                unpack=is_zip,
+                ref=(target.get("container_id"), filename, inline),
+            ))
+        return result
+
+    @contextmanager
+    def open(self, entry) -> Iterator[Iterator[bytes]]:
+        from ..sync.engine import PermanentError, TransientError
+
+        container_id, filename, inline = entry.ref
+        if inline is not None:
+            yield iter([inline])
+            return
+        path = f"/containers/{container_id}/files/{quote(filename, safe='')}"
+        try:
+            with self._client.stream("GET", path) as response:
+                if response.status_code != 200:
+                    response.read()
+                    message = f"HTTP {response.status_code} ({FlywheelAPI._error_text(response)})"
+                    if response.status_code == 429 or response.status_code >= 500:
+                        raise TransientError(message, _retry_after(response))
+                    if response.status_code == 401:
+                        raise PermanentError(f"{message}: the API key was rejected; log in again with `fw login`")
+                    raise PermanentError(message)
+                yield response.iter_bytes(CHUNK)
+        except httpx.TimeoutException as exc:
+            raise TransientError(f"timed out ({exc.__class__.__name__})") from None
+        except httpx.TransportError as exc:
+            raise TransientError(f"connection problem ({exc.__class__.__name__}: {exc})") from None
+
+    def members(self, entry) -> list[tuple[str, int]] | None:
+        """The members of a zipped series (``?info=true``), to adopt an unpacked folder."""
+        container_id, filename, _ = entry.ref
+        try:
+            response = self._client.get(f"/containers/{container_id}/files/{quote(filename, safe='')}", params={"info": "true"})
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        try:
+            return [(m["path"], int(m["size"])) for m in response.json().get("members", []) if int(m.get("size") or 0) > 0]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return min(max(float(value), 0.0), 300.0)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        from datetime import datetime, timezone
+
+        try:
+            return min(max((parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds(), 0.0), 300.0)
+        except (TypeError, ValueError):
+            return None

@@ -219,11 +219,10 @@ def _uid(*parts: object) -> str:
     return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
-def _dicom_bytes(rng: random.Random, *, patient: str, study_uid: str, study_dt: datetime,
-                 series_uid: str, series_number: int, description: str, instance: int,
-                 sop_uid: str) -> bytes:
-    """One small MR image (8x8, uint16) as a DICOM Part 10 file, Explicit VR Little Endian."""
-    import pydicom
+def _dicom_dataset(*, patient: str, study_uid: str, study_dt: datetime, series_uid: str,
+                   series_number: int, description: str, instance: int, sop_uid: str,
+                   rows: int, cols: int, pixels: bytes):
+    """One MR image (``rows`` x ``cols``, uint16, 12 bits stored) as a pydicom dataset."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
@@ -253,9 +252,20 @@ def _dicom_bytes(rng: random.Random, *, patient: str, study_uid: str, study_dt: 
     ds.ImagePositionPatient = [0, 0, float(instance)]
     ds.SliceLocation = float(instance)
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows = ds.Columns = 8
+    ds.Rows, ds.Columns = rows, cols
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = struct.pack("<64H", *(rng.randrange(4096) for _ in range(64)))
+    ds.PixelData = pixels
+    return ds
+
+
+def _dicom_bytes(rng: random.Random, *, rows: int = 8, cols: int = 8, **attrs) -> bytes:
+    """One small MR image (8x8 by default, uint16) as a DICOM Part 10 file, Explicit VR Little
+    Endian; ``attrs`` are those of :func:`_dicom_dataset`."""
+    import pydicom
+
+    n = rows * cols
+    pixels = struct.pack(f"<{n}H", *(rng.randrange(4096) for _ in range(n)))
+    ds = _dicom_dataset(rows=rows, cols=cols, pixels=pixels, **attrs)
     buf = io.BytesIO()
     if int(pydicom.__version__.split(".")[0]) >= 3:
         ds.save_as(buf, enforce_file_format=True)
@@ -263,6 +273,69 @@ def _dicom_bytes(rng: random.Random, *, patient: str, study_uid: str, study_dt: 
         ds.is_little_endian, ds.is_implicit_VR = True, False
         ds.save_as(buf, write_like_original=False)
     return buf.getvalue()
+
+
+_MASK_12BIT = bytes(i & 0x0F for i in range(256))  # the high byte of a 12-bit uint16 sample
+_TAG_META_LENGTH, _TAG_META_SOP = 0x00020000, 0x00020003
+_TAG_SOP, _TAG_INSTANCE, _TAG_POSITION, _TAG_LOCATION, _TAG_PIXELS = (
+    0x00080018, 0x00200013, 0x00200032, 0x00201041, 0x7FE00010)
+
+
+def _element(tag: int, vr: str, value: bytes) -> bytes:
+    """One Explicit VR Little Endian data element; ``value`` padded to an even length."""
+    if len(value) % 2:
+        value += b"\0" if vr == "UI" else b" "
+    head = struct.pack("<HH2s", tag >> 16, tag & 0xFFFF, vr.encode())
+    if vr in ("OB", "OW"):
+        return head + struct.pack("<HI", 0, len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
+def _encoded(ds) -> dict[int, bytes]:
+    """Tag -> encoded element (Explicit VR Little Endian) of every element of ``ds``."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    out = {}
+    for elem in ds:
+        if elem.tag == _TAG_PIXELS:
+            continue  # its VR is ambiguous until written; added per slice
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_data_element(fp, elem)
+        out[int(elem.tag)] = fp.getvalue()
+    return out
+
+
+def _fast_series(rng: random.Random, slices: int, *, rows: int, cols: int, series_uid: str,
+                 **attrs) -> list[tuple[str, bytes]]:
+    """``(IMnnnn.dcm, bytes)`` of a series, much faster than :func:`_dicom_bytes` per slice.
+
+    The elements every slice shares are encoded once with pydicom; the per-slice ones (SOP
+    instance UID, instance number, position, random 12-bit pixels) by hand. The files are
+    the ones pydicom writes for the same values.
+    """
+    template = _dicom_dataset(rows=rows, cols=cols, series_uid=series_uid, instance=1,
+                              sop_uid="1", pixels=b"", **attrs)
+    validate_file_meta(template.file_meta, enforce_standard=True)  # as save_as completes it
+    meta, body = _encoded(template.file_meta), _encoded(template)
+    meta.pop(_TAG_META_LENGTH, None)
+    out = []
+    for n in range(1, slices + 1):
+        sop = _uid(series_uid, n).encode()
+        pixels = bytearray(rng.randbytes(2 * rows * cols))
+        pixels[1::2] = pixels[1::2].translate(_MASK_12BIT)
+        meta[_TAG_META_SOP] = _element(_TAG_META_SOP, "UI", sop)
+        body[_TAG_SOP] = _element(_TAG_SOP, "UI", sop)
+        body[_TAG_INSTANCE] = _element(_TAG_INSTANCE, "IS", str(n).encode())
+        body[_TAG_POSITION] = _element(_TAG_POSITION, "DS", f"0\\0\\{float(n)}".encode())
+        body[_TAG_LOCATION] = _element(_TAG_LOCATION, "DS", str(float(n)).encode())
+        body[_TAG_PIXELS] = _element(_TAG_PIXELS, "OW", bytes(pixels))
+        group = b"".join(meta[t] for t in sorted(meta))
+        length = _element(_TAG_META_LENGTH, "UL", struct.pack("<I", len(group)))
+        out.append((f"IM{n:04d}.dcm", b"".join(
+            [bytes(128), b"DICM", length, group, *(body[t] for t in sorted(body))])))
+    return out
 
 
 def _zip_bytes(folder: str, members: list[tuple[str, bytes]], when: datetime) -> bytes:
@@ -284,12 +357,18 @@ def _zip_bytes(folder: str, members: list[tuple[str, bytes]], when: datetime) ->
 def make_demo_project(group: str = "lab", label: str = "study", subjects: int = 2,
                       sessions: int = 1, acquisitions: int = 2, slices: int = 3,
                       single_dicoms: bool = True, non_dicom: bool = True,
-                      seed: int = 0) -> Project:
+                      seed: int = 0, rows: int = 8, cols: int = 8, zipped: bool = True,
+                      fast: bool = False) -> Project:
     """A project of real (tiny) MR DICOM data; the same arguments give the same bytes.
 
     Each acquisition holds ``<SeriesInstanceUID>.dicom.zip`` (members ``<uid>/IM0001.dcm``...);
     with ``single_dicoms`` the first acquisition of each session also holds ``localizer.dcm``;
     with ``non_dicom`` each acquisition also holds ``<label>.nii.gz`` (nifti) and ``qa.json`` (qa).
+
+    For benchmarks: images are ``rows`` x ``cols``; without ``zipped`` the slices are single
+    files ``IM0001.dcm``... of the acquisition instead of one zip; ``fast`` builds the slices
+    of a series from one template with random pixels from ``Random.randbytes`` (about 100x
+    faster for big projects; other bytes than without it, equally deterministic).
     """
     subj_list = []
     for si in range(subjects):
@@ -305,15 +384,23 @@ def make_demo_project(group: str = "lab", label: str = "study", subjects: int = 
                 acq_label = _ACQ_NAMES[ai] if ai < len(_ACQ_NAMES) else f"ACQ{ai + 1:02d}"
                 rng = random.Random(f"{seed}/{group}/{label}/{si}/{ssi}/{ai}")
                 series_uid = _uid(seed, study_uid, "series", ai)
-                slices_ = [(f"IM{n:04d}.dcm", _dicom_bytes(
-                    rng, **common, series_uid=series_uid, series_number=ai + 1,
-                    description=acq_label, instance=n, sop_uid=_uid(series_uid, n)))
-                    for n in range(1, slices + 1)]
-                files = [FwFile(f"{series_uid}.dicom.zip", _zip_bytes(series_uid, slices_, study_dt))]
+                series = dict(common, series_uid=series_uid, series_number=ai + 1,
+                              description=acq_label, rows=rows, cols=cols)
+                if fast:
+                    slices_ = _fast_series(rng, slices, **series)
+                else:
+                    slices_ = [(f"IM{n:04d}.dcm", _dicom_bytes(
+                        rng, **series, instance=n, sop_uid=_uid(series_uid, n)))
+                        for n in range(1, slices + 1)]
+                if zipped:
+                    files = [FwFile(f"{series_uid}.dicom.zip",
+                                    _zip_bytes(series_uid, slices_, study_dt))]
+                else:
+                    files = [FwFile(name, data) for name, data in slices_]
                 if single_dicoms and ai == 0:
                     loc_uid = _uid(seed, study_uid, "localizer")
                     files.append(FwFile("localizer.dcm", _dicom_bytes(
-                        rng, **common, series_uid=loc_uid, series_number=99,
+                        rng, **common, rows=rows, cols=cols, series_uid=loc_uid, series_number=99,
                         description="localizer", instance=1, sop_uid=_uid(loc_uid, 1))))
                 if non_dicom:
                     volume = bytes(rng.randrange(256) for _ in range(348))

@@ -1,0 +1,1 @@
+"""The native sync engine: plan, transfer, verify, record."""

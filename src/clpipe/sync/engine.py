@@ -1,0 +1,405 @@
+"""The native sync engine: plan, transfer, verify, record. It knows nothing of Flywheel.
+
+A *source* lists :class:`RemoteEntry` items and opens one as a stream of bytes; the engine
+makes the dropoff match: it skips what the manifest (or an intact earlier download, e.g.
+by ``fw sync``) already has, downloads the rest in parallel into a temporary file on the
+dropoff's own filesystem, checks size, checksum (when the source gives one) and zip CRCs,
+renames each file into place, and journals it. Transient faults (429, 5xx, timeouts,
+resets, truncated or corrupted bodies) are retried with backoff; one failed file is
+reported and makes the run fail, never hides behind success.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import threading
+import time
+import uuid
+import zipfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator, Protocol
+
+from .layout import flatten_members, inside
+from .manifest import Record, SyncState
+
+CHUNK = 1 << 20
+PROGRESS_EVERY = 15.0
+
+
+class TransientError(Exception):
+    """Worth retrying: 429, 5xx, timeouts, dropped connections, bad bodies."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(Exception):
+    """Not worth retrying (404, 403, ...)."""
+
+
+@dataclass(frozen=True)
+class RemoteEntry:
+    key: str  # stable identity of the remote file
+    path: PurePosixPath  # where it lands, relative to the dropoff (for a zip to unpack: the folder)
+    size: int
+    modified: float  # epoch seconds
+    checksum: str | None  # "sha384:<hex>" etc., or None when the source gives none
+    unpack: bool  # a zipped series to unpack into ``path``
+    ref: object = None  # what the source needs to open it
+
+    @property
+    def signature(self) -> list:
+        return [self.size, self.modified, self.checksum or ""]
+
+
+class Source(Protocol):
+    def open(self, entry: RemoteEntry) -> AbstractContextManager[Iterator[bytes]]: ...
+
+    def members(self, entry: RemoteEntry) -> list[tuple[str, int]] | None: ...
+
+
+@dataclass
+class Options:
+    dropoff: Path
+    zip_tmp: Path  # where zips are downloaded before unpacking (TempDirectory)
+    jobs: int = 4
+    dry_run: bool = False
+    delete: bool = False
+    max_delete: int = 1000
+    retries: int = 5
+    backoff: float = 0.5
+    backoff_cap: float = 30.0
+    interactive: bool = False
+
+
+@dataclass
+class FileResult:
+    path: str
+    status: str  # completed | skipped | failed
+    existing: bool
+    action: str
+    error: str = ""
+
+
+@dataclass
+class Outcome:
+    created: int = 0
+    updated: int = 0
+    skipped: int = 0
+    adopted: int = 0
+    deleted: int = 0
+    failed: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    files: list[FileResult] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"Sync summary: {self.created} created, {self.updated} updated, {self.skipped} skipped, "
+            f"{self.failed} failed; {_human(self.bytes)} ({self.bytes} bytes); {self.seconds:.1f} s"
+        )
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+class VerifyError(TransientError):
+    """The bytes that arrived are not the remote file (wrong size, checksum or zip CRC)."""
+
+
+def _hasher(checksum: str | None):
+    if not checksum:
+        return None
+    algorithm = checksum.split(":", 1)[0]
+    try:
+        return hashlib.new(algorithm)
+    except ValueError:
+        return None
+
+
+class Progress:
+    """A live bar on a terminal (rich), a plain line every PROGRESS_EVERY seconds otherwise."""
+
+    def __init__(self, total_files: int, total_bytes: int, interactive: bool):
+        self.total_files, self.total_bytes = total_files, total_bytes
+        self.done_files = self.done_bytes = 0
+        self.started = self._last = time.monotonic()
+        self._lock = threading.Lock()
+        self._bar = None
+        if interactive and total_files:
+            from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TimeRemainingColumn, TransferSpeedColumn
+
+            self._bar = Bar("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+            self._task = self._bar.add_task(f"syncing {total_files} files", total=total_bytes or None)
+            self._bar.start()
+
+    def advance(self, nbytes: int, files: int = 0) -> None:
+        with self._lock:
+            self.done_bytes += nbytes
+            self.done_files += files
+            if self._bar is not None:
+                self._bar.update(self._task, advance=nbytes)
+            elif time.monotonic() - self._last >= PROGRESS_EVERY:
+                self._last = time.monotonic()
+                rate = self.done_bytes / max(self._last - self.started, 1e-6) / 1e6
+                print(f"[progress {time.strftime('%H:%M:%S')}] {self.done_files}/{self.total_files} files, "
+                      f"{self.done_bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB, {rate:.1f} MB/s", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+class Engine:
+    def __init__(self, source: Source, state: SyncState, options: Options):
+        self.source, self.state, self.options = source, state, options
+        self._lock = threading.Lock()
+
+    # -- planning ----------------------------------------------------------------------
+
+    def _present(self, record: Record) -> bool:
+        for path, size, *_ in record.files:
+            try:
+                if os.stat(self.options.dropoff / path).st_size != size:
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def _adopt(self, entry: RemoteEntry) -> Record | None:
+        """A file or unpacked series already in the dropoff (written by ``fw sync`` or by a
+        run killed before it journalled): adopt it when it is intact, as ``fw`` judges
+        (same size, not older than the remote file)."""
+        dropoff = self.options.dropoff
+        if not entry.unpack:
+            try:
+                st = os.stat(dropoff / entry.path)
+            except OSError:
+                return None
+            if st.st_size == entry.size and st.st_mtime >= entry.modified:
+                return Record(entry.key, entry.signature, [[str(entry.path), entry.size, ""]])
+            return None
+        folder = dropoff / entry.path
+        if not folder.is_dir():
+            return None
+        members = self.source.members(entry)
+        if not members:
+            return None
+        names = flatten_members([name for name, size in members])
+        files = []
+        for name, size in members:
+            rel = entry.path / names[name]
+            try:
+                st = os.stat(dropoff / rel)
+            except OSError:
+                return None
+            if st.st_size != size or st.st_mtime < entry.modified:
+                return None
+            files.append([str(rel), size, ""])
+        return Record(entry.key, entry.signature, files)
+
+    # -- transfer ----------------------------------------------------------------------
+
+    def _download(self, entry: RemoteEntry, target: Path, progress: Progress) -> None:
+        """Stream the remote file into ``target``, checking size and checksum."""
+        hasher = _hasher(entry.checksum)
+        received = 0
+        try:
+            with open(target, "wb") as out, self.source.open(entry) as chunks:
+                for chunk in chunks:
+                    out.write(chunk)
+                    received += len(chunk)
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    progress.advance(len(chunk))
+        except BaseException:
+            progress.advance(-received)
+            raise
+        if received != entry.size:
+            progress.advance(-received)
+            raise VerifyError(f"received {received} bytes, expected {entry.size}")
+        if hasher is not None and hasher.hexdigest() != entry.checksum.split(":", 1)[1]:
+            progress.advance(-received)
+            raise VerifyError("checksum mismatch")
+
+    def _fetch(self, entry: RemoteEntry, progress: Progress) -> list[list]:
+        """Download (and unpack) one entry into place; returns the manifest file list."""
+        dropoff, tmp = self.options.dropoff, self.state.tmp
+        if not entry.unpack:
+            part = tmp / f"{uuid.uuid4().hex}.part"
+            try:
+                self._download(entry, part, progress)
+                final = inside(dropoff, entry.path)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(part, final)
+            finally:
+                part.unlink(missing_ok=True)
+            return [[str(entry.path), entry.size, ""]]
+        self.options.zip_tmp.mkdir(parents=True, exist_ok=True)
+        archive = self.options.zip_tmp / f"{uuid.uuid4().hex}.zip"
+        staged: list[tuple[Path, Path, PurePosixPath, int]] = []
+        try:
+            self._download(entry, archive, progress)
+            try:
+                with zipfile.ZipFile(archive) as zf:
+                    infos = [i for i in zf.infolist() if not i.is_dir() and i.file_size > 0]
+                    names = flatten_members([i.filename for i in infos])
+                    for info in infos:
+                        rel = entry.path / names[info.filename]
+                        part = tmp / f"{uuid.uuid4().hex}.part"
+                        with zf.open(info) as src, open(part, "wb") as out:  # zipfile checks the CRC at the end
+                            shutil.copyfileobj(src, out, CHUNK)
+                        staged.append((part, inside(dropoff, rel), rel, info.file_size))
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+                raise VerifyError(f"damaged zip ({exc})") from None
+            for part, final, _, _ in staged:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(part, final)
+            return [[str(rel), size, ""] for _, _, rel, size in staged]
+        finally:
+            archive.unlink(missing_ok=True)
+            for part, *_ in staged:
+                part.unlink(missing_ok=True)
+
+    def _with_retries(self, entry: RemoteEntry, progress: Progress) -> list[list]:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._fetch(entry, progress)
+            except TransientError as exc:
+                if attempt > self.options.retries:
+                    raise PermanentError(f"{exc} (gave up after {attempt} attempts)") from None
+                wait = exc.retry_after if exc.retry_after is not None else min(
+                    self.options.backoff_cap, self.options.backoff * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+                print(f"[retry] {entry.path}: {exc}; attempt {attempt + 1} in {wait:.1f} s", flush=True)
+                time.sleep(wait)
+
+    # -- the run -------------------------------------------------------------------------
+
+    def run(self, entries: list[RemoteEntry]) -> Outcome:
+        started = time.monotonic()
+        outcome = Outcome()
+        records = self.state.records
+        todo: list[tuple[RemoteEntry, bool]] = []
+        for entry in entries:
+            record = records.get(entry.key)
+            if record is not None and record.signature == entry.signature and self._present(record):
+                outcome.skipped += len(record.files)
+                outcome.files += [FileResult(f[0], "skipped", True, "") for f in record.files]
+                continue
+            adopted = self._adopt(entry) if record is None else None
+            if adopted is not None:
+                if not self.options.dry_run:
+                    self.state.record(adopted)
+                outcome.skipped += len(adopted.files)
+                outcome.adopted += len(adopted.files)
+                outcome.files += [FileResult(f[0], "skipped", True, "adopted: already intact in the dropoff") for f in adopted.files]
+                continue
+            existing = record is not None or (self.options.dropoff / entry.path).exists()
+            todo.append((entry, existing))
+
+        if self.options.dry_run:
+            for entry, existing in todo:
+                outcome.files.append(FileResult(str(entry.path) + ("/" if entry.unpack else ""), "would-transfer", existing,
+                                                "Would update" if existing else "Would create"))
+            outcome.notes.append(f"dry run: {len(todo)} remote files would be transferred ({_human(sum(e.size for e, _ in todo))}); nothing was written")
+            outcome.seconds = time.monotonic() - started
+            return outcome
+
+        progress = Progress(len(todo), sum(e.size for e, _ in todo), self.options.interactive)
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, self.options.jobs), thread_name_prefix="sync") as pool:
+                futures = {pool.submit(self._with_retries, entry, progress): (entry, existing) for entry, existing in todo}
+                for future in as_completed(futures):
+                    entry, existing = futures[future]
+                    try:
+                        files = future.result()
+                    except (PermanentError, OSError, ValueError) as exc:
+                        outcome.failed += 1
+                        message = f"{entry.path}: {exc}"
+                        outcome.failures.append(message)
+                        outcome.files.append(FileResult(str(entry.path), "failed", existing, "", str(exc)))
+                        progress.advance(0, 1)
+                        continue
+                    old = records.get(entry.key)
+                    self.state.record(Record(entry.key, entry.signature, files))
+                    if old is not None:  # files of the old version that the new one no longer has
+                        keep = {f[0] for f in files}
+                        for path, *_ in old.files:
+                            if path not in keep:
+                                (self.options.dropoff / path).unlink(missing_ok=True)
+                    for path, size, _ in files:
+                        outcome.bytes += size
+                        if existing:
+                            outcome.updated += 1
+                        else:
+                            outcome.created += 1
+                        outcome.files.append(FileResult(path, "completed", existing,
+                                                        "Updated file on destination" if existing else "Created file on destination"))
+                    progress.advance(0, 1)
+        finally:
+            progress.close()
+
+        if self.options.delete:
+            self._delete(entries, outcome)
+        outcome.seconds = time.monotonic() - started
+        return outcome
+
+    def _delete(self, entries: list[RemoteEntry], outcome: Outcome) -> None:
+        """Remove files this tool wrote whose remote file is gone: never after errors, and
+        not more than max_delete files."""
+        if outcome.failed:
+            outcome.notes.append("--delete skipped: the run had errors, so nothing is deleted")
+            return
+        listed = {e.key for e in entries}
+        gone = [r for k, r in self.state.records.items() if k not in listed]
+        count = sum(len(r.files) for r in gone)
+        if count > self.options.max_delete:
+            outcome.failed += 1
+            outcome.failures.append(f"--delete would remove {count} files, more than the limit of {self.options.max_delete}; nothing was deleted")
+            return
+        for record in gone:
+            for path, *_ in record.files:
+                (self.options.dropoff / path).unlink(missing_ok=True)
+                outcome.deleted += 1
+                outcome.files.append(FileResult(path, "completed", True, "Deleted from destination"))
+            self.state.forget(record.key)
+
+
+def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: dict) -> None:
+    """The audit CSV in fw's columns (properly quoted; failed files get a row too) and a
+    JSON summary beside it."""
+    audit_csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(audit_csv, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["src_path", "dest_path", "status", "existing", "error_message", "action_taken"])
+        for f in sorted(outcome.files, key=lambda f: f.path):
+            src = "" if f.action.startswith("Deleted") else f.path
+            writer.writerow([src, f.path, f.status, str(f.existing), f.error, f.action])
+    data = {
+        **extra,
+        "created": outcome.created, "updated": outcome.updated, "skipped": outcome.skipped,
+        "adopted": outcome.adopted, "deleted": outcome.deleted, "failed": outcome.failed,
+        "bytes": outcome.bytes, "seconds": round(outcome.seconds, 3),
+        "failures": outcome.failures, "notes": outcome.notes, "audit_csv": str(audit_csv),
+    }
+    summary_json.write_text(json.dumps(data, indent=2) + "\n")

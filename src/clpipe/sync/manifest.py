@@ -1,0 +1,182 @@
+"""The sync state kept in the dropoff: manifest, journal and lock, safe on NFS/GPFS/Lustre.
+
+Layout, under ``<dropoff>/.clpipe-sync/``:
+
+* ``manifest.json``: every remote file this tool wrote (key, remote version, local files
+  with sizes and checksums). Rewritten only whole: temp file, fsync, rename.
+* ``journal-<run>.jsonl``: one line per finished remote file, appended during a run and
+  flushed at once, so a run killed at any moment loses nothing it finished. The next run
+  replays it; a torn last line is ignored. Folded into the manifest at the end of a run.
+* ``lock/``: made with ``mkdir``, which is atomic on NFS as on local disks; it names its
+  holder (host, pid, start). No POSIX/fcntl locks and no SQLite (its locking and WAL
+  shared memory are not reliable on network filesystems).
+* ``tmp/``: downloads in progress, on the dropoff's own filesystem so the final
+  ``rename`` into place is atomic; emptied at the start of every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import PreflightError
+
+STATE_DIR = ".clpipe-sync"
+FSYNC_EVERY = 1.0  # seconds between journal fsyncs (a flush happens after every line)
+
+
+@dataclass
+class Record:
+    """What one remote file became locally."""
+
+    key: str
+    signature: list  # [size, modified, checksum] of the remote version written
+    files: list  # [[relative path, size, sha256 or ""], ...]
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "sig": self.signature, "files": self.files}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Record":
+        return cls(data["key"], list(data["sig"]), [list(f) for f in data["files"]])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(temp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class SyncState:
+    """Manifest + journal + lock of one dropoff."""
+
+    dropoff: Path
+    run_id: str
+    records: dict[str, Record] = field(default_factory=dict)
+    _journal: object = None
+    _last_fsync: float = 0.0
+
+    @property
+    def root(self) -> Path:
+        return self.dropoff / STATE_DIR
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    # -- lock -------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = self.root / "lock"
+        for _ in range(2):
+            try:
+                lock.mkdir()
+            except FileExistsError:
+                owner = self._lock_owner(lock)
+                if owner.get("host") == socket.gethostname() and not _pid_alive(owner.get("pid", -1)):
+                    shutil.rmtree(lock, ignore_errors=True)  # its holder died on this host
+                    continue
+                raise PreflightError(
+                    f"another sync is writing to {self.dropoff} (host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, "
+                    f"since {owner.get('since', '?')}); wait for it, or if it is no longer running remove {lock}"
+                ) from None
+            _write_atomic(lock / "owner.json", json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                           "since": time.strftime("%Y-%m-%d %H:%M:%S"), "run": self.run_id}))
+            return
+        raise PreflightError(f"cannot take the lock {lock}; remove it if no sync is running")
+
+    @staticmethod
+    def _lock_owner(lock: Path) -> dict:
+        try:
+            return json.loads((lock / "owner.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        shutil.rmtree(self.root / "lock", ignore_errors=True)
+
+    # -- manifest and journal -----------------------------------------------------------
+
+    def load(self) -> None:
+        """Read the manifest, then replay journals left by earlier (possibly killed) runs."""
+        path = self.root / "manifest.json"
+        if path.exists():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                self.records = {k: Record.from_json(v) for k, v in data.get("entries", {}).items()}
+            except (ValueError, KeyError, TypeError):
+                self.records = {}  # unreadable: files on disk will be checked and adopted again
+        for journal in sorted(self.root.glob("journal-*.jsonl")):
+            for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = Record.from_json(json.loads(line))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a kill
+                self.records[record.key] = record
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def record(self, record: Record) -> None:
+        """Note a finished remote file: journal line, flushed now, fsynced every second."""
+        if self._journal is None:
+            self._journal = open(self.root / f"journal-{self.run_id}.jsonl", "a", encoding="utf-8")
+        self._journal.write(json.dumps(record.to_json(), separators=(",", ":")) + "\n")
+        self._journal.flush()
+        now = time.monotonic()
+        if now - self._last_fsync >= FSYNC_EVERY:
+            os.fsync(self._journal.fileno())
+            self._last_fsync = now
+        self.records[record.key] = record
+
+    def forget(self, key: str) -> None:
+        self.records.pop(key, None)
+
+    def save(self) -> None:
+        """Fold everything into manifest.json and drop the journals."""
+        if self._journal is not None:
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+            self._journal.close()
+            self._journal = None
+        data = {"version": 1, "entries": {k: r.to_json() for k, r in sorted(self.records.items())}}
+        _write_atomic(self.root / "manifest.json", json.dumps(data, separators=(",", ":")))
+        for journal in self.root.glob("journal-*.jsonl"):
+            journal.unlink(missing_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    try:  # a zombie is not alive
+        with open(f"/proc/{int(pid)}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True

@@ -1,0 +1,78 @@
+"""Run a sync plan with the native engine against Flywheel (no ``fw`` needed)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..errors import PreflightError
+from ..sources.flywheel import FlywheelAPI, FlywheelSource, load_credentials, parse_fw_url
+from .engine import Engine, Options, write_reports
+from .manifest import SyncState
+
+
+def _say(message: str) -> None:
+    print(f"[clpipe] {message}", flush=True)
+
+
+def run_native(plan) -> int:
+    """Pre-flight, list (one request), sync, verify, record, report. Exit status 0 only
+    when every listed file is in the dropoff, whole."""
+    started = time.monotonic()
+    url = parse_fw_url(plan.source_url)
+    opts = plan.sync_options
+    credentials = load_credentials()
+    with FlywheelAPI(credentials) as api:
+        api.check_login()
+        project = api.lookup_project(url)
+    _say(f"native engine; logged in to {credentials.api_url}; project {url.group}/{url.project} found")
+    dropoff, temp = Path(plan.dropoff), Path(plan.temp_dir)
+    for folder, what in ((dropoff, "DropoffDirectory"), (temp, "TempDirectory"), (Path(plan.sync_logs), "log folder")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PreflightError(f"cannot create the {what} {folder}: {exc.strerror}") from None
+
+    source = FlywheelSource(credentials, jobs=opts.jobs, verify=opts.ca_certs or True)
+    state = SyncState(dropoff, plan.run_id)
+    try:
+        entries = source.entries(project["_id"], url, *opts.listing_request(), unpack=opts.unpack,
+                                 template=plan.layout_template or None)
+        _say(f"listed {len(entries)} remote files ({sum(e.size for e in entries) / 1e6:.1f} MB) in one request")
+        if opts.list_only:
+            for entry in sorted(entries, key=lambda e: str(e.path)):
+                print(f"{entry.path}{'/' if entry.unpack else ''}" + (f"  ({entry.size} bytes)" if opts.verbose else ""))
+            return 0
+        state.acquire()
+        try:
+            state.load()
+            engine = Engine(source, state, Options(
+                dropoff=dropoff, zip_tmp=temp, jobs=opts.jobs, dry_run=opts.dry_run, delete=opts.delete,
+                max_delete=plan.max_delete, interactive=sys.stdout.isatty() and not opts.quiet,
+            ))
+            outcome = engine.run(entries)
+            if not opts.dry_run:
+                state.save()
+        finally:
+            state.release()
+    finally:
+        source.close()
+    outcome.seconds = time.monotonic() - started
+    audit, summary = Path(plan.audit_csv), Path(plan.summary_json)
+    write_reports(outcome, audit, summary, {"engine": "native", "source": plan.source_url, "dropoff": plan.dropoff, "run_id": plan.run_id})
+    for failure in outcome.failures[:50]:
+        _say(f"FAILED {failure}")
+    if len(outcome.failures) > 50:
+        _say(f"... and {len(outcome.failures) - 50} more failures (all in {summary})")
+    for note in outcome.notes:
+        _say(note)
+    if outcome.adopted:
+        _say(f"{outcome.adopted} files already intact in the dropoff were adopted without downloading")
+    _say(outcome.summary())
+    _say(f"audit log: {audit}; summary: {summary}")
+    if outcome.failed:
+        _say("sync FAILED: not every file arrived; the exit status is non-zero")
+        return 1
+    _say("sync complete: every listed file is in the dropoff" if not opts.dry_run else "dry run complete")
+    return 0
