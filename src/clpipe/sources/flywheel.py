@@ -294,6 +294,7 @@ class FlywheelSource:
                 checksum=parse_hash(target.get("hash")),
                 unpack=is_zip,
                 ref=(target.get("container_id"), filename, inline),
+                name=filename,
             ))
         return result
 

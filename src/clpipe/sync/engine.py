@@ -17,16 +17,16 @@ import json
 import os
 import random
 import shutil
-import sys
 import threading
 import time
 import uuid
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator, Protocol
+from typing import Iterator, Protocol
 
 from .layout import flatten_members, inside
 from .manifest import Record, SyncState
@@ -56,6 +56,10 @@ class RemoteEntry:
     checksum: str | None  # "sha384:<hex>" etc., or None when the source gives none
     unpack: bool  # a zipped series to unpack into ``path``
     ref: object = None  # what the source needs to open it
+    name: str = ""  # the remote file's own name, for messages
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.name})" if self.name and self.name != self.path.name else str(self.path)
 
     @property
     def signature(self) -> list:
@@ -268,7 +272,7 @@ class Engine:
                         with zf.open(info) as src, open(part, "wb") as out:  # zipfile checks the CRC at the end
                             shutil.copyfileobj(src, out, CHUNK)
                         staged.append((part, inside(dropoff, rel), rel, info.file_size))
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as exc:
                 raise VerifyError(f"damaged zip ({exc})") from None
             for part, final, _, _ in staged:
                 final.parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +294,7 @@ class Engine:
                     raise PermanentError(f"{exc} (gave up after {attempt} attempts)") from None
                 wait = exc.retry_after if exc.retry_after is not None else min(
                     self.options.backoff_cap, self.options.backoff * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
-                print(f"[retry] {entry.path}: {exc}; attempt {attempt + 1} in {wait:.1f} s", flush=True)
+                print(f"[retry] {entry.describe()}: {exc}; attempt {attempt + 1} in {wait:.1f} s", flush=True)
                 time.sleep(wait)
 
     # -- the run -------------------------------------------------------------------------
@@ -333,11 +337,12 @@ class Engine:
                     entry, existing = futures[future]
                     try:
                         files = future.result()
-                    except (PermanentError, OSError, ValueError) as exc:
+                    except Exception as exc:  # one file's failure is reported, never fatal to the others
                         outcome.failed += 1
-                        message = f"{entry.path}: {exc}"
+                        reason = str(exc) if isinstance(exc, (PermanentError, OSError, ValueError)) else f"{exc.__class__.__name__}: {exc}"
+                        message = f"{entry.describe()}: {reason}"
                         outcome.failures.append(message)
-                        outcome.files.append(FileResult(str(entry.path), "failed", existing, "", str(exc)))
+                        outcome.files.append(FileResult(str(entry.path), "failed", existing, "", reason))
                         progress.advance(0, 1)
                         continue
                     old = records.get(entry.key)

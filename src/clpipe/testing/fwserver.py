@@ -315,6 +315,8 @@ def _fast_series(rng: random.Random, slices: int, *, rows: int, cols: int, serie
     instance UID, instance number, position, random 12-bit pixels) by hand. The files are
     the ones pydicom writes for the same values.
     """
+    from pydicom.dataset import validate_file_meta
+
     template = _dicom_dataset(rows=rows, cols=cols, series_uid=series_uid, instance=1,
                               sop_uid="1", pixels=b"", **attrs)
     validate_file_meta(template.file_meta, enforce_standard=True)  # as save_as completes it
@@ -328,7 +330,7 @@ def _fast_series(rng: random.Random, slices: int, *, rows: int, cols: int, serie
         meta[_TAG_META_SOP] = _element(_TAG_META_SOP, "UI", sop)
         body[_TAG_SOP] = _element(_TAG_SOP, "UI", sop)
         body[_TAG_INSTANCE] = _element(_TAG_INSTANCE, "IS", str(n).encode())
-        body[_TAG_POSITION] = _element(_TAG_POSITION, "DS", f"0\\0\\{float(n)}".encode())
+        body[_TAG_POSITION] = _element(_TAG_POSITION, "DS", f"0.0\\0.0\\{float(n)}".encode())
         body[_TAG_LOCATION] = _element(_TAG_LOCATION, "DS", str(float(n)).encode())
         body[_TAG_PIXELS] = _element(_TAG_PIXELS, "OW", bytes(pixels))
         group = b"".join(meta[t] for t in sorted(meta))
@@ -489,6 +491,7 @@ class FlywheelTestServer:
         self.api_keys: set[str] = (api_keys if isinstance(api_keys, set)
                                    else {api_keys} if isinstance(api_keys, str) else set(api_keys))
         self.host, self.port, self.release = host, port, release
+        self.targets_hash = False  # add each file's hash to download/targets lines
         self.requests: list[dict] = []
         self.uploads: list[tuple[str, bytes]] = []
         self._faults: list[Fault] = []
@@ -685,10 +688,13 @@ class FlywheelTestServer:
                 ftype = (f.type or "").lower()
                 if not wanted & ids or (plus and ftype not in plus) or ftype in minus:
                     continue
-                lines.append(json.dumps({
+                target = {
                     "download_type": "file", "container_type": "acquisition",
                     "container_id": node.obj.id, "filename": f.name, "filetype": f.type,
-                    "size": f.size, "modified": _iso(f.modified), "dst_path": p.dst_path(node, f.name)}))
+                    "size": f.size, "modified": _iso(f.modified), "dst_path": p.dst_path(node, f.name)}
+                if self.targets_hash:  # whether real servers send it here is unknown: optional
+                    target["hash"] = f.hash
+                lines.append(json.dumps(target))
         return 200, "".join(line + "\n" for line in lines).encode(), "application/x-ndjson"
 
     def _file_response(self, node: Node, name: str, query: dict):

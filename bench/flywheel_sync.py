@@ -1,0 +1,433 @@
+"""Benchmark `clpipe dicom flywheel_sync`: the native engine against the real `fw sync` and a
+raw-download floor, in one run, on one project served by the bundled Flywheel test server.
+
+    .venv/bin/python bench/flywheel_sync.py               # full run, writes bench/results/flywheel_sync.md
+    .venv/bin/python bench/flywheel_sync.py --skip-large  # without the 100,000-file project
+    .venv/bin/python bench/flywheel_sync.py --quick       # tiny projects: a smoke test of every path
+
+Every peer runs as a subprocess into a fresh dropoff; its result is compared with the
+project's expected files. bench/README.md explains the rows and the goals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import pickle
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+
+from clpipe.testing import fwserver
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results" / "flywheel_sync.md"
+DEFAULT_FW = Path.home() / ".cache" / "clpipe-tests" / "fw-18.5.1" / "bin" / "fw"
+KEY = "bench-key"
+JOBS = 4  # fw sync -j and the floor's worker threads
+STATE_DIR = ".clpipe-sync"  # the native engine's bookkeeping in the dropoff: not a synced file
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MB = 1e6
+# Projects (make_demo_project arguments). "main": zipped series; "large": single DICOM files.
+SIZES = {
+    "full": {"main": dict(subjects=4, sessions=5, acquisitions=10, slices=50, rows=128, cols=128),
+             "large": dict(subjects=4, sessions=5, acquisitions=10, slices=500, zipped=False)},
+    "quick": {"main": dict(subjects=1, sessions=2, acquisitions=2, slices=5, rows=32, cols=32),
+              "large": dict(subjects=1, sessions=2, acquisitions=2, slices=100, zipped=False)},
+}
+
+
+# ---------------------------------------------------------------------------- the peers' commands
+
+
+def fw_command(fw: Path, source: str, dest: Path, tmp: Path) -> list[str]:
+    return [str(fw), "sync", "-j", str(JOBS), "--include", "dicom", "-y", "--tmp-path", str(tmp),
+            source, str(dest)]
+
+
+def native_command(config: Path) -> list[str]:
+    """How the native engine is run: the one place to change if its flags change."""
+    return [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config),
+            "-engine", "native", "-submit"]
+
+
+def floor_command(base_url: str, project_id: str, dest: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--floor", base_url, project_id, str(dest)]
+
+
+def floor_main(base_url: str, project_id: str, dest: Path) -> int:
+    """The floor: ONE download/targets request, then JOBS threads that GET every target and
+    unpack zips into their folder (members flattened to base names), as fw does."""
+    headers = {"Authorization": f"scitran-user {os.environ['FLOOR_API_KEY']}"}
+    def client() -> httpx.Client:
+        return httpx.Client(base_url=base_url, headers=headers, timeout=60, trust_env=False)
+    body = {"nodes": [{"level": "project", "_id": project_id}],
+            "filters": [{"types": {"+": ["dicom"]}}]}
+    with client() as c:
+        resp = c.post("/api/download/targets", params={"type": "full", "prefix": ""}, json=body)
+    targets = [json.loads(line) for line in resp.raise_for_status().text.splitlines() if line]
+    local, clients = threading.local(), []
+
+    def fetch(t: dict) -> None:
+        if not hasattr(local, "client"):
+            local.client = client()
+            clients.append(local.client)
+        url = f"/api/containers/{t['container_id']}/files/{quote(t['filename'], safe='')}"
+        data = local.client.get(url).raise_for_status().content
+        rel = t["dst_path"].split("/", 2)[2]  # without "/<project>/"
+        if t["filetype"] == "dicom" and t["filename"].lower().endswith("zip"):
+            folder = dest / re.sub(r"(\.(dcm|dicom))?\.zip$", "", rel, flags=re.IGNORECASE)
+            folder.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                for m in zf.infolist():
+                    if not m.is_dir():
+                        (folder / os.path.basename(m.filename)).write_bytes(zf.read(m))
+        else:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes(data)
+
+    try:
+        with ThreadPoolExecutor(JOBS) as pool:
+            list(pool.map(fetch, targets))
+    finally:
+        for c in clients:
+            c.close()
+    return 0
+
+
+# ------------------------------------------------------------------------- project and checking
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def load_project(label: str, params: dict) -> tuple[fwserver.Project, dict[str, tuple[int, bytes]]]:
+    """The project and its expected dropoff (relative path -> size, digest), cached on disk
+    under bench/.cache/ by parameters and by the generator's source."""
+    source = Path(fwserver.__file__).read_bytes()
+    key = hashlib.sha1(json.dumps([label, params], sort_keys=True).encode() + source).hexdigest()
+    path = BENCH / ".cache" / f"{label}-{key[:16]}.pickle"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    project = fwserver.make_demo_project(label=label, fast=True, single_dicoms=False, **params)
+    expected = {rel: (len(data), digest(data))
+                for rel, data in project.expected_dicom_paths(strip_root=True).items()}
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(pickle.dumps((project, expected), protocol=pickle.HIGHEST_PROTOCOL))
+    os.replace(tmp, path)
+    return project, expected
+
+
+def check(dest: Path, expected: dict[str, tuple[int, bytes]]) -> str:
+    """"" when ``dest`` holds exactly the expected files, byte for byte; else what differs."""
+    got = {}
+    for root, dirs, files in os.walk(dest):
+        if root == str(dest):
+            dirs[:] = [d for d in dirs if d != STATE_DIR]
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as fh:
+                data = fh.read()
+            got[os.path.relpath(path, dest)] = (len(data), digest(data))
+    missing = sorted(expected.keys() - got.keys())
+    extra = sorted(got.keys() - expected.keys())
+    differ = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    problems = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
+                (("missing", missing), ("extra", extra), ("differ", differ)) if v]
+    return "INVALID: " + ", ".join(problems) if problems else ""
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+@dataclass
+class Run:
+    name: str
+    files: int = 0
+    nbytes: int = 0
+    seconds: float | None = None
+    rss_mb: float | None = None
+    requests: int | None = None
+    status: str = "ok"  # or "INVALID: ...", "FAILED ...", "TIMEOUT ...", "not available: ..."
+    noop: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def tree_rss(root: int) -> int:
+    """Summed RSS (bytes) of ``root`` and all its descendants, from /proc/*/stat."""
+    kids: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue  # the process has gone
+            kids.setdefault(int(fields[1]), []).append(int(entry))
+            rss[int(entry)] = int(fields[21]) * PAGE
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += kids.get(pid, [])
+    return total
+
+
+def measure(run: Run, cmd: list[str], env: dict, log: Path, timeout: float, srv,
+            cwd: Path | None = None) -> Run:
+    """Run ``cmd``: wall time, peak summed RSS of its process tree (sampled every 50 ms) and
+    the number of requests the server saw; a non-zero exit or a timeout fails the run."""
+    stop, peak = threading.Event(), [0]
+
+    def sample(pid: int) -> None:
+        while not stop.wait(0.05):
+            peak[0] = max(peak[0], tree_rss(pid))
+
+    before = len(srv.requests)
+    with open(log, "wb") as out:
+        code, start = None, time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
+        sampler.start()
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            run.seconds = time.perf_counter() - start
+            if proc.poll() is None or code is None:  # also on Ctrl-C: end what we started
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            stop.set()
+            sampler.join()
+    run.rss_mb, run.requests = peak[0] / MB, len(srv.requests) - before
+    if code is None:
+        run.status = f"TIMEOUT after {timeout:.0f} s"
+    elif code != 0:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        run.status = f"FAILED (exit {code}): {lines[-1].strip()[:120] if lines else ''}"
+    return run
+
+
+def sync_pair(peer: str, make_cmd, dest: Path, expected: dict, env: dict, work: Path,
+              timeout: float, srv, noop: bool = True, label: str = "") -> list[Run]:
+    """A full sync into the empty ``dest``, then (if ``noop``) a re-sync with nothing changed."""
+    files, nbytes = len(expected), sum(size for size, _ in expected.values())
+    runs = []
+    for kind in ("full", "no-op") if noop else ("full",):
+        run = Run(f"{peer} {label}{kind}", files, nbytes, noop=kind == "no-op")
+        slug = re.sub(r"\W+", "-", run.name)
+        print(f"  {run.name} ...", end=" ", flush=True)
+        measure(run, make_cmd(), env, work / f"{slug}.log", timeout, srv, cwd=work)
+        if run.ok:
+            run.status = check(dest, expected) or "ok"
+        print(f"{run.seconds:.1f} s, {run.rss_mb:.0f} MB, {run.status}", flush=True)
+        runs.append(run)
+        if run.status.startswith(("FAILED", "TIMEOUT")):
+            break  # a re-sync after a failed sync measures nothing useful
+    shutil.rmtree(dest, ignore_errors=True)
+    return runs
+
+
+def native_config(work: Path, name: str, source: str, dest: Path, env: dict) -> Path:
+    """A clpipe project made by `clpipe project_setup`, syncing ``source`` into ``dest``."""
+    root = work / name
+    subprocess.run([sys.executable, "-m", "clpipe", "project_setup", "-project_title", name,
+                    "-project_dir", str(root), "-source_url", source],
+                   env=env, check=True, capture_output=True, timeout=120)
+    config = root / "clpipe_config.json"
+    data = json.loads(config.read_text())
+    data["SourceOptions"].update(DropoffDirectory=str(dest), TempDirectory=str(root / "tmp"))
+    config.write_text(json.dumps(data, indent=2))
+    return config
+
+
+def native_unavailable(config: Path, env: dict) -> str:
+    """"" if the native command is accepted (checked without -submit: nothing is synced)."""
+    cmd = [a for a in native_command(config) if a != "-submit"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    return "" if proc.returncode == 0 else (lines[-1] if lines else f"exit {proc.returncode}")
+
+
+def run_native(work, project, expected, env, timeout, srv, label="") -> list[Run]:
+    dest = work / f"dropoff-native-{label.strip() or 'main'}"
+    config = native_config(work, f"native-{label.strip() or 'main'}", f"fw://{project.group}/{project.label}/",
+                           dest, env)
+    reason = native_unavailable(config, env)
+    if reason:
+        print(f"  native: not available: {reason}")
+        return [Run(f"native {label}{kind}", status=f"not available: {reason}",
+                    noop=kind == "no-op") for kind in ("full", "no-op")]
+    return sync_pair("native", lambda: native_command(config), dest, expected, env, work,
+                     timeout, srv, label=label)
+
+
+# ------------------------------------------------------------------------------------ reporting
+
+
+def goals(runs: dict[str, Run]) -> list[tuple[str, str, str, str]]:
+    """(goal, value, target, verdict) for each goal of the issue."""
+    def row(what, names, value, fmt, target, met) -> tuple[str, str, str, str]:
+        bad = [f"{n}: {runs[n].status}" for n in names if n not in runs or not runs[n].ok]
+        if bad:
+            return what, "n/a", target, "n/a (" + "; ".join(b[:80] for b in bad) + ")"
+        v = value()
+        return what, fmt.format(v), target, "met" if met(v) else "NOT met"
+
+    sec = lambda n: runs[n].seconds  # noqa: E731
+    native = [n for n in runs if n.startswith("native")]
+    return [
+        row("full sync: native speed-up over fw sync", ["fw full", "native full"],
+            lambda: sec("fw full") / sec("native full"), "{:.1f}x", ">= 5x", lambda v: v >= 5),
+        row("full sync: native time / floor time", ["native full", "floor full"],
+            lambda: sec("native full") / sec("floor full"), "{:.2f}", "<= 1.5", lambda v: v <= 1.5),
+        row("no-op re-sync: native speed-up over fw sync", ["fw no-op", "native no-op"],
+            lambda: sec("fw no-op") / sec("native no-op"), "{:.0f}x", ">= 50x", lambda v: v >= 50),
+        row("native peak RSS (max over its runs)", native or ["native full"],
+            lambda: max(runs[n].rss_mb for n in native), "{:.0f} MB", "< 150 MB", lambda v: v < 150),
+        row("100k-file no-op re-sync, native", ["native large no-op"],
+            lambda: sec("native large no-op"), "{:.2f} s", "< 5 s", lambda v: v < 5),
+    ]
+
+
+def describe(label: str, p: dict, expected: dict, project) -> str:
+    nbytes = sum(size for size, _ in expected.values())
+    served = sum(f.size for _, f in project.iter_files() if f.type == "dicom")
+    how = (f"{p['slices']} slices each, zipped ({p.get('rows', 8)}x{p.get('cols', 8)} uint16)"
+           if p.get("zipped", True) else f"{p['slices']} single DICOM files each (8x8 uint16)")
+    return (f"`fw://lab/{label}/`: {p['subjects']} subjects x {p['sessions']} sessions x "
+            f"{p['acquisitions']} acquisitions, {how}: {len(expected):,} files, "
+            f"{nbytes / MB:,.1f} MB ({nbytes:,} bytes) in the dropoff; {served / MB:,.1f} MB served")
+
+
+def machine() -> str:
+    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) * 1024
+    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+    return (f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}, "
+            f"{cpu[1] if cpu else platform.machine()}), {mem / 2**30:.1f} GiB memory, "
+            f"Linux {platform.release()}, Python {platform.python_version()}")
+
+
+def table(runs: list[Run], header: list[str]) -> str:
+    out = header + ["", "| run | seconds | files/s | MB/s | peak RSS (MB) | requests | result |",
+                    "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in runs:
+        if r.seconds is None:
+            out.append(f"| {r.name} | | | | | | {r.status} |")
+            continue
+        mbs = "-" if r.noop else f"{r.nbytes / MB / r.seconds:.1f}"
+        out.append(f"| {r.name} | {r.seconds:.2f} | {r.files / r.seconds:,.0f} | {mbs} | "
+                   f"{r.rss_mb:.0f} | {r.requests:,} | {r.status} |")
+    out += ["", "| goal | value | target | verdict |", "| --- | ---: | --- | --- |"]
+    out += [f"| {' | '.join(g)} |" for g in goals({r.name: r for r in runs})]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny projects, results not saved")
+    ap.add_argument("--skip-large", action="store_true", help="skip the 100,000-file project")
+    ap.add_argument("--fw", type=Path, default=Path(os.environ.get("CLPIPE_TEST_FW", DEFAULT_FW)),
+                    help=f"the fw command (flywheel-cli 18.5.1; default {DEFAULT_FW})")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
+    ap.add_argument("--workdir", type=Path, help="where dropoffs go (default: a temp folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
+    ap.add_argument("--floor", nargs=3, metavar=("URL", "PROJECT_ID", "DEST"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.floor:
+        return floor_main(args.floor[0], args.floor[1], Path(args.floor[2]))
+    if not args.fw.exists():
+        ap.error(f"fw not found at {args.fw} (run scripts/setup.sh, or pass --fw)")
+    sizes = SIZES["quick" if args.quick else "full"]
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="clpipe-bench-", dir=args.workdir))
+    home = work / "home"
+    home.mkdir()
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and not Path(p, "fw").exists()]
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(HOME=str(home), FLYWHEEL_USER_HOME=str(home), PYTHONWARNINGS="ignore",
+               NO_PROXY="127.0.0.1,localhost", PATH=os.pathsep.join([str(args.fw.parent), *path]))
+    runs: list[Run] = []
+    try:
+        t0 = time.perf_counter()
+        project, expected = load_project("study", sizes["main"])
+        header = [f"# flywheel_sync benchmark{' (--quick)' if args.quick else ''}", "",
+                  f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}",
+                  f"- project: {describe('study', sizes['main'], expected, project)}"]
+        print(f"project ready in {time.perf_counter() - t0:.1f} s; work folder {work}")
+        with fwserver.FlywheelTestServer([project], api_keys={KEY}) as srv:
+            login = subprocess.run([str(args.fw), "login", srv.login_key(KEY)], env=env,
+                                   capture_output=True, text=True, timeout=120)
+            if login.returncode != 0:
+                raise SystemExit(f"fw login failed:\n{login.stdout}{login.stderr}")
+            source = f"fw://{project.group}/{project.label}/"
+            dest, tmp = work / "dropoff-fw", work / "fw-tmp"
+            tmp.mkdir()
+            runs += sync_pair("fw", lambda: fw_command(args.fw, source, dest, tmp), dest,
+                              expected, env, work, args.timeout, srv)
+            runs += run_native(work, project, expected, env, args.timeout, srv)
+            dest = work / "dropoff-floor"
+            runs += sync_pair("floor", lambda: floor_command(srv.base_url, project.id, dest), dest,
+                              expected, dict(env, FLOOR_API_KEY=KEY), work, args.timeout, srv,
+                              noop=False)
+            if not args.skip_large:
+                big, big_expected = load_project("many", sizes["large"])
+                header.append(f"- large project: {describe('many', sizes['large'], big_expected, big)}")
+                srv.projects[:] = [big]  # served alone, like the main project
+                runs += run_native(work, big, big_expected, env, args.timeout, srv, "large ")
+        header += [f"- peers: fw = flywheel-cli {fw_version(args.fw)} `fw sync -j {JOBS}`; "
+                   f"native = `{' '.join(native_command(Path('CONFIG'))[1:])}`; "
+                   f"floor = {JOBS} threads, raw GET + unzip",
+                   "- server: FlywheelTestServer in the benchmark process, on 127.0.0.1",
+                   "- peak RSS: max over time (50 ms samples) of the summed RSS of the process "
+                   "tree; MB = 10^6 bytes"]
+        text = table(runs, header)
+        print("\n" + text)
+        if not args.quick:
+            RESULTS.parent.mkdir(exist_ok=True)
+            RESULTS.write_text(text)
+            print(f"saved to {RESULTS}")
+        return 0
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def fw_version(fw: Path) -> str:
+    found = sorted(fw.parent.parent.glob("lib/python*/site-packages/flywheel_cli-*.dist-info"))
+    name = found[-1].name if found else "flywheel_cli-(unknown version)"
+    return name.removeprefix("flywheel_cli-").removesuffix(".dist-info")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
