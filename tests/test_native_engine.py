@@ -265,3 +265,31 @@ def test_delete_removes_only_what_it_wrote_and_never_after_errors(nenv, server, 
     assert code == 0, out
     assert not (dropoff / "SUBJECTS/sub-01/SESSIONS/ses-01/ACQUISITIONS/T1w/FILES/localizer.dcm").exists()
     assert mine.read_text() == "the user's own file"
+
+
+def test_layout_template_and_dicom_format_string(nenv, server, demo_project, tmp_path):
+    login(nenv, server)
+    config = new_project(tmp_path / "p", Engine="native", LayoutTemplate="{subject}/{session}/{acquisition}")
+    code, out, summary = native(nenv, config)
+    assert code == 0, out
+    landed = dicoms(config.parent / "data_DICOMs")
+    expected = demo_project.expected_dicom_paths(strip_root=True)
+    assert sorted(landed.values()) == sorted(expected.values())
+    assert all(re.match(r"^0[12]/01/T[12]w/", p) for p in landed), sorted(landed)
+    assert "01/01/T1w/localizer.dcm" in landed
+    data = json.loads(config.read_text())
+    assert data["DICOMToBIDSOptions"]["DICOMFormatString"] == "{subject}/{session}/"
+    assert "DICOMFormatString" in out
+    # a template needs the native engine
+    bad = new_project(tmp_path / "q", LayoutTemplate="{subject}/{session}")
+    proc = nenv.clpipe("dicom", "flywheel_sync", "-c", bad)
+    assert proc.returncode == 2 and "needs the native engine" in proc.stderr
+
+
+def test_api_key_from_environment(nenv, server, demo_project, tmp_path):
+    nenv.vars["FLYWHEEL_API_KEY"] = server.login_key(KEY)  # no saved login at all
+    config = new_project(tmp_path / "p")
+    code, out, _ = native(nenv, config)
+    assert code == 0, out
+    assert KEY not in out
+    assert dicoms(config.parent / "data_DICOMs") == demo_project.expected_dicom_paths(strip_root=True)

@@ -103,6 +103,10 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, ba
         if plan.engine == "native":
             click.echo(f"Engine:    native (clpipe's own; no fw needed), {plan.sync_options.jobs} parallel downloads")
             click.echo(f"Summary:   {plan.summary_json}")
+            if plan.layout_template:
+                from ..sync.layout import dicom_format_string
+
+                click.echo(f"Layout:    {plan.layout_template} (DICOMFormatString {dicom_format_string(plan.layout_template)!r})")
         else:
             click.echo(f"Command:   {shlex.join(plan.fw_argv)}")
         if submission is not None:
@@ -118,6 +122,13 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, ba
 
     logs.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(plan.to_json())
+    if plan.layout_template:
+        from ..config.project import write_dicom_format_string
+        from ..sync.layout import dicom_format_string
+
+        done = write_dicom_format_string(config, dicom_format_string(plan.layout_template))
+        if done:
+            click.echo(f"Note:      {done}")
     if submission is None:
         from ..batch.local import run_local
 

@@ -387,3 +387,27 @@ def load_project_config(
         raw=data,
     )
 
+
+
+def write_dicom_format_string(config: ProjectConfig, value: str) -> str:
+    """Record the DICOMFormatString that matches the sync's layout in the config file, for
+    clpipe's BIDS conversion step. JSON files are updated in place (atomically, keys kept
+    in order); YAML files are left alone (their comments would be lost). Returns what was
+    done, for the user."""
+    legacy = config.style == "legacy"
+    section, key = ("DICOMToBIDSOptions", "DICOMFormatString") if legacy else ("convert2bids", "dicom_format_string")
+    block = config.raw.get(section)
+    current = block.get(key) if isinstance(block, dict) else None
+    if current == value:
+        return ""
+    if config.path.suffix.lower() not in (".json", ""):
+        return f"set {section}.{key} to {value!r} in {config.path} so the BIDS step finds the sessions"
+    data = _read_mapping(config.path)
+    data.setdefault(section, {})
+    if not isinstance(data[section], dict):
+        return f"set {section}.{key} to {value!r} in {config.path} so the BIDS step finds the sessions"
+    data[section][key] = value
+    temp = config.path.with_name(f".{config.path.name}.tmp")
+    temp.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
+    os.replace(temp, config.path)
+    return f"{section}.{key} in {config.path} set to {value!r} (was {current!r}) to match LayoutTemplate"

@@ -80,7 +80,7 @@ class Credentials:
         return {"Authorization": f"scitran-user {self.key}"}
 
 
-def credentials_from_api_key(api_key: str) -> Credentials:
+def credentials_from_api_key(api_key: str, where: str | None = None) -> Credentials:
     """Split a ``fw login`` key into API URL and secret, as the Flywheel SDK does.
 
     ``host:key`` -> https://host:443/api; ``host:port:key`` -> https://host:port/api; a part
@@ -89,7 +89,7 @@ def credentials_from_api_key(api_key: str) -> Credentials:
     parts = api_key.split(":")
     if len(parts) < 2 or not parts[-1]:
         raise PreflightError(
-            f"the saved Flywheel login in {user_config_path()} is not of the form <site>:<key>; {LOGIN_HINT}"
+            f"the Flywheel API key in {where or user_config_path()} is not of the form <site>:<key>; {LOGIN_HINT}"
         )
     insecure = "__force_insecure" in parts
     parts = [p for p in parts if p != "__force_insecure"]
@@ -98,14 +98,21 @@ def credentials_from_api_key(api_key: str) -> Credentials:
     port = parts[1] if len(parts) > 2 else "443"
     if not host or not port.isdigit():
         raise PreflightError(
-            f"the saved Flywheel login in {user_config_path()} does not name a site; {LOGIN_HINT}"
+            f"the Flywheel API key in {where or user_config_path()} does not name a site; {LOGIN_HINT}"
         )
     scheme = "http" if insecure else "https"
     return Credentials(api_url=f"{scheme}://{host}:{port}/api", key=key)
 
 
+API_KEY_ENV = "FLYWHEEL_API_KEY"
+
+
 def load_credentials() -> Credentials:
-    """Read the key saved by ``fw login``; a clear error when there is none."""
+    """The API key from ``$FLYWHEEL_API_KEY`` (same ``<site>:<key>`` form as ``fw login``
+    takes) or else the one ``fw login`` saved; a clear error when there is none."""
+    from_env = os.environ.get(API_KEY_ENV, "").strip()
+    if from_env:
+        return credentials_from_api_key(from_env, f"${API_KEY_ENV}")
     path = user_config_path()
     try:
         data = json.loads(path.read_text())
@@ -263,10 +270,11 @@ class FlywheelSource:
     def entries(self, project_id: str, url: FlywheelURL, body_filters: dict, params: dict,
                 unpack: bool = True, template: str | None = None) -> list:
         from ..sync.engine import RemoteEntry
-        from ..sync.layout import render, safe_relpath
+        from ..sync.layout import bids_label, render, safe_relpath
 
         strip = r"^/?[^/]+/" if url.trailing_slash else r"^/"
         seen: set[str] = set()
+        labels_seen: dict[tuple[str, str], str] = {}  # (field, safe label) -> Flywheel label
         result = []
         for target in self.api.download_targets(project_id, body_filters, params):
             dst = target.get("dst_path", "")
@@ -280,6 +288,14 @@ class FlywheelSource:
             match = _DST_RE.match(dst)
             if template and match:
                 labels = dict(match.groupdict(), group=url.group)
+                for field_name in ("subject", "session"):
+                    safe = bids_label(labels[field_name], field_name)
+                    other = labels_seen.setdefault((field_name, safe), labels[field_name])
+                    if other != labels[field_name]:
+                        raise PreflightError(
+                            f"the {field_name} labels {other!r} and {labels[field_name]!r} both become {safe!r} in the layout "
+                            f"template; rename one in Flywheel or use a template without {{{field_name}}}"
+                        )
                 path = render(template, labels)
             else:
                 path = safe_relpath(name)

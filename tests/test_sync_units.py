@@ -1,0 +1,85 @@
+"""The engine's building blocks: path safety, labels, templates, manifest/journal/lock."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from clpipe.errors import PreflightError
+from clpipe.sources.flywheel import parse_hash
+from clpipe.sync.layout import bids_label, check_template, dicom_format_string, flatten_members, inside, render, safe_part, safe_relpath
+from clpipe.sync.manifest import Record, SyncState
+
+
+@pytest.mark.parametrize("text, safe", [("..", "__"), (".", "_"), ("", "_"), ("a/b", "a_b"), ("a\x00b\x1f", "a_b_"), (" x ", "x"), ("ok.dcm", "ok.dcm")])
+def test_safe_part(text, safe):
+    assert safe_part(text) == safe
+
+
+def test_safe_relpath_neutralises_escapes(tmp_path):
+    for hostile in ("../../etc/passwd", "/etc/passwd", "a/../../b", "..\\..\\win", "x/\x1b[31m/y"):
+        rel = safe_relpath(hostile)
+        assert not rel.is_absolute() and ".." not in rel.parts
+        assert str(inside(tmp_path, rel).resolve()).startswith(str(tmp_path.resolve()) + "/")
+    with pytest.raises(ValueError):
+        inside(tmp_path, PurePosixPath("..", "x"))
+
+
+def test_bids_labels_and_templates():
+    assert bids_label("sub-01", "subject") == "01"
+    assert bids_label("Pilot 3_b", "subject") == "Pilot3b"
+    assert bids_label("ses-Baseline", "session") == "Baseline"
+    assert bids_label("***", "subject") == "unknown"
+    labels = {"subject": "sub-01", "session": "ses 2", "acquisition": "T1w/../x", "filename": "a.dcm"}
+    assert render("{subject}/{session}/{acquisition}", labels) == PurePosixPath("01/ses2/T1w_.._x/a.dcm")
+    assert dicom_format_string("{subject}/{session}/{acquisition}") == "{subject}/{session}/"
+    assert dicom_format_string("raw/{subject}/{acquisition}") == "raw/{subject}/"
+    for bad in ("{subjct}/{session}", "/abs/{subject}", "../{subject}", "{subject!r}"):
+        with pytest.raises(ValueError):
+            check_template(bad)
+
+
+def test_flatten_members_never_overwrites():
+    names = flatten_members(["a/IM1.dcm", "b/IM1.dcm", "c/IM1.dcm", "IM2.dcm", "../../x.dcm"])
+    assert names == {"a/IM1.dcm": "IM1.dcm", "b/IM1.dcm": "IM1_2.dcm", "c/IM1.dcm": "IM1_3.dcm", "IM2.dcm": "IM2.dcm", "../../x.dcm": "x.dcm"}
+
+
+def test_hash_forms():
+    hexd = "ab" * 48
+    assert parse_hash(f"v0-sha384-{hexd}") == f"sha384:{hexd}"
+    assert parse_hash(hexd) == f"sha384:{hexd}"
+    assert parse_hash("md5:123") is None and parse_hash(None) is None
+
+
+def test_journal_survives_a_torn_line_and_is_folded_into_the_manifest(tmp_path):
+    state = SyncState(tmp_path, "run1")
+    state.acquire()
+    state.load()
+    state.record(Record("c/a.dcm", [10, 1.0, ""], [["x/a.dcm", 10, ""]]))
+    state.record(Record("c/b.dcm", [20, 1.0, ""], [["x/b.dcm", 20, ""]]))
+    journal = tmp_path / ".clpipe-sync" / "journal-run1.jsonl"
+    with open(journal, "a") as fh:
+        fh.write('{"key": "c/torn", "sig": [1')  # a kill in the middle of a line
+    # a later run (the first one was killed: its lock holder is gone)
+    (tmp_path / ".clpipe-sync" / "lock" / "owner.json").write_text(json.dumps({"host": os.uname().nodename, "pid": 999999999}))
+    again = SyncState(tmp_path, "run2")
+    again.acquire()
+    again.load()
+    assert set(again.records) == {"c/a.dcm", "c/b.dcm"}
+    again.save()
+    again.release()
+    assert not list((tmp_path / ".clpipe-sync").glob("journal-*"))
+    manifest = json.loads((tmp_path / ".clpipe-sync" / "manifest.json").read_text())
+    assert set(manifest["entries"]) == {"c/a.dcm", "c/b.dcm"}
+
+
+def test_a_live_lock_stops_a_second_writer(tmp_path):
+    first = SyncState(tmp_path, "a")
+    first.acquire()
+    with pytest.raises(PreflightError, match="another sync is writing to"):
+        SyncState(tmp_path, "b").acquire()
+    first.release()
+    SyncState(tmp_path, "c").acquire()
