@@ -293,3 +293,15 @@ def test_api_key_from_environment(nenv, server, demo_project, tmp_path):
     assert code == 0, out
     assert KEY not in out
     assert dicoms(config.parent / "data_DICOMs") == demo_project.expected_dicom_paths(strip_root=True)
+
+
+def test_retry_after_is_honoured(nenv, server, demo_project, tmp_path):
+    login(nenv, server)
+    server.add_fault(r"/files/localizer\.dcm$", "status", status=429, count=1, retry_after="2")
+    config = new_project(tmp_path / "p")
+    started = time.monotonic()
+    code, out, _ = native(nenv, config)
+    assert code == 0, out
+    assert "HTTP 429" in out and "attempt 2 in 2.0 s" in out
+    assert time.monotonic() - started >= 2.0
+    assert dicoms(config.parent / "data_DICOMs") == demo_project.expected_dicom_paths(strip_root=True)

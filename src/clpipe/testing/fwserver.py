@@ -432,6 +432,7 @@ class Fault:
     delay: float = 0.0
     method: str | None = None
     hits: int = 0
+    retry_after: str | None = None  # Retry-After header sent with a "status" fault
 
 
 class ApiError(Exception):
@@ -571,7 +572,7 @@ class FlywheelTestServer:
 
     # -- faults ---------------------------------------------------------------------------
     def add_fault(self, path_pattern: str, kind: str, count: int | None = None, status: int = 500,
-                  delay: float = 0.0, method: str | None = None) -> Fault:
+                  delay: float = 0.0, method: str | None = None, retry_after: str | None = None) -> Fault:
         """Make requests whose (URL-decoded) path matches the regex ``path_pattern`` fail.
 
         kinds: "status" (reply ``status`` with a JSON error), "drop" (close without a reply),
@@ -583,7 +584,8 @@ class FlywheelTestServer:
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
         re.compile(path_pattern)
-        fault = Fault(path_pattern, kind, count, status, delay, method.upper() if method else None)
+        fault = Fault(path_pattern, kind, count, status, delay, method.upper() if method else None,
+                      retry_after=retry_after)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -863,6 +865,7 @@ class _Handler(BaseHTTPRequestHandler):
             if fault and fault.kind == "status":
                 self._fault = None  # the error body itself is sent intact
                 injected = ApiError(fault.status, f"Injected fault (HTTP {fault.status})", path)
+                self._extra_headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
                 self._send(*_error(injected))
                 return
             try:
@@ -897,6 +900,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in getattr(self, "_extra_headers", {}).items():
+            self.send_header(name, value)
+        self._extra_headers = {}
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
