@@ -36,6 +36,10 @@ import httpx
 
 from clpipe.testing import fwserver
 
+# The test server answers with two writes (headers, then body); with Nagle's algorithm on, the
+# body waits for the client's delayed ACK (~40 ms): ~25 requests/s per connection, whoever the
+# client is. Real servers send without that wait, so the benchmark turns it off.
+fwserver._Handler.disable_nagle_algorithm = True
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "flywheel_sync.md"
 DEFAULT_FW = Path.home() / ".cache" / "clpipe-tests" / "fw-18.5.1" / "bin" / "fw"
@@ -406,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         header += [f"- peers: fw = flywheel-cli {fw_version(args.fw)} `fw sync -j {JOBS}`; "
                    f"native = `{' '.join(native_command(Path('CONFIG'))[1:])}`; "
                    f"floor = {JOBS} threads, raw GET + unzip",
-                   "- server: FlywheelTestServer in the benchmark process, on 127.0.0.1",
+                   "- server: FlywheelTestServer in the benchmark process on 127.0.0.1, "
+                   "TCP_NODELAY on (see bench/README.md)",
                    "- peak RSS: max over time (50 ms samples) of the summed RSS of the process "
                    "tree; MB = 10^6 bytes"]
         text = table(runs, header)

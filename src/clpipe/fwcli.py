@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .batch.job import Job, Resources
+from .console import say, summary_line
 from .config.project import ProjectConfig
 from .errors import ConfigError, PreflightError
 from .sources.flywheel import FlywheelAPI, load_credentials, parse_fw_url
@@ -358,19 +359,7 @@ class Outcome:
         return max(len(self.problems), len(self.error_lines))
 
     def summary(self) -> str:
-        return (
-            f"Sync summary: {self.created} created, {self.updated} updated, {self.skipped} skipped, "
-            f"{self.failed} failed; {_human_bytes(self.bytes)} ({self.bytes} bytes); {self.seconds:.1f} s"
-        )
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+        return summary_line(self.created, self.updated, self.skipped, self.failed, self.bytes, self.seconds)
 
 
 def expected_destinations(targets: list[dict], trailing_slash: bool, unpack: bool) -> tuple[dict[str, int | None], set[str]]:
@@ -500,10 +489,6 @@ class _Streamer:
         self.out.flush()
 
 
-def _say(message: str) -> None:
-    print(f"[clpipe] {message}", flush=True)
-
-
 def run_plan(plan: SyncPlan) -> int:
     """Run one sync on this machine: pre-flight, fw sync, verify, clean up, summarise.
 
@@ -519,7 +504,7 @@ def run_plan(plan: SyncPlan) -> int:
     with FlywheelAPI(credentials) as api:
         api.check_login()
         project = api.lookup_project(url)
-    _say(f"logged in to {credentials.api_url}; project {url.group}/{url.project} found")
+    say(f"logged in to {credentials.api_url}; project {url.group}/{url.project} found")
     for folder, what in ((plan.temp_dir, "TempDirectory"), (plan.dropoff, "DropoffDirectory"), (plan.sync_logs, "log folder")):
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
@@ -527,7 +512,7 @@ def run_plan(plan: SyncPlan) -> int:
             raise PreflightError(f"cannot create the {what} {folder}: {exc.strerror}") from None
 
     argv = [fw, *plan.fw_argv[1:]]
-    _say("running: " + shlex.join(plan.fw_argv))
+    say("running: " + shlex.join(plan.fw_argv))
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     streamer = _Streamer(sys.stdout, credentials.key, interactive=sys.stdout.isatty())
     proc = subprocess.Popen(
@@ -547,7 +532,7 @@ def run_plan(plan: SyncPlan) -> int:
 
     removed = remove_stray_temp_dirs(Path(plan.temp_dir))
     if removed:
-        _say(f"removed {len(removed)} temporary folder(s) named <TemporaryDirectory ...> left by fw in {plan.temp_dir}")
+        say(f"removed {len(removed)} temporary folder(s) named <TemporaryDirectory ...> left by fw in {plan.temp_dir}")
 
     outcome = Outcome(error_lines=streamer.error_lines)
     sync_opts = plan.sync_options
@@ -568,16 +553,16 @@ def run_plan(plan: SyncPlan) -> int:
     outcome.seconds = time.monotonic() - started
 
     for line in outcome.error_lines[:20]:
-        _say(f"fw reported an error: {line}")
+        say(f"fw reported an error: {line}")
     for problem in outcome.problems[:50]:
-        _say(f"FAILED {problem}")
+        say(f"FAILED {problem}")
     if len(outcome.problems) > 50:
-        _say(f"... and {len(outcome.problems) - 50} more problems")
-    _say(outcome.summary())
-    _say(f"audit log: {audit}" if audit.exists() else "no audit log was written")
+        say(f"... and {len(outcome.problems) - 50} more problems")
+    say(outcome.summary())
+    say(f"audit log: {audit}" if audit.exists() else "no audit log was written")
     if outcome.failed or returncode != 0:
-        _say("sync FAILED: not every file arrived; the exit status is non-zero")
+        say("sync FAILED: not every file arrived; the exit status is non-zero")
         return returncode if returncode != 0 else 1
-    _say("sync complete: every listed file is in the dropoff")
+    say("sync complete: every listed file is in the dropoff")
     return 0
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Protocol
 
+from ..console import human_bytes, summary_line
 from .layout import flatten_members, inside
 from .manifest import Record, SyncState
 
@@ -110,19 +111,7 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (
-            f"Sync summary: {self.created} created, {self.updated} updated, {self.skipped} skipped, "
-            f"{self.failed} failed; {_human(self.bytes)} ({self.bytes} bytes); {self.seconds:.1f} s"
-        )
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"
+        return summary_line(self.created, self.updated, self.skipped, self.failed, self.bytes, self.seconds)
 
 
 class VerifyError(TransientError):
@@ -325,7 +314,7 @@ class Engine:
             for entry, existing in todo:
                 outcome.files.append(FileResult(str(entry.path) + ("/" if entry.unpack else ""), "would-transfer", existing,
                                                 "Would update" if existing else "Would create"))
-            outcome.notes.append(f"dry run: {len(todo)} remote files would be transferred ({_human(sum(e.size for e, _ in todo))}); nothing was written")
+            outcome.notes.append(f"dry run: {len(todo)} remote files would be transferred ({human_bytes(sum(e.size for e, _ in todo))}); nothing was written")
             outcome.seconds = time.monotonic() - started
             return outcome
 

@@ -6,14 +6,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..console import say
 from ..errors import PreflightError
 from ..sources.flywheel import FlywheelAPI, FlywheelSource, load_credentials, parse_fw_url
 from .engine import Engine, Options, write_reports
 from .manifest import SyncState
-
-
-def _say(message: str) -> None:
-    print(f"[clpipe] {message}", flush=True)
 
 
 def run_native(plan) -> int:
@@ -26,7 +23,7 @@ def run_native(plan) -> int:
     with FlywheelAPI(credentials) as api:
         api.check_login()
         project = api.lookup_project(url)
-    _say(f"native engine; logged in to {credentials.api_url}; project {url.group}/{url.project} found")
+    say(f"native engine; logged in to {credentials.api_url}; project {url.group}/{url.project} found")
     dropoff, temp = Path(plan.dropoff), Path(plan.temp_dir)
     for folder, what in ((dropoff, "DropoffDirectory"), (temp, "TempDirectory"), (Path(plan.sync_logs), "log folder")):
         try:
@@ -39,7 +36,7 @@ def run_native(plan) -> int:
     try:
         entries = source.entries(project["_id"], url, *opts.listing_request(), unpack=opts.unpack,
                                  template=plan.layout_template or None)
-        _say(f"listed {len(entries)} remote files ({sum(e.size for e in entries) / 1e6:.1f} MB) in one request")
+        say(f"listed {len(entries)} remote files ({sum(e.size for e in entries) / 1e6:.1f} MB) in one request")
         if opts.list_only:
             for entry in sorted(entries, key=lambda e: str(e.path)):
                 print(f"{entry.path}{'/' if entry.unpack else ''}" + (f"  ({entry.size} bytes)" if opts.verbose else ""))
@@ -62,17 +59,17 @@ def run_native(plan) -> int:
     audit, summary = Path(plan.audit_csv), Path(plan.summary_json)
     write_reports(outcome, audit, summary, {"engine": "native", "source": plan.source_url, "dropoff": plan.dropoff, "run_id": plan.run_id})
     for failure in outcome.failures[:50]:
-        _say(f"FAILED {failure}")
+        say(f"FAILED {failure}")
     if len(outcome.failures) > 50:
-        _say(f"... and {len(outcome.failures) - 50} more failures (all in {summary})")
+        say(f"... and {len(outcome.failures) - 50} more failures (all in {summary})")
     for note in outcome.notes:
-        _say(note)
+        say(note)
     if outcome.adopted:
-        _say(f"{outcome.adopted} files already intact in the dropoff were adopted without downloading")
-    _say(outcome.summary())
-    _say(f"audit log: {audit}; summary: {summary}")
+        say(f"{outcome.adopted} files already intact in the dropoff were adopted without downloading")
+    say(outcome.summary())
+    say(f"audit log: {audit}; summary: {summary}")
     if outcome.failed:
-        _say("sync FAILED: not every file arrived; the exit status is non-zero")
+        say("sync FAILED: not every file arrived; the exit status is non-zero")
         return 1
-    _say("sync complete: every listed file is in the dropoff" if not opts.dry_run else "dry run complete")
+    say("sync complete: every listed file is in the dropoff" if not opts.dry_run else "dry run complete")
     return 0
