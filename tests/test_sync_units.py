@@ -22,10 +22,10 @@ def test_safe_part(text, safe):
 def test_safe_relpath_neutralises_escapes(tmp_path):
     for hostile in ("../../etc/passwd", "/etc/passwd", "a/../../b", "..\\..\\win", "x/\x1b[31m/y"):
         rel = safe_relpath(hostile)
-        assert not rel.is_absolute() and ".." not in rel.parts
+        assert not rel.startswith("/") and ".." not in rel.split("/")
         assert str(inside(tmp_path, rel).resolve()).startswith(str(tmp_path.resolve()) + "/")
     with pytest.raises(ValueError):
-        inside(tmp_path, PurePosixPath("..", "x"))
+        inside(tmp_path, "../x")
 
 
 def test_bids_labels_and_templates():
@@ -34,7 +34,7 @@ def test_bids_labels_and_templates():
     assert bids_label("ses-Baseline", "session") == "Baseline"
     assert bids_label("***", "subject") == "unknown"
     labels = {"subject": "sub-01", "session": "ses 2", "acquisition": "T1w/../x", "filename": "a.dcm"}
-    assert render("{subject}/{session}/{acquisition}", labels) == PurePosixPath("01/ses2/T1w_.._x/a.dcm")
+    assert render("{subject}/{session}/{acquisition}", labels) == "01/ses2/T1w_.._x/a.dcm"
     assert dicom_format_string("{subject}/{session}/{acquisition}") == "{subject}/{session}/"
     assert dicom_format_string("raw/{subject}/{acquisition}") == "raw/{subject}/"
     for bad in ("{subjct}/{session}", "/abs/{subject}", "../{subject}", "{subject!r}"):

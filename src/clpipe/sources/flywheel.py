@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Iterator
 from urllib.parse import quote
 
@@ -244,6 +245,7 @@ def parse_hash(value: object) -> str | None:
     return None
 
 
+@lru_cache(maxsize=65536)  # files of one upload share a modification time
 def _epoch(text: str) -> float:
     from datetime import datetime
 
@@ -300,7 +302,9 @@ class FlywheelSource:
             else:
                 path = safe_relpath(name)
             if is_zip:
-                path = path.with_name(_ZIP_SUFFIX.sub("", path.name) or "_")
+                head, _, tail = path.rpartition("/")
+                tail = _ZIP_SUFFIX.sub("", tail) or "_"
+                path = f"{head}/{tail}" if head else tail
             inline = json.dumps(target.get("metadata")).encode() if sidecar else None
             result.append(RemoteEntry(
                 key=f"{target.get('container_id')}/{filename}" + ("#metadata" if sidecar else ""),

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import json
 import os
+import posixpath
 import random
 import shutil
 import threading
@@ -25,7 +26,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterator, Protocol
 
 from ..console import human_bytes, summary_line
@@ -51,7 +52,7 @@ class PermanentError(Exception):
 @dataclass(frozen=True)
 class RemoteEntry:
     key: str  # stable identity of the remote file
-    path: PurePosixPath  # where it lands, relative to the dropoff (for a zip to unpack: the folder)
+    path: str  # where it lands, relative to the dropoff, POSIX (for a zip to unpack: the folder)
     size: int
     modified: float  # epoch seconds
     checksum: str | None  # "sha384:<hex>" etc., or None when the source gives none
@@ -60,7 +61,7 @@ class RemoteEntry:
     name: str = ""  # the remote file's own name, for messages
 
     def describe(self) -> str:
-        return f"{self.path} ({self.name})" if self.name and self.name != self.path.name else str(self.path)
+        return f"{self.path} ({self.name})" if self.name and self.name != posixpath.basename(self.path) else self.path
 
     @property
     def signature(self) -> list:
@@ -169,9 +170,10 @@ class Engine:
     # -- planning ----------------------------------------------------------------------
 
     def _present(self, record: Record) -> bool:
+        root = str(self.options.dropoff) + "/"
         for path, size, *_ in record.files:
             try:
-                if os.stat(self.options.dropoff / path).st_size != size:
+                if os.stat(root + path).st_size != size:
                     return False
             except OSError:
                 return False
@@ -188,7 +190,7 @@ class Engine:
             except OSError:
                 return None
             if st.st_size == entry.size and st.st_mtime >= entry.modified:
-                return Record(entry.key, entry.signature, [[str(entry.path), entry.size, ""]])
+                return Record(entry.key, entry.signature, [[entry.path, entry.size, ""]])
             return None
         folder = dropoff / entry.path
         if not folder.is_dir():
@@ -199,14 +201,14 @@ class Engine:
         names = flatten_members([name for name, size in members])
         files = []
         for name, size in members:
-            rel = entry.path / names[name]
+            rel = f"{entry.path}/{names[name]}"
             try:
                 st = os.stat(dropoff / rel)
             except OSError:
                 return None
             if st.st_size != size or st.st_mtime < entry.modified:
                 return None
-            files.append([str(rel), size, ""])
+            files.append([rel, size, ""])
         return Record(entry.key, entry.signature, files)
 
     # -- transfer ----------------------------------------------------------------------
@@ -245,10 +247,10 @@ class Engine:
                 os.replace(part, final)
             finally:
                 part.unlink(missing_ok=True)
-            return [[str(entry.path), entry.size, ""]]
+            return [[entry.path, entry.size, ""]]
         self.options.zip_tmp.mkdir(parents=True, exist_ok=True)
         archive = self.options.zip_tmp / f"{uuid.uuid4().hex}.zip"
-        staged: list[tuple[Path, Path, PurePosixPath, int]] = []
+        staged: list[tuple[Path, Path, str, int]] = []
         try:
             self._download(entry, archive, progress)
             try:
@@ -256,7 +258,7 @@ class Engine:
                     infos = [i for i in zf.infolist() if not i.is_dir() and i.file_size > 0]
                     names = flatten_members([i.filename for i in infos])
                     for info in infos:
-                        rel = entry.path / names[info.filename]
+                        rel = f"{entry.path}/{names[info.filename]}"
                         part = tmp / f"{uuid.uuid4().hex}.part"
                         with zf.open(info) as src, open(part, "wb") as out:  # zipfile checks the CRC at the end
                             shutil.copyfileobj(src, out, CHUNK)
@@ -266,7 +268,7 @@ class Engine:
             for part, final, _, _ in staged:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(part, final)
-            return [[str(rel), size, ""] for _, _, rel, size in staged]
+            return [[rel, size, ""] for _, _, rel, size in staged]
         finally:
             archive.unlink(missing_ok=True)
             for part, *_ in staged:
@@ -312,7 +314,7 @@ class Engine:
 
         if self.options.dry_run:
             for entry, existing in todo:
-                outcome.files.append(FileResult(str(entry.path) + ("/" if entry.unpack else ""), "would-transfer", existing,
+                outcome.files.append(FileResult(entry.path + ("/" if entry.unpack else ""), "would-transfer", existing,
                                                 "Would update" if existing else "Would create"))
             outcome.notes.append(f"dry run: {len(todo)} remote files would be transferred ({human_bytes(sum(e.size for e, _ in todo))}); nothing was written")
             outcome.seconds = time.monotonic() - started
@@ -331,7 +333,7 @@ class Engine:
                         reason = str(exc) if isinstance(exc, (PermanentError, OSError, ValueError)) else f"{exc.__class__.__name__}: {exc}"
                         message = f"{entry.describe()}: {reason}"
                         outcome.failures.append(message)
-                        outcome.files.append(FileResult(str(entry.path), "failed", existing, "", reason))
+                        outcome.files.append(FileResult(entry.path, "failed", existing, "", reason))
                         progress.advance(0, 1)
                         continue
                     old = records.get(entry.key)

@@ -78,6 +78,7 @@ class SyncState:
     records: dict[str, Record] = field(default_factory=dict)
     _journal: object = None
     _last_fsync: float = 0.0
+    _changed: bool = False  # anything to fold into the manifest?
 
     @property
     def root(self) -> Path:
@@ -131,6 +132,7 @@ class SyncState:
             except (ValueError, KeyError, TypeError):
                 self.records = {}  # unreadable: files on disk will be checked and adopted again
         for journal in sorted(self.root.glob("journal-*.jsonl")):
+            self._changed = True
             for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     record = Record.from_json(json.loads(line))
@@ -152,9 +154,11 @@ class SyncState:
             os.fsync(self._journal.fileno())
             self._last_fsync = now
         self.records[record.key] = record
+        self._changed = True
 
     def forget(self, key: str) -> None:
         self.records.pop(key, None)
+        self._changed = True
 
     def save(self) -> None:
         """Fold everything into manifest.json and drop the journals."""
@@ -163,8 +167,10 @@ class SyncState:
             os.fsync(self._journal.fileno())
             self._journal.close()
             self._journal = None
-        data = {"version": 1, "entries": {k: r.to_json() for k, r in sorted(self.records.items())}}
-        _write_atomic(self.root / "manifest.json", json.dumps(data, separators=(",", ":")))
+        if self._changed or not (self.root / "manifest.json").exists():  # a no-op run rewrites nothing
+            data = {"version": 1, "entries": {k: r.to_json() for k, r in sorted(self.records.items())}}
+            _write_atomic(self.root / "manifest.json", json.dumps(data, separators=(",", ":")))
+            self._changed = False
         for journal in self.root.glob("journal-*.jsonl"):
             journal.unlink(missing_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
