@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -24,7 +25,7 @@ import uuid
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -35,6 +36,7 @@ from .manifest import Record, SyncState
 
 CHUNK = 1 << 20
 PROGRESS_EVERY = 15.0
+IN_MEMORY_ZIP = 64 << 20  # zips up to this size are unpacked from memory, larger ones from TempDirectory
 
 
 class TransientError(Exception):
@@ -213,12 +215,12 @@ class Engine:
 
     # -- transfer ----------------------------------------------------------------------
 
-    def _download(self, entry: RemoteEntry, target: Path, progress: Progress) -> None:
-        """Stream the remote file into ``target``, checking size and checksum."""
+    def _download(self, entry: RemoteEntry, target: Path | io.BytesIO, progress: Progress) -> None:
+        """Stream the remote file into ``target`` (a path or memory), checking size and checksum."""
         hasher = _hasher(entry.checksum)
         received = 0
         try:
-            with open(target, "wb") as out, self.source.open(entry) as chunks:
+            with (open(target, "wb") if isinstance(target, Path) else nullcontext(target)) as out, self.source.open(entry) as chunks:
                 for chunk in chunks:
                     out.write(chunk)
                     received += len(chunk)
@@ -248,8 +250,11 @@ class Engine:
             finally:
                 part.unlink(missing_ok=True)
             return [[entry.path, entry.size, ""]]
-        self.options.zip_tmp.mkdir(parents=True, exist_ok=True)
-        archive = self.options.zip_tmp / f"{uuid.uuid4().hex}.zip"
+        if entry.size <= IN_MEMORY_ZIP:
+            archive: Path | io.BytesIO = io.BytesIO()
+        else:
+            self.options.zip_tmp.mkdir(parents=True, exist_ok=True)
+            archive = self.options.zip_tmp / f"{uuid.uuid4().hex}.zip"
         staged: list[tuple[Path, Path, str, int]] = []
         try:
             self._download(entry, archive, progress)
@@ -270,7 +275,8 @@ class Engine:
                 os.replace(part, final)
             return [[rel, size, ""] for _, _, rel, size in staged]
         finally:
-            archive.unlink(missing_ok=True)
+            if isinstance(archive, Path):
+                archive.unlink(missing_ok=True)
             for part, *_ in staged:
                 part.unlink(missing_ok=True)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..console import say
 from ..errors import PreflightError
-from ..sources.flywheel import FlywheelAPI, FlywheelSource, load_credentials, parse_fw_url
+from ..sources.flywheel import FlywheelSource, load_credentials, parse_fw_url
 from .engine import Engine, Options, write_reports
 from .manifest import SyncState
 
@@ -20,18 +20,22 @@ def run_native(plan) -> int:
     url = parse_fw_url(plan.source_url)
     opts = plan.sync_options
     credentials = load_credentials()
-    with FlywheelAPI(credentials) as api:
-        api.check_login()
-        project = api.lookup_project(url)
+    source = FlywheelSource(credentials, jobs=opts.jobs, verify=opts.ca_certs or True)  # one connection pool for everything
+    try:
+        source.api.check_login()
+        project = source.api.lookup_project(url)
+    except BaseException:
+        source.close()
+        raise
     say(f"native engine; logged in to {credentials.api_url}; project {url.group}/{url.project} found")
     dropoff, temp = Path(plan.dropoff), Path(plan.temp_dir)
     for folder, what in ((dropoff, "DropoffDirectory"), (temp, "TempDirectory"), (Path(plan.sync_logs), "log folder")):
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            source.close()
             raise PreflightError(f"cannot create the {what} {folder}: {exc.strerror}") from None
 
-    source = FlywheelSource(credentials, jobs=opts.jobs, verify=opts.ca_certs or True)
     state = SyncState(dropoff, plan.run_id)
     try:
         entries = source.entries(project["_id"], url, *opts.listing_request(), unpack=opts.unpack,
