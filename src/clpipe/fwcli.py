@@ -27,12 +27,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .batch.job import Job, Resources
 from .console import say, summary_line
-from .config.project import ProjectConfig
 from .errors import ConfigError, PreflightError
 from .sources.flywheel import FlywheelAPI, load_credentials, parse_fw_url
+
+if TYPE_CHECKING:  # the job on the node needs no config validation (pydantic)
+    from .config.project import ProjectConfig
 
 FW_INSTALL_HINT = (
     "the Flywheel CLI `fw` was not found on PATH; install it in an environment of its own, e.g. "
@@ -267,7 +270,7 @@ def new_run_id() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
-def make_plan(config: ProjectConfig, run_id: str | None = None) -> SyncPlan:
+def make_plan(config: "ProjectConfig", run_id: str | None = None) -> SyncPlan:
     """Build the run plan from a validated config (no network, no files written)."""
     source = config.source
     options = parse_commandline_opts(source.commandline_opts, f"{config.path}: {config.key('commandline_opts')}", source.engine)
