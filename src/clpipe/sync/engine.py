@@ -24,7 +24,7 @@ import time
 import uuid
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +51,7 @@ class PermanentError(Exception):
     """Not worth retrying (404, 403, ...)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoteEntry:
     key: str  # stable identity of the remote file
     path: str  # where it lands, relative to the dropoff, POSIX (for a zip to unpack: the folder)
@@ -90,7 +90,7 @@ class Options:
     interactive: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class FileResult:
     path: str
     status: str  # completed | skipped | failed
@@ -327,11 +327,10 @@ class Engine:
             return outcome
 
         progress = Progress(len(todo), sum(e.size for e, _ in todo), self.options.interactive)
+        jobs = max(1, self.options.jobs)
         try:
-            with ThreadPoolExecutor(max_workers=max(1, self.options.jobs), thread_name_prefix="sync") as pool:
-                futures = {pool.submit(self._with_retries, entry, progress): (entry, existing) for entry, existing in todo}
-                for future in as_completed(futures):
-                    entry, existing = futures[future]
+            with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sync") as pool:
+                for future, (entry, existing) in _bounded(pool, self._with_retries, todo, progress, window=jobs * 4):
                     try:
                         files = future.result()
                     except Exception as exc:  # one file's failure is reported, never fatal to the others
@@ -385,6 +384,25 @@ class Engine:
                 outcome.deleted += 1
                 outcome.files.append(FileResult(path, "completed", True, "Deleted from destination"))
             self.state.forget(record.key)
+
+
+def _bounded(pool: ThreadPoolExecutor, work, todo: list, progress: Progress, window: int):
+    """Run ``work(entry, progress)`` for every item, keeping at most ``window`` in flight
+    (a queue of 100,000 futures would cost memory for nothing); yield each as it ends."""
+    pending: dict = {}
+    items = iter(todo)
+    for item in items:
+        pending[pool.submit(work, item[0], progress)] = item
+        if len(pending) >= window:
+            break
+    while pending:
+        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for done in finished:
+            item = pending.pop(done)
+            for extra in items:
+                pending[pool.submit(work, extra[0], progress)] = extra
+                break
+            yield done, item
 
 
 def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: dict) -> None:

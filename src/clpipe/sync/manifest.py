@@ -30,7 +30,7 @@ STATE_DIR = ".clpipe-sync"
 FSYNC_EVERY = 1.0  # seconds between journal fsyncs (a flush happens after every line)
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """What one remote file became locally."""
 
