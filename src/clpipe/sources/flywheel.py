@@ -337,7 +337,7 @@ class FlywheelSource:
                     if response.status_code == 401:
                         raise PermanentError(f"{message}: the API key was rejected; log in again with `fw login`")
                     raise PermanentError(message)
-                yield response.iter_bytes(CHUNK)
+                yield response.iter_bytes()  # pieces as they arrive: no re-chunking copies
         except httpx.TimeoutException as exc:
             raise TransientError(f"timed out ({exc.__class__.__name__})") from None
         except httpx.TransportError as exc:

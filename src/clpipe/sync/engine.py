@@ -262,16 +262,22 @@ class Engine:
                 with zipfile.ZipFile(archive) as zf:
                     infos = [i for i in zf.infolist() if not i.is_dir() and i.file_size > 0]
                     names = flatten_members([i.filename for i in infos])
-                    for info in infos:
+                    stem = uuid.uuid4().hex
+                    for n, info in enumerate(infos):
                         rel = f"{entry.path}/{names[info.filename]}"
-                        part = tmp / f"{uuid.uuid4().hex}.part"
-                        with zf.open(info) as src, open(part, "wb") as out:  # zipfile checks the CRC at the end
-                            shutil.copyfileobj(src, out, CHUNK)
+                        part = tmp / f"{stem}-{n}.part"
+                        with open(part, "wb") as out:
+                            if info.file_size <= CHUNK:
+                                out.write(zf.read(info))  # zipfile checks the member's CRC
+                            else:
+                                with zf.open(info) as src:
+                                    shutil.copyfileobj(src, out, CHUNK)
                         staged.append((part, inside(dropoff, rel), rel, info.file_size))
             except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as exc:
                 raise VerifyError(f"damaged zip ({exc})") from None
+            for folder in {final.parent for _, final, _, _ in staged}:
+                folder.mkdir(parents=True, exist_ok=True)
             for part, final, _, _ in staged:
-                final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(part, final)
             return [[rel, size, ""] for _, _, rel, size in staged]
         finally:
