@@ -19,6 +19,7 @@ import os
 import pickle
 import platform
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,7 @@ from clpipe.testing import fwserver
 # body waits for the client's delayed ACK (~40 ms): ~25 requests/s per connection, whoever the
 # client is. Real servers send without that wait, so the benchmark turns it off.
 fwserver._Handler.disable_nagle_algorithm = True
+
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "flywheel_sync.md"
 DEFAULT_FW = Path.home() / ".cache" / "clpipe-tests" / "fw-18.5.1" / "bin" / "fw"
@@ -79,6 +81,7 @@ def floor_main(base_url: str, project_id: str, dest: Path) -> int:
     """The floor: ONE download/targets request, then JOBS threads that GET every target and
     unpack zips into their folder (members flattened to base names), as fw does."""
     headers = {"Authorization": f"scitran-user {os.environ['FLOOR_API_KEY']}"}
+
     def client() -> httpx.Client:
         return httpx.Client(base_url=base_url, headers=headers, timeout=60, trust_env=False)
     body = {"nodes": [{"level": "project", "_id": project_id}],
@@ -141,7 +144,7 @@ def load_project(label: str, params: dict) -> tuple[fwserver.Project, dict[str, 
 
 
 def check(dest: Path, expected: dict[str, tuple[int, bytes]]) -> str:
-    """"" when ``dest`` holds exactly the expected files, byte for byte; else what differs."""
+    """Empty when ``dest`` holds exactly the expected files, byte for byte; else what differs."""
     got = {}
     for root, dirs, files in os.walk(dest):
         if root == str(dest):
@@ -169,6 +172,7 @@ class Run:
     nbytes: int = 0
     seconds: float | None = None
     rss_mb: float | None = None
+    cpu: float | None = None  # user + system seconds of the process tree
     requests: int | None = None
     status: str = "ok"  # or "INVALID: ...", "FAILED ...", "TIMEOUT ...", "not available: ..."
     noop: bool = False
@@ -201,15 +205,15 @@ def tree_rss(root: int) -> int:
 
 def measure(run: Run, cmd: list[str], env: dict, log: Path, timeout: float, srv,
             cwd: Path | None = None) -> Run:
-    """Run ``cmd``: wall time, peak summed RSS of its process tree (sampled every 50 ms) and
-    the number of requests the server saw; a non-zero exit or a timeout fails the run."""
+    """Run ``cmd``: wall time, CPU time, peak summed RSS of its process tree (sampled every
+    50 ms), requests the server saw; a non-zero exit or a timeout fails the run."""
     stop, peak = threading.Event(), [0]
 
     def sample(pid: int) -> None:
         while not stop.wait(0.05):
             peak[0] = max(peak[0], tree_rss(pid))
 
-    before = len(srv.requests)
+    before, usage = len(srv.requests), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "wb") as out:
         code, start = None, time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
@@ -227,6 +231,8 @@ def measure(run: Run, cmd: list[str], env: dict, log: Path, timeout: float, srv,
                 proc.wait()
             stop.set()
             sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run.cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
     run.rss_mb, run.requests = peak[0] / MB, len(srv.requests) - before
     if code is None:
         run.status = f"TIMEOUT after {timeout:.0f} s"
@@ -256,12 +262,20 @@ def sync_pair(peer: str, make_cmd, dest: Path, expected: dict, env: dict, work: 
     return runs
 
 
-def native_config(work: Path, name: str, source: str, dest: Path, env: dict) -> Path:
-    """A clpipe project made by `clpipe project_setup`, syncing ``source`` into ``dest``."""
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    return lines[-1] if lines else f"exit {proc.returncode}"
+
+
+def native_config(work: Path, name: str, source: str, dest: Path, env: dict) -> Path | str:
+    """A clpipe project made by `clpipe project_setup`, syncing ``source`` into ``dest``
+    (or why it could not be made)."""
     root = work / name
-    subprocess.run([sys.executable, "-m", "clpipe", "project_setup", "-project_title", name,
-                    "-project_dir", str(root), "-source_url", source],
-                   env=env, check=True, capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "clpipe", "project_setup", "-project_title", name,
+                           "-project_dir", str(root), "-source_url", source],
+                          env=env, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        return f"clpipe project_setup failed: {last_line(proc)}"
     config = root / "clpipe_config.json"
     data = json.loads(config.read_text())
     data["SourceOptions"].update(DropoffDirectory=str(dest), TempDirectory=str(root / "tmp"))
@@ -270,21 +284,20 @@ def native_config(work: Path, name: str, source: str, dest: Path, env: dict) -> 
 
 
 def native_unavailable(config: Path, env: dict) -> str:
-    """"" if the native command is accepted (checked without -submit: nothing is synced)."""
+    """Why clpipe rejects the native command, checked without -submit (nothing is synced)."""
     cmd = [a for a in native_command(config) if a != "-submit"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
-    return "" if proc.returncode == 0 else (lines[-1] if lines else f"exit {proc.returncode}")
+    return "" if proc.returncode == 0 else last_line(proc)
 
 
 def run_native(work, project, expected, env, timeout, srv, label="") -> list[Run]:
-    dest = work / f"dropoff-native-{label.strip() or 'main'}"
-    config = native_config(work, f"native-{label.strip() or 'main'}", f"fw://{project.group}/{project.label}/",
-                           dest, env)
-    reason = native_unavailable(config, env)
+    name = f"native-{label.strip() or 'main'}"
+    dest = work / f"dropoff-{name}"
+    config = native_config(work, name, f"fw://{project.group}/{project.label}/", dest, env)
+    reason = config if isinstance(config, str) else native_unavailable(config, env)
     if reason:
         print(f"  native: not available: {reason}")
-        return [Run(f"native {label}{kind}", status=f"not available: {reason}",
+        return [Run(f"native {label}{kind}", len(expected), status=f"not available: {reason}",
                     noop=kind == "no-op") for kind in ("full", "no-op")]
     return sync_pair("native", lambda: native_command(config), dest, expected, env, work,
                      timeout, srv, label=label)
@@ -296,14 +309,17 @@ def run_native(work, project, expected, env, timeout, srv, label="") -> list[Run
 def goals(runs: dict[str, Run]) -> list[tuple[str, str, str, str]]:
     """(goal, value, target, verdict) for each goal of the issue."""
     def row(what, names, value, fmt, target, met) -> tuple[str, str, str, str]:
-        bad = [f"{n}: {runs[n].status}" for n in names if n not in runs or not runs[n].ok]
+        bad = [f"{n}: {runs[n].status if n in runs else 'not run'}" for n in names
+               if n not in runs or not runs[n].ok]
         if bad:
             return what, "n/a", target, "n/a (" + "; ".join(b[:80] for b in bad) + ")"
         v = value()
         return what, fmt.format(v), target, "met" if met(v) else "NOT met"
 
     sec = lambda n: runs[n].seconds  # noqa: E731
-    native = [n for n in runs if n.startswith("native")]
+    large = getattr(runs.get("native large no-op"), "files", 0) or 100_000
+    main_runs, large_runs = ["native full", "native no-op"], ["native large full", "native large no-op"]
+    rss = lambda names: max(runs[n].rss_mb for n in names)  # noqa: E731
     return [
         row("full sync: native speed-up over fw sync", ["fw full", "native full"],
             lambda: sec("fw full") / sec("native full"), "{:.1f}x", ">= 5x", lambda v: v >= 5),
@@ -311,9 +327,11 @@ def goals(runs: dict[str, Run]) -> list[tuple[str, str, str, str]]:
             lambda: sec("native full") / sec("floor full"), "{:.2f}", "<= 1.5", lambda v: v <= 1.5),
         row("no-op re-sync: native speed-up over fw sync", ["fw no-op", "native no-op"],
             lambda: sec("fw no-op") / sec("native no-op"), "{:.0f}x", ">= 50x", lambda v: v >= 50),
-        row("native peak RSS (max over its runs)", native or ["native full"],
-            lambda: max(runs[n].rss_mb for n in native), "{:.0f} MB", "< 150 MB", lambda v: v < 150),
-        row("100k-file no-op re-sync, native", ["native large no-op"],
+        row("native peak RSS, main project (full and no-op)", main_runs, lambda: rss(main_runs),
+            "{:.0f} MB", "< 150 MB", lambda v: v < 150),
+        row(f"native peak RSS, {large:,}-file project (full and no-op)", large_runs,
+            lambda: rss(large_runs), "{:.0f} MB", "< 150 MB", lambda v: v < 150),
+        row(f"{large:,}-file no-op re-sync, native", ["native large no-op"],
             lambda: sec("native large no-op"), "{:.2f} s", "< 5 s", lambda v: v < 5),
     ]
 
@@ -337,15 +355,17 @@ def machine() -> str:
 
 
 def table(runs: list[Run], header: list[str]) -> str:
-    out = header + ["", "| run | seconds | files/s | MB/s | peak RSS (MB) | requests | result |",
-                    "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    out = header + ["", "| run | seconds | files/s | MB/s | peak RSS (MB) | CPU s | requests | result |",
+                    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in runs:
         if r.seconds is None:
-            out.append(f"| {r.name} | | | | | | {r.status} |")
+            out.append(f"| {r.name} | | | | | | | {r.status} |")
             continue
-        mbs = "-" if r.noop else f"{r.nbytes / MB / r.seconds:.1f}"
-        out.append(f"| {r.name} | {r.seconds:.2f} | {r.files / r.seconds:,.0f} | {mbs} | "
-                   f"{r.rss_mb:.0f} | {r.requests:,} | {r.status} |")
+        done = not r.status.startswith(("FAILED", "TIMEOUT"))
+        fps = f"{r.files / r.seconds:,.0f}" if done else "-"
+        mbs = f"{r.nbytes / MB / r.seconds:.1f}" if done and not r.noop else "-"
+        out.append(f"| {r.name} | {r.seconds:.2f} | {fps} | {mbs} | "
+                   f"{r.rss_mb:.0f} | {r.cpu:.1f} | {r.requests:,} | {r.status} |")
     out += ["", "| goal | value | target | verdict |", "| --- | ---: | --- | --- |"]
     out += [f"| {' | '.join(g)} |" for g in goals({r.name: r for r in runs})]
     return "\n".join(out) + "\n"
@@ -402,7 +422,10 @@ def main(argv: list[str] | None = None) -> int:
             runs += sync_pair("floor", lambda: floor_command(srv.base_url, project.id, dest), dest,
                               expected, dict(env, FLOOR_API_KEY=KEY), work, args.timeout, srv,
                               noop=False)
-            if not args.skip_large:
+            if args.skip_large:
+                runs += [Run(f"native large {kind}", status="skipped (--skip-large)")
+                         for kind in ("full", "no-op")]
+            else:
                 big, big_expected = load_project("many", sizes["large"])
                 header.append(f"- large project: {describe('many', sizes['large'], big_expected, big)}")
                 srv.projects[:] = [big]  # served alone, like the main project
