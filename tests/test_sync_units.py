@@ -72,8 +72,9 @@ def test_journal_survives_a_torn_line_and_is_folded_into_the_manifest(tmp_path):
     again.save()
     again.release()
     assert not list((tmp_path / ".clpipe-sync").glob("journal-*"))
-    manifest = json.loads((tmp_path / ".clpipe-sync" / "manifest.json").read_text())
-    assert set(manifest["entries"]) == {"c/a.dcm", "c/b.dcm"}
+    lines = (tmp_path / ".clpipe-sync" / "manifest.jsonl").read_text().splitlines()
+    assert json.loads(lines[0]) == {"clpipe_sync_manifest": 2}
+    assert {json.loads(line)["key"] for line in lines[1:]} == {"c/a.dcm", "c/b.dcm"}
 
 
 def test_a_live_lock_stops_a_second_writer(tmp_path):

@@ -110,6 +110,7 @@ class Outcome:
     bytes: int = 0
     seconds: float = 0.0
     files: list[FileResult] = field(default_factory=list)
+    unchanged: list[Record] = field(default_factory=list)  # skipped as already synced (rows made when reporting)
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -311,7 +312,7 @@ class Engine:
             record = records.get(entry.key)
             if record is not None and record.signature == entry.signature and self._present(record):
                 outcome.skipped += len(record.files)
-                outcome.files += [FileResult(f[0], "skipped", True, "") for f in record.files]
+                outcome.unchanged.append(record)
                 continue
             adopted = self._adopt(entry) if record is None else None
             if adopted is not None:
@@ -418,9 +419,11 @@ def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: 
     with open(audit_csv, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["src_path", "dest_path", "status", "existing", "error_message", "action_taken"])
-        for f in sorted(outcome.files, key=lambda f: f.path):
-            src = "" if f.action.startswith("Deleted") else f.path
-            writer.writerow([src, f.path, f.status, str(f.existing), f.error, f.action])
+        rows = [(f.path, f.status, f.existing, f.error, f.action) for f in outcome.files]
+        rows += [(f[0], "skipped", True, "", "") for record in outcome.unchanged for f in record.files]
+        rows.sort(key=lambda row: row[0])
+        for path, status, existing, error, action in rows:
+            writer.writerow(["" if action.startswith("Deleted") else path, path, status, str(existing), error, action])
     data = {
         **extra,
         "created": outcome.created, "updated": outcome.updated, "skipped": outcome.skipped,

@@ -2,8 +2,10 @@
 
 Layout, under ``<dropoff>/.clpipe-sync/``:
 
-* ``manifest.json``: every remote file this tool wrote (key, remote version, local files
-  with sizes and checksums). Rewritten only whole: temp file, fsync, rename.
+* ``manifest.jsonl``: every remote file this tool wrote (key, remote version, local files
+  with sizes and checksums), one JSON object per line after a version line, so that it is
+  read and written one record at a time (100,000 files must not need a giant document in
+  memory). Rewritten only whole: temp file, fsync, rename.
 * ``journal-<run>.jsonl``: one line per finished remote file, appended during a run and
   flushed at once, so a run killed at any moment loses nothing it finished. The next run
   replays it; a torn last line is ignored. Folded into the manifest at the end of a run.
@@ -16,6 +18,7 @@ Layout, under ``<dropoff>/.clpipe-sync/``:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -23,6 +26,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import PreflightError
 
@@ -46,14 +50,18 @@ class Record:
         return cls(data["key"], list(data["sig"]), [list(f) for f in data["files"]])
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str | Iterator[str]) -> None:
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temp, "w", encoding="utf-8") as fh:
-        fh.write(text)
+        fh.writelines([text] if isinstance(text, str) else text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(temp, path)
     _fsync_dir(path.parent)
+
+
+MANIFEST = "manifest.jsonl"
+MANIFEST_VERSION = '{"clpipe_sync_manifest": 2}\n'
 
 
 def _fsync_dir(path: Path) -> None:
@@ -124,24 +132,25 @@ class SyncState:
 
     def load(self) -> None:
         """Read the manifest, then replay journals left by earlier (possibly killed) runs."""
-        path = self.root / "manifest.json"
+        path = self.root / MANIFEST
         if path.exists():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                self.records = {k: Record.from_json(v) for k, v in data.get("entries", {}).items()}
-            except (ValueError, KeyError, TypeError):
-                self.records = {}  # unreadable: files on disk will be checked and adopted again
+            self._read_lines(path)  # an unreadable line is skipped: its files are checked and adopted again
         for journal in sorted(self.root.glob("journal-*.jsonl")):
             self._changed = True
-            for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    record = Record.from_json(json.loads(line))
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line torn by a kill
-                self.records[record.key] = record
+            self._read_lines(journal)  # a line torn by a kill is skipped the same way
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def _read_lines(self, path: Path) -> None:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    data = json.loads(line)
+                    record = Record(data["key"], data["sig"], data["files"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                self.records[record.key] = record
 
     def record(self, record: Record) -> None:
         """Note a finished remote file: journal line, flushed now, fsynced every second."""
@@ -161,15 +170,15 @@ class SyncState:
         self._changed = True
 
     def save(self) -> None:
-        """Fold everything into manifest.json and drop the journals."""
+        """Fold everything into manifest.jsonl and drop the journals."""
         if self._journal is not None:
             self._journal.flush()
             os.fsync(self._journal.fileno())
             self._journal.close()
             self._journal = None
-        if self._changed or not (self.root / "manifest.json").exists():  # a no-op run rewrites nothing
-            data = {"version": 1, "entries": {k: r.to_json() for k, r in sorted(self.records.items())}}
-            _write_atomic(self.root / "manifest.json", json.dumps(data, separators=(",", ":")))
+        if self._changed or not (self.root / MANIFEST).exists():  # a no-op run rewrites nothing
+            lines = (json.dumps(self.records[k].to_json(), separators=(",", ":")) + "\n" for k in sorted(self.records))
+            _write_atomic(self.root / MANIFEST, itertools.chain([MANIFEST_VERSION], lines))
             self._changed = False
         for journal in self.root.glob("journal-*.jsonl"):
             journal.unlink(missing_ok=True)
