@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import files_under, new_project
+from conftest import FW_NEW, files_under, need_tool, new_project
 
 KEY = "test-key-s3cr3t"
 SUMMARY_RE = re.compile(r"Sync summary: (\d+) created, (\d+) updated, (\d+) skipped, (\d+) failed; .*\((\d+) bytes\); [\d.]+ s")
@@ -162,11 +161,7 @@ def test_fw_missing_from_path_says_how_to_install(no_fw_env, tmp_path):
 @pytest.mark.fwcli
 def test_api_key_never_leaves_the_login_file(fw_env, server, tmp_path):
     """No argv or environment of any process clpipe starts, and no file it writes, holds the key."""
-    strace = shutil.which("strace")
-    if strace is None:
-        if os.environ.get("CLPIPE_REQUIRE_TOOLS") == "1":
-            pytest.fail("strace is needed to watch child processes; run scripts/setup.sh")
-        pytest.skip("strace not installed")
+    strace = need_tool(Path(shutil.which("strace") or "/usr/bin/strace"), "strace (watches every child process)")
     fw_env.fw_login(server.login_key(KEY))
     project = tmp_path / "proj"
     config = new_project(project)
@@ -225,9 +220,7 @@ def test_truncated_download_leaves_half_file_and_fails(fw_env, server, tmp_path)
 
 def test_readme_demo_command(tmp_path):
     """The README's first command: a real sync from the bundled server with the real fw."""
-    need = os.environ.get("CLPIPE_REQUIRE_TOOLS") == "1" or Path(os.environ.get("CLPIPE_TEST_FW", "/nonexistent")).exists()
-    if not need:
-        pytest.skip("the demo installs flywheel-cli; run it through scripts/test.sh")
+    need_tool(FW_NEW, "flywheel-cli 18.5.1 (the demo's setup installs it)")
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([str(root / "scripts" / "demo.sh")], env=dict(os.environ, DEMO_DIR=str(tmp_path / "demo")),
                           capture_output=True, text=True, timeout=900)

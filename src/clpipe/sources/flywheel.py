@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import httpx
 
-from ..errors import ConfigError, PreflightError
+from ..errors import PreflightError
 
 URL_EXPECTED = "expected fw://<group>/<project> or fw://<group>/<project>/ (`fw ls` lists your projects)"
 LOGIN_HINT = "run `fw login <SITE>:<API KEY>` (the key is on your Flywheel profile page)"
