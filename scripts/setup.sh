@@ -13,7 +13,16 @@ mode=${1:-all}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 log() { echo "[setup] $*"; }
-quiet_pip() { "$@" 2>&1 | grep -vE "is ignored: it is neither|^\s*$" || true; }
+# run pip quietly, hiding this machine's "Location ... is ignored" noise; fail when pip fails
+quiet_pip() {
+  local out
+  if ! out=$("$@" 2>&1); then
+    printf '%s\n' "$out" | grep -vE "is ignored: it is neither" >&2
+    echo "[setup] failed: $*" >&2
+    return 1
+  fi
+  printf '%s\n' "$out" | grep -vE "is ignored: it is neither|^\s*$" || true
+}
 
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
   echo "clpipe needs Python 3.10 or newer; set PYTHON=/path/to/python3.x" >&2; exit 1
