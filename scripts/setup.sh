@@ -47,7 +47,7 @@ quiet_pip .venv/bin/pip install -q -e '.[test]'
 fw_env() { # fw_env <dir> <pip args...>: a venv with the given packages, made once
   local dir=$1; shift
   if [ ! -f "$dir/.complete" ]; then
-    log "installing $* into $dir (once; the Flywheel CLI brings ~110 packages)"
+    log "installing $* into $dir (once; it is kept for later runs)"
     rm -rf "$dir"; mkdir -p "$(dirname "$dir")"
     "$PY" -m venv "$dir"
     quiet_pip "$dir/bin/pip" install -q "$@"
