@@ -3,7 +3,7 @@ the bundled Flywheel-compatible server, and a fresh clpipe project.
 
 Tool locations come from the environment (scripts/test.sh sets them):
 CLPIPE_TEST_FW (fw 18.5.1), CLPIPE_TEST_FW_OLD (fw 17.5.1), CLPIPE_TEST_SDK_PYTHON.
-With CLPIPE_REQUIRE_TOOLS=1 (as in CI) a missing tool fails the test instead of skipping it.
+A missing tool fails the test with how to install it: scripts/test.sh installs them all.
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ FW_OLD = Path(os.environ.get("CLPIPE_TEST_FW_OLD", TOOLS / "fw-17.5.1" / "bin" /
 
 
 def need_tool(path: Path, what: str) -> Path:
+    """The tool, or a failed test saying how to get it (never a silent skip)."""
     if path.exists():
         return path
-    reason = f"{what} not found at {path}; run scripts/setup.sh"
-    if os.environ.get("CLPIPE_REQUIRE_TOOLS") == "1":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    pytest.fail(f"{what} not found at {path}; run scripts/setup.sh (scripts/test.sh does it for you)")
 
 
 @dataclass

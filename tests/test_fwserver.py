@@ -24,6 +24,8 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
+from conftest import TOOLS, need_tool
+
 from clpipe.testing.fwserver import (
     Acquisition,
     FlywheelTestServer,
@@ -36,7 +38,7 @@ from clpipe.testing.fwserver import (
 
 KEY = "test-key-123"
 TIMEOUT = httpx.Timeout(10.0)
-SDK_PYTHON = os.environ.get("CLPIPE_TEST_SDK_PYTHON", "/root/.cache/clpipe-tests/sdk/bin/python")
+SDK_PYTHON = os.environ.get("CLPIPE_TEST_SDK_PYTHON", str(TOOLS / "sdk" / "bin" / "python"))
 
 
 @pytest.fixture(scope="module")
@@ -450,9 +452,8 @@ print(json.dumps(result))
 """
 
 
-@pytest.mark.skipif(not Path(SDK_PYTHON).exists(),
-                    reason=f"flywheel-sdk interpreter not found at {SDK_PYTHON} (set CLPIPE_TEST_SDK_PYTHON)")
 def test_sdk_walk_and_download(srv, project, tmp_path):
+    need_tool(Path(SDK_PYTHON), "flywheel-sdk's interpreter (CLPIPE_TEST_SDK_PYTHON)")
     script = tmp_path / "walk.py"
     script.write_text(SDK_SCRIPT)
     out = tmp_path / "out"
