@@ -68,7 +68,7 @@ def test_journal_survives_a_torn_line_and_is_folded_into_the_manifest(tmp_path):
     again = SyncState(tmp_path, "run2")
     again.acquire()
     again.load()
-    assert set(again.records) == {"c/a.dcm", "c/b.dcm"}
+    assert set(again.keys()) == {"c/a.dcm", "c/b.dcm"} and again.get("c/b.dcm").files == [["x/b.dcm", 20, ""]]
     again.save()
     again.release()
     assert not list((tmp_path / ".clpipe-sync").glob("journal-*"))

@@ -150,6 +150,11 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, ba
 @_debug_option
 def run_plan_cli(plan_file) -> int:
     """Run a sync plan on this node (what a batch job executes)."""
+    import atexit
+
+    from ..batch.local import wait_for_tee
+
+    atexit.register(wait_for_tee)
     from ..fwcli import SyncPlan, run_plan
 
     plan = SyncPlan.from_json(Path(plan_file).read_text())
@@ -201,3 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"clpipe: internal error: {exc.__class__.__name__}: {exc} (rerun with -debug for the traceback)", err=True)
         sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+from .modulefile import modulefile_cli  # noqa: E402  (registered last: it uses _debug_option)
+cli.add_command(modulefile_cli)

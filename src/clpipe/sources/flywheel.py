@@ -270,20 +270,17 @@ class FlywheelSource:
         self._client.close()
 
     def entries(self, project_id: str, url: FlywheelURL, body_filters: dict, params: dict,
-                unpack: bool = True, template: str | None = None) -> list:
+                unpack: bool = True, template: str | None = None) -> Iterator:
+        """The project's files as :class:`RemoteEntry` items, yielded as the listing streams in."""
         from ..sync.engine import RemoteEntry
         from ..sync.layout import bids_label, render, safe_relpath
 
-        strip = r"^/?[^/]+/" if url.trailing_slash else r"^/"
-        seen: set[str] = set()
+        strip = re.compile(r"^/?[^/]+/" if url.trailing_slash else r"^/")
+        seen: set[str] = set()  # local paths (the entries' own strings: no copies)
         labels_seen: dict[tuple[str, str], str] = {}  # (field, safe label) -> Flywheel label
-        result = []
         for target in self.api.download_targets(project_id, body_filters, params):
             dst = target.get("dst_path", "")
-            name = os.path.normpath(re.sub(strip, "", dst))
-            if name in seen:  # the server may list a file twice (fw skips repeats too)
-                continue
-            seen.add(name)
+            name = os.path.normpath(strip.sub("", dst))
             filename = target.get("filename", "")
             sidecar = target.get("download_type") == "metadata_sidecar"
             is_zip = unpack and not sidecar and target.get("filetype") == "dicom" and filename.lower().endswith("zip")
@@ -305,27 +302,30 @@ class FlywheelSource:
                 head, _, tail = path.rpartition("/")
                 tail = _ZIP_SUFFIX.sub("", tail) or "_"
                 path = f"{head}/{tail}" if head else tail
+            if path in seen:  # the server may list a file twice (fw skips repeats too)
+                continue
+            seen.add(path)
             inline = json.dumps(target.get("metadata")).encode() if sidecar else None
-            result.append(RemoteEntry(
+            yield RemoteEntry(
+                # "<container id>/<file name>": also how open() finds the file (ids have no "/")
                 key=f"{target.get('container_id')}/{filename}" + ("#metadata" if sidecar else ""),
                 path=path,
                 size=len(inline) if inline is not None else int(target.get("size") or 0),
                 modified=_epoch(target["modified"]) if target.get("modified") else 0.0,
                 checksum=parse_hash(target.get("hash")),
                 unpack=is_zip,
-                ref=(target.get("container_id"), filename, inline),
-                name=filename,
-            ))
-        return result
+                ref=inline,  # the metadata sidecar's bytes; None for a file to download
+                name="" if path.endswith("/" + filename) or path == filename else filename,
+            )
 
     @contextmanager
     def open(self, entry) -> Iterator[Iterator[bytes]]:
         from ..sync.engine import PermanentError, TransientError
 
-        container_id, filename, inline = entry.ref
-        if inline is not None:
-            yield iter([inline])
+        if entry.ref is not None:  # a metadata sidecar, made from the listing
+            yield iter([entry.ref])
             return
+        container_id, filename = entry.key.split("/", 1)
         path = f"/containers/{container_id}/files/{quote(filename, safe='')}"
         try:
             with self._client.stream("GET", path) as response:
@@ -345,7 +345,7 @@ class FlywheelSource:
 
     def members(self, entry) -> list[tuple[str, int]] | None:
         """The members of a zipped series (``?info=true``), to adopt an unpacked folder."""
-        container_id, filename, _ = entry.ref
+        container_id, filename = entry.key.split("/", 1)
         try:
             response = self._client.get(f"/containers/{container_id}/files/{quote(filename, safe='')}", params={"info": "true"})
         except httpx.HTTPError:

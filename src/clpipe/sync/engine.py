@@ -19,6 +19,7 @@ import os
 import posixpath
 import random
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -28,7 +29,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 from ..console import human_bytes, summary_line
 from .layout import flatten_members, inside
@@ -110,7 +111,7 @@ class Outcome:
     bytes: int = 0
     seconds: float = 0.0
     files: list[FileResult] = field(default_factory=list)
-    unchanged: list[Record] = field(default_factory=list)  # skipped as already synced (rows made when reporting)
+    unchanged: list[str] = field(default_factory=list)  # keys skipped as already synced (rows made when reporting)
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -132,6 +133,22 @@ def _hasher(checksum: str | None):
         return None
 
 
+def _terminal():
+    """Where the live bar goes: stdout when it is the terminal; else the terminal itself
+    when the job was started from one (its output then goes through ``tee`` to the log)."""
+    if sys.stdout.isatty():
+        return sys.stdout
+    try:
+        return open("/dev/tty", "w")
+    except OSError:
+        return sys.stdout
+
+
+def watched() -> bool:
+    """Does somebody watch this run on a terminal (then: a live bar, not progress lines)?"""
+    return sys.stdout.isatty() or os.environ.get("CLPIPE_TTY_PROGRESS") == "1"
+
+
 class Progress:
     """A live bar on a terminal (rich), a plain line every PROGRESS_EVERY seconds otherwise."""
 
@@ -144,7 +161,10 @@ class Progress:
         if interactive and total_files:
             from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TimeRemainingColumn, TransferSpeedColumn
 
-            self._bar = Bar("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+            from rich.console import Console
+
+            self._bar = Bar("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=Console(file=_terminal(), stderr=False))
             self._task = self._bar.add_task(f"syncing {total_files} files", total=total_bytes or None)
             self._bar.start()
 
@@ -303,26 +323,35 @@ class Engine:
 
     # -- the run -------------------------------------------------------------------------
 
-    def run(self, entries: list[RemoteEntry]) -> Outcome:
+    def run(self, entries: Iterable[RemoteEntry]) -> Outcome:
+        """Sync every entry. ``entries`` may be a generator: each is checked against the
+        manifest as it arrives and dropped at once when it is already in place, so a no-op
+        re-sync of 100,000 files never holds 100,000 entries."""
         started = time.monotonic()
         outcome = Outcome()
-        records = self.state.records
+        state = self.state
         todo: list[tuple[RemoteEntry, bool]] = []
+        listed: set[str] | None = set() if self.options.delete else None
+        self.listed = self.listed_bytes = 0
         for entry in entries:
-            record = records.get(entry.key)
+            self.listed += 1
+            self.listed_bytes += entry.size
+            if listed is not None:
+                listed.add(entry.key)
+            record = state.get(entry.key)
             if record is not None and record.signature == entry.signature and self._present(record):
                 outcome.skipped += len(record.files)
-                outcome.unchanged.append(record)
+                outcome.unchanged.append(entry.key)
                 continue
             adopted = self._adopt(entry) if record is None else None
             if adopted is not None:
                 if not self.options.dry_run:
-                    self.state.record(adopted)
+                    state.record(adopted)
                 outcome.skipped += len(adopted.files)
                 outcome.adopted += len(adopted.files)
                 outcome.files += [FileResult(f[0], "skipped", True, "adopted: already intact in the dropoff") for f in adopted.files]
                 continue
-            existing = record is not None or (self.options.dropoff / entry.path).exists()
+            existing = record is not None or os.path.lexists(os.path.join(self.options.dropoff, entry.path))
             todo.append((entry, existing))
 
         if self.options.dry_run:
@@ -348,8 +377,8 @@ class Engine:
                         outcome.files.append(FileResult(entry.path, "failed", existing, "", reason))
                         progress.advance(0, 1)
                         continue
-                    old = records.get(entry.key)
-                    self.state.record(Record(entry.key, entry.signature, files))
+                    old = state.get(entry.key)
+                    state.record(Record(entry.key, entry.signature, files))
                     if old is not None:  # files of the old version that the new one no longer has
                         keep = {f[0] for f in files}
                         for path, *_ in old.files:
@@ -367,19 +396,18 @@ class Engine:
         finally:
             progress.close()
 
-        if self.options.delete:
-            self._delete(entries, outcome)
+        if listed is not None:
+            self._delete(listed, outcome)
         outcome.seconds = time.monotonic() - started
         return outcome
 
-    def _delete(self, entries: list[RemoteEntry], outcome: Outcome) -> None:
+    def _delete(self, listed: set[str], outcome: Outcome) -> None:
         """Remove files this tool wrote whose remote file is gone: never after errors, and
         not more than max_delete files."""
         if outcome.failed:
             outcome.notes.append("--delete skipped: the run had errors, so nothing is deleted")
             return
-        listed = {e.key for e in entries}
-        gone = [r for k, r in self.state.records.items() if k not in listed]
+        gone = [self.state.get(k) for k in self.state.keys() if k not in listed]
         count = sum(len(r.files) for r in gone)
         if count > self.options.max_delete:
             outcome.failed += 1
@@ -412,15 +440,16 @@ def _bounded(pool: ThreadPoolExecutor, work, todo: list, progress: Progress, win
             yield done, item
 
 
-def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: dict) -> None:
+def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: dict, state: SyncState | None = None) -> None:
     """The audit CSV in fw's columns (properly quoted; failed files get a row too) and a
-    JSON summary beside it."""
+    JSON summary beside it. ``state`` gives the files of the unchanged entries."""
     audit_csv.parent.mkdir(parents=True, exist_ok=True)
     with open(audit_csv, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["src_path", "dest_path", "status", "existing", "error_message", "action_taken"])
         rows = [(f.path, f.status, f.existing, f.error, f.action) for f in outcome.files]
-        rows += [(f[0], "skipped", True, "", "") for record in outcome.unchanged for f in record.files]
+        if state is not None:
+            rows += [(f[0], "skipped", True, "", "") for key in outcome.unchanged for f in state.get(key).files]
         rows.sort(key=lambda row: row[0])
         for path, status, existing, error, action in rows:
             writer.writerow(["" if action.startswith("Deleted") else path, path, status, str(existing), error, action])

@@ -83,7 +83,9 @@ class SyncState:
 
     dropoff: Path
     run_id: str
-    records: dict[str, Record] = field(default_factory=dict)
+    # key -> the record's JSON line: a string costs a third of the parsed lists, which matters
+    # with 100,000 files; a record is parsed only when it is looked at.
+    _lines: dict[str, str] = field(default_factory=dict)
     _journal: object = None
     _last_fsync: float = 0.0
     _changed: bool = False  # anything to fold into the manifest?
@@ -147,26 +149,47 @@ class SyncState:
             for line in fh:
                 try:
                     data = json.loads(line)
-                    record = Record(data["key"], data["sig"], data["files"])
+                    key = data["key"]
+                    if not isinstance(key, str) or not isinstance(data["sig"], list) or not isinstance(data["files"], list):
+                        continue
                 except (ValueError, KeyError, TypeError):
                     continue
-                self.records[record.key] = record
+                self._lines[key] = line.rstrip("\n")
+
+    # -- records ------------------------------------------------------------------------
+
+    def get(self, key: str) -> Record | None:
+        line = self._lines.get(key)
+        if line is None:
+            return None
+        data = json.loads(line)
+        return Record(data["key"], data["sig"], data["files"])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._lines
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def keys(self) -> list[str]:
+        return list(self._lines)
 
     def record(self, record: Record) -> None:
         """Note a finished remote file: journal line, flushed now, fsynced every second."""
         if self._journal is None:
             self._journal = open(self.root / f"journal-{self.run_id}.jsonl", "a", encoding="utf-8")
-        self._journal.write(json.dumps(record.to_json(), separators=(",", ":")) + "\n")
+        line = json.dumps(record.to_json(), separators=(",", ":"))
+        self._journal.write(line + "\n")
         self._journal.flush()
         now = time.monotonic()
         if now - self._last_fsync >= FSYNC_EVERY:
             os.fsync(self._journal.fileno())
             self._last_fsync = now
-        self.records[record.key] = record
+        self._lines[record.key] = line
         self._changed = True
 
     def forget(self, key: str) -> None:
-        self.records.pop(key, None)
+        self._lines.pop(key, None)
         self._changed = True
 
     def save(self) -> None:
@@ -177,7 +200,7 @@ class SyncState:
             self._journal.close()
             self._journal = None
         if self._changed or not (self.root / MANIFEST).exists():  # a no-op run rewrites nothing
-            lines = (json.dumps(self.records[k].to_json(), separators=(",", ":")) + "\n" for k in sorted(self.records))
+            lines = (self._lines[k] + "\n" for k in sorted(self._lines))
             _write_atomic(self.root / MANIFEST, itertools.chain([MANIFEST_VERSION], lines))
             self._changed = False
         for journal in self.root.glob("journal-*.jsonl"):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from ..console import say
 from ..errors import PreflightError
 from ..sources.flywheel import FlywheelSource, load_credentials, parse_fw_url
-from .engine import Engine, Options, write_reports
+from .engine import Engine, Options, watched, write_reports
 from .manifest import SyncState
 
 
@@ -40,9 +39,10 @@ def run_native(plan) -> int:
     try:
         entries = source.entries(project["_id"], url, *opts.listing_request(), unpack=opts.unpack,
                                  template=plan.layout_template or None)
-        say(f"listed {len(entries)} remote files ({sum(e.size for e in entries) / 1e6:.1f} MB) in one request")
         if opts.list_only:
-            for entry in sorted(entries, key=lambda e: str(e.path)):
+            entries = sorted(entries, key=lambda e: e.path)
+            say(f"listed {len(entries)} remote files ({sum(e.size for e in entries) / 1e6:.1f} MB) in one request")
+            for entry in entries:
                 print(f"{entry.path}{'/' if entry.unpack else ''}" + (f"  ({entry.size} bytes)" if opts.verbose else ""))
             return 0
         state.acquire()
@@ -50,9 +50,10 @@ def run_native(plan) -> int:
             state.load()
             engine = Engine(source, state, Options(
                 dropoff=dropoff, zip_tmp=temp, jobs=opts.jobs, dry_run=opts.dry_run, delete=opts.delete,
-                max_delete=plan.max_delete, interactive=sys.stdout.isatty() and not opts.quiet,
+                max_delete=plan.max_delete, interactive=watched() and not opts.quiet,
             ))
-            outcome = engine.run(entries)
+            outcome = engine.run(entries)  # checks each entry as the listing streams in
+            say(f"listed {engine.listed} remote files ({engine.listed_bytes / 1e6:.1f} MB) in one request")
             if not opts.dry_run:
                 state.save()
         finally:
@@ -61,7 +62,7 @@ def run_native(plan) -> int:
         source.close()
     outcome.seconds = time.monotonic() - started
     audit, summary = Path(plan.audit_csv), Path(plan.summary_json)
-    write_reports(outcome, audit, summary, {"engine": "native", "source": plan.source_url, "dropoff": plan.dropoff, "run_id": plan.run_id})
+    write_reports(outcome, audit, summary, {"engine": "native", "source": plan.source_url, "dropoff": plan.dropoff, "run_id": plan.run_id}, state)
     for failure in outcome.failures[:50]:
         say(f"FAILED {failure}")
     if len(outcome.failures) > 50:
