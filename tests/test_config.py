@@ -76,7 +76,7 @@ def test_flags_override_file(tmp_path):
     "source, expected",
     [
         ({"SourceURL": "fw://"}, "SourceOptions.SourceURL: 'fw://' is not valid: it does not name a project"),
-        ({"SourceURL": "https://lab/study"}, "SourceOptions.SourceURL: 'https://lab/study' is not valid: expected fw://"),
+        ({"SourceURL": "https://lab/study"}, "SourceOptions.SourceURL: 'https://lab/study' is not valid: 'https://lab/study' is not a source URL clpipe knows; use fw://group/project/"),
         ({"SourceURL": "fw://lab/study/subj"}, "points below a project"),
         ({"SourceURL": "fw://Lab Group/study"}, "is not a Flywheel group id"),
         ({"TimeUsage": "25:99:00"}, "SourceOptions.TimeUsage: '25:99:00' is not valid: minutes must be below 60"),

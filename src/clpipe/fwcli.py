@@ -149,6 +149,10 @@ NATIVE_MEANINGLESS = {
 }
 
 
+# Options of `fw sync` that mean something for the DICOM sources (dicomweb, dimse, file).
+DICOM_ALLOWED = {"yes", "debug", "quiet", "list_only", "verbose", "dry_run", "jobs", "delete", "ca_certs"}
+
+
 def parse_commandline_opts(text: str, where: str, engine: str = "fw-cli") -> SyncOptions:
     """Split CommandLineOpts as a shell would and check them against fw sync's options."""
     try:
@@ -167,7 +171,14 @@ def parse_commandline_opts(text: str, where: str, engine: str = "fw-cli") -> Syn
         raise ConfigError(f"{where}: --save-audit-logs is set by clpipe (the audit log goes to logs/sync_logs); remove it")
     if ns.jobs is not None and ns.jobs < 1:
         raise ConfigError(f"{where}: --jobs must be 1 or more")
-    if engine == "native":
+    if engine == "dicom":  # a DICOM source: the general options only
+        defaults = vars(_fw_sync_option_parser().parse_args([]))
+        for name, value in vars(ns).items():
+            if name not in DICOM_ALLOWED and value != defaults[name]:
+                raise ConfigError(f"{where}: {'--' + name.replace('_', '-')} is an fw sync option for Flywheel projects; "
+                                  "a DICOM source takes only -j/--jobs, -n/--dry-run, -l/--list-only, -v, --delete, "
+                                  "--quiet, -y and --ca-certs; filter with the Query block instead")
+    elif engine == "native":
         for name, what in NATIVE_MEANINGLESS.items():
             if getattr(ns, name) not in (None, False):
                 raise ConfigError(f"{where}: {what} means nothing to the native engine; remove it, or use Engine \"fw-cli\"")
@@ -233,6 +244,8 @@ class SyncPlan:
     summary_json: str = ""
     layout_template: str = ""
     max_delete: int = 1000
+    query: dict = field(default_factory=dict)  # DICOM sources: DicomQuery fields
+    settings: dict = field(default_factory=dict)  # DICOM sources: SourceSettings fields (no secrets)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -273,10 +286,19 @@ def new_run_id() -> str:
 def make_plan(config: "ProjectConfig", run_id: str | None = None) -> SyncPlan:
     """Build the run plan from a validated config (no network, no files written)."""
     source = config.source
-    options = parse_commandline_opts(source.commandline_opts, f"{config.path}: {config.key('commandline_opts')}", source.engine)
+    flywheel = source.is_flywheel
+    options = parse_commandline_opts(source.commandline_opts, f"{config.path}: {config.key('commandline_opts')}",
+                                     source.engine if flywheel else "dicom")
     run_id = run_id or new_run_id()
     logs = config.sync_logs
-    audit_csv = logs / f"flywheel_sync-{run_id}.csv"
+    job_name = "flywheel_sync" if flywheel else "dicom_sync"
+    audit_csv = logs / f"{job_name}-{run_id}.csv"
+    query, settings = {}, {}
+    if not flywheel:
+        query = asdict(source.query)
+        settings = {"calling_aet": source.calling_aet, "retrieve": source.retrieve_method, "move_port": source.move_port,
+                    "tls_ca": source.tls_ca_file or (options.ca_certs or ""), "tls_cert": source.tls_cert_file,
+                    "tls_key": source.tls_key_file, "jobs": options.jobs}
     argv = () if source.engine == "native" else (
         "fw", "sync",
         "--include", "dicom",
@@ -294,15 +316,17 @@ def make_plan(config: "ProjectConfig", run_id: str | None = None) -> SyncPlan:
         temp_dir=str(source.temp_directory),
         sync_logs=str(logs),
         audit_csv=str(audit_csv),
-        log_path=str(logs / f"flywheel_sync-{run_id}.log"),
+        log_path=str(logs / f"{job_name}-{run_id}.log"),
         fw_argv=argv,
-        job_name="flywheel_sync",
+        job_name=job_name,
         resources={"time_seconds": source.time_seconds, "mem_mb": source.mem_mb, "cores": source.cores},
         options=asdict(options),
         engine=source.engine,
-        summary_json=str(logs / f"flywheel_sync-{run_id}.summary.json"),
+        summary_json=str(logs / f"{job_name}-{run_id}.summary.json"),
         layout_template=source.layout_template,
         max_delete=source.max_delete,
+        query=query,
+        settings=settings,
     )
 
 

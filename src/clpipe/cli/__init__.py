@@ -54,28 +54,84 @@ def _find_config(config_file: str | None) -> str:
     raise ConfigError("no config file given and no clpipe_config.json here; pass -config_file PATH")
 
 
+_BATCH_HELP = "Batch configuration: a built-in profile (e.g. slurmUNCConfig.json), a file, or \"\" to run here (overrides BatchConfig)."
+_AFTER_HELP = "Start the sync only after this batch job has completed successfully."
+
+
+def _common_options(func):
+    for option in reversed([
+        click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP),
+        click.option("-dropoff_dir", "--dropoff-dir", "dropoff_dir", help="Where synced DICOMs go (overrides DropoffDirectory)."),
+        click.option("-temp_dir", "--temp-dir", "temp_dir", help="Where temporary files go (overrides TempDirectory)."),
+        click.option("-batch_config", "--batch-config", "batch_config", help=_BATCH_HELP),
+        click.option("-after", "--after", "after", metavar="JOBID", help=_AFTER_HELP),
+        click.option("-submit", "-s", "--submit", "submit", is_flag=True, help=SUBMIT_HELP),
+    ]):
+        func = option(func)
+    return func
+
+
 @dicom.command("flywheel_sync")
-@click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("-source_url", "--source-url", "source_url", help="Flywheel project to sync, fw://<group>/<project>/ (overrides SourceURL). `fw ls` browses projects.")
-@click.option("-dropoff_dir", "--dropoff-dir", "dropoff_dir", help="Where synced DICOMs go (overrides DropoffDirectory).")
-@click.option("-temp_dir", "--temp-dir", "temp_dir", help="Where fw keeps temporary files (overrides TempDirectory).")
 @click.option("-engine", "--engine", "engine", type=click.Choice(["fw-cli", "native"]),
-              help="fw-cli: run the Flywheel CLI's fw sync (default); native: clpipe's own engine, no fw needed (overrides Engine).")
-@click.option("-batch_config", "--batch-config", "batch_config", help="Batch configuration: a built-in profile (e.g. slurmUNCConfig.json), a file, or \"\" to run here (overrides BatchConfig).")
-@click.option("-after", "--after", "after", metavar="JOBID", help="Start the sync only after this batch job has completed successfully.")
-@click.option("-submit", "-s", "--submit", "submit", is_flag=True, help=SUBMIT_HELP)
+              help="native: clpipe's own engine, no fw needed (the default); fw-cli: run the Flywheel CLI's fw sync (overrides Engine).")
+@_common_options
 @_debug_option
 def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, batch_config, after, submit) -> int:
-    """Sync DICOM data from a Flywheel project into the dropoff folder with `fw sync`.
+    """Sync DICOM data from a Flywheel project into the dropoff folder.
 
     Reads SourceOptions from the config file. Log in with `fw login` first. Logs and the
     audit CSV go to <project>/logs/sync_logs.
     """
-    from ..batch.config import load_batch_config
     from ..config import load_project_config
-    from ..fwcli import make_plan
 
     config = load_project_config(_find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir, engine=engine)
+    if not config.source.is_flywheel:
+        raise ConfigError(f"{config.key('source_url')} is {config.source.url}: flywheel_sync syncs Flywheel projects (fw://group/project/); "
+                          "use `clpipe dicom sync` for DICOMweb, DIMSE and file:// sources")
+    return _sync_job(config, batch_config, after, submit)
+
+
+@dicom.command("sync")
+@click.option("-source_url", "--source-url", "source_url",
+              help="What to sync (overrides SourceURL): fw://group/project/, dicomweb+http(s)://host:port/path, "
+                   "dimse://CALLED_AET@host:port or file:///folder.")
+@click.option("-patient_id", "--patient-id", "patient_id", help="Only these patients: a PatientID or pattern with * and ? (overrides Query.PatientID).")
+@click.option("-patient_name", "--patient-name", "patient_name", help="Only these patients: a PatientName pattern, e.g. 'DOE^*' (overrides Query.PatientName).")
+@click.option("-study_date", "--study-date", "study_date", help="Only studies in this date range: YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD (overrides Query.StudyDate).")
+@click.option("-modality", "--modality", "modality", help="Only series of this modality, e.g. MR (overrides Query.Modality).")
+@click.option("-series_description", "--series-description", "series_description", help="Only series whose description matches this pattern (overrides Query.SeriesDescription).")
+@click.option("-accession_number", "--accession-number", "accession_number", help="Only the study with this accession number or pattern (overrides Query.AccessionNumber).")
+@click.option("-limit", "--limit", "limit", type=click.IntRange(min=0), help="At most this many studies (0: all; overrides Query.Limit).")
+@_common_options
+@_debug_option
+def dicom_sync_cli(config_file, source_url, patient_id, patient_name, study_date, modality, series_description,
+                   accession_number, limit, dropoff_dir, temp_dir, batch_config, after, submit) -> int:
+    """Sync DICOM data from any source into the dropoff folder: a Flywheel project, a
+    DICOMweb server, a PACS over DIMSE, or a mounted folder.
+
+    Reads SourceOptions (and its Query block) from the config file; flags override it.
+    Every instance lands once, as <SOPInstanceUID>.dcm, in one folder per subject, session
+    and series. Logs, the audit CSV and a JSON summary go to <project>/logs/sync_logs.
+    """
+    from ..config import load_project_config
+
+    query = {"patient_id": patient_id, "patient_name": patient_name, "study_date": study_date, "modality": modality,
+             "series_description": series_description, "accession_number": accession_number, "limit": limit}
+    config = load_project_config(_find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir,
+                                 temp_dir=temp_dir, query=query)
+    if config.source.is_flywheel and any(v is not None for v in query.values()):
+        raise ConfigError("the query flags (-patient_id, -study_date, ...) are for DICOM sources; filter a Flywheel "
+                          "project with CommandLineOpts (e.g. --include-container-tags)")
+    return _sync_job(config, batch_config, after, submit)
+
+
+def _sync_job(config, batch_config, after, submit) -> int:
+    """Plan the sync job, then print it, run it here, or submit it."""
+    from ..batch.config import load_batch_config
+    from ..fwcli import make_plan
+    from ..sync.layout import dicom_format_string
+
     batch = load_batch_config(batch_config if batch_config is not None else config.batch_config, config.project_directory)
     plan = make_plan(config)
     logs = Path(plan.sync_logs)
@@ -84,6 +140,11 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, ba
     job = plan.job((sys.executable, "-m", "clpipe", "_run_plan", str(plan_path)))
     if after is not None and batch is None:
         raise ConfigError("-after: waiting for another job needs a batch system; set BatchConfig or -batch_config")
+    layout = plan.layout_template
+    if not config.source.is_flywheel and not layout:
+        from ..sources.dicom import DEFAULT_TEMPLATE
+
+        layout = DEFAULT_TEMPLATE
 
     submission = None
     if batch is not None:
@@ -95,18 +156,20 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, ba
         where = "here, with no batch system" if batch is None else f"as a {batch.scheduler} batch job ({batch.name})"
         click.echo(f"Job:       {job.name}, would run {where}")
         click.echo(f"Source:    {plan.source_url}")
+        if plan.query:
+            shown = ", ".join(f"{k}={v!r}" for k, v in plan.query.items() if v)
+            click.echo(f"Query:     {shown or 'everything the source holds'}")
         click.echo(f"Dropoff:   {plan.dropoff}")
         click.echo(f"Temp:      {plan.temp_dir}")
         click.echo(f"Resources: {job.resources.describe()}")
         click.echo(f"Log:       {job.log_path if submission is None else logs / submission.output_pattern}")
         click.echo(f"Audit log: {plan.audit_csv}")
         if plan.engine == "native":
-            click.echo(f"Engine:    native (clpipe's own; no fw needed), {plan.sync_options.jobs} parallel downloads")
+            unit = "downloads" if config.source.is_flywheel else "retrievals"
+            click.echo(f"Engine:    native (clpipe's own; no fw needed), {plan.sync_options.jobs} parallel {unit}")
             click.echo(f"Summary:   {plan.summary_json}")
-            if plan.layout_template:
-                from ..sync.layout import dicom_format_string
-
-                click.echo(f"Layout:    {plan.layout_template} (DICOMFormatString {dicom_format_string(plan.layout_template)!r})")
+            if layout:
+                click.echo(f"Layout:    {layout} (DICOMFormatString {dicom_format_string(layout)!r})")
         else:
             click.echo(f"Command:   {shlex.join(plan.fw_argv)}")
         if submission is not None:
@@ -122,11 +185,10 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, ba
 
     logs.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(plan.to_json())
-    if plan.layout_template:
+    if layout and dicom_format_string(layout):
         from ..config.project import write_dicom_format_string
-        from ..sync.layout import dicom_format_string
 
-        done = write_dicom_format_string(config, dicom_format_string(plan.layout_template))
+        done = write_dicom_format_string(config, dicom_format_string(layout))
         if done:
             click.echo(f"Note:      {done}")
     if submission is None:
@@ -158,6 +220,10 @@ def run_plan_cli(plan_file) -> int:
     from ..fwcli import SyncPlan, run_plan
 
     plan = SyncPlan.from_json(Path(plan_file).read_text())
+    if not plan.source_url.startswith("fw:"):
+        from ..sync.run import run_dicom
+
+        return run_dicom(plan)
     if plan.engine == "native":
         from ..sync.run import run_native
 

@@ -44,6 +44,24 @@ SOURCE_KEYS: dict[str, tuple[str, str]] = {
     "engine": ("Engine", "engine"),
     "layout_template": ("LayoutTemplate", "layout_template"),
     "max_delete": ("MaxDelete", "max_delete"),
+    # DICOM sources (dicomweb+http(s)://, dimse://, file://): `clpipe dicom sync`
+    "query": ("Query", "query"),
+    "calling_aet": ("CallingAET", "calling_aet"),
+    "retrieve_method": ("RetrieveMethod", "retrieve_method"),
+    "move_port": ("MovePort", "move_port"),
+    "tls_ca_file": ("TLSCAFile", "tls_ca_file"),
+    "tls_cert_file": ("TLSCertFile", "tls_cert_file"),
+    "tls_key_file": ("TLSKeyFile", "tls_key_file"),
+}
+# The Query block: canonical -> (legacy, snake)
+QUERY_KEYS: dict[str, tuple[str, str]] = {
+    "patient_id": ("PatientID", "patient_id"),
+    "patient_name": ("PatientName", "patient_name"),
+    "study_date": ("StudyDate", "study_date"),
+    "modality": ("Modality", "modality"),
+    "series_description": ("SeriesDescription", "series_description"),
+    "accession_number": ("AccessionNumber", "accession_number"),
+    "limit": ("Limit", "limit"),
 }
 SOURCE_SECTION = ("SourceOptions", "source")
 
@@ -81,8 +99,16 @@ SOURCE_DEFAULTS = {
     "engine": "fw-cli",
     "layout_template": "",
     "max_delete": 1000,
+    "query": None,
+    "calling_aet": "CLPIPE",
+    "retrieve_method": "get",
+    "move_port": 0,
+    "tls_ca_file": "",
+    "tls_cert_file": "",
+    "tls_key_file": "",
 }
 ENGINES = ("fw-cli", "native")
+RETRIEVE_METHODS = ("get", "move")
 
 
 def key_name(canonical: str, style: Style, table: dict[str, tuple[str, str]] = SOURCE_KEYS) -> str:
@@ -95,7 +121,7 @@ class SourceModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source_url: FlywheelURL
+    source_url: Any  # FlywheelURL (fw://) or SourceURL (the DICOM sources)
     dropoff_directory: str
     temp_directory: str
     commandline_opts: str
@@ -105,6 +131,47 @@ class SourceModel(BaseModel):
     engine: str
     layout_template: str
     max_delete: int
+    query: Any = None  # validated in load_project_config (its keys need the file's spelling)
+    calling_aet: str = "CLPIPE"
+    retrieve_method: str = "get"
+    move_port: int = 0
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    @field_validator("calling_aet", mode="before")
+    @classmethod
+    def _aet(cls, value: Any) -> str:
+        text = str(value or "").strip()
+        if not 0 < len(text) <= 16 or not text.isascii() or "\\" in text:
+            raise ValueError("expected an AE title of 1-16 ASCII characters without a backslash")
+        return text
+
+    @field_validator("retrieve_method", mode="before")
+    @classmethod
+    def _retrieve(cls, value: Any) -> str:
+        text = str(value or "").strip().lower().removeprefix("c-")
+        if text not in RETRIEVE_METHODS:
+            raise ValueError("expected \"get\" (C-GET) or \"move\" (C-MOVE, which needs MovePort)")
+        return text
+
+    @field_validator("move_port", mode="before")
+    @classmethod
+    def _port(cls, value: Any) -> int:
+        if isinstance(value, bool) or not str(value).strip().isdigit() or not 0 <= int(value) < 65536:
+            raise ValueError("expected a TCP port number (1-65535), or 0 for none")
+        return int(value)
+
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file", mode="before")
+    @classmethod
+    def _file(cls, value: Any) -> str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ValueError("expected a file path as text")
+        if value and not Path(value).expanduser().is_file():
+            raise ValueError("no such file")
+        return value
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -116,14 +183,11 @@ class SourceModel(BaseModel):
     @field_validator("layout_template", mode="before")
     @classmethod
     def _template(cls, value: Any) -> str:
-        from ..sync.layout import check_template
-
         if value is None or value == "":
             return ""
         if not isinstance(value, str):
             raise ValueError("expected a template such as {subject}/{session}/{acquisition}")
-        check_template(value)
-        return value
+        return value  # its fields depend on the source: checked in load_project_config
 
     @field_validator("max_delete", mode="before")
     @classmethod
@@ -134,12 +198,19 @@ class SourceModel(BaseModel):
 
     @field_validator("source_url", mode="before")
     @classmethod
-    def _url(cls, value: Any) -> FlywheelURL:
-        if isinstance(value, FlywheelURL):
+    def _url(cls, value: Any) -> Any:
+        from ..sources.dicom import SourceURL, parse_source_url
+
+        if isinstance(value, (FlywheelURL, SourceURL)):
             return value
         if not isinstance(value, str):
             raise ValueError("expected a text value such as fw://<group>/<project>/")
-        return parse_fw_url(value.strip())
+        if value.strip().lower().startswith("fw:") or "://" not in value:
+            return parse_fw_url(value.strip())
+        try:
+            return parse_source_url(value.strip())
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("SourceURL: ")) from None
 
     @field_validator("dropoff_directory", "temp_directory", "commandline_opts", mode="before")
     @classmethod
@@ -182,6 +253,17 @@ class SourceConfig:
     engine: str = "fw-cli"
     layout_template: str = ""
     max_delete: int = 1000
+    query: Any = None  # DicomQuery, for the DICOM sources
+    calling_aet: str = "CLPIPE"
+    retrieve_method: str = "get"
+    move_port: int = 0
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    @property
+    def is_flywheel(self) -> bool:
+        return isinstance(self.url, FlywheelURL)
 
 
 @dataclass(frozen=True)
@@ -309,8 +391,10 @@ def load_project_config(
     dropoff_dir: str | None = None,
     temp_dir: str | None = None,
     engine: str | None = None,
+    query: dict | None = None,
 ) -> ProjectConfig:
-    """Read, validate and resolve a project config; flags override the file's values."""
+    """Read, validate and resolve a project config; flags override the file's values
+    (``query``: Query keys by canonical name, from the flags of ``clpipe dicom sync``)."""
     path = Path(config_file).expanduser().absolute()
     data = _read_mapping(path)
     style = _detect_style(data, path)
@@ -343,13 +427,37 @@ def load_project_config(
         shown = flag_names[canonical] if canonical in from_flag else f"{section}.{key_name(canonical, style)}"
         bad = values.get(canonical)
         raise ConfigError(f"{path}: {shown}: {bad!r} is not valid: {message}") from None
-    if model.layout_template and model.engine != "native":
-        raise ConfigError(f"{path}: {section}.{key_name('layout_template', style)}: a layout template needs the native engine; "
-                          f"set {key_name('engine', style)} to \"native\" (fw sync always uses Flywheel's layout)")
+    where = lambda c: flag_names[c] if c in from_flag else f"{section}.{key_name(c, style)}"  # noqa: E731
+    flywheel = isinstance(model.source_url, FlywheelURL)
+    engine_value = model.engine
+    engine_given = "engine" in from_flag or key_name("engine", style) in (data.get(section) or {})
+    if not flywheel:
+        if engine_given and model.engine != "native":
+            raise ConfigError(f"{path}: {where('engine')}: the fw-cli engine syncs only from Flywheel (fw://); "
+                              f"remove {key_name('engine', style)} or set it to \"native\" for {model.source_url}")
+        engine_value = "native"
+    if model.layout_template:
+        from ..sync.layout import check_template
+
+        try:
+            if flywheel:
+                check_template(model.layout_template)
+            else:
+                from ..sources.dicom import check_dicom_template
+
+                check_dicom_template(model.layout_template)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {where('layout_template')}: {exc}") from None
+        if engine_value != "native":
+            raise ConfigError(f"{path}: {section}.{key_name('layout_template', style)}: a layout template needs the native engine; "
+                              f"set {key_name('engine', style)} to \"native\" (fw sync always uses Flywheel's layout)")
+    dicom_query = None if flywheel else _query(model.query, query or {}, style, path, f"{section}.{key_name('query', style)}")
+    if not flywheel and model.retrieve_method == "move" and not model.move_port:
+        raise ConfigError(f"{path}: {where('retrieve_method')} is \"move\": set {key_name('move_port', style)} to the port on which "
+                          "this machine receives the images (the PACS must know our AE title at that port)")
 
     dropoff = _resolve(project_dir, model.dropoff_directory) if model.dropoff_directory.strip() else project_dir / "data_DICOMs"
     temp = _resolve(project_dir, model.temp_directory) if model.temp_directory.strip() else project_dir / "flywheel_tmp"
-    where = lambda c: flag_names[c] if c in from_flag else f"{section}.{key_name(c, style)}"  # noqa: E731
     check_writable_dir(dropoff, f"{path}: {where('dropoff_directory')}")
     check_writable_dir(temp, f"{path}: {where('temp_directory')}")
     check_writable_dir(project_dir / "logs" / "sync_logs", f"{path}: the log folder")
@@ -372,9 +480,16 @@ def load_project_config(
         cores=model.core_usage,
         raw_time=str(values["time_usage"]),
         raw_mem=str(values["mem_usage"]),
-        engine=model.engine,
+        engine=engine_value,
         layout_template=model.layout_template,
         max_delete=model.max_delete,
+        query=dicom_query,
+        calling_aet=model.calling_aet,
+        retrieve_method=model.retrieve_method,
+        move_port=model.move_port,
+        tls_ca_file=str(Path(model.tls_ca_file).expanduser()) if model.tls_ca_file else "",
+        tls_cert_file=str(Path(model.tls_cert_file).expanduser()) if model.tls_cert_file else "",
+        tls_key_file=str(Path(model.tls_key_file).expanduser()) if model.tls_key_file else "",
     )
     return ProjectConfig(
         path=path,
@@ -387,6 +502,43 @@ def load_project_config(
         raw=data,
     )
 
+
+
+def _query(block: Any, flags: dict, style: Style, path: Path, where: str):
+    """The Query block (+ flags) as a DicomQuery; messages name the user's own key."""
+    from ..sources.dicom import DicomQuery, check_study_date
+
+    if block is None:
+        block = {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: {where}: expected an object such as {{\"PatientID\": \"SUBJ*\"}}, found {type(block).__name__}")
+    by_name = {key_name(c, style, QUERY_KEYS): c for c in QUERY_KEYS}
+    values: dict[str, Any] = {}
+    shown: dict[str, str] = {}
+    for key, value in block.items():
+        if key not in by_name:
+            raise _unknown_key(path, where, key, list(by_name))
+        values[by_name[key]] = value
+        shown[by_name[key]] = f"{path}: {where}.{key}"
+    for canonical, value in flags.items():
+        if value is not None:
+            values[canonical] = value
+            shown[canonical] = f"-{canonical}"
+    out: dict[str, Any] = {}
+    for canonical, value in values.items():
+        if canonical == "limit":
+            if isinstance(value, bool) or not str(value).strip().isdigit():
+                raise ConfigError(f"{shown[canonical]}: {value!r} is not valid: expected a whole number of studies (0: no limit)")
+            out["limit"] = int(value)
+        elif value is None:
+            continue
+        elif not isinstance(value, (str, int)):
+            raise ConfigError(f"{shown[canonical]}: {value!r} is not valid: expected text (DICOM wildcards * and ? allowed)")
+        elif canonical == "study_date":
+            out["study_date"] = check_study_date(str(value), shown[canonical])
+        else:
+            out[canonical] = str(value).strip()
+    return DicomQuery(**out)
 
 
 def write_dicom_format_string(config: ProjectConfig, value: str) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
 from ..console import human_bytes, summary_line
-from .layout import flatten_members, inside
+from .layout import flatten_members, inside, safe_part
 from .manifest import Record, SyncState
 
 CHUNK = 1 << 20
@@ -62,13 +62,16 @@ class RemoteEntry:
     unpack: bool  # a zipped series to unpack into ``path``
     ref: object = None  # what the source needs to open it
     name: str = ""  # the remote file's own name, for messages
+    count: int = 0  # a series: how many instances it holds (0: not known)
+    version: str = ""  # what else identifies this version of it (a series: its instance count)
+    series: bool = False  # a DICOM series: the source yields its instances, one file each
 
     def describe(self) -> str:
         return f"{self.path} ({self.name})" if self.name and self.name != posixpath.basename(self.path) else self.path
 
     @property
     def signature(self) -> list:
-        return [self.size, self.modified, self.checksum or ""]
+        return [self.size, self.modified, self.checksum or ""] + ([self.version] if self.version else [])
 
 
 class Source(Protocol):
@@ -207,6 +210,8 @@ class Engine:
         run killed before it journalled): adopt it when it is intact, as ``fw`` judges
         (same size, not older than the remote file)."""
         dropoff = self.options.dropoff
+        if entry.series:  # its files are named by SOPInstanceUID: only a retrieval knows them
+            return None
         if not entry.unpack:
             try:
                 st = os.stat(dropoff / entry.path)
@@ -258,8 +263,50 @@ class Engine:
             progress.advance(-received)
             raise VerifyError("checksum mismatch")
 
+    def _fetch_series(self, entry: RemoteEntry, progress: Progress) -> list[list]:
+        """Retrieve one DICOM series: every instance staged as ``<SOPInstanceUID>.dcm`` (a
+        repeated UID is written once), the count checked, then all renamed into place."""
+        dropoff, tmp = self.options.dropoff, self.state.tmp
+        staged: dict[str, tuple[Path, int]] = {}
+        stem = uuid.uuid4().hex
+        received = 0
+        try:
+            with self.source.instances(entry) as items:
+                for uid, payload in items:
+                    name = safe_part(f"{uid}.dcm") if uid else ""
+                    if not uid or name in staged:
+                        continue
+                    part = tmp / f"{stem}-{len(staged)}.part"
+                    if isinstance(payload, Path):
+                        shutil.copyfile(payload, part)
+                        size = part.stat().st_size
+                    else:
+                        with open(part, "wb") as out:
+                            out.write(payload)
+                        size = len(payload)
+                    staged[name] = (part, size)
+                    received += size
+                    progress.advance(size)
+            if entry.count and len(staged) < entry.count:
+                raise VerifyError(f"received {len(staged)} of the series' {entry.count} instances")
+            if not staged:
+                raise VerifyError("the series has no instances to retrieve")
+            folder = inside(dropoff, entry.path)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, (part, _) in staged.items():
+                os.replace(part, folder / name)
+            return [[f"{entry.path}/{name}", size, ""] for name, (_, size) in staged.items()]
+        except BaseException:
+            progress.advance(-received)
+            raise
+        finally:
+            for part, _ in staged.values():
+                part.unlink(missing_ok=True)
+
     def _fetch(self, entry: RemoteEntry, progress: Progress) -> list[list]:
         """Download (and unpack) one entry into place; returns the manifest file list."""
+        if entry.series:
+            return self._fetch_series(entry, progress)
         dropoff, tmp = self.options.dropoff, self.state.tmp
         if not entry.unpack:
             part = tmp / f"{uuid.uuid4().hex}.part"

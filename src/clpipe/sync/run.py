@@ -1,20 +1,24 @@
-"""Run a sync plan with the native engine against Flywheel (no ``fw`` needed)."""
+"""Run a sync plan with the native engine: Flywheel (no ``fw`` needed) or a DICOM source
+(DICOMweb, DIMSE, a mounted folder). Same steps for all: pre-flight, list, plan against the
+manifest, transfer, verify, record, report."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 from ..console import say
 from ..errors import PreflightError
-from ..sources.flywheel import FlywheelSource, load_credentials, parse_fw_url
 from .engine import Engine, Options, watched, write_reports
 from .manifest import SyncState
 
 
 def run_native(plan) -> int:
-    """Pre-flight, list (one request), sync, verify, record, report. Exit status 0 only
-    when every listed file is in the dropoff, whole."""
+    """A Flywheel project with the native engine. Exit status 0 only when every listed
+    file is in the dropoff, whole."""
+    from ..sources.flywheel import FlywheelSource, load_credentials, parse_fw_url
+
     started = time.monotonic()
     url = parse_fw_url(plan.source_url)
     opts = plan.sync_options
@@ -23,43 +27,62 @@ def run_native(plan) -> int:
     try:
         source.api.check_login()
         project = source.api.lookup_project(url)
-    except BaseException:
+        say(f"native engine; logged in to {credentials.api_url}; project {url.group}/{url.project} found")
+        return _sync(plan, source, lambda: source.entries(project["_id"], url, *opts.listing_request(), unpack=opts.unpack,
+                                                          template=plan.layout_template or None), started)
+    finally:
         source.close()
-        raise
-    say(f"native engine; logged in to {credentials.api_url}; project {url.group}/{url.project} found")
+
+
+def run_dicom(plan) -> int:
+    """A DICOM source (dicomweb+http(s)://, dimse://, file://) with the native engine."""
+    from ..sources.dicom import DEFAULT_TEMPLATE, DicomQuery, SourceSettings, entries, open_source, parse_source_url
+
+    started = time.monotonic()
+    url = parse_source_url(plan.source_url)
+    source = open_source(url, SourceSettings(**plan.settings))
+    try:
+        query = DicomQuery(**plan.query)
+        template = plan.layout_template or DEFAULT_TEMPLATE
+        say(f"native engine; source {url}; layout {template}")
+        return _sync(plan, source, lambda: entries(source, query, template), started)
+    finally:
+        source.close()
+
+
+def _sync(plan, source, listing: Callable[[], Iterable], started: float) -> int:
+    opts = plan.sync_options
     dropoff, temp = Path(plan.dropoff), Path(plan.temp_dir)
     for folder, what in ((dropoff, "DropoffDirectory"), (temp, "TempDirectory"), (Path(plan.sync_logs), "log folder")):
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            source.close()
             raise PreflightError(f"cannot create the {what} {folder}: {exc.strerror}") from None
+    if opts.list_only:
+        found = sorted(listing(), key=lambda e: e.path)
+        say(f"listed {len(found)} remote items")
+        for entry in found:
+            size = f"{entry.count} instances" if entry.series else f"{entry.size} bytes"
+            print(f"{entry.path}{'/' if entry.unpack else ''}" + (f"  ({size})" if opts.verbose else ""))
+        return 0
 
     state = SyncState(dropoff, plan.run_id)
+    state.acquire()
     try:
-        entries = source.entries(project["_id"], url, *opts.listing_request(), unpack=opts.unpack,
-                                 template=plan.layout_template or None)
-        if opts.list_only:
-            entries = sorted(entries, key=lambda e: e.path)
-            say(f"listed {len(entries)} remote files ({sum(e.size for e in entries) / 1e6:.1f} MB) in one request")
-            for entry in entries:
-                print(f"{entry.path}{'/' if entry.unpack else ''}" + (f"  ({entry.size} bytes)" if opts.verbose else ""))
-            return 0
-        state.acquire()
-        try:
-            state.load()
-            engine = Engine(source, state, Options(
-                dropoff=dropoff, zip_tmp=temp, jobs=opts.jobs, dry_run=opts.dry_run, delete=opts.delete,
-                max_delete=plan.max_delete, interactive=watched() and not opts.quiet,
-            ))
-            outcome = engine.run(entries)  # checks each entry as the listing streams in
+        state.load()
+        engine = Engine(source, state, Options(
+            dropoff=dropoff, zip_tmp=temp, jobs=opts.jobs, dry_run=opts.dry_run, delete=opts.delete,
+            max_delete=plan.max_delete, interactive=watched() and not opts.quiet,
+        ))
+        outcome = engine.run(listing())  # checks each entry as the listing streams in
+        if plan.source_url.startswith("fw:"):
             say(f"listed {engine.listed} remote files ({engine.listed_bytes / 1e6:.1f} MB) in one request")
-            if not opts.dry_run:
-                state.save()
-        finally:
-            state.release()
+        else:
+            say(f"listed {engine.listed} series")
+        if not opts.dry_run:
+            state.save()
     finally:
-        source.close()
+        state.release()
     outcome.seconds = time.monotonic() - started
     audit, summary = Path(plan.audit_csv), Path(plan.summary_json)
     write_reports(outcome, audit, summary, {"engine": "native", "source": plan.source_url, "dropoff": plan.dropoff, "run_id": plan.run_id}, state)

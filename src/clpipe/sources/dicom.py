@@ -1,0 +1,300 @@
+"""What every DICOM source shares: source URLs, query filters, series, and the layout.
+
+A DICOM source (DICOMweb, DIMSE, a mounted folder) answers two questions:
+
+* ``series(query)``: which series match the filters, as :class:`Series` items (study and
+  series attributes plus the number of instances when the server says it), each series
+  once (some servers answer once per instance);
+* ``instances(series)``: a context manager yielding ``(sop_instance_uid, payload)`` for
+  every instance of one series, where ``payload`` is the Part-10 file as ``bytes`` or the
+  ``Path`` of a local file to copy.
+
+:func:`entries` turns series into the engine's :class:`RemoteEntry` items: one entry per
+series, kept in the manifest under its SeriesInstanceUID with the instance count as its
+version, so a re-sync whose counts have not changed retrieves nothing. The engine writes
+one file per SOPInstanceUID (``<uid>.dcm``), which also removes duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol, Union
+from urllib.parse import unquote, urlsplit
+
+from ..errors import ConfigError
+from ..sync.layout import bids_label, safe_part, safe_relpath
+
+SCHEMES = ("dicomweb+http", "dicomweb+https", "dimse", "file")
+URL_FORMS = ("dicomweb+http://host:port/path, dicomweb+https://host/path, "
+             "dimse://CALLED_AET@host:port, file:///path/to/folder")
+
+# Fields a DICOM layout template can use, and what they are made from.
+DICOM_FIELDS = {
+    "subject": "PatientID (else PatientName), as a BIDS label",
+    "session": "StudyDate (YYYYMMDD), as a BIDS label",
+    "study": "StudyDate and StudyTime, then StudyDescription",
+    "series": "SeriesNumber (3 digits) and SeriesDescription",
+    "modality": "Modality",
+    "accession": "AccessionNumber",
+    "study_uid": "StudyInstanceUID",
+    "series_uid": "SeriesInstanceUID",
+}
+DEFAULT_TEMPLATE = "{subject}/{session}/{series}"
+MISSING = "unknown"
+
+
+@dataclass(frozen=True)
+class SourceURL:
+    scheme: str  # dicomweb | dimse | file
+    text: str  # as the user wrote it
+    base_url: str = ""  # dicomweb: the http(s) root of the DICOMweb service
+    called_aet: str = ""  # dimse
+    host: str = ""
+    port: int = 0
+    path: str = ""  # file
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_source_url(value: str, where: str = "SourceURL") -> SourceURL:
+    """Check a non-Flywheel SourceURL; ``ConfigError`` saying which form is expected."""
+    text = str(value).strip()
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"{where}: {text!r} is not a source URL clpipe knows; use fw://group/project/ "
+                          f"(clpipe dicom flywheel_sync) or {URL_FORMS}")
+    parts = urlsplit(text)
+    if scheme.startswith("dicomweb"):
+        if not parts.hostname:
+            raise ConfigError(f"{where}: {text!r} has no host; write it as dicomweb+http://host:port/dicom-web")
+        try:
+            parts.port
+        except ValueError:
+            raise ConfigError(f"{where}: {text!r} has a port that is not a number") from None
+        if parts.username or parts.password:
+            raise ConfigError(f"{where}: put no user name or password in the URL (it would reach logs); "
+                              "set CLPIPE_DICOMWEB_USER and CLPIPE_DICOMWEB_PASSWORD, or CLPIPE_DICOMWEB_TOKEN")
+        base = f"{scheme.split('+', 1)[1]}://{parts.netloc}{parts.path.rstrip('/')}"
+        return SourceURL("dicomweb", text, base_url=base)
+    if scheme == "dimse":
+        match = re.fullmatch(r"dimse://([^@/]+)@([^:/]+|\[[^\]]+\]):(\d+)/?", text, flags=re.IGNORECASE)
+        if not match:
+            raise ConfigError(f"{where}: {text!r} is not a DIMSE address; write it as dimse://CALLED_AET@host:port, "
+                              "e.g. dimse://ORTHANC@pacs.example.org:4242")
+        aet, host, port = unquote(match.group(1)), match.group(2).strip("[]"), int(match.group(3))
+        if not 0 < len(aet) <= 16 or not aet.isascii() or "\\" in aet or aet != aet.strip():
+            raise ConfigError(f"{where}: the called AE title {aet!r} must be 1-16 ASCII characters without a backslash "
+                              "or leading/trailing spaces")
+        if not 0 < port < 65536:
+            raise ConfigError(f"{where}: port {port} is not a TCP port (1-65535)")
+        return SourceURL("dimse", text, called_aet=aet, host=host, port=port)
+    if parts.netloc not in ("", "localhost"):
+        raise ConfigError(f"{where}: {text!r}: a file:// URL names a folder on this machine, file:///path "
+                          "(three slashes); mount a network share first")
+    path = unquote(parts.path)
+    if not path.startswith("/"):
+        raise ConfigError(f"{where}: {text!r} needs an absolute path: file:///path/to/folder")
+    return SourceURL("file", text, path=path)
+
+
+@dataclass(frozen=True)
+class DicomQuery:
+    """Which studies and series to sync. Patterns use DICOM wildcards (``*`` and ``?``)."""
+
+    patient_id: str = ""
+    patient_name: str = ""
+    study_date: str = ""  # "YYYYMMDD", "YYYYMMDD-YYYYMMDD", "YYYYMMDD-" or "-YYYYMMDD"
+    modality: str = ""
+    series_description: str = ""
+    accession_number: str = ""
+    limit: int = 0  # at most this many studies (0: all)
+
+    def date_bounds(self) -> tuple[str, str]:
+        """(first, last) day, "" for an open end."""
+        if not self.study_date:
+            return "", ""
+        first, sep, last = self.study_date.partition("-")
+        return (first, last) if sep else (first, first)
+
+    def study_matches(self, attrs: dict) -> bool:
+        """The study-level filters, applied locally too: not every server applies them all."""
+        first, last = self.date_bounds()
+        date = str(attrs.get("StudyDate") or "")
+        if (first or last) and not date:
+            return False
+        if first and date < first or last and date > last:
+            return False
+        return (_matches(self.patient_id, attrs.get("PatientID")) and _matches(self.patient_name, attrs.get("PatientName"))
+                and _matches(self.accession_number, attrs.get("AccessionNumber")))
+
+    def series_matches(self, attrs: dict) -> bool:
+        return _matches(self.modality, attrs.get("Modality")) and _matches(self.series_description, attrs.get("SeriesDescription"))
+
+
+def _matches(pattern: str, value: object) -> bool:
+    if not pattern:
+        return True
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, str(value or ""), flags=re.IGNORECASE | re.DOTALL) is not None
+
+
+def check_study_date(value: str, where: str) -> str:
+    value = str(value or "").strip().replace("/", "").replace(" ", "")
+    if value and not re.fullmatch(r"(\d{8})?-?(\d{8})?", value) or value == "-":
+        raise ConfigError(f"{where}: {value!r} is not a date range; use YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD")
+    first, sep, last = value.partition("-")
+    if first and last and first > last:
+        raise ConfigError(f"{where}: {value!r} ends before it starts")
+    return value
+
+
+@dataclass
+class Series:
+    """One series as the source lists it. ``attrs`` holds DICOM keywords -> str values
+    (PatientID, PatientName, StudyInstanceUID, StudyDate, StudyTime, StudyDescription,
+    AccessionNumber, SeriesInstanceUID, SeriesNumber, SeriesDescription, Modality)."""
+
+    attrs: dict
+    count: int | None = None  # instances in the series, when the server says
+    ref: object = None  # whatever the source needs to retrieve it
+    version: str = ""  # for sources that know more than a count (file://: a fingerprint)
+
+    @property
+    def uid(self) -> str:
+        return str(self.attrs.get("SeriesInstanceUID") or "")
+
+
+Payload = Union[bytes, Path]
+
+
+class DicomSource(Protocol):
+    def series(self, query: DicomQuery) -> Iterator[Series]: ...
+
+    def instances(self, series: Series) -> AbstractContextManager[Iterator[tuple[str, Payload]]]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class SourceSettings:
+    """Options for the non-Flywheel sources (SourceOptions keys and flags)."""
+
+    calling_aet: str = "CLPIPE"
+    retrieve: str = "get"  # dimse: get | move
+    move_port: int = 0  # dimse C-MOVE: where our storage SCP listens
+    tls_ca: str = ""  # dimse TLS / dicomweb https: CA bundle
+    tls_cert: str = ""
+    tls_key: str = ""
+    jobs: int = 4
+    timeout: float = 60.0
+    extra: dict = field(default_factory=dict)
+
+
+def open_source(url: SourceURL, settings: SourceSettings) -> DicomSource:
+    """The source for a URL; its module is imported only when used."""
+    if url.scheme == "dicomweb":
+        from .dicomweb import DicomWebSource
+
+        return DicomWebSource(url, settings)
+    if url.scheme == "dimse":
+        from .dimse import DimseSource
+
+        return DimseSource(url, settings)
+    from .localdir import FolderSource
+
+    return FolderSource(url, settings)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def check_dicom_template(template: str) -> list[str]:
+    """The fields a DICOM layout template uses; ``ValueError`` naming what is wrong."""
+    import string
+    from pathlib import PurePosixPath
+
+    used = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{template!r} is not a valid template ({exc})") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in DICOM_FIELDS or spec or conversion:
+            raise ValueError(f"unknown field {{{name}}} in {template!r}; use {', '.join('{' + f + '}' for f in DICOM_FIELDS)}")
+        used.append(name)
+    if not used or template.startswith("/") or ".." in PurePosixPath(template).parts:
+        raise ValueError(f"{template!r} must be a relative path without '..' that uses at least one field")
+    return used
+
+
+def _text(attrs: dict, keyword: str) -> str:
+    value = attrs.get(keyword)
+    return str(value).strip() if value not in (None, "") else ""
+
+
+def labels(attrs: dict) -> dict[str, str]:
+    """Template values for one series; every missing attribute has a rule."""
+    subject = _text(attrs, "PatientID") or _text(attrs, "PatientName")
+    date = re.sub(r"\D", "", _text(attrs, "StudyDate"))[:8]
+    time = re.sub(r"\D", "", _text(attrs, "StudyTime").split(".")[0])[:6]
+    number = _text(attrs, "SeriesNumber")
+    try:
+        number = f"{int(float(number)):03d}"
+    except ValueError:
+        number = "NA"
+    description = _text(attrs, "SeriesDescription") or _text(attrs, "Modality") or "series"
+    study = "-".join(p for p in (date + (f"T{time}" if time else ""), _text(attrs, "StudyDescription")) if p)
+    return {
+        "subject": bids_label(subject, "subject") if subject else MISSING,
+        "session": date or "nodate",
+        "study": safe_part(study or _text(attrs, "StudyInstanceUID") or MISSING),
+        "series": safe_part(f"{number}-{description}"),
+        "modality": safe_part(_text(attrs, "Modality") or MISSING),
+        "accession": safe_part(_text(attrs, "AccessionNumber") or MISSING),
+        "study_uid": safe_part(_text(attrs, "StudyInstanceUID") or MISSING),
+        "series_uid": safe_part(_text(attrs, "SeriesInstanceUID") or MISSING),
+    }
+
+
+def series_folder(template: str, attrs: dict) -> str:
+    return safe_relpath(template.format(**labels(attrs)))
+
+
+def entries(source: DicomSource, query: DicomQuery, template: str = DEFAULT_TEMPLATE) -> Iterator:
+    """One engine entry per series (each series once), with its folder from the template.
+    Two different series that would share a folder: the later one gets a suffix made
+    from its SeriesInstanceUID, so nothing is mixed or overwritten."""
+    from ..sync.engine import RemoteEntry
+
+    check_dicom_template(template)
+    seen: set[str] = set()
+    folders: dict[str, str] = {}  # folder -> series UID
+    for series in source.series(query):
+        uid = series.uid
+        if not uid or uid in seen:
+            continue
+        seen.add(uid)
+        folder = series_folder(template, series.attrs)
+        if folders.setdefault(folder, uid) != uid:
+            folder = f"{folder}-{hashlib.sha1(uid.encode()).hexdigest()[:8]}"
+            folders[folder] = uid
+        count = series.count if series.count is not None and series.count >= 0 else None
+        yield RemoteEntry(
+            key=f"series/{uid}",
+            path=folder,
+            size=0,  # bytes are not known before retrieval
+            modified=0.0,
+            checksum=None,
+            unpack=True,
+            ref=series,
+            count=count or 0,
+            version=series.version or (f"n={count}" if count is not None else ""),
+            series=True,
+        )
