@@ -62,6 +62,9 @@ def test_without_submit_prints_the_job_and_touches_nothing(project):
     before = sorted(p.relative_to(project) for p in project.rglob("*"))
     code, out, err = clpipe("dicom", "flywheel_sync", "-c", project / "clpipe_config.json")
     assert code == 0, err
+    assert "Engine:    native (clpipe's own; no fw needed), 4 parallel downloads" in out  # the default
+    code, out, err = clpipe("dicom", "flywheel_sync", "-c", project / "clpipe_config.json", "-engine", "fw-cli")
+    assert code == 0, err
     command = next(line for line in out.splitlines() if line.startswith("Command:"))
     argv = shlex.split(command.split(":", 1)[1])
     assert argv[:4] == ["fw", "sync", "--include", "dicom"]
@@ -122,7 +125,7 @@ def test_errors_are_one_line_without_traceback_unless_debug(project):
 def test_bad_commandline_opts(project, opts, expected):
     cfg = project / "clpipe_config.json"
     data = json.loads(cfg.read_text())
-    data["SourceOptions"]["CommandLineOpts"] = opts
+    data["SourceOptions"].update(CommandLineOpts=opts, Engine="fw-cli")  # fw sync's own rules
     cfg.write_text(json.dumps(data))
     code, out, err = clpipe("dicom", "flywheel_sync", "-c", cfg)
     assert code == 2, out
@@ -141,7 +144,7 @@ def test_commandline_opts_parsed_like_fw():
 def test_user_options_come_before_positionals(project):
     cfg = project / "clpipe_config.json"
     data = json.loads(cfg.read_text())
-    data["SourceOptions"]["CommandLineOpts"] = "-y -j 2 --exclude-container-tags '{\"session\": [\"bad scan\"]}'"
+    data["SourceOptions"].update(CommandLineOpts="-y -j 2 --exclude-container-tags '{\"session\": [\"bad scan\"]}'", Engine="fw-cli")
     cfg.write_text(json.dumps(data))
     plan = make_plan(load_project_config(cfg))
     argv = list(plan.fw_argv)

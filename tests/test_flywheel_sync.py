@@ -13,10 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FW_NEW, files_under, need_tool, new_project
+from conftest import FW_NEW, files_under, need_tool, new_project as _new_project
 
 KEY = "test-key-s3cr3t"
 SUMMARY_RE = re.compile(r"Sync summary: (\d+) created, (\d+) updated, (\d+) skipped, (\d+) failed; .*\((\d+) bytes\); [\d.]+ s")
+
+
+def new_project(*args, **source):
+    """These tests judge the fw-cli engine (the real `fw sync`); native is the default."""
+    return _new_project(*args, **{"Engine": "fw-cli", **source})
 
 
 def summary(output: str) -> tuple[int, int, int, int, int]:

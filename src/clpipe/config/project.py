@@ -96,7 +96,7 @@ SOURCE_DEFAULTS = {
     "time_usage": "1:0:0",
     "mem_usage": "10G",
     "core_usage": "1",
-    "engine": "fw-cli",
+    "engine": "native",
     "layout_template": "",
     "max_delete": 1000,
     "query": None,
@@ -250,7 +250,7 @@ class SourceConfig:
     cores: int
     raw_time: str  # as the user wrote it, for display
     raw_mem: str
-    engine: str = "fw-cli"
+    engine: str = "native"
     layout_template: str = ""
     max_delete: int = 1000
     query: Any = None  # DicomQuery, for the DICOM sources
