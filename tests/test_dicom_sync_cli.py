@@ -118,3 +118,15 @@ def test_layout_rules_for_missing_and_odd_attributes():
     bare = {"SeriesInstanceUID": "1.2.4", "Modality": "MR"}
     assert labels(bare)["subject"] == "unknown" and labels(bare)["session"] == "nodate" and labels(bare)["series"] == "NA-MR"
     assert series_folder("{subject}/{session}/{series}", {}) == "unknown/nodate/NA-series"
+
+
+def test_project_setup_takes_a_dicom_source(tmp_path):
+    code, _, err = clpipe("project_setup", "-project_title", "t", "-project_dir", tmp_path / "p",
+                          "-source_url", "dimse://ORTHANC@127.0.0.1:4242")
+    assert code == 0, err
+    config = json.loads((tmp_path / "p" / "clpipe_config.json").read_text())
+    assert config["SourceOptions"]["SourceURL"] == "dimse://ORTHANC@127.0.0.1:4242"
+    code, out, err = clpipe("dicom", "sync", "-c", tmp_path / "p" / "clpipe_config.json")
+    assert code == 0 and "Job:       dicom_sync" in out, err
+    code, _, err = clpipe("project_setup", "-project_title", "t", "-project_dir", tmp_path / "q", "-source_url", "dimse://host:1")
+    assert code == 2 and "dimse://CALLED_AET@host:port" in err

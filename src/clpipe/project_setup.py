@@ -55,10 +55,15 @@ def setup_project(title: str, project_dir: str, source_url: str | None = None, p
     root = Path(project_dir).expanduser().absolute()
     url = source_url or "fw://<group>/<project>/"
     if source_url is not None:
-        try:
-            parse_fw_url(source_url)
-        except ValueError as exc:
-            raise ConfigError(f"-source_url: {source_url!r} is not valid: {exc}") from None
+        if source_url.strip().lower().startswith("fw:") or "://" not in source_url:
+            try:
+                parse_fw_url(source_url)
+            except ValueError as exc:
+                raise ConfigError(f"-source_url: {source_url!r} is not valid: {exc}") from None
+        else:  # a DICOM source for `clpipe dicom sync`
+            from .sources.dicom import parse_source_url
+
+            parse_source_url(source_url, "-source_url")
     config_path = root / "clpipe_config.json"
     if config_path.exists():
         raise ConfigError(f"{config_path} already exists; choose another -project_dir or edit that file")
