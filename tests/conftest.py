@@ -108,4 +108,7 @@ def new_project(root: Path, source_url: str = "fw://lab/study/", **source) -> Pa
 
 
 def files_under(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every synced file under ``root`` (the native engine's own bookkeeping in
+    ``.clpipe-sync/`` is not a synced file)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not str(p.relative_to(root)).startswith(".clpipe-sync/")}

@@ -64,7 +64,7 @@ def nenv(no_fw_env):
 @pytest.mark.fwcli
 def test_same_files_and_bytes_as_fw_sync(fw_env, server, demo_project, tmp_path):
     fw_env.fw_login(server.login_key(KEY))
-    fw_cfg = new_project(tmp_path / "fw")
+    fw_cfg = new_project(tmp_path / "fw", Engine="fw-cli")
     proc = fw_env.clpipe("dicom", "flywheel_sync", "-c", fw_cfg, "-submit", timeout=240)
     assert proc.returncode == 0, proc.stdout
     code, out, summary = native(fw_env, new_project(tmp_path / "native"))
@@ -96,7 +96,7 @@ def test_noop_resync_is_one_listing_and_no_downloads(nenv, server, demo_project,
 @pytest.mark.fwcli
 def test_adopts_a_dropoff_written_by_fw_sync(fw_env, server, demo_project, tmp_path):
     fw_env.fw_login(server.login_key(KEY))
-    config = new_project(tmp_path / "p")
+    config = new_project(tmp_path / "p", Engine="fw-cli")
     assert fw_env.clpipe("dicom", "flywheel_sync", "-c", config, "-submit", timeout=240).returncode == 0
     mark = len(server.requests)
     code, out, summary = native(fw_env, config)
@@ -281,7 +281,7 @@ def test_layout_template_and_dicom_format_string(nenv, server, demo_project, tmp
     assert data["DICOMToBIDSOptions"]["DICOMFormatString"] == "{subject}/{session}/"
     assert "DICOMFormatString" in out
     # a template needs the native engine
-    bad = new_project(tmp_path / "q", LayoutTemplate="{subject}/{session}")
+    bad = new_project(tmp_path / "q", Engine="fw-cli", LayoutTemplate="{subject}/{session}")
     proc = nenv.clpipe("dicom", "flywheel_sync", "-c", bad)
     assert proc.returncode == 2 and "needs the native engine" in proc.stderr
 
