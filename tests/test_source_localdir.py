@@ -1,0 +1,499 @@
+"""The file:// source against clpipe's untidy synthetic export tree
+(``clpipe.testing.dicomdata.make_file_tree``): nested folders, files with and without
+extensions, text and JSON beside the images, a file without preamble, duplicate copies.
+No servers needed; everything runs on a temporary folder."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+import clpipe.sources.localdir as localdir
+from clpipe.errors import ConfigError, PreflightError
+from clpipe.sources.dicom import DEFAULT_TEMPLATE, DicomQuery, SourceSettings, entries, labels, parse_source_url, series_folder
+from clpipe.sources.localdir import FolderSource, read_header
+from clpipe.sync.engine import Engine, Options
+from clpipe.sync.manifest import SyncState
+from clpipe.testing.dicomdata import make_file_tree
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> tuple[Path, dict]:
+    """The export tree (read only: tests that change files make their own copy)."""
+    root = tmp_path_factory.mktemp("export") / "scanner export"
+    return root, make_file_tree(root)
+
+
+@pytest.fixture
+def own_tree(tree, tmp_path) -> tuple[Path, dict]:
+    """A copy of the tree that a test may change."""
+    root, desc = tree
+    copy = tmp_path / "export"
+    shutil.copytree(root, copy, copy_function=shutil.copy2)
+    return copy, desc
+
+
+def source_for(root: Path, jobs: int = 4) -> FolderSource:
+    return FolderSource(parse_source_url(f"file://{root}"), SourceSettings(jobs=jobs))
+
+
+def path_order(rel: str) -> tuple:
+    return tuple(rel.split("/"))
+
+
+def listed(source: FolderSource, query: DicomQuery = DicomQuery()) -> list:
+    return list(source.series(query))
+
+
+class Counting:
+    """Wraps a source's ``instances`` to count which series were retrieved."""
+
+    def __init__(self, source: FolderSource):
+        self.source, self.calls = source, Counter()
+        inner = source.instances
+
+        @contextmanager
+        def instances(entry):
+            self.calls[entry.ref.uid] += 1
+            with inner(entry) as items:
+                yield items
+
+        source.instances = instances
+
+
+def sync(source, dropoff: Path, run_id: str, query: DicomQuery = DicomQuery(), **options):
+    """One engine run as clpipe's runner does it (lock, manifest, run, save)."""
+    state = SyncState(dropoff, run_id)
+    state.acquire()
+    try:
+        state.load()
+        outcome = Engine(source, state, Options(dropoff=dropoff, zip_tmp=dropoff.parent / "ziptmp", jobs=4,
+                                                **options)).run(entries(source, query))
+        state.save()
+    finally:
+        state.release()
+    return outcome
+
+
+def dropoff_files(dropoff: Path) -> dict[str, bytes]:
+    out = {}
+    for path in dropoff.rglob("*"):
+        if path.is_file() and ".clpipe-sync" not in path.relative_to(dropoff).parts:
+            out[path.relative_to(dropoff).as_posix()] = path.read_bytes()
+    return out
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def test_every_instance_once_with_its_series(tree):
+    root, desc = tree
+    source = source_for(root)
+    found = listed(source)
+    expected_series = {s["SeriesInstanceUID"]: s for s in desc["series"]}
+    assert sorted(s.uid for s in found) == sorted(expected_series)
+    assert len({s.uid for s in found}) == len(found)  # each series once
+    sops = [sop for s in found for sop, _ in s.ref]
+    assert len(sops) == len(set(sops)) == desc["counts"]["instances"]
+    assert set(sops) == {i["SOPInstanceUID"] for i in desc["instances"]}
+    by_sop = {i["SOPInstanceUID"]: i for i in desc["instances"]}
+    for series in found:
+        assert series.count == expected_series[series.uid]["instances"] == len(series.ref)
+        assert all(by_sop[sop]["SeriesInstanceUID"] == series.uid for sop, _ in series.ref)
+        assert series.version.startswith("files:")
+    # the file without preamble and file meta is an instance like the others
+    no_preamble = desc["tree"]["no_preamble"][0]
+    kept = {Path(p).relative_to(root).as_posix() for s in found for _, p in s.ref}
+    assert no_preamble in kept
+    assert source.stats.instances == desc["counts"]["instances"]
+
+
+def test_non_dicom_files_are_skipped_and_noted(tree):
+    root, desc = tree
+    source = source_for(root)
+    listed(source)
+    skipped = sorted(Path(p).relative_to(root).as_posix() for p in source.stats.not_dicom)
+    visible = sorted(f["path"] for f in desc["tree"]["other_files"] if not Path(f["path"]).name.startswith("."))
+    assert skipped == visible  # README, notes.txt, series.json, empty.dcm; ._IM0001.dcm is hidden
+    assert any(f"skipped {len(visible)} files that are not DICOM" in note for note in source.notes)
+    assert not source.stats.unreadable
+
+
+def test_duplicates_keep_the_first_file_in_path_order(tree):
+    root, desc = tree
+    source = source_for(root)
+    found = listed(source)
+    files_of: dict[str, list[str]] = {}
+    for f in desc["tree"]["dicom_files"]:
+        files_of.setdefault(f["SOPInstanceUID"], []).append(f["path"])
+    kept = {sop: Path(p).relative_to(root).as_posix() for s in found for sop, p in s.ref}
+    repeated = {sop: paths for sop, paths in files_of.items() if len(paths) > 1}
+    assert len(repeated) == len(desc["tree"]["duplicates"]) == 3
+    for sop, paths in repeated.items():
+        assert kept[sop] == min(paths, key=path_order)
+    dropped = sorted(Path(p).relative_to(root).as_posix() for p in source.stats.duplicates)
+    assert dropped == sorted(p for paths in repeated.values() for p in sorted(paths, key=path_order)[1:])
+    assert any("3 files that repeat an instance" in note for note in source.notes)
+
+
+def test_attributes_match_pydicom_and_the_description(tree):
+    """Text is decoded as pydicom decodes it (UTF-8, Latin-1, no character set)."""
+    root, desc = tree
+    found = {s.uid: s for s in listed(source_for(root))}
+    for expected in desc["series"]:
+        series = found[expected["SeriesInstanceUID"]]
+        assert series.attrs["SeriesDescription"] == (expected["SeriesDescription"] or "").strip()
+        assert series.attrs["SeriesNumber"] == ("" if expected["SeriesNumber"] is None else str(expected["SeriesNumber"]))
+        assert series.attrs["PatientID"] == expected["PatientID"]
+        ds = pydicom.dcmread(series.ref[0][1], force=True, stop_before_pixels=True)
+        for keyword in localdir.SERIES_KEYS:
+            value = ds.get(keyword)
+            text = "" if value is None else "\\".join(map(str, value)) if isinstance(value, pydicom.multival.MultiValue) else str(value)
+            assert series.attrs[keyword] == text.strip(), keyword
+    names = {s.attrs["PatientName"] for s in found.values()}
+    assert names == {"Doe^Jane", "Müller^José", "O'Brien^Sam-Lee"}
+
+
+def test_fast_reader_agrees_with_pydicom_on_every_file(tree):
+    root, _ = tree
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        assert read_header(str(path)) == read_header(str(path), fast=False), path
+
+
+def test_filters_and_study_limit(tree):
+    root, desc = tree
+    source = source_for(root)
+
+    def uids(**query) -> set[str]:
+        return {s.uid for s in listed(source, DicomQuery(**query))}
+
+    def expect(pred) -> set[str]:
+        return {s["SeriesInstanceUID"] for s in desc["series"] if pred(s)}
+
+    studies = {s["StudyInstanceUID"]: s for s in desc["studies"]}
+    assert uids(patient_id="SUB02") == expect(lambda s: s["PatientID"] == "SUB02")
+    assert uids(patient_id="sub 03*") == expect(lambda s: s["PatientID"] == "SUB 03/x")
+    assert uids(patient_name="*José") == expect(lambda s: s["PatientID"] == "SUB02")
+    assert uids(series_description="T1w") == expect(lambda s: s["SeriesDescription"] == "T1w")
+    assert uids(modality="MR") == expect(lambda s: True)
+    assert uids(modality="CT") == set()
+    assert uids(study_date="20240101-20240131") == expect(lambda s: studies[s["StudyInstanceUID"]]["StudyDate"] == "20240115")
+    assert uids(study_date="20240201-") == expect(lambda s: (studies[s["StudyInstanceUID"]]["StudyDate"] or "") >= "20240201")
+    assert uids(accession_number="ACC 0003/b") == expect(lambda s: s["PatientID"] == "SUB 03/x")
+    # limit counts studies (matching ones), in the order their first file is found
+    one = listed(source, DicomQuery(limit=1))
+    assert len({s.attrs["StudyInstanceUID"] for s in one}) == 1
+    first_study = one[0].attrs["StudyInstanceUID"]
+    assert {s.uid for s in one} == expect(lambda s: s["StudyInstanceUID"] == first_study)
+    two = listed(source, DicomQuery(limit=2, patient_id="SUB01"))
+    assert len({s.attrs["StudyInstanceUID"] for s in two}) == 2
+    assert {s.uid for s in two} == expect(lambda s: s["PatientID"] == "SUB01")
+
+
+def test_layout_of_odd_and_missing_attributes(tree):
+    """Folders follow sources/dicom.py labels(): slashes, '..', control characters and
+    missing attributes never make a path that escapes or breaks the dropoff."""
+    root, desc = tree
+    source = source_for(root)
+    found = {e.ref.uid: e for e in entries(source, DicomQuery())}
+    odd = desc["odd"]
+    for uid, entry in found.items():
+        assert entry.path == series_folder(DEFAULT_TEMPLATE, entry.ref.attrs)
+        assert ".." not in entry.path.split("/") and not entry.path.startswith("/")
+        assert entry.count == entry.ref.count and entry.version == entry.ref.version and entry.series
+    assert found[odd["no_description_series"]].path == "SUB01/nodate/NA-MR"  # no date, no number, no description
+    assert found[odd["dotdot_series"]].path == "SUB01/20240115/003-.._.._etc"
+    assert found[odd["control_char_series"]].path == "SUB01/nodate/002-DWI_b=1000  x"
+    slash = [e for e in found.values() if e.ref.attrs["PatientID"] == "SUB 03/x"]
+    assert slash and all(e.path.startswith("SUB03x/20240305/") for e in slash)
+    assert labels(found[odd["no_description_series"]].ref.attrs)["series"] == "NA-MR"
+
+
+# ----------------------------------------------------------------------------- odd files
+
+
+def _dataset(**attrs) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality, ds.SeriesNumber, ds.SeriesDescription = "P1", "Test^Pat", "MR", 7, "odd"
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def _write(ds: Dataset, path: Path, syntax=ExplicitVRLittleEndian) -> Path:
+    ds.file_meta.TransferSyntaxUID = syntax
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def _refused(*_args, **_kw):
+    raise AssertionError("the fast reader should have read this file itself")
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_fast_reader_skips_undefined_length_sequences_and_long_values(tmp_path, monkeypatch, syntax):
+    """Sequences of undefined length (nested, with undefined-length items) and a private
+    value larger than the first block come before SeriesNumber; the fast reader walks
+    past them without pydicom."""
+    inner = Dataset()
+    inner.ReferencedSOPClassUID, inner.ReferencedSOPInstanceUID = "1.2.3", "1.2.3.4"
+    deeper = Dataset()
+    deeper.CodeValue, deeper.CodingSchemeDesignator = "X", "Y"
+    inner.PurposeOfReferenceCodeSequence = [deeper]
+    ds = _dataset(ReferencedImageSequence=[inner, Dataset()])
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    inner["PurposeOfReferenceCodeSequence"].is_undefined_length = True
+    for item in ds.ReferencedImageSequence:
+        item.is_undefined_length_sequence_item = True
+    ds.add_new(0x00190010, "LO", "CLPIPE TEST")
+    ds.add_new(0x00191001, "OB", bytes(range(256)) * 80)  # 20 kB, past the first 8 kB block
+    path = _write(ds, tmp_path / "seq.dcm", syntax)
+    monkeypatch.setattr(localdir, "_pydicom_values", _refused)
+    header = read_header(str(path))
+    assert header.sop_uid == ds.SOPInstanceUID
+    assert header.attrs["SeriesInstanceUID"] == ds.SeriesInstanceUID and header.attrs["SeriesNumber"] == "7"
+    monkeypatch.undo()
+    assert header == read_header(str(path), fast=False)
+
+
+def test_big_endian_and_iso_2022_go_through_pydicom(tmp_path):
+    ds = _dataset(SpecificCharacterSet=["", "ISO 2022 IR 87"], PatientName="Yamada^Tarou=山田^太郎=やまだ^たろう")
+    path = tmp_path / "be.dcm"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    ds.save_as(path, enforce_file_format=True, little_endian=False, implicit_vr=False)
+    header = read_header(str(path))
+    assert header.attrs["PatientName"] == str(pydicom.dcmread(path).PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    assert header.attrs["SeriesNumber"] == "7" and header.sop_uid == ds.SOPInstanceUID
+
+
+def test_files_that_only_look_like_dicom_are_not_instances(tmp_path):
+    (tmp_path / "group8-garbage").write_bytes(b"\x08\x00\x05\x00" + os.urandom(4000))
+    (tmp_path / "preamble-garbage.dcm").write_bytes(bytes(128) + b"DICM" + os.urandom(4000))
+    (tmp_path / "DICOMDIR").write_bytes(bytes(128) + b"DICM")
+    ds = _dataset()
+    del ds.SeriesInstanceUID  # DICOM, but no series to put it in
+    _write(ds, tmp_path / "no-series.dcm")
+    _write(_dataset(), tmp_path / "good.dcm")
+    source = source_for(tmp_path)
+    found = listed(source)
+    assert [s.count for s in found] == [1]
+    assert sorted(Path(p).name for p in source.stats.not_dicom) == ["DICOMDIR", "group8-garbage", "no-series.dcm",
+                                                                    "preamble-garbage.dcm"]
+
+
+def test_hidden_files_symlinked_folders_and_dropoffs_are_not_walked(tmp_path):
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "a").mkdir(parents=True)
+    outside.mkdir()
+    _write(_dataset(), src / "a" / "1.dcm")
+    _write(_dataset(), outside / "2.dcm")
+    _write(_dataset(), src / ".hidden.dcm")
+    (src / "link").symlink_to(outside, target_is_directory=True)
+    (src / "loop").symlink_to(src, target_is_directory=True)
+    (src / "dropoff" / ".clpipe-sync").mkdir(parents=True)
+    _write(_dataset(), src / "dropoff" / "copied.dcm")
+    source = source_for(src)
+    found = listed(source)
+    assert [Path(p).name for s in found for _, p in s.ref] == ["1.dcm"]
+    assert sorted(Path(p).name for p in source.stats.linked_folders) == ["link", "loop"]
+    assert [Path(p).name for p in source.stats.dropoffs] == ["dropoff"]
+    assert any("symlinked folders" in n for n in source.notes) and any("dropoff" in n for n in source.notes)
+
+
+# ----------------------------------------------------------------------------- folder errors
+
+
+def test_missing_folder_file_and_unreadable_folder(tmp_path, monkeypatch):
+    with pytest.raises(PreflightError) as err:
+        source_for(tmp_path / "not mounted")
+    assert str(tmp_path / "not mounted") in str(err.value) and "mount" in str(err.value)
+    (tmp_path / "a file").write_text("x")
+    with pytest.raises(ConfigError) as err:
+        source_for(tmp_path / "a file")
+    assert "is a file, not a folder" in str(err.value)
+    real_scandir = os.scandir
+
+    def denied(path="."):
+        if os.fspath(path) == str(tmp_path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(localdir.os, "scandir", denied)
+    with pytest.raises(PreflightError) as err:
+        source_for(tmp_path)
+    assert f"cannot list the source folder {tmp_path}: permission denied" in str(err.value)
+
+
+def test_an_empty_folder_is_listed_with_a_note(tmp_path):
+    source = source_for(tmp_path)
+    assert listed(source) == []
+    assert any("holds no files at all" in n and "mounted" in n for n in source.notes)
+
+
+# ----------------------------------------------------------------------------- with the engine
+
+
+def test_sync_copies_every_instance_byte_for_byte_then_nothing(own_tree, tmp_path):
+    root, desc = own_tree
+    dropoff = tmp_path / "dropoff"
+    source = source_for(root)
+    counting = Counting(source)
+    outcome = sync(source, dropoff, "run1")
+    assert outcome.failed == 0, outcome.failures
+    assert outcome.created == desc["counts"]["instances"]
+    files = dropoff_files(dropoff)
+    assert len(files) == desc["counts"]["instances"]
+    folders = {e.ref.uid: e.path for e in entries(source, DicomQuery())}
+    for instance in desc["instances"]:
+        copied = files[f"{folders[instance['SeriesInstanceUID']]}/{instance['SOPInstanceUID']}.dcm"]
+        assert copied == (root / instance["path"]).read_bytes()
+    assert sum(counting.calls.values()) == len(desc["series"])
+
+    counting.calls.clear()
+    again = sync(source, dropoff, "run2")
+    assert (again.created, again.updated, again.failed) == (0, 0, 0)
+    assert again.skipped == desc["counts"]["instances"]
+    assert not counting.calls  # nothing retrieved
+
+
+def test_a_changed_or_added_file_copies_only_its_series_again(own_tree, tmp_path):
+    root, desc = own_tree
+    dropoff = tmp_path / "dropoff"
+    source = source_for(root)
+    counting = Counting(source)
+    assert sync(source, dropoff, "run1").failed == 0
+    by_uid = {s["SeriesInstanceUID"]: s for s in desc["series"]}
+    instance = next(i for i in desc["instances"] if i["SeriesInstanceUID"] == desc["odd"]["rle_series"])
+    path = root / instance["path"]
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched
+
+    counting.calls.clear()
+    outcome = sync(source, dropoff, "run2")
+    assert dict(counting.calls) == {instance["SeriesInstanceUID"]: 1}
+    assert outcome.updated == by_uid[instance["SeriesInstanceUID"]]["instances"] and outcome.created == 0
+
+    # a series that gains an instance (another file, another SOPInstanceUID) is copied again, whole
+    ds = pydicom.dcmread(root / next(i["path"] for i in desc["instances"]
+                                     if i["SeriesInstanceUID"] == desc["odd"]["implicit_vr_series"]))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(root / "late arrival.dcm", enforce_file_format=True)
+    counting.calls.clear()
+    outcome = sync(source, dropoff, "run3")
+    assert dict(counting.calls) == {desc["odd"]["implicit_vr_series"]: 1}
+    assert outcome.updated == by_uid[desc["odd"]["implicit_vr_series"]]["instances"] + 1 and outcome.failed == 0
+    folder = next(e.path for e in entries(source, DicomQuery()) if e.ref.uid == desc["odd"]["implicit_vr_series"])
+    assert (dropoff / folder / f"{ds.SOPInstanceUID}.dcm").read_bytes() == (root / "late arrival.dcm").read_bytes()
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["read-by-source", "copied-by-engine"])
+def test_a_file_vanished_mid_run_is_retried_then_reported(own_tree, tmp_path, monkeypatch, capsys, large):
+    """Listed, then gone before the copy: a TransientError naming the file (retried, in
+    case the share comes back), then that series fails and every other one arrives."""
+    if large:  # the engine copies the file itself (shutil.copyfile); its OSError becomes the same error
+        monkeypatch.setattr(localdir, "IN_MEMORY", 0)
+    root, desc = own_tree
+    dropoff = tmp_path / "dropoff"
+    source = source_for(root)
+    doomed = next(i for i in desc["instances"] if i["SeriesInstanceUID"] == desc["odd"]["dotdot_series"])
+    listing = list(entries(source, DicomQuery()))
+    (root / doomed["path"]).unlink()
+    state = SyncState(dropoff, "run1")
+    state.acquire()
+    try:
+        state.load()
+        outcome = Engine(source, state, Options(dropoff=dropoff, zip_tmp=tmp_path / "z", jobs=4, retries=1,
+                                                backoff=0.01)).run(listing)
+        state.save()
+    finally:
+        state.release()
+    assert outcome.failed == 1
+    [failure] = outcome.failures
+    assert str(root / doomed["path"]) in failure and "it is gone" in failure
+    assert "[retry]" in capsys.readouterr().out
+    assert outcome.created == desc["counts"]["instances"] - by_series(desc)[desc["odd"]["dotdot_series"]]
+
+
+def by_series(desc: dict) -> dict[str, int]:
+    return {s["SeriesInstanceUID"]: s["instances"] for s in desc["series"]}
+
+
+def test_a_dropoff_inside_the_source_is_not_listed_again(own_tree):
+    root, desc = own_tree
+    source = source_for(root)
+    assert sync(source, root / "synced", "run1").failed == 0
+    assert sum(s.count for s in listed(source)) == desc["counts"]["instances"]
+    assert [Path(p).name for p in source.stats.dropoffs] == ["synced"]
+
+
+def test_unreadable_files_and_broken_links_are_noted(own_tree, monkeypatch):
+    root, desc = own_tree
+    victim = root / desc["instances"][0]["path"]
+    (root / "dangling.dcm").symlink_to(root / "no such file")
+    real = localdir.read_header
+
+    def read_header(path, **kw):
+        if path == str(victim):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, **kw)
+
+    monkeypatch.setattr(localdir, "read_header", read_header)
+    source = source_for(root)
+    found = listed(source)
+    assert sum(s.count for s in found) == desc["counts"]["instances"] - 1
+    assert sorted(source.stats.unreadable) == [f"{root / 'dangling.dcm'}: a broken symbolic link",
+                                               f"{victim}: Permission denied"]
+    assert any(n.startswith("could not read 2 files; check their permissions") for n in source.notes)
+
+
+def test_a_full_dropoff_is_not_blamed_on_the_source(own_tree, tmp_path, monkeypatch):
+    """shutil.copyfile names the source file in its ENOSPC error; that must stay a
+    dropoff problem, not become 'the source file cannot be read'."""
+    import clpipe.sync.engine as engine_module
+
+    monkeypatch.setattr(localdir, "IN_MEMORY", 0)
+
+    def full(src, dst, **kw):
+        raise OSError(28, "No space left on device", str(src))
+
+    monkeypatch.setattr(engine_module.shutil, "copyfile", full)
+    root, desc = own_tree
+    outcome = sync(source_for(root), tmp_path / "dropoff", "run1", retries=0)
+    assert outcome.failed == len(desc["series"])
+    assert all("No space left on device" in f and "listed" not in f for f in outcome.failures)
+
+
+def test_benchmark_quick_mode_runs_every_peer(tmp_path):
+    """bench/dicom_folder.py --quick: every peer runs and is checked; nothing is saved."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    results = bench / "results" / "dicom_folder.md"
+    before = results.read_bytes() if results.exists() else None
+    proc = subprocess.run([sys.executable, str(bench / "dicom_folder.py"), "--quick", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| quick | 1 |")]
+    names = [row.split("|")[3].strip() for row in rows]
+    assert names == ["cp -r full", "native full", "native no-op", "native jobs=1 full",
+                     "clpipe dicom sync full", "clpipe dicom sync no-op"]
+    assert all(row.rstrip().endswith("| ok |") for row in rows), rows
+    assert (results.read_bytes() if results.exists() else None) == before
