@@ -1,0 +1,516 @@
+"""Benchmark the file:// source: clpipe's native engine copying a scanner export folder
+against `cp -r` of the same folder, in one run, on the same data.
+
+    .venv/bin/python bench/dicom_folder.py           # full run, writes bench/results/dicom_folder.md
+    .venv/bin/python bench/dicom_folder.py --quick   # a small tree, every peer and check, nothing saved
+
+The trees are clpipe's synthetic export (``clpipe.testing.dicomdata.make_file_tree``:
+nested folders, text and JSON files mixed in, a file without preamble, duplicate copies),
+cached in bench/.cache/ (delete it to reclaim ~750 MB): "MR slices" (5,107 instances of
+256x256, 128 kB each, like real MR images) and "small files" (the same at 64x64, ~9 kB:
+the per-file cost laid bare).
+
+Peers, each a subprocess writing into a fresh folder, in rounds (cp, native, native with
+one job, the clpipe command; then again), so a burst of load from other work on the
+machine hits peers of the same round alike:
+
+- ``cp -r TREE DEST``: every file of the tree, nothing checked (the floor);
+- native: ``dicom_folder.py --engine``, the engine with FolderSource as clpipe's runner
+  drives it (lock, manifest, run, save) without the CLI around it; interpreter start and
+  imports included; its phases (listing, copying, saving the manifest) are in the table;
+- ``clpipe dicom sync -c CONFIG -submit``: the whole command (config, logs, audit CSV);
+- no-op: the same native or clpipe run again into the synced folder.
+
+Before every run the benchmark calls ``sync`` (the previous run's dirty pages are not
+written during the next). The trees stay in the page cache (dropping it needs
+privileges). Each result is checked: cp's copy file by file against the tree's
+description (DICOM files by SHA-256), native's dropoff for each instance once, byte for
+byte. The goal (native full sync within 1.5x of cp -r) is judged on the median of the
+rounds' native/cp ratios; the best-of-each ratio is shown beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results" / "dicom_folder.md"
+CACHE = BENCH / ".cache"
+STATE_DIR = ".clpipe-sync"  # the native engine's bookkeeping in the dropoff: not a synced file
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MB = 1e6
+JOBS = 4
+GOAL = 1.5  # native full sync time / cp -r time
+# (label, make_file_tree scale, image rows = columns)
+TREES = {
+    "full": [("MR slices", 37, 256), ("small files", 37, 64)],
+    "quick": [("quick", 2, 32)],  # ~280 files: the code paths, not the speed
+}
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def generator_digest() -> str:
+    from clpipe.testing import dicomdata
+
+    return hashlib.sha1(Path(dicomdata.__file__).read_bytes()).hexdigest()[:10]
+
+
+def export_tree(label: str, scale: int, size: int, work: Path, cached: bool) -> tuple[Path, dict]:
+    """The tree and its description; full runs keep it in bench/.cache/ (keyed by the
+    arguments and the generator's source), quick runs make a small one in ``work``."""
+    from clpipe.testing.dicomdata import load_expected, make_file_tree, write_expected
+
+    base = CACHE if cached else work
+    name = f"dicom-folder-s{scale}-r{size}-{generator_digest()}"
+    tree, expected = base / name, base / f"{name}.expected.json"
+    if expected.is_file() and tree.is_dir():
+        return tree, load_expected(expected)
+    print(f"making the {label} tree (scale {scale}, {size}x{size}) in {tree} ...", flush=True)
+    partial = base / f"{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(tree, ignore_errors=True)
+    base.mkdir(parents=True, exist_ok=True)
+    desc = make_file_tree(partial, scale=scale, rows=size, cols=size)
+    os.replace(partial, tree)
+    desc["root"] = str(tree)
+    write_expected(desc, expected)  # written last: its presence says the tree is whole
+    return tree, desc
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_copy(dest: Path, desc: dict) -> str:
+    """``cp -r``: the same files as the tree, DICOM ones byte for byte."""
+    want = {f["path"]: f.get("sha256") for f in desc["tree"]["dicom_files"]}
+    want.update({f["path"]: None for f in desc["tree"]["other_files"]})
+    got = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+    missing, extra = sorted(want.keys() - got), sorted(got - want.keys())
+    differ = sorted(rel for rel, sha in want.items() if sha and rel in got and _sha256(dest / rel) != sha)
+    return _problems(missing, extra, differ)
+
+
+def check_dropoff(dest: Path, desc: dict) -> str:
+    """The native engine: each instance once, as ``<folder>/<SOPInstanceUID>.dcm``,
+    byte for byte the instance's file."""
+    want = {i["SOPInstanceUID"]: i["sha256"] for i in desc["instances"]}
+    got: dict[str, list[Path]] = {}
+    for path in dest.rglob("*.dcm"):
+        if STATE_DIR not in path.relative_to(dest).parts:
+            got.setdefault(path.name[:-4], []).append(path)
+    others = [p for p in dest.rglob("*") if p.is_file() and STATE_DIR not in p.relative_to(dest).parts
+              and p.suffix != ".dcm"]
+    missing = sorted(want.keys() - got.keys())
+    extra = sorted(got.keys() - want.keys()) + [str(p) for p in others]
+    extra += [f"{uid} ({len(paths)} copies)" for uid, paths in got.items() if len(paths) > 1]
+    differ = sorted(uid for uid, paths in got.items() if uid in want and _sha256(paths[0]) != want[uid])
+    return _problems(missing, extra, differ)
+
+
+def _problems(missing: list, extra: list, differ: list) -> str:
+    found = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in (("missing", missing), ("extra", extra), ("differ", differ)) if v]
+    return "INVALID: " + ", ".join(found) if found else ""
+
+
+# ---------------------------------------------------------------------------- the peers
+
+
+def cp_command(tree: Path, dest: Path) -> list[str]:
+    return ["cp", "-r", str(tree), str(dest)]
+
+
+def engine_command(tree: Path, dest: Path, jobs: int) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--engine", str(tree), str(dest), str(jobs)]
+
+
+def engine_main(tree: str, dest: str, jobs: int) -> int:
+    """The native engine as clpipe's runner drives it (sync/run.py: lock, manifest, run,
+    save), without the CLI around it (config, log files, reports). Prints one JSON line."""
+    started = time.perf_counter()
+    from clpipe.sources.dicom import DicomQuery, SourceSettings, entries, open_source, parse_source_url
+    from clpipe.sync.engine import Engine, Options
+    from clpipe.sync.manifest import SyncState
+
+    imported = time.perf_counter()
+    dropoff = Path(dest)
+    dropoff.mkdir(parents=True, exist_ok=True)
+    source = open_source(parse_source_url(Path(tree).absolute().as_uri()), SourceSettings(jobs=jobs))
+    listed = [0.0]
+
+    def timed(items):
+        yield from items
+        listed[0] = time.perf_counter()  # the engine takes the whole listing before it copies
+
+    state = SyncState(dropoff, f"bench-{os.getpid()}")
+    state.acquire()
+    try:
+        state.load()
+        begun = time.perf_counter()
+        outcome = Engine(source, state, Options(dropoff=dropoff, zip_tmp=dropoff.parent / f"{dropoff.name}.zips",
+                                                jobs=jobs)).run(timed(entries(source, DicomQuery())))
+        copied = time.perf_counter()
+        state.save()
+    finally:
+        state.release()
+        source.close()
+    done = time.perf_counter()
+    print(json.dumps({
+        "created": outcome.created, "updated": outcome.updated, "skipped": outcome.skipped, "failed": outcome.failed,
+        "failures": outcome.failures[:5], "notes": getattr(source, "notes", []),
+        "import_s": imported - started, "list_s": (listed[0] or copied) - begun,
+        "copy_s": copied - (listed[0] or copied), "save_s": done - copied,
+    }))
+    return 1 if outcome.failed else 0
+
+
+def cli_project(work: Path, tree: Path, dest: Path, env: dict) -> Path | str:
+    """A clpipe project (``clpipe project_setup``) whose SourceURL is the tree; or why not."""
+    root = work / f"project-{dest.name}"
+    proc = subprocess.run([sys.executable, "-m", "clpipe", "project_setup", "-project_title", "bench",
+                           "-project_dir", str(root), "-source_url", "fw://lab/study/"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        return f"clpipe project_setup failed: {last_line(proc.stdout + proc.stderr)}"
+    config = root / "clpipe_config.json"
+    data = json.loads(config.read_text())
+    data["SourceOptions"].update(SourceURL=tree.absolute().as_uri(), DropoffDirectory=str(dest), TempDirectory=str(root / "tmp"))
+    config.write_text(json.dumps(data, indent=2))
+    dry = subprocess.run(cli_command(config)[:-1], env=env, capture_output=True, text=True, timeout=120)
+    if dry.returncode != 0:
+        return last_line(dry.stdout + dry.stderr)
+    return config
+
+
+def cli_command(config: Path) -> list[str]:
+    """What a user types (the last argument, -submit, makes it run)."""
+    return [sys.executable, "-m", "clpipe", "dicom", "sync", "-c", str(config), "-submit"]
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Run:
+    tree: str
+    peer: str  # cp | native | clpipe
+    kind: str  # full | no-op
+    round: int
+    files: int = 0
+    nbytes: int = 0
+    seconds: float | None = None
+    rss_mb: float | None = None
+    cpu: float | None = None
+    status: str = "ok"
+    phases: str = ""  # native: list / copy / save seconds
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def name(self) -> str:
+        return f"{self.peer} {self.kind}"
+
+
+def tree_rss(root: int) -> int:
+    """Summed RSS (bytes) of ``root`` and its descendants, from /proc/*/stat."""
+    kids: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            kids.setdefault(int(fields[1]), []).append(int(entry))
+            rss[int(entry)] = int(fields[21]) * PAGE
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += kids.get(pid, [])
+    return total
+
+
+def measure(run: Run, cmd: list[str], env: dict, log: Path, timeout: float) -> str:
+    """Run ``cmd`` in its own session: wall time, CPU of its process tree, peak summed RSS
+    (50 ms samples). Returns its output; a non-zero exit or the timeout fails the run."""
+    stop, peak = threading.Event(), [0]
+
+    def sample(pid: int) -> None:
+        while not stop.wait(0.05):
+            peak[0] = max(peak[0], tree_rss(pid))
+
+    os.sync()  # the previous run's dirty pages are written now, not during this run
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    code = None
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
+        sampler.start()
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            run.seconds = time.perf_counter() - start
+            if proc.poll() is None or code is None:  # also on Ctrl-C: end what we started
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            stop.set()
+            sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run.cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    run.rss_mb = peak[0] / MB
+    text = log.read_text(errors="replace")
+    if code is None:
+        run.status = f"TIMEOUT after {timeout:.0f} s"
+    elif code != 0:
+        run.status = f"FAILED (exit {code}): {last_line(text)[:160]}"
+    return text
+
+
+def last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def engine_report(run: Run, output: str, want_copied: int) -> None:
+    """Read the engine's JSON line: phases for the table, counts for the check."""
+    try:
+        data = json.loads(last_line(output))
+    except ValueError:
+        if run.ok:
+            run.status = f"FAILED: no report ({last_line(output)[:120]})"
+        return
+    run.phases = f"list {data['list_s']:.2f} / copy {data['copy_s']:.2f} / save {data['save_s']:.2f}"
+    copied = data["created"] + data["updated"]
+    if run.ok and copied != want_copied:
+        run.status = f"INVALID: copied {copied} instances, expected {want_copied}"
+
+
+def timed_run(run: Run, cmd: list[str], env: dict, work: Path, timeout: float) -> str:
+    print(f"  [{run.tree}, round {run.round}] {run.name} ...", end=" ", flush=True)
+    slug = re.sub(r"\W+", "-", f"{run.tree}-{run.round}-{run.name}").strip("-")
+    output = measure(run, cmd, env, work / f"{slug}.log", timeout)
+    print(f"{run.seconds:.2f} s, {run.rss_mb:.0f} MB, {run.status}", flush=True)
+    return output
+
+
+def bench_tree(label: str, tree: Path, desc: dict, work: Path, env: dict, rounds: int, jobs: int,
+               timeout: float) -> list[Run]:
+    """``rounds`` x (cp -r, native full + no-op, native with one job, clpipe CLI full +
+    no-op), each into a fresh folder."""
+    instances, nbytes = desc["counts"]["instances"], desc["counts"]["bytes"]
+    tree_files = len(desc["tree"]["dicom_files"]) + len(desc["tree"]["other_files"])
+    tree_bytes = sum(f["size"] for f in desc["tree"]["dicom_files"] + desc["tree"]["other_files"])
+    slug = re.sub(r"\W+", "-", label)
+    cp_dest, native_dest, cli_dest = work / f"{slug}-cp", work / f"{slug}-native", work / f"{slug}-cli"
+    config = cli_project(work, tree, cli_dest, env)
+    runs: list[Run] = []
+    for n in range(1, rounds + 1):
+        shutil.rmtree(cp_dest, ignore_errors=True)
+        run = Run(label, "cp -r", "full", n, tree_files, tree_bytes)
+        timed_run(run, cp_command(tree, cp_dest), env, work, timeout)
+        if run.ok:
+            run.status = check_copy(cp_dest, desc) or "ok"
+        runs.append(run)
+        shutil.rmtree(cp_dest, ignore_errors=True)
+
+        for peer, peer_jobs, kinds in (("native", jobs, ("full", "no-op")), ("native jobs=1", 1, ("full",))):
+            shutil.rmtree(native_dest, ignore_errors=True)
+            for kind in kinds:
+                run = Run(label, peer, kind, n, instances, nbytes if kind == "full" else 0)
+                output = timed_run(run, engine_command(tree, native_dest, peer_jobs), env, work, timeout)
+                engine_report(run, output, instances if kind == "full" else 0)
+                if run.ok:
+                    run.status = check_dropoff(native_dest, desc) or "ok"
+                runs.append(run)
+            shutil.rmtree(native_dest, ignore_errors=True)
+
+        for kind in ("full", "no-op"):
+            run = Run(label, "clpipe dicom sync", kind, n, instances, nbytes if kind == "full" else 0)
+            if isinstance(config, str):
+                run.status = f"not available: {config}"
+            else:
+                if kind == "full":
+                    shutil.rmtree(cli_dest, ignore_errors=True)
+                timed_run(run, cli_command(config), env, work, timeout)
+                if run.ok:
+                    run.status = check_dropoff(cli_dest, desc) or "ok"
+            runs.append(run)
+        shutil.rmtree(cli_dest, ignore_errors=True)
+    return runs
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+def best(runs: list[Run], tree: str, name: str) -> Run | None:
+    done = [r for r in runs if r.tree == tree and r.name == name and r.ok]
+    return min(done, key=lambda r: r.seconds) if done else None
+
+
+def median_of(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def paired(runs: list[Run], tree: str, name: str) -> list[float]:
+    """``name`` / cp -r of the same round, round by round: the two ran back to back, so a
+    burst of load from other work on the machine tends to hit both."""
+    rounds: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r.tree == tree and r.ok and r.name in (name, "cp -r full"):
+            rounds.setdefault(r.round, {})[r.name] = r.seconds
+    return [p[name] / p["cp -r full"] for _, p in sorted(rounds.items()) if len(p) == 2]
+
+
+def goals(runs: list[Run], trees: list[str]) -> list[tuple[str, str, str, str]]:
+    """The goal on the median of the round-by-round ratios (robust to a load burst in one
+    round); the best-of-each ratio and the per-round ratios beside it."""
+    rows = []
+    for tree in trees:
+        cp = best(runs, tree, "cp -r full")
+        for name, target in (("native full", f"<= {GOAL}"), ("native jobs=1 full", "(for information)"),
+                             ("clpipe dicom sync full", "(for information)")):
+            what = f"{tree}: {name} / cp -r full, median of the rounds' ratios"
+            ratios, peer = paired(runs, tree, name), best(runs, tree, name)
+            if not ratios or cp is None or peer is None:
+                rows.append((what, "n/a", target, "n/a (a run failed, see above)"))
+                continue
+            value = median_of(ratios)
+            detail = (f"{value:.2f} (best of each: {peer.seconds / cp.seconds:.2f}; rounds: "
+                      f"{', '.join(f'{r:.2f}' for r in ratios)})")
+            verdict = ("met" if value <= GOAL else "NOT met") if target.startswith("<=") else ""
+            rows.append((what, detail, target, verdict))
+    return rows
+
+
+def machine() -> str:
+    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) * 1024
+    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+    fs = subprocess.run(["stat", "-f", "-c", "%T", tempfile.gettempdir()], capture_output=True, text=True).stdout.strip()
+    return (f"{os.cpu_count()} CPUs ({cpu[1] if cpu else platform.machine()}), {mem / 2**30:.1f} GiB memory, "
+            f"Linux {platform.release()}, Python {platform.python_version()}, work folder on {fs or '?'}, "
+            f"load average at start {os.getloadavg()[0]:.1f}")
+
+
+def table(runs: list[Run], header: list[str], trees: list[str]) -> str:
+    out = header + ["", "| tree | round | run | seconds | files/s | MB/s | peak RSS (MB) | CPU s | native phases (s) | result |",
+                    "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for r in runs:
+        if r.seconds is None:
+            out.append(f"| {r.tree} | {r.round} | {r.name} | | | | | | | {r.status} |")
+            continue
+        done = not r.status.startswith(("FAILED", "TIMEOUT"))
+        fps = f"{r.files / r.seconds:,.0f}" if done else "-"
+        mbs = f"{r.nbytes / MB / r.seconds:.1f}" if done and r.nbytes else "-"
+        out.append(f"| {r.tree} | {r.round} | {r.name} | {r.seconds:.2f} | {fps} | {mbs} | {r.rss_mb:.0f} | "
+                   f"{r.cpu:.2f} | {r.phases} | {r.status} |")
+    out += ["", "| goal | value | target | verdict |", "| --- | ---: | --- | --- |"]
+    out += [f"| {' | '.join(g)} |" for g in goals(runs, trees)]
+    return "\n".join(out) + "\n"
+
+
+def describe(label: str, desc: dict, scale: int, size: int) -> str:
+    c, t = desc["counts"], desc["tree"]
+    other = len(t["other_files"])
+    total = sum(f["size"] for f in t["dicom_files"] + t["other_files"])
+    return (f"{label}: `make_file_tree(scale={scale}, rows=cols={size})`: {len(t['dicom_files']) + other:,} files "
+            f"({total / MB:,.1f} MB) in nested folders, of which {c['instances']:,} instances ({c['bytes'] / MB:,.1f} MB) "
+            f"in {c['series']} series, {len(t['duplicates'])} duplicate copies, {other} non-DICOM files")
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a small tree, one round, results not saved")
+    ap.add_argument("--rounds", type=int, help="times each peer runs (default 5; --quick: 1)")
+    ap.add_argument("--jobs", type=int, default=JOBS, help=f"native engine's parallel series (default {JOBS})")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
+    ap.add_argument("--workdir", type=Path, help="where the copies go (default: a temp folder; put it on the "
+                    "filesystem you care about: the trees are read from bench/.cache/)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    ap.add_argument("--engine", nargs=3, metavar=("TREE", "DEST", "JOBS"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.engine:
+        return engine_main(args.engine[0], args.engine[1], int(args.engine[2]))
+    mode = "quick" if args.quick else "full"
+    rounds = args.rounds or (1 if args.quick else 5)
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="clpipe-bench-folder-", dir=args.workdir))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HOME=str(work / "home"))
+    (work / "home").mkdir()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p)
+    try:
+        runs: list[Run] = []
+        lines = []
+        for label, scale, size in TREES[mode]:
+            tree, desc = export_tree(label, scale, size, work, cached=not args.quick)
+            lines.append(describe(label, desc, scale, size))
+            runs += bench_tree(label, tree, desc, work, env, rounds, args.jobs, args.timeout)
+        header = [
+            "# dicom_folder benchmark: the file:// source",
+            "",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
+            *[f"- tree {line}" for line in lines],
+            f"- peers, alternating, {rounds} round(s), each into a fresh folder after `sync`: `cp -r TREE DEST`; "
+            f"native = the engine with FolderSource, jobs={args.jobs} (native jobs=1: one job), in a fresh Python process "
+            "(`bench/dicom_folder.py --engine`: interpreter start and imports included); `clpipe dicom sync -c CONFIG "
+            "-submit` = the whole command (config, log, audit CSV and summary included); no-op = the same again "
+            "into the synced folder",
+            "- the trees are in the page cache for every peer (they are read before the first run); "
+            "dropping the cache needs privileges a shared machine does not give",
+            "- files/s and MB/s: files and bytes written (cp -r: every file of the tree; native: each instance once)",
+        ]
+        text = table(runs, header, [label for label, _, _ in TREES[mode]])
+        print()
+        print(text)
+        if args.quick:
+            print("(--quick: results not saved)")
+        else:
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(text)
+            print(f"saved {RESULTS.relative_to(ROOT)}")
+        bad = [r for r in runs if not r.ok and not r.status.startswith("not available")]
+        return 1 if bad else 0
+    finally:
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
