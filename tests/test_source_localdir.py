@@ -19,7 +19,8 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 import clpipe.sources.localdir as localdir
 from clpipe.errors import ConfigError, PreflightError
-from clpipe.sources.dicom import DEFAULT_TEMPLATE, DicomQuery, SourceSettings, entries, labels, parse_source_url, series_folder
+from clpipe.sources.dicom import (DEFAULT_TEMPLATE, DicomQuery, SourceSettings, entries, labels, parse_source_url,
+                                  series_folder)
 from clpipe.sources.localdir import FolderSource, read_header
 from clpipe.sync.engine import Engine, Options
 from clpipe.sync.manifest import SyncState
@@ -159,10 +160,31 @@ def test_attributes_match_pydicom_and_the_description(tree):
         ds = pydicom.dcmread(series.ref[0][1], force=True, stop_before_pixels=True)
         for keyword in localdir.SERIES_KEYS:
             value = ds.get(keyword)
-            text = "" if value is None else "\\".join(map(str, value)) if isinstance(value, pydicom.multival.MultiValue) else str(value)
+            if isinstance(value, pydicom.multival.MultiValue):
+                value = "\\".join(map(str, value))
+            text = "" if value is None else str(value)
             assert series.attrs[keyword] == text.strip(), keyword
     names = {s.attrs["PatientName"] for s in found.values()}
     assert names == {"Doe^Jane", "Müller^José", "O'Brien^Sam-Lee"}
+
+
+def test_headers_read_by_threads_when_reading_waits(tree, monkeypatch):
+    """On a share where reads mostly wait, the rest of the files are read by threads; the
+    listing is the same, in the same order."""
+    root, _ = tree
+    serial = [(s.uid, s.ref, s.version) for s in listed(source_for(root))]
+    pools = []
+
+    class Pool(localdir.ThreadPoolExecutor):
+        def __init__(self, *args, **kw):
+            pools.append(kw.get("max_workers"))
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(localdir, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(localdir, "PROBE", 8)
+    monkeypatch.setattr(localdir.time, "thread_time", lambda: 0.0)  # no CPU used: all of it was waiting
+    threaded = [(s.uid, s.ref, s.version) for s in listed(source_for(root, jobs=3))]
+    assert pools == [3] and threaded == serial
 
 
 def test_fast_reader_agrees_with_pydicom_on_every_file(tree):
