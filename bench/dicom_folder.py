@@ -35,26 +35,23 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import benchlib
+from benchlib import MB, last_line, run_measured
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results" / "dicom_folder.md"
 CACHE = BENCH / ".cache"
 STATE_DIR = ".clpipe-sync"  # the native engine's bookkeeping in the dropoff: not a synced file
-PAGE = os.sysconf("SC_PAGE_SIZE")
-MB = 1e6
 JOBS = 4
 GOAL = 1.5  # native full sync time / cp -r time
 # (label, make_file_tree scale, image rows = columns)
@@ -235,70 +232,14 @@ class Run:
         return f"{self.peer} {self.kind}"
 
 
-def tree_rss(root: int) -> int:
-    """Summed RSS (bytes) of ``root`` and its descendants, from /proc/*/stat."""
-    kids: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    fields = fh.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            kids.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * PAGE
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo += kids.get(pid, [])
-    return total
-
-
 def measure(run: Run, cmd: list[str], env: dict, log: Path, timeout: float) -> str:
-    """Run ``cmd`` in its own session: wall time, CPU of its process tree, peak summed RSS
-    (50 ms samples). Returns its output; a non-zero exit or the timeout fails the run."""
-    stop, peak = threading.Event(), [0]
-
-    def sample(pid: int) -> None:
-        while not stop.wait(0.05):
-            peak[0] = max(peak[0], tree_rss(pid))
-
+    """Run ``cmd`` (benchlib.run_measured) after writing out the previous run's dirty pages.
+    Returns its output; a non-zero exit or the timeout fails the run."""
     os.sync()  # the previous run's dirty pages are written now, not during this run
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    code = None
-    with open(log, "wb") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
-        sampler.start()
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            run.seconds = time.perf_counter() - start
-            if proc.poll() is None or code is None:  # also on Ctrl-C: end what we started
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            stop.set()
-            sampler.join()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run.cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-    run.rss_mb = peak[0] / MB
-    text = log.read_text(errors="replace")
-    if code is None:
-        run.status = f"TIMEOUT after {timeout:.0f} s"
-    elif code != 0:
-        run.status = f"FAILED (exit {code}): {last_line(text)[:160]}"
-    return text
-
-
-def last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+    m = run_measured(cmd, env, log, timeout)
+    run.seconds, run.cpu, run.rss_mb = m.seconds, m.cpu, m.rss_mb
+    run.status = m.failure(timeout) or run.status
+    return m.output
 
 
 def engine_report(run: Run, output: str, want_copied: int) -> None:
@@ -415,12 +356,8 @@ def goals(runs: list[Run], trees: list[str]) -> list[tuple[str, str, str, str]]:
 
 
 def machine() -> str:
-    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) * 1024
-    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
     fs = subprocess.run(["stat", "-f", "-c", "%T", tempfile.gettempdir()], capture_output=True, text=True).stdout.strip()
-    return (f"{os.cpu_count()} CPUs ({cpu[1] if cpu else platform.machine()}), {mem / 2**30:.1f} GiB memory, "
-            f"Linux {platform.release()}, Python {platform.python_version()}, work folder on {fs or '?'}, "
-            f"load average at start {os.getloadavg()[0]:.1f}")
+    return f"{benchlib.machine()}, work folder on {fs or '?'}, load average at start {os.getloadavg()[0]:.1f}"
 
 
 def table(runs: list[Run], header: list[str], trees: list[str]) -> str:

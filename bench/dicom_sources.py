@@ -20,11 +20,8 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,18 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from benchlib import MB, last_line, machine, run_measured
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results" / "dicom_sources.md"
 CACHE = BENCH / ".cache"
 STATE_DIR = ".clpipe-sync"  # the native engine's bookkeeping in the dropoff: not a synced file
-PAGE = os.sysconf("SC_PAGE_SIZE")
-MB = 1e6
 JOBS = 4  # parallel series retrievals of the native engine
 HTTP_TIMEOUT = 60.0
 BENCH_PREFIX = "BENCH"  # PatientIDs of benchmark data in shared servers: tests leave them out
 START = 'eval "$(scripts/infra/dicom-up.sh)"'
-PLANNED = ("dicomweb", "dimse", "file")  # the sections, in the order they run
+PLANNED = ("dicomweb",)  # the sections, in the order they run (file://: bench/dicom_folder.py)
 
 
 # ============================================================================ shared framework
@@ -120,68 +117,12 @@ def infra_exports() -> dict[str, str]:
     return found
 
 
-def tree_rss(root: int) -> int:
-    """Summed RSS (bytes) of ``root`` and all its descendants, from /proc/*/stat."""
-    kids: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    fields = fh.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue  # the process has gone
-            kids.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * PAGE
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo += kids.get(pid, [])
-    return total
-
-
 def measure(run: Run, cmd: list[str], env: dict, log: Path, timeout: float, cwd: Path | None = None) -> Run:
-    """Run ``cmd`` in its own session: wall time, CPU time and peak summed RSS of its process
-    tree (sampled every 50 ms); a non-zero exit or the timeout fails the run."""
-    stop, peak = threading.Event(), [0]
-
-    def sample(pid: int) -> None:
-        while not stop.wait(0.05):
-            peak[0] = max(peak[0], tree_rss(pid))
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    code = None
-    with open(log, "wb") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
-        sampler.start()
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            run.seconds = time.perf_counter() - start
-            if proc.poll() is None or code is None:  # also on Ctrl-C: end what we started
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            stop.set()
-            sampler.join()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run.cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-    run.rss_mb = peak[0] / MB
-    if code is None:
-        run.status = f"TIMEOUT after {timeout:.0f} s"
-    elif code != 0:
-        run.status = f"FAILED (exit {code}): {last_line(log.read_text(errors='replace'))[:160]}"
+    """Run ``cmd`` (benchlib.run_measured); a non-zero exit or the timeout fails the run."""
+    m = run_measured(cmd, env, log, timeout, cwd)
+    run.seconds, run.cpu, run.rss_mb = m.seconds, m.cpu, m.rss_mb
+    run.status = m.failure(timeout) or run.status
     return run
-
-
-def last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
 
 
 def measured(bench: Bench, run: Run, cmd: list[str], check: Callable[[], str], env: dict | None = None) -> Run:
@@ -205,14 +146,6 @@ def goal(runs: list[Run], what: str, names: list[str], value: Callable[[dict[str
     v = value(by_name)
     verdict = "-" if met is None else ("met" if met(v) else "NOT met")
     return what, fmt.format(v), target or "-", verdict
-
-
-def machine() -> str:
-    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) * 1024
-    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    return (f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}, "
-            f"{cpu[1] if cpu else platform.machine()}), {mem / 2**30:.1f} GiB memory, "
-            f"Linux {platform.release()}, Python {platform.python_version()}")
 
 
 def render(sec: Section, quick: bool) -> str:
@@ -567,9 +500,6 @@ def main(argv: list[str] | None = None) -> int:
     rendered: dict[str, str] = {}
     try:
         for key in args.only or PLANNED:
-            if key not in SECTIONS:
-                print(f"[{key}] no benchmark for this source yet")
-                continue
             print(f"[{key}]")
             rendered[key] = render(SECTIONS[key](bench), args.quick)
             print("\n" + rendered[key])

@@ -17,11 +17,8 @@ import io
 import json
 import os
 import pickle
-import platform
 import re
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +32,7 @@ from urllib.parse import quote
 
 import httpx
 
+from benchlib import MB, machine, run_measured
 from clpipe.testing import fwserver
 
 # The test server answers with two writes (headers, then body); with Nagle's algorithm on, the
@@ -48,8 +46,6 @@ DEFAULT_FW = Path.home() / ".cache" / "clpipe-tests" / "fw-18.5.1" / "bin" / "fw
 KEY = "bench-key"
 JOBS = 4  # fw sync -j and the floor's worker threads
 STATE_DIR = ".clpipe-sync"  # the native engine's bookkeeping in the dropoff: not a synced file
-PAGE = os.sysconf("SC_PAGE_SIZE")
-MB = 1e6
 # Projects (make_demo_project arguments). "main": zipped series; "large": single DICOM files.
 SIZES = {
     "full": {"main": dict(subjects=4, sessions=5, acquisitions=10, slices=50, rows=128, cols=128),
@@ -182,63 +178,14 @@ class Run:
         return self.status == "ok"
 
 
-def tree_rss(root: int) -> int:
-    """Summed RSS (bytes) of ``root`` and all its descendants, from /proc/*/stat."""
-    kids: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    fields = fh.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue  # the process has gone
-            kids.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * PAGE
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo += kids.get(pid, [])
-    return total
-
-
 def measure(run: Run, cmd: list[str], env: dict, log: Path, timeout: float, srv,
             cwd: Path | None = None) -> Run:
-    """Run ``cmd``: wall time, CPU time, peak summed RSS of its process tree (sampled every
-    50 ms), requests the server saw; a non-zero exit or a timeout fails the run."""
-    stop, peak = threading.Event(), [0]
-
-    def sample(pid: int) -> None:
-        while not stop.wait(0.05):
-            peak[0] = max(peak[0], tree_rss(pid))
-
-    before, usage = len(srv.requests), resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(log, "wb") as out:
-        code, start = None, time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
-        sampler.start()
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            run.seconds = time.perf_counter() - start
-            if proc.poll() is None or code is None:  # also on Ctrl-C: end what we started
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            stop.set()
-            sampler.join()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run.cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-    run.rss_mb, run.requests = peak[0] / MB, len(srv.requests) - before
-    if code is None:
-        run.status = f"TIMEOUT after {timeout:.0f} s"
-    elif code != 0:
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-        run.status = f"FAILED (exit {code}): {lines[-1].strip()[:120] if lines else ''}"
+    """Run ``cmd`` (benchlib.run_measured) and count the requests the server saw; a non-zero
+    exit or a timeout fails the run."""
+    before = len(srv.requests)
+    m = run_measured(cmd, env, log, timeout, cwd)
+    run.seconds, run.cpu, run.rss_mb, run.requests = m.seconds, m.cpu, m.rss_mb, len(srv.requests) - before
+    run.status = m.failure(timeout, 120) or run.status
     return run
 
 
@@ -344,14 +291,6 @@ def describe(label: str, p: dict, expected: dict, project) -> str:
     return (f"`fw://lab/{label}/`: {p['subjects']} subjects x {p['sessions']} sessions x "
             f"{p['acquisitions']} acquisitions, {how}: {len(expected):,} files, "
             f"{nbytes / MB:,.1f} MB ({nbytes:,} bytes) in the dropoff; {served / MB:,.1f} MB served")
-
-
-def machine() -> str:
-    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) * 1024
-    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    return (f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}, "
-            f"{cpu[1] if cpu else platform.machine()}), {mem / 2**30:.1f} GiB memory, "
-            f"Linux {platform.release()}, Python {platform.python_version()}")
 
 
 def table(runs: list[Run], header: list[str]) -> str:

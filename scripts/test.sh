@@ -10,7 +10,7 @@ export CLPIPE_TEST_FW_OLD="$TOOLS/fw-17.5.1/bin/fw"
 export CLPIPE_TEST_SDK_PYTHON="$TOOLS/sdk/bin/python"
 
 # Real SLURM and Grid Engine on loopback for the batch tests (root with apt only; elsewhere
-# those tests skip, saying why), and real DICOM servers (Orthanc with DICOMweb, dcmqrscp,
+# those tests fail, saying how to start them), and real DICOM servers (Orthanc with DICOMweb, dcmqrscp,
 # qrscp) holding the synthetic data set for the DICOMweb/DIMSE tests (those fail without them).
 # What is started here is stopped again when the tests end (DICOM servers that were already
 # running before, as others may be using them, are left running).

@@ -112,3 +112,39 @@ def files_under(root: Path) -> dict[str, bytes]:
     ``.clpipe-sync/`` is not a synced file)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and not str(p.relative_to(root)).startswith(".clpipe-sync/")}
+
+
+# ------------------------------------------------------------- the DICOM test servers
+
+DICOM_START = 'eval "$(scripts/infra/dicom-up.sh)"'
+DICOM_EXPORTS = ("CLPIPE_ORTHANC_HTTP", "CLPIPE_ORTHANC_DICOMWEB", "CLPIPE_ORTHANC_DIMSE", "CLPIPE_DCMQRSCP_DIMSE",
+                 "CLPIPE_QRSCP_DIMSE", "CLPIPE_MOVE_PORT", "CLPIPE_DICOM_DATA", "CLPIPE_DICOM_EXPECTED")
+
+
+@pytest.fixture(scope="session")
+def dicom_env() -> dict[str, str]:
+    """The exports of dicom-up.sh: from the environment, else from the env.sh it writes;
+    a failed test saying how to start the servers when they are not set up."""
+    import re
+
+    env = {k: os.environ[k] for k in DICOM_EXPORTS if os.environ.get(k)}
+    env_file = Path(os.environ.get("CLPIPE_INFRA", "/tmp/clpipe-infra")) / "dicom" / "env.sh"
+    if len(env) < len(DICOM_EXPORTS) and env_file.is_file():
+        found = dict(re.findall(r"^export (\w+)=(.*)$", env_file.read_text(), re.M))
+        env = {k: found[k] for k in DICOM_EXPORTS if k in found}
+    missing = [k for k in DICOM_EXPORTS if k not in env]
+    if missing:
+        pytest.fail(f"the DICOM test servers are not set up ({', '.join(missing)} not set): "
+                    f"run `{DICOM_START}` (as root; scripts/test.sh does it for you)")
+    return env
+
+
+@pytest.fixture(scope="session")
+def dicom_expected(dicom_env) -> dict:
+    """What the servers hold: the data set's expected JSON (clpipe.testing.dicomdata)."""
+    from clpipe.testing import dicomdata
+
+    path = Path(dicom_env["CLPIPE_DICOM_EXPECTED"])
+    if not path.is_file():
+        pytest.fail(f"{path} (CLPIPE_DICOM_EXPECTED) does not exist: run `{DICOM_START}` again")
+    return dicomdata.load_expected(path)

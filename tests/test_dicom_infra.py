@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -25,40 +24,20 @@ import pydicom
 import pytest
 
 from clpipe.testing import dicomdata
+from conftest import DICOM_START
 
 TIMEOUT = 10  # seconds, for every association step and HTTP request
-START = 'eval "$(scripts/infra/dicom-up.sh)"'
-EXPORTS = ("CLPIPE_ORTHANC_HTTP", "CLPIPE_ORTHANC_DICOMWEB", "CLPIPE_ORTHANC_DIMSE", "CLPIPE_DCMQRSCP_DIMSE",
-           "CLPIPE_QRSCP_DIMSE", "CLPIPE_MOVE_PORT", "CLPIPE_DICOM_DATA", "CLPIPE_DICOM_EXPECTED")
+START = DICOM_START
 SERVERS = ("orthanc", "dcmqrscp", "qrscp")
 
 
 # ------------------------------------------------------------------ the servers' environment
 
-def _env_file() -> Path:
-    return Path(os.environ.get("CLPIPE_INFRA", "/tmp/clpipe-infra")) / "dicom" / "env.sh"
 
 
 @pytest.fixture(scope="module")
-def dicom_env() -> dict[str, str]:
-    """The exports of dicom-up.sh: from the environment, else from the env.sh it writes."""
-    env = {k: os.environ[k] for k in EXPORTS if os.environ.get(k)}
-    if len(env) < len(EXPORTS) and _env_file().is_file():
-        found = dict(re.findall(r"^export (\w+)=(.*)$", _env_file().read_text(), re.M))
-        env = {k: found[k] for k in EXPORTS if k in found}
-    missing = [k for k in EXPORTS if k not in env]
-    if missing:
-        pytest.fail(f"the DICOM test servers are not set up ({', '.join(missing)} not set): "
-                    f"run `{START}` (as root; scripts/test.sh does it for you)")
-    return env
-
-
-@pytest.fixture(scope="module")
-def expected(dicom_env) -> dict:
-    path = Path(dicom_env["CLPIPE_DICOM_EXPECTED"])
-    if not path.is_file():
-        pytest.fail(f"{path} (CLPIPE_DICOM_EXPECTED) does not exist: run `{START}` again")
-    return dicomdata.load_expected(path)
+def expected(dicom_expected) -> dict:
+    return dicom_expected
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Real batch submission: `clpipe dicom flywheel_sync -submit` through SLURM and Grid Engine
 running on this machine (scripts/infra/schedulers-up.sh), against the bundled Flywheel server.
 
-These tests skip only when a scheduler's binaries are absent; scripts/test.sh installs and
-starts both, so in CI they always run."""
+A missing or silent scheduler fails the test with the command that starts it;
+scripts/test.sh installs and starts both, so in CI they always run."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def scheduler(request) -> str:
     name = request.param
     binary = PROFILES[name][0]
     if shutil.which(binary) is None:
-        pytest.skip(f"{binary} is not installed: the {name} tests need scripts/infra/schedulers-up.sh (scripts/test.sh runs it as root)")
+        pytest.fail(f"{binary} is not installed: the {name} tests need a real scheduler; run "
+                    f"`eval \"$(scripts/infra/schedulers-up.sh)\"` as root (scripts/test.sh does it)")
     probe = _run("sinfo", "-h", "-o", "%T") if name == "slurm" else _run("qstat", "-f")
     if probe.returncode != 0:
         pytest.fail(f"{binary} is installed but {name} is not answering ({probe.stderr.strip()}); start it with scripts/infra/schedulers-up.sh")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import socket
 from pathlib import Path
@@ -31,11 +30,10 @@ from clpipe.sources.dicomweb import (ACCEPT_AS_STORED, DicomWebSource, content_t
                                      meta_sop_instance_uid, read_multipart, sop_instance_uid, widen)
 from clpipe.sync.engine import Engine, Options, PermanentError, TransientError
 from clpipe.sync.manifest import STATE_DIR, SyncState
-from clpipe.testing import dicomdata
+from conftest import DICOM_START
 
 TIMEOUT = 20.0  # seconds, every HTTP request
-START = 'eval "$(scripts/infra/dicom-up.sh)"'
-EXPORTS = ("CLPIPE_ORTHANC_HTTP", "CLPIPE_ORTHANC_DICOMWEB", "CLPIPE_DICOM_DATA", "CLPIPE_DICOM_EXPECTED")
+START = DICOM_START
 AUTH_VARS = ("CLPIPE_DICOMWEB_TOKEN", "CLPIPE_DICOMWEB_USER", "CLPIPE_DICOMWEB_PASSWORD")
 BENCH_PREFIX = "BENCH"  # the benchmark's patients: never part of what these tests expect
 
@@ -44,26 +42,8 @@ BENCH_PREFIX = "BENCH"  # the benchmark's patients: never part of what these tes
 
 
 @pytest.fixture(scope="module")
-def dicom_env() -> dict[str, str]:
-    """The exports of dicom-up.sh: from the environment, else from the env.sh it writes."""
-    env = {k: os.environ[k] for k in EXPORTS if os.environ.get(k)}
-    env_file = Path(os.environ.get("CLPIPE_INFRA", "/tmp/clpipe-infra")) / "dicom" / "env.sh"
-    if len(env) < len(EXPORTS) and env_file.is_file():
-        found = dict(re.findall(r"^export (\w+)=(.*)$", env_file.read_text(), re.M))
-        env = {k: found[k] for k in EXPORTS if k in found}
-    missing = [k for k in EXPORTS if k not in env]
-    if missing:
-        pytest.fail(f"the DICOM test servers are not set up ({', '.join(missing)} not set): "
-                    f"run `{START}` (as root; scripts/test.sh does it for you)")
-    return env
-
-
-@pytest.fixture(scope="module")
-def expected(dicom_env) -> dict:
-    path = Path(dicom_env["CLPIPE_DICOM_EXPECTED"])
-    if not path.is_file():
-        pytest.fail(f"{path} (CLPIPE_DICOM_EXPECTED) does not exist: run `{START}` again")
-    return dicomdata.load_expected(path)
+def expected(dicom_expected) -> dict:
+    return dicom_expected
 
 
 @pytest.fixture

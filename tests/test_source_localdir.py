@@ -519,3 +519,23 @@ def test_benchmark_quick_mode_runs_every_peer(tmp_path):
                      "clpipe dicom sync full", "clpipe dicom sync no-op"]
     assert all(row.rstrip().endswith("| ok |") for row in rows), rows
     assert (results.read_bytes() if results.exists() else None) == before
+
+
+def test_delete_refuses_when_the_folder_lists_nothing(own_tree, tmp_path):
+    # an unmounted share is an empty folder: --delete must not take that as "everything is gone"
+    root, _ = own_tree
+    dropoff = tmp_path / "dropoff"
+    first = sync(source_for(root), dropoff, "run1")
+    assert first.failed == 0 and first.created
+    before = dropoff_files(dropoff)
+    for child in root.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    outcome = sync(source_for(root), dropoff, "run2", delete=True)
+    assert outcome.failed == 1 and outcome.deleted == 0 and "the source listed nothing" in outcome.failures[0]
+    assert dropoff_files(dropoff) == before
+
+
+def test_file_url_keeps_hash_and_question_mark_in_folder_names(tmp_path):
+    folder = tmp_path / "scans #1 ?b"
+    assert parse_source_url(f"file://{folder}").path == str(folder)
+    assert parse_source_url("file:///data/a%20b").path == "/data/a b"

@@ -23,46 +23,11 @@ declare -A PATTERN=(
   [qrscp]='run_qrscp\.py'
 )
 
-# gone <pid>: no such process, or only a zombie left (this machine's PID 1 may never reap it)
-gone() {
-  local st
-  st=$(ps -o stat= -p "$1" 2>/dev/null) || return 0
-  case "$st" in Z*) return 0 ;; esac
-  return 1
-}
 
-pids=() names=()
-for name in orthanc dcmqrscp qrscp; do
-  pidfile=$D/pids/$name.pid
-  [ -s "$pidfile" ] || continue
-  pid=$(tr -dc '0-9' <"$pidfile")
-  args=$(ps -o args= -p "${pid:-0}" 2>/dev/null || true)
-  if [ -z "$pid" ] || gone "$pid" || ! [[ $args =~ ${PATTERN[$name]} ]]; then
-    log "$name: not running (stale $pidfile)"
-    rm -f "$pidfile"
-    continue
-  fi
-  kill -TERM "$pid" 2>/dev/null || true
-  pids+=("$pid")
-  names+=("$name")
-done
-
-# wait for all of them together; SIGKILL what is left after 20 s
-end=$((SECONDS + 20))
-while :; do
-  left=0
-  for i in "${!pids[@]}"; do gone "${pids[$i]}" || left=1; done
-  [ $left = 0 ] || [ $SECONDS -ge $end ] && break
-  sleep 0.2
-done
-for i in "${!pids[@]}"; do
-  if ! gone "${pids[$i]}"; then
-    log "${names[$i]} (pid ${pids[$i]}) still running after 20 s: SIGKILL"
-    kill -KILL "${pids[$i]}" 2>/dev/null || true
-    for _ in $(seq 1 25); do gone "${pids[$i]}" && break; sleep 0.2; done
-  fi
-  log "stopped ${names[$i]} (pid ${pids[$i]})"
-  rm -f "$D/pids/${names[$i]}.pid"
-done
+# shellcheck source=scripts/infra/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+args=()
+for name in orthanc dcmqrscp qrscp; do args+=("$name" "$D/pids/$name.pid" "${PATTERN[$name]}"); done
+stop_together "${args[@]}"
 rm -f "$D/env.sh"
 log "done"

@@ -54,79 +54,9 @@ ports=("$HTTP_PORT" "$ORTHANC_PORT" "$DCMQRSCP_PORT" "$QRSCP_PORT" "$MOVE_PORT")
 [ "$(printf '%s\n' "${ports[@]}" | sort -u | wc -l)" = 5 ] ||
   { log "the five ports must differ: ${ports[*]}"; exit 2; }
 
-# waitfor <seconds> <cmd...>: poll every 0.2 s until cmd succeeds; non-zero on timeout
-waitfor() {
-  local end=$((SECONDS + $1)); shift
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $end ] || return 1
-    sleep 0.2
-  done
-}
-# fail <what> <log files...>: say what failed, show the end of its logs, exit 1
-fail() {
-  local who=$1; shift
-  log "FAILED: $who"
-  local f
-  for f in "$@"; do
-    [ -s "$f" ] || continue
-    echo "----- last lines of $f -----"
-    tail -n 25 "$f"
-  done
-  exit 1
-}
-# alive <pidfile> <pattern>: the PID in the file is a live (not zombie) process whose command
-# line matches the extended regular expression <pattern>
-alive() {
-  [ -s "$1" ] || return 1
-  local pid st args
-  pid=$(tr -dc '0-9' <"$1")
-  [ -n "$pid" ] || return 1
-  st=$(ps -o stat= -p "$pid" 2>/dev/null) || return 1
-  case "$st" in Z*) return 1 ;; esac
-  args=$(ps -o args= -p "$pid" 2>/dev/null) || return 1
-  [[ $args =~ $2 ]]
-}
-# gone <pid>: no such process, or only a zombie (this machine's PID 1 may never reap it)
-gone() {
-  local st
-  st=$(ps -o stat= -p "$1" 2>/dev/null) || return 0
-  case "$st" in Z*) return 0 ;; esac
-  return 1
-}
-# stop_pid <name> <pidfile> <pattern>: SIGTERM, wait up to 20 s, then SIGKILL
-stop_pid() {
-  alive "$2" "$3" || { rm -f "$2"; return 0; }
-  local pid
-  pid=$(tr -dc '0-9' <"$2")
-  kill -TERM "$pid" 2>/dev/null || true
-  local end=$((SECONDS + 20))
-  until gone "$pid"; do
-    if [ $SECONDS -ge $end ]; then
-      log "$1 (pid $pid) still running after 20 s: SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      waitfor 5 gone "$pid" || true
-      break
-    fi
-    sleep 0.2
-  done
-  rm -f "$2"
-  log "stopped $1 (pid $pid)"
-}
-port_busy() {
-  if command -v ss >/dev/null; then
-    [ -n "$(ss -Hltn "sport = :$1")" ]
-  else
-    (exec 5<>"/dev/tcp/$HOST/$1") 2>/dev/null
-  fi
-}
-# check_port <server> <port>: fail before starting a server whose port is taken
-check_port() {
-  port_busy "$2" || return 0
-  log "FAILED: $1: TCP port $2 is already in use, by something this script did not start in $D:"
-  if command -v ss >/dev/null; then ss -Hltnp "sport = :$2"; fi
-  log "stop it, or choose another port (see the variables at the top of $0)"
-  exit 1
-}
+# shellcheck source=scripts/infra/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+PORT_HINT="stop it, or choose another port (see the variables at the top of $0)"
 # daemon <pidfile> <log> <cmd...>: start cmd in the background, in a session of its own, with
 # TCP_NODELAY=1 (DCMTK, and so Orthanc, then turn Nagle off: C-GET/C-MOVE ~20x faster on
 # loopback), without our stdout (fd 3) or lock (fd 9), which would make `eval "$(...)"` wait
@@ -266,14 +196,14 @@ serve() {
     else
       log "$name: configuration changed: restarting it"
     fi
-    stop_pid "$name" "$pidfile" "$re" # fully gone (Orthanc: else 'SQLite: database is locked')
+    stop_together "$name" "$pidfile" "$re" # fully gone (Orthanc: else 'SQLite: database is locked')
   fi
   loaded || "${name}_wipe"
   "${name}_launch" "$pidfile"
   alive "$pidfile" "$re" || fail "$name (pid $(cat "$pidfile") is not $name)" "$dir/$name.log"
   if loaded && [ "$("${name}_count")" != "$N_INSTANCES" ]; then
     log "$name: lost part of its data while stopped: emptying it and loading it again"
-    stop_pid "$name" "$pidfile" "$re"
+    stop_together "$name" "$pidfile" "$re"
     rm -f "$dir/loaded"
     "${name}_wipe"
     "${name}_launch" "$pidfile"
@@ -333,8 +263,8 @@ orthanc_count() {
 orthanc_wipe() { rm -rf "$DIR_orthanc/db"; }
 orthanc_launch() {
   mkdir -p "$DIR_orthanc/db"
-  check_port "Orthanc (HTTP)" "$HTTP_PORT"
-  check_port "Orthanc (DICOM)" "$ORTHANC_PORT"
+  check_port "Orthanc (HTTP)" "$HTTP_PORT" "$PORT_HINT"
+  check_port "Orthanc (DICOM)" "$ORTHANC_PORT" "$PORT_HINT"
   daemon "$1" "$DIR_orthanc/orthanc.log" Orthanc "$DIR_orthanc/orthanc.json"
   waitfor 60 orthanc_ok ||
     fail "Orthanc (not answering on HTTP $HTTP_PORT and DICOM $ORTHANC_PORT after 60 s)" "$DIR_orthanc/orthanc.log"
@@ -372,7 +302,7 @@ dcmqrscp_count() { find "$DIR_dcmqrscp/db" -maxdepth 1 -type f ! -name index.dat
 dcmqrscp_wipe() { rm -rf "$DIR_dcmqrscp/db"; }
 dcmqrscp_launch() {
   mkdir -p "$DIR_dcmqrscp/db"
-  check_port dcmqrscp "$DCMQRSCP_PORT"
+  check_port dcmqrscp "$DCMQRSCP_PORT" "$PORT_HINT"
   local args
   mapfile -t args <"$DIR_dcmqrscp/dcmqrscp.args"
   daemon "$1" "$DIR_dcmqrscp/dcmqrscp.log" dcmqrscp "${args[@]}" -c "$DIR_dcmqrscp/dcmqrscp.cfg"
@@ -455,7 +385,7 @@ qrscp_ok() { echo_ok QRSCP "$QRSCP_PORT"; }
 qrscp_count() { find "$DIR_qrscp/instances" -type f 2>/dev/null | wc -l; }
 qrscp_wipe() { rm -rf "$DIR_qrscp/instances" "$DIR_qrscp/instances.sqlite"; }
 qrscp_launch() {
-  check_port qrscp "$QRSCP_PORT"
+  check_port qrscp "$QRSCP_PORT" "$PORT_HINT"
   daemon "$1" "$DIR_qrscp/qrscp.log" "$PY" "$DIR_qrscp/run_qrscp.py" -c "$DIR_qrscp/qrscp.ini"
   waitfor 30 qrscp_ok || fail "qrscp (no C-ECHO on $QRSCP_PORT after 30 s)" "$DIR_qrscp/qrscp.log"
 }

@@ -30,53 +30,10 @@ T0=$(date +%s.%N)
 log() { echo "[schedulers-up +$(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')s] $*"; }
 [ "$(id -u)" = 0 ] || { log "must run as root (it installs packages and starts daemons)"; exit 1; }
 
-# waitfor <seconds> <cmd...>: poll every 0.2 s until cmd succeeds; non-zero on timeout
-waitfor() {
-  local end=$((SECONDS + $1)); shift
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $end ] || return 1
-    sleep 0.2
-  done
-}
-# fail <daemon> <log files...>: say which daemon failed, show the end of its logs, exit 1
-fail() {
-  local who=$1; shift
-  log "FAILED: $who"
-  local f
-  for f in "$@"; do
-    [ -s "$f" ] || continue
-    echo "----- last lines of $f -----"
-    tail -n 25 "$f"
-  done
-  exit 1
-}
-# alive <pidfile> <name>: the PID in the file is a live (not zombie) process called <name>
-alive() {
-  [ -s "$1" ] || return 1
-  local pid st comm
-  pid=$(tr -dc '0-9' <"$1")
-  [ -n "$pid" ] || return 1
-  read -r st comm < <(ps -o stat=,comm= -p "$pid" 2>/dev/null) || return 1
-  case "$st" in Z*) return 1 ;; esac
-  [ "$comm" = "$2" ]
-}
 
-# port_busy <port>: something already listens on this TCP port (another cluster's daemon?)
-port_busy() {
-  if command -v ss >/dev/null; then
-    [ -n "$(ss -Hltn "sport = :$1")" ]
-  else
-    (exec 5<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-  fi
-}
-# check_port <daemon> <port>: fail before starting a daemon whose port is taken
-check_port() {
-  port_busy "$2" || return 0
-  log "FAILED: $1: TCP port $2 is already in use, by a daemon this script did not start here:"
-  if command -v ss >/dev/null; then ss -Hltnp "sport = :$2"; fi
-  log "stop it first (another CLPIPE_INFRA? scripts/infra/schedulers-down.sh with that CLPIPE_INFRA)"
-  exit 1
-}
+# shellcheck source=scripts/infra/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+PORT_HINT="stop it first (another CLPIPE_INFRA? scripts/infra/schedulers-down.sh with that CLPIPE_INFRA)"
 # daemon <cmd...>: start a daemon without our stdout (fd 3) or lock (fd 9): a daemon that kept
 # them would hold the lock forever and make `eval "$(schedulers-up.sh)"` wait for ever
 daemon() { "$@" 3>&- 9>&-; }
@@ -127,7 +84,7 @@ start_munge() {
 
 # ---------------------------------------------------------------- SLURM
 SLURM_DIR=$INFRA/slurm
-slurmctld_ok() { alive "$INFRA/pids/slurmctld.pid" slurmctld && scontrol ping >/dev/null 2>&1; }
+slurmctld_ok() { alive "$INFRA/pids/slurmctld.pid" "$(named slurmctld)" && scontrol ping >/dev/null 2>&1; }
 slurm_node_ok() { # the node accepts work (idle, or busy with jobs already)
   case "$(sinfo -h -o %T 2>/dev/null)" in idle | mixed | allocated | completing) return 0 ;; esac
   return 1
@@ -189,11 +146,11 @@ EOF
   fi
   export SLURM_CONF=$SLURM_DIR/slurm.conf
 
-  if alive "$INFRA/pids/slurmctld.pid" slurmctld; then
+  if alive "$INFRA/pids/slurmctld.pid" "$(named slurmctld)"; then
     log "slurmctld already running"
     if [ $changed = 1 ]; then scontrol reconfigure || true; fi
   else
-    check_port slurmctld 6817
+    check_port slurmctld 6817 "$PORT_HINT"
     rm -f "$INFRA/pids/slurmctld.pid"
     daemon /usr/sbin/slurmctld -f "$SLURM_CONF" >"$SLURM_DIR/log/slurmctld.start.log" 2>&1 ||
       fail slurmctld "$SLURM_DIR/log/slurmctld.start.log" "$SLURM_DIR/log/slurmctld.log"
@@ -201,11 +158,11 @@ EOF
       fail "slurmctld (not answering scontrol ping)" "$SLURM_DIR/log/slurmctld.start.log" "$SLURM_DIR/log/slurmctld.log"
     log "slurmctld started (pid $(cat "$INFRA/pids/slurmctld.pid"))"
   fi
-  if alive "$INFRA/pids/slurmd.pid" slurmd; then
+  if alive "$INFRA/pids/slurmd.pid" "$(named slurmd)"; then
     log "slurmd already running"
   else
     # -N: the node is called localhost, which is not this machine's host name
-    check_port slurmd 6818
+    check_port slurmd 6818 "$PORT_HINT"
     rm -f "$INFRA/pids/slurmd.pid"
     daemon /usr/sbin/slurmd -f "$SLURM_CONF" -N localhost >"$SLURM_DIR/log/slurmd.start.log" 2>&1 ||
       fail slurmd "$SLURM_DIR/log/slurmd.start.log" "$SLURM_DIR/log/slurmd.log"
@@ -226,7 +183,7 @@ EOF
       "$SLURM_DIR/log/slurmd.start.log" "$SLURM_DIR/log/slurmd.log" "$SLURM_DIR/log/slurmctld.log"
     sleep 0.2
   done
-  alive "$INFRA/pids/slurmd.pid" slurmd || fail "slurmd (no live pid in $INFRA/pids/slurmd.pid)" "$SLURM_DIR/log/slurmd.log"
+  alive "$INFRA/pids/slurmd.pid" "$(named slurmd)" || fail "slurmd (no live pid in $INFRA/pids/slurmd.pid)" "$SLURM_DIR/log/slurmd.log"
   log "SLURM up: node localhost is $(sinfo -h -o %T)"
 }
 
@@ -237,7 +194,7 @@ export SGE_ROOT=$INFRA/sge SGE_CELL=default
 SGE_COMMON=$SGE_ROOT/$SGE_CELL/common
 SGE_QSPOOL=$SGE_ROOT/spool/qmaster
 SGE_ESPOOL=$SGE_ROOT/spool/execd
-sge_qmaster_ok() { alive "$SGE_QSPOOL/qmaster.pid" sge_qmaster && qconf -sh >/dev/null 2>&1; }
+sge_qmaster_ok() { alive "$SGE_QSPOOL/qmaster.pid" "$(named sge_qmaster)" && qconf -sh >/dev/null 2>&1; }
 lines() { if [ -f "$1" ]; then wc -l <"$1"; else echo 0; fi; }
 # sge_wait <daemon> <pidfile> <messages> <lines before start> <check...>: wait (30 s) until
 # check succeeds; give up at once when the daemon logged a critical error or its pid died
@@ -246,7 +203,7 @@ sge_wait() {
   shift 4
   until "$@" >/dev/null 2>&1; do
     if tail -n +$((from + 1)) "$msgs" 2>/dev/null | grep -q '|C|'; then fail_sge "$who (critical error in $msgs)"; fi
-    if [ -s "$pidfile" ] && ! alive "$pidfile" "$who"; then fail_sge "$who (exited)"; fi
+    if [ -s "$pidfile" ] && ! alive "$pidfile" "$(named "$who")"; then fail_sge "$who (exited)"; fi
     [ $SECONDS -lt $end ] || fail_sge "$who (not ready after 30 s)"
     sleep 0.2
   done
@@ -330,10 +287,10 @@ start_sge() {
   echo "localhost $(hostname)" >"$SGE_COMMON/host_aliases"
   printf 'SGE_ROOT=%s; export SGE_ROOT\nSGE_CELL=%s; export SGE_CELL\n' "$SGE_ROOT" "$SGE_CELL" >"$SGE_COMMON/settings.sh"
 
-  if alive "$INFRA/pids/sge_qmaster.pid" sge_qmaster; then
+  if alive "$INFRA/pids/sge_qmaster.pid" "$(named sge_qmaster)"; then
     log "sge_qmaster already running"
   else
-    check_port sge_qmaster 6444
+    check_port sge_qmaster 6444 "$PORT_HINT"
     rm -f "$SGE_QSPOOL/qmaster.pid" "$SGE_QSPOOL/lock" "$INFRA/pids/sge_qmaster.pid"
     n=$(lines "$SGE_QSPOOL/messages")
     daemon /usr/sbin/sge_qmaster >"$SGE_ROOT/qmaster.start.log" 2>&1 || fail_sge sge_qmaster
@@ -384,15 +341,15 @@ shell /bin/sh"
   fi
   qconf -sq all.q 2>/dev/null | grep -Eq '^hostlist +localhost$' || fail "qconf -aq/-mq all.q" "$SGE_ROOT/qconf.log"
 
-  if alive "$INFRA/pids/sge_execd.pid" sge_execd; then
+  if alive "$INFRA/pids/sge_execd.pid" "$(named sge_execd)"; then
     log "sge_execd already running"
   else
-    check_port sge_execd 6445
+    check_port sge_execd 6445 "$PORT_HINT"
     rm -f "$SGE_ESPOOL/localhost/execd.pid" "$INFRA/pids/sge_execd.pid"
     n=$(lines "$SGE_ESPOOL/localhost/messages")
     daemon /usr/sbin/sge_execd >"$SGE_ROOT/execd.start.log" 2>&1 || fail_sge sge_execd
     sge_wait sge_execd "$SGE_ESPOOL/localhost/execd.pid" "$SGE_ESPOOL/localhost/messages" "$n" \
-      alive "$SGE_ESPOOL/localhost/execd.pid" sge_execd
+      alive "$SGE_ESPOOL/localhost/execd.pid" "$(named sge_execd)"
     cp "$SGE_ESPOOL/localhost/execd.pid" "$INFRA/pids/sge_execd.pid"
     log "sge_execd started (pid $(cat "$INFRA/pids/sge_execd.pid"))"
   fi
@@ -414,10 +371,10 @@ want sge && start_sge
 
 # ---------------------------------------------------------------- what a client needs
 {
-  if alive "$INFRA/pids/slurmctld.pid" slurmctld; then
+  if alive "$INFRA/pids/slurmctld.pid" "$(named slurmctld)"; then
     echo "export SLURM_CONF=$INFRA/slurm/slurm.conf"
   fi
-  if alive "$INFRA/pids/sge_qmaster.pid" sge_qmaster; then
+  if alive "$INFRA/pids/sge_qmaster.pid" "$(named sge_qmaster)"; then
     echo "export SGE_ROOT=$SGE_ROOT"
     echo "export SGE_CELL=$SGE_CELL"
   fi

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Iterator, Protocol, Union
 from urllib.parse import unquote, urlsplit
 
-from ..errors import ConfigError
-from ..sync.layout import bids_label, safe_part, safe_relpath
+from ..errors import ConfigError, PreflightError
+from ..sync.layout import bids_label, check_template, safe_part, safe_relpath
 
 SCHEMES = ("dicomweb+http", "dicomweb+https", "dimse", "file")
 URL_FORMS = ("dicomweb+http://host:port/path, dicomweb+https://host/path, "
@@ -96,7 +96,7 @@ def parse_source_url(value: str, where: str = "SourceURL") -> SourceURL:
     if parts.netloc not in ("", "localhost"):
         raise ConfigError(f"{where}: {text!r}: a file:// URL names a folder on this machine, file:///path "
                           "(three slashes); mount a network share first")
-    path = unquote(parts.path)
+    path = unquote(text[len("file://"):].removeprefix("localhost"))  # the whole rest: '#' and '?' are part of folder names
     if not path.startswith("/"):
         raise ConfigError(f"{where}: {text!r} needs an absolute path: file:///path/to/folder")
     return SourceURL("file", text, path=path)
@@ -202,8 +202,11 @@ def open_source(url: SourceURL, settings: SourceSettings) -> DicomSource:
 
         return DicomWebSource(url, settings)
     if url.scheme == "dimse":
-        from .dimse import DimseSource
-
+        try:
+            from .dimse import DimseSource
+        except ImportError:
+            raise PreflightError(f"{url}: DIMSE (C-FIND/C-GET/C-MOVE) sources are not in this version of clpipe yet; "
+                                 "use the PACS's DICOMweb service (dicomweb+http://...) or a file:// export folder") from None
         return DimseSource(url, settings)
     from .localdir import FolderSource
 
@@ -215,23 +218,7 @@ def open_source(url: SourceURL, settings: SourceSettings) -> DicomSource:
 
 def check_dicom_template(template: str) -> list[str]:
     """The fields a DICOM layout template uses; ``ValueError`` naming what is wrong."""
-    import string
-    from pathlib import PurePosixPath
-
-    used = []
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ValueError(f"{template!r} is not a valid template ({exc})") from None
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if name not in DICOM_FIELDS or spec or conversion:
-            raise ValueError(f"unknown field {{{name}}} in {template!r}; use {', '.join('{' + f + '}' for f in DICOM_FIELDS)}")
-        used.append(name)
-    if not used or template.startswith("/") or ".." in PurePosixPath(template).parts:
-        raise ValueError(f"{template!r} must be a relative path without '..' that uses at least one field")
-    return used
+    return check_template(template, DICOM_FIELDS, need_field=True)
 
 
 def _text(attrs: dict, keyword: str) -> str:

@@ -41,6 +41,7 @@ import httpx
 from ..errors import ConfigError, PreflightError
 from ..sync.engine import PermanentError, TransientError
 from .dicom import DicomQuery, Series, SourceSettings, SourceURL
+from .http import retry_after as _retry_after
 
 TOKEN_VAR, USER_VAR, PASSWORD_VAR = "CLPIPE_DICOMWEB_TOKEN", "CLPIPE_DICOMWEB_USER", "CLPIPE_DICOMWEB_PASSWORD"
 CREDENTIAL_HINT = f"check {TOKEN_VAR}, or {USER_VAR} and {PASSWORD_VAR}"
@@ -268,21 +269,8 @@ def sop_instance_uid(part: bytes) -> str:
 
 
 def retry_after(response: httpx.Response) -> float | None:
-    """The server's Retry-After (seconds or an HTTP date) in seconds, capped."""
-    value = response.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        from datetime import datetime, timezone
-        from email.utils import parsedate_to_datetime
-
-        try:
-            seconds = (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
+    """The server's Retry-After in seconds, capped at RETRY_AFTER_CAP."""
+    return _retry_after(response, RETRY_AFTER_CAP)
 
 
 def _reason(response: httpx.Response) -> str:

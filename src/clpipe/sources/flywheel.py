@@ -20,6 +20,7 @@ from urllib.parse import quote
 import httpx
 
 from ..errors import PreflightError
+from .http import retry_after as _retry_after
 
 URL_EXPECTED = "expected fw://<group>/<project> or fw://<group>/<project>/ (`fw ls` lists your projects)"
 LOGIN_HINT = "run `fw login <SITE>:<API KEY>` (the key is on your Flywheel profile page)"
@@ -355,20 +356,4 @@ class FlywheelSource:
         try:
             return [(m["path"], int(m["size"])) for m in response.json().get("members", []) if int(m.get("size") or 0) > 0]
         except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return min(max(float(value), 0.0), 300.0)
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-        from datetime import datetime, timezone
-
-        try:
-            return min(max((parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds(), 0.0), 300.0)
-        except (TypeError, ValueError):
             return None

@@ -456,6 +456,11 @@ class Engine:
             return
         gone = [self.state.get(k) for k in self.state.keys() if k not in listed]
         count = sum(len(r.files) for r in gone)
+        if gone and not listed:  # an unmounted share or an emptied query looks exactly like this
+            outcome.failed += 1
+            outcome.failures.append(f"--delete: the source listed nothing, so all {count} files synced before would be "
+                                    "removed; nothing was deleted (check the source, e.g. that its share is mounted)")
+            return
         if count > self.options.max_delete:
             outcome.failed += 1
             outcome.failures.append(f"--delete would remove {count} files, more than the limit of {self.options.max_delete}; nothing was deleted")

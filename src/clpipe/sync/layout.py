@@ -60,8 +60,9 @@ def bids_label(text: str, field: str = "") -> str:
     return label or "unknown"
 
 
-def check_template(template: str) -> list[str]:
-    """The fields a layout template uses; ``ValueError`` naming what is wrong."""
+def check_template(template: str, fields=FIELDS, need_field: bool = False) -> list[str]:
+    """The fields a layout template uses (from ``fields``); ``ValueError`` naming what is
+    wrong. ``need_field``: a template without any field is refused too."""
     used = []
     try:
         parsed = list(string.Formatter().parse(template))
@@ -70,11 +71,13 @@ def check_template(template: str) -> list[str]:
     for _, field, spec, conversion in parsed:
         if field is None:
             continue
-        if field not in FIELDS or spec or conversion:
-            raise ValueError(f"unknown field {{{field}}} in {template!r}; use {', '.join('{' + f + '}' for f in FIELDS)}")
+        if field not in fields or spec or conversion:
+            raise ValueError(f"unknown field {{{field}}} in {template!r}; use {', '.join('{' + f + '}' for f in fields)}")
         used.append(field)
     if template.startswith("/") or ".." in PurePosixPath(template).parts:
         raise ValueError(f"{template!r} must be a relative path without '..'")
+    if need_field and not used:
+        raise ValueError(f"{template!r} uses no field, so every series would land in one folder; use e.g. {{subject}}/{{session}}/{{series}}")
     return used
 
 

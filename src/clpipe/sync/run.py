@@ -75,6 +75,7 @@ def _sync(plan, source, listing: Callable[[], Iterable], started: float) -> int:
             max_delete=plan.max_delete, interactive=watched() and not opts.quiet,
         ))
         outcome = engine.run(listing())  # checks each entry as the listing streams in
+        outcome.notes += list(getattr(source, "notes", []))  # what the source skipped or had to change
         if plan.source_url.startswith("fw:"):
             say(f"listed {engine.listed} remote files ({engine.listed_bytes / 1e6:.1f} MB) in one request")
         else:

@@ -1,0 +1,105 @@
+"""What every benchmark here shares: running a peer as a measured process tree, and
+describing the machine. Each benchmark keeps its own rows, checks and goals."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import resource
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MB = 1e6
+SAMPLE_EVERY = 0.05  # seconds between RSS samples
+
+
+def tree_rss(root: int) -> int:
+    """Summed RSS (bytes) of ``root`` and all its descendants, from /proc/*/stat."""
+    kids: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue  # the process has gone
+            kids.setdefault(int(fields[1]), []).append(int(entry))
+            rss[int(entry)] = int(fields[21]) * PAGE
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += kids.get(pid, [])
+    return total
+
+
+@dataclass
+class Measured:
+    seconds: float
+    cpu: float  # user + system seconds of the process tree
+    rss_mb: float  # peak summed RSS of the tree
+    code: int | None  # exit status; None after the timeout
+    output: str
+
+    def failure(self, timeout: float, width: int = 160) -> str:
+        """"" when the run succeeded, else why it did not (for the table's result column)."""
+        if self.code is None:
+            return f"TIMEOUT after {timeout:.0f} s"
+        if self.code != 0:
+            return f"FAILED (exit {self.code}): {last_line(self.output)[:width]}"
+        return ""
+
+
+def run_measured(cmd: list[str], env: dict, log: Path, timeout: float, cwd: Path | None = None) -> Measured:
+    """Run ``cmd`` in its own session with its output in ``log``: wall time, CPU time and
+    peak summed RSS of its process tree (sampled every 50 ms). On the timeout (or Ctrl-C)
+    the whole session is killed."""
+    stop, peak = threading.Event(), [0]
+
+    def sample(pid: int) -> None:
+        while not stop.wait(SAMPLE_EVERY):
+            peak[0] = max(peak[0], tree_rss(pid))
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    code = None
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
+        sampler.start()
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            seconds = time.perf_counter() - start
+            if proc.poll() is None or code is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            stop.set()
+            sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    return Measured(seconds, cpu, peak[0] / MB, code, log.read_text(errors="replace"))
+
+
+def last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def machine() -> str:
+    """CPUs, memory, kernel and Python, for the table's header."""
+    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) * 1024
+    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+    return (f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}, "
+            f"{cpu[1] if cpu else platform.machine()}), {mem / 2**30:.1f} GiB memory, "
+            f"Linux {platform.release()}, Python {platform.python_version()}")
