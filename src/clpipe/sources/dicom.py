@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator, Protocol, Union
 from urllib.parse import unquote, urlsplit
 
-from ..errors import ConfigError, PreflightError
+from ..errors import ConfigError
 from ..sync.layout import bids_label, check_template, safe_part, safe_relpath
 
 SCHEMES = ("dicomweb+http", "dicomweb+https", "dimse", "file")
@@ -202,11 +202,8 @@ def open_source(url: SourceURL, settings: SourceSettings) -> DicomSource:
 
         return DicomWebSource(url, settings)
     if url.scheme == "dimse":
-        try:
-            from .dimse import DimseSource
-        except ImportError:
-            raise PreflightError(f"{url}: DIMSE (C-FIND/C-GET/C-MOVE) sources are not in this version of clpipe yet; "
-                                 "use the PACS's DICOMweb service (dicomweb+http://...) or a file:// export folder") from None
+        from .dimse import DimseSource
+
         return DimseSource(url, settings)
     from .localdir import FolderSource
 
