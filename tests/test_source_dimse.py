@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import socket
 import subprocess
 import threading
@@ -34,9 +33,6 @@ from clpipe.sync.manifest import SyncState
 from clpipe.testing import dicomdata
 
 TIMEOUT = 20.0  # seconds, for every association step
-START = 'eval "$(scripts/infra/dicom-up.sh)"'
-EXPORTS = ("CLPIPE_ORTHANC_HTTP", "CLPIPE_ORTHANC_DIMSE", "CLPIPE_DCMQRSCP_DIMSE", "CLPIPE_QRSCP_DIMSE",
-           "CLPIPE_MOVE_PORT", "CLPIPE_DICOM_DATA", "CLPIPE_DICOM_EXPECTED")
 SERVERS = ("orthanc", "dcmqrscp", "qrscp")
 BENCH = "BENCH"  # PatientID prefix of the benchmark's data (bench/dicom_dimse.py)
 #: keys a server leaves out of its C-FIND answers (dcmqrscp's index has no SeriesDescription;
@@ -50,26 +46,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def dicom_env() -> dict[str, str]:
-    """The exports of dicom-up.sh: from the environment, else from the env.sh it writes."""
-    env = {k: os.environ[k] for k in EXPORTS if os.environ.get(k)}
-    env_file = Path(os.environ.get("CLPIPE_INFRA", "/tmp/clpipe-infra")) / "dicom" / "env.sh"
-    if len(env) < len(EXPORTS) and env_file.is_file():
-        found = dict(re.findall(r"^export (\w+)=(.*)$", env_file.read_text(), re.M))
-        env = {k: found[k] for k in EXPORTS if k in found}
-    missing = [k for k in EXPORTS if k not in env]
-    if missing:
-        pytest.fail(f"the DICOM test servers are not set up ({', '.join(missing)} not set): run `{START}` "
-                    "(as root; scripts/test.sh does it for you)")
-    return env
-
-
-@pytest.fixture(scope="module")
-def expected(dicom_env) -> dict:
-    path = Path(dicom_env["CLPIPE_DICOM_EXPECTED"])
-    if not path.is_file():
-        pytest.fail(f"{path} (CLPIPE_DICOM_EXPECTED) does not exist: run `{START}` again")
-    return dicomdata.load_expected(path)
+def expected(dicom_expected) -> dict:
+    return dicom_expected
 
 
 def url_of(dicom_env, server: str):

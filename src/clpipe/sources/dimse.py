@@ -17,16 +17,21 @@ compressed. (Which transfer syntax it sends is its choice: Orthanc and pynetdico
 each instance as stored; dcmtk's dcmqrscp sends the first context accepted for the SOP
 class, Explicit VR Little Endian, decompressing RLE.)
 
-The DICOM network protocol is spoken here (the upper layer of PS3.8: A-ASSOCIATE,
-P-DATA-TF, A-RELEASE, A-ABORT; and the command sets of C-FIND, C-GET, C-MOVE, C-STORE and
-C-ECHO from PS3.7), on both sides: :class:`_Channel` for the associations we request,
-:class:`_StorageSCP` for those the PACS opens to deliver a C-MOVE. Why not pynetdicom
-(measured with pynetdicom 3.0.4 and py-spy): per received instance it runs three threads, a polling
-loop and pydicom encodes and decodes three command sets, ~1.7 ms of CPU under the GIL, so
-parallel associations in one process do not add up (2,209 instances: ~4 s by C-GET over
-one association or four, ~6 s by C-MOVE); here they cost ~0.1 s of CPU and the retrieval
-is bound by the PACS and the disk. Identifiers are pydicom datasets; received datasets
-are never decoded (only read up to SeriesInstanceUID to route a C-MOVE's instances).
+How the protocol is spoken: the association is negotiated with pynetdicom's PDU classes
+(A-ASSOCIATE-RQ/AC encoded and decoded by ``pynetdicom.pdu``: presentation contexts, SCP
+role selection, maximum PDU length, implementation UID), on both sides: :class:`_Channel`
+for the associations we request, :class:`_StorageSCP` for those the PACS opens to deliver
+a C-MOVE. The per-instance path (P-DATA-TF fragments, the group-0000 command sets of
+C-FIND, C-GET, C-MOVE, C-STORE and C-ECHO from PS3.7, A-RELEASE, A-ABORT) is read and
+written here, on the socket the engine's thread already holds. Why not pynetdicom's
+Association for that path (measured with pynetdicom 3.0.4 and py-spy; the benchmark
+bench/dicom_dimse.py has a pynetdicom C-GET row): per received instance it runs three
+threads, a polling loop and pydicom encodes and decodes three command sets, ~1.7 ms of
+CPU under the GIL, so parallel associations in one process do not add up (2,209
+instances: ~4 s by C-GET over one association or four, ~6 s by C-MOVE, against ~1.1 s
+for dcmtk's getscu, the goal's peer); here they cost ~0.1 s of CPU and the retrieval is
+bound by the PACS and the disk. Identifiers are pydicom datasets; received datasets are
+never decoded (only read up to SeriesInstanceUID to route a C-MOVE's instances).
 
 * C-GET runs in the engine's own thread: no hand-off, backpressure for free (the next
   instance is read when the engine asks for it), and a series the engine stops reading
@@ -55,6 +60,14 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
+
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
+                                       ImplementationVersionNameNotification, MaximumLengthNotification,
+                                       SCP_SCU_RoleSelectionNegotiation)
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.status import (GENERAL_STATUS, QR_FIND_SERVICE_CLASS_STATUS, QR_GET_SERVICE_CLASS_STATUS,
+                               QR_MOVE_SERVICE_CLASS_STATUS, code_to_category)
 
 from .. import __version__
 from ..errors import ConfigError
@@ -114,7 +127,7 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 #: request (its reactor takes it off the queue: a race in pynetdicom 3.0); the sub-operation
 #: then fails after its DIMSE timeout. Measured with pynetdicom's qrscp: 3 of 195 C-MOVEs
 #: failed when we answered at once, none with 3 ms. Such peers are answered after this delay.
-PYNETDICOM_ROOT = b"1.2.826.0.1.3680043.9.3811."
+PYNETDICOM_ROOT = "1.2.826.0.1.3680043.9.3811."
 PYNETDICOM_DELAY = 0.005
 REFUSED = 0xA700  # C-STORE status for an instance nobody waits for ("out of resources")
 
@@ -215,22 +228,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-STATUS_WORDS = {
-    0x0122: "SOP class not supported",
-    0x0124: "not authorised",
-    0xA700: "out of resources",
-    0xA701: "out of resources: could not count the matches",
-    0xA702: "out of resources: could not perform the sub-operations",
-    0xA801: "move destination unknown",
-    0xA900: "the query does not match the SOP class",
-    0xAA00: "none of the frames requested were found",
-    0xB000: "sub-operations completed with failures or warnings",
-    0xFE00: "cancelled",
-}
+#: pynetdicom's tables of what each status code means, the retrieval's own first
+STATUS_TABLES = (QR_MOVE_SERVICE_CLASS_STATUS, QR_GET_SERVICE_CLASS_STATUS, QR_FIND_SERVICE_CLASS_STATUS,
+                 GENERAL_STATUS)
 
 
 def _status_words(code: int) -> str:
-    words = STATUS_WORDS.get(code) or ("unable to process" if 0xC000 <= code <= 0xCFFF else "failure")
+    words = next((table[code][1] for table in STATUS_TABLES if table.get(code, ("", ""))[1]), "")
+    if not words:
+        words = "cancelled" if code == 0xFE00 else code_to_category(code).lower()
     return f"status 0x{code:04X}, {words}"
 
 
@@ -274,8 +280,8 @@ class _Delivery:
 
 # ----------------------------------------------------------------------------- the upper layer
 #
-# The DICOM upper layer (PS3.8: A-ASSOCIATE, P-DATA-TF, A-RELEASE, A-ABORT) and the few
-# command sets needed (PS3.7 group 0000, always Implicit VR Little Endian); identifiers are
+# Association PDUs by pynetdicom; P-DATA-TF, A-RELEASE, A-ABORT (PS3.8) and the few command
+# sets needed (PS3.7 group 0000, always Implicit VR Little Endian) here; identifiers are
 # pydicom datasets, received datasets are never decoded. See the module docstring.
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -287,8 +293,69 @@ EXPLICIT_BE = "1.2.840.10008.1.2.2"  # retired; never accepted by our storage SC
 NO_DATASET = 0x0101
 
 
-def _item(kind: int, body: bytes) -> bytes:
-    return struct.pack(">BBH", kind, 0, len(body)) + body
+def _user_information(max_pdu: int, roles: list[str] = ()) -> list:
+    """Our A-ASSOCIATE user information: maximum PDU length, implementation class UID and
+    version name, and SCP role selection for the given SOP classes."""
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    uid = ImplementationClassUIDNotification()
+    uid.implementation_class_uid = IMPLEMENTATION_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION
+    items = [length, uid, version]
+    for sop_class in roles:
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid, role.scu_role, role.scp_role = sop_class, False, True
+        items.append(role)
+    return items
+
+
+def _associate_rq(called: str, calling: str, contexts: list[tuple[str, list[str]]], roles: list[str],
+                  max_pdu: int) -> bytes:
+    """An A-ASSOCIATE-RQ PDU (encoded by pynetdicom) proposing ``contexts`` as IDs 1, 3, 5..."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = APPLICATION_CONTEXT
+    primitive.called_ae_title, primitive.calling_ae_title = called, calling
+    offers = []
+    for n, (abstract, syntaxes) in enumerate(contexts):
+        offer = PresentationContext()
+        offer.context_id, offer.abstract_syntax, offer.transfer_syntax = 2 * n + 1, abstract, list(syntaxes)
+        offers.append(offer)
+    primitive.presentation_context_definition_list = offers
+    primitive.user_information = _user_information(max_pdu, roles)
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def _associate_ac(request, results: list[tuple[int, str, bool]], max_pdu: int) -> bytes:
+    """The A-ASSOCIATE-AC PDU answering ``request`` (a decoded A-ASSOCIATE primitive);
+    ``results`` holds (context ID, transfer syntax, accepted) per proposed context."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = APPLICATION_CONTEXT
+    primitive.called_ae_title, primitive.calling_ae_title = request.called_ae_title, request.calling_ae_title
+    primitive.result, primitive.result_source = 0, 1
+    answers = []
+    for context_id, syntax, accepted in results:
+        answer = PresentationContext()
+        answer.context_id, answer.transfer_syntax = context_id, [syntax]
+        answer.result = 0 if accepted else 4  # 4: transfer syntaxes not supported
+        answers.append(answer)
+    primitive.presentation_context_definition_results_list = answers
+    primitive.user_information = _user_information(max_pdu)
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def _decode_pdu(kind_class, kind: int, body: bytes, where: str):
+    """An association PDU read off the wire, decoded by pynetdicom into its primitive."""
+    pdu = kind_class()
+    try:
+        pdu.decode(struct.pack(">BBI", kind, 0, len(body)) + body)
+        return pdu.to_primitive()
+    except Exception as exc:  # pynetdicom raises several kinds on malformed bytes
+        raise TransientError(f"{where} sent an association PDU that cannot be read ({exc})") from None
 
 
 def _command(elements: list[tuple[int, bytes]]) -> bytes:
@@ -488,23 +555,10 @@ class _Channel(_Wire):
 
     def _negotiate(self) -> None:
         src = self.source
-        requested: dict[int, str] = {}
-        items = [_item(0x10, APPLICATION_CONTEXT.encode())]
-        for n, (abstract, syntaxes) in enumerate(src._get_contexts):
-            context_id = 2 * n + 1
-            requested[context_id] = abstract
-            sub = _item(0x30, abstract.encode()) + b"".join(_item(0x40, ts.encode()) for ts in syntaxes)
-            items.append(_item(0x20, bytes((context_id, 0, 0, 0)) + sub))
-        user = [_item(0x51, struct.pack(">I", src.max_pdu)), _item(0x52, IMPLEMENTATION_UID.encode()),
-                _item(0x55, IMPLEMENTATION_VERSION.encode())]
-        storage = dict.fromkeys(a for a, _ in src._get_contexts if a not in (QR_FIND, QR_GET, QR_MOVE))
-        for sop_class in storage:  # for these we take the SCP role (C-GET's C-STOREs come to us)
-            uid = sop_class.encode()
-            user.append(_item(0x54, struct.pack(">H", len(uid)) + uid + b"\x00\x01"))
-        items.append(_item(0x50, b"".join(user)))
-        body = (struct.pack(">HH", 1, 0) + src.called_aet.encode().ljust(16) + src.calling_aet.encode().ljust(16)
-                + bytes(32) + b"".join(items))
-        self._send(struct.pack(">BBI", 1, 0, len(body)) + body)
+        requested = {2 * n + 1: abstract for n, (abstract, _) in enumerate(src._get_contexts)}
+        # for the storage classes we take the SCP role (C-GET's C-STOREs come to us)
+        storage = [a for a in dict.fromkeys(requested.values()) if a not in (QR_FIND, QR_GET, QR_MOVE)]
+        self._send(_associate_rq(src.called_aet, src.calling_aet, src._get_contexts, storage, src.max_pdu))
         kind, pdu = self._read_pdu()
         if kind == 3 and len(pdu) >= 4:  # A-ASSOCIATE-RJ: reserved, result, source, reason
             raise src._rejection(pdu[1], pdu[2], pdu[3])
@@ -514,21 +568,11 @@ class _Channel(_Wire):
         if kind != 2:
             raise TransientError(f"the PACS {src.where} answered the association request with PDU type {kind}: "
                                  "is this its DICOM port?")
-        i = 68  # protocol version, reserved, two AE titles, 32 reserved bytes
-        while i + 4 <= len(pdu):
-            kind, length = pdu[i], struct.unpack(">H", pdu[i + 2:i + 4])[0]
-            body = pdu[i + 4:i + 4 + length]
-            if kind == 0x21 and len(body) >= 8 and body[2] == 0 and body[0] in requested:  # accepted context
-                ts_length = struct.unpack(">H", body[6:8])[0]
-                self.accepted[body[0]] = (requested[body[0]], bytes(body[8:8 + ts_length]).rstrip(b"\x00 ").decode())
-            elif kind == 0x50:
-                j = 0
-                while j + 4 <= len(body):
-                    sub_kind, sub_length = body[j], struct.unpack(">H", body[j + 2:j + 4])[0]
-                    if sub_kind == 0x51 and sub_length == 4:
-                        self.peer_max = struct.unpack(">I", body[j + 4:j + 8])[0] or MAX_PDU_BYTES
-                    j += 4 + sub_length
-            i += 4 + length
+        answer = _decode_pdu(A_ASSOCIATE_AC, kind, pdu, self.where)
+        for context in answer.presentation_context_definition_results_list:
+            if context.result == 0 and context.context_id in requested and context.transfer_syntax:
+                self.accepted[context.context_id] = (requested[context.context_id], str(context.transfer_syntax[0]))
+        self.peer_max = answer.maximum_length_received or MAX_PDU_BYTES
         offered = {abstract for abstract, _ in self.accepted.values()}
         if QR_FIND not in offered:
             self.abort()
@@ -691,45 +735,20 @@ class _Connection(_Wire):
 
     def _accept(self) -> None:
         kind, pdu = self._read_pdu()
-        if kind != 1 or len(pdu) < 68:
+        if kind != 1:
             raise TransientError(f"{self.where} sent PDU type {kind} instead of an association request")
-        called, calling = bytes(pdu[4:20]), bytes(pdu[20:36])
-        self.calling_aet = calling.decode("ascii", "replace").strip()
+        request = _decode_pdu(A_ASSOCIATE_RQ, kind, pdu, self.where)
+        self.calling_aet = request.calling_ae_title
+        self.peer_max = request.maximum_length_received or MAX_PDU_BYTES
+        if str(request.implementation_class_uid or "").startswith(PYNETDICOM_ROOT):
+            self.respond_delay = PYNETDICOM_DELAY
         results = []
-        i = 68
-        while i + 4 <= len(pdu):
-            kind, length = pdu[i], struct.unpack(">H", pdu[i + 2:i + 4])[0]
-            body = pdu[i + 4:i + 4 + length]
-            if kind == 0x20 and len(body) >= 4:
-                context_id, abstract, syntaxes, j = body[0], "", [], 4
-                while j + 4 <= len(body):
-                    sub_kind, sub_length = body[j], struct.unpack(">H", body[j + 2:j + 4])[0]
-                    value = bytes(body[j + 4:j + 4 + sub_length]).rstrip(b"\x00 ").decode("ascii", "replace")
-                    if sub_kind == 0x30:
-                        abstract = value
-                    elif sub_kind == 0x40:
-                        syntaxes.append(value)
-                    j += 4 + sub_length
-                chosen = next((ts for ts in syntaxes if ts != EXPLICIT_BE), "")
-                if chosen:
-                    self.accepted[context_id] = (abstract, chosen)
-                results.append(_item(0x21, bytes((context_id, 0, 0 if chosen else 4, 0))
-                                     + _item(0x40, (chosen or (syntaxes or [EXPLICIT_LE])[0]).encode())))
-            elif kind == 0x50:
-                j = 0
-                while j + 4 <= len(body):
-                    sub_kind, sub_length = body[j], struct.unpack(">H", body[j + 2:j + 4])[0]
-                    if sub_kind == 0x51 and sub_length == 4:
-                        self.peer_max = struct.unpack(">I", body[j + 4:j + 8])[0] or MAX_PDU_BYTES
-                    elif sub_kind == 0x52 and bytes(body[j + 4:j + 4 + sub_length]).startswith(PYNETDICOM_ROOT):
-                        self.respond_delay = PYNETDICOM_DELAY
-                    j += 4 + sub_length
-            i += 4 + length
-        user = _item(0x51, struct.pack(">I", self.scp.source.max_pdu)) + _item(0x52, IMPLEMENTATION_UID.encode()) \
-            + _item(0x55, IMPLEMENTATION_VERSION.encode())
-        body = (struct.pack(">HH", 1, 0) + called + calling + bytes(32) + _item(0x10, APPLICATION_CONTEXT.encode())
-                + b"".join(results) + _item(0x50, user))
-        self._send(struct.pack(">BBI", 2, 0, len(body)) + body)
+        for offer in request.presentation_context_definition_list:
+            chosen = next((str(ts) for ts in offer.transfer_syntax if ts != EXPLICIT_BE), "")
+            if chosen:
+                self.accepted[offer.context_id] = (str(offer.abstract_syntax), chosen)
+            results.append((offer.context_id, chosen or str((offer.transfer_syntax or [EXPLICIT_LE])[0]), bool(chosen)))
+        self._send(_associate_ac(request, results, self.scp.source.max_pdu))
 
 
 class _StorageSCP:
