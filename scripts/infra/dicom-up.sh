@@ -257,8 +257,20 @@ EOF
 orthanc_ok() {
   curl -sf --max-time 5 -o /dev/null "http://$HOST:$HTTP_PORT/dicom-web/studies" && echo_ok ORTHANC "$ORTHANC_PORT"
 }
+# the instances of the test data set: the benchmarks' patients (PatientID BENCH*, which
+# bench/dicom_sources.py and bench/dicom_dimse.py upload and keep) are not counted
 orthanc_count() {
-  curl -sf --max-time 5 "http://$HOST:$HTTP_PORT/statistics" | tr -d ' \n' | sed -n 's/.*"CountInstances":\([0-9]*\).*/\1/p'
+  "$PY" - "http://$HOST:$HTTP_PORT" <<'PYEOF' 2>/dev/null
+import json, sys, urllib.request
+base = sys.argv[1]
+def call(path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(base + path, data=data), timeout=5) as answer:
+        return json.load(answer)
+total = call("/statistics")["CountInstances"]
+bench = call("/tools/find", {"Level": "Patient", "Query": {"PatientID": "BENCH*"}})
+print(total - sum(int(call(f"/patients/{p}/statistics")["CountInstances"]) for p in bench))
+PYEOF
 }
 orthanc_wipe() { rm -rf "$DIR_orthanc/db"; }
 orthanc_launch() {
