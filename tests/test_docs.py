@@ -3,6 +3,7 @@ generated from the click commands themselves (sphinx-click), so it cannot drift 
 
 from __future__ import annotations
 
+import ast
 import html
 import re
 import subprocess
@@ -97,3 +98,204 @@ def test_every_page_is_in_the_toctree_and_the_design_notes_are_kept(site):
                  "troubleshooting", "cli", "cluster-module", "developer/sync-engine"):
         assert (site / f"{page}.html").is_file(), page
         assert f'href="{page}.html"' in index, page
+
+
+# ----------------------------------------------------------------------------- troubleshooting
+
+SOURCES = ROOT / "src" / "clpipe" / "sources"
+TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
+# The exceptions whose text a user reads (printed as `clpipe: error: ...` or `FAILED ...: ...`).
+MESSAGE_CALLS = {"ConfigError", "PreflightError", "PermanentError", "TransientError", "_Released", "RuntimeError"}
+# Lists of notes printed after a run: FolderStats.notes() builds `out`, DicomWebSource keeps `self.notes`.
+NOTE_LISTS = {"out", "notes"}
+# Raised messages that a user never sees (a phrase of each), with the reason.
+NOT_PRINTED = {
+    "instead of an association request": "raised in the C-MOVE storage SCP's thread, which catches it and aborts",
+}
+# Message text built outside a raise (helpers, hints, reasons chosen at run time), and the
+# DICOM messages of the config, the CLI and the engine. Each phrase must be in its source
+# file (read through ast.unparse, so a phrase may span implicitly joined literals, and
+# quotes are not escaped) and on the page; `{...}` names a value filled in at run time.
+EXTRA_PHRASES = {
+    "sources/dimse.py": [
+        "the host name", "is not known; check the SourceURL",
+        "check the host and port in the SourceURL and that the PACS is running",
+        "check the host and port, and that a firewall lets this machine through",
+        "check the host, the port and the network",
+        "temporary congestion", "local limit exceeded", "application context not supported",
+        "protocol version not supported", "no reason given",
+        "and that a firewall lets it connect there",
+        "the PACS may hold a SOP class or transfer syntax clpipe did not offer",
+        "instances arrived, ", "sub-operations failed; ",
+    ],
+    "sources/dicomweb.py": [
+        "connection refused", "unknown host name", "the token in", "no credentials",
+        "the user name and password in", "answered HTTP",
+    ],
+    "config/project.py": [
+        'is "move": set ',
+        "to the port on which this machine receives the images (the PACS must know our AE title at that port)",
+        "the fw-cli engine syncs only from Flywheel (fw://); remove ",
+        "expected an AE title of 1-16 ASCII characters without a backslash",
+        'expected "get" (C-GET) or "move" (C-MOVE, which needs MovePort)',
+        "expected a TCP port number (1-65535), or 0 for none", "no such file", "expected a file path as text",
+        'expected an object such as {{"PatientID": "SUBJ*"}}, found ',
+        "expected a whole number of studies (0: no limit)", "expected text (DICOM wildcards * and ? allowed)",
+    ],
+    "sync/layout.py": ["uses no field, so every series would land in one folder; use e.g. {{subject}}/{{session}}/{{series}}"],
+    "fwcli.py": [
+        "is an fw sync option for Flywheel projects; a DICOM source takes only -j/--jobs, -n/--dry-run, "
+        "-l/--list-only, -v, --delete, --quiet, --debug, -y and --ca-certs; filter with the Query block instead",
+    ],
+    "cli/__init__.py": [
+        "flywheel_sync syncs Flywheel projects (fw://group/project/); use `clpipe dicom sync` for DICOMweb, "
+        "DIMSE and file:// sources",
+        "the query flags (-patient_id, -study_date, ...) are for DICOM sources; filter a Flywheel project with "
+        "CommandLineOpts (e.g. --include-container-tags)",
+    ],
+    "sync/engine.py": [
+        "of the series' ", "the series has no instances to retrieve",
+        "--delete: the source listed nothing, so all ",
+        "files synced before would be removed; nothing was deleted (check the source, e.g. that its share is mounted)",
+    ],
+}
+
+
+def _module_words(tree: ast.Module) -> dict[str, str]:
+    """Module-level one-word text constants (``TOKEN_VAR = "CLPIPE_DICOMWEB_TOKEN"``,
+    ``A, B = "...", "..."``), read through so that messages naming them are read whole.
+    Longer constants (hints such as LOGIN_HINT) are a tail the page may abbreviate as
+    ``...``: they count as run-time values."""
+    known: dict[str, str] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+            continue
+        target, value = node.targets[0], node.value
+        pairs = (zip(target.elts, value.elts) if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
+                 else [(target, value)])
+        for name, item in pairs:
+            if (isinstance(name, ast.Name) and isinstance(item, ast.Constant) and isinstance(item.value, str)
+                    and item.value and " " not in item.value):
+                known[name.id] = item.value
+    return known
+
+
+def _text_parts(node: ast.AST, known: dict[str, str], local: dict[str, ast.AST]) -> list[str | None]:
+    """The fixed text of a message expression: strings, with ``None`` where a value is
+    filled in at run time. One-word module constants and local message variables
+    (``what = f"series {uid}"``) are read through."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.Name) and node.id in known:
+        return [known[node.id]]
+    if isinstance(node, ast.Name) and node.id in local:
+        return _text_parts(local.pop(node.id), known, local)  # popped: no loops
+    if isinstance(node, ast.JoinedStr):
+        parts: list[str | None] = []
+        for value in node.values:
+            if isinstance(value, ast.FormattedValue):
+                plain = value.conversion == -1 and value.format_spec is None
+                parts += _text_parts(value.value, known, local) if plain else [None]
+            else:
+                parts += _text_parts(value, known, local)
+        return parts
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _text_parts(node.left, known, local) + _text_parts(node.right, known, local)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("rstrip", "strip"):
+        return _text_parts(node.func.value, known, local)
+    return [None]
+
+
+def _phrases(parts: list[str | None]) -> list[str]:
+    """The runs of fixed text between run-time values, whitespace normalised, trimmed of
+    edge punctuation; those of at least three words."""
+    runs, current = [], ""
+    for part in parts + [None]:
+        if part is None:
+            runs.append(" ".join(current.split()).strip(" :;,.()"))
+            current = ""
+        else:
+            current += part
+    return [run for run in runs if len(run.split()) >= 3]
+
+
+def source_messages() -> dict[str, list[list[str]]]:
+    """The messages of src/clpipe/sources/*.py, by file, each as its distinctive fixed
+    phrases: the text of every ConfigError/PreflightError/PermanentError/TransientError(...)
+    (raised or returned) and of every note appended to a note list."""
+    found: dict[str, list[list[str]]] = {}
+    for path in sorted(SOURCES.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        known = _module_words(tree)
+        messages: list[list[str]] = []
+        for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            local = {n.targets[0].id: n.value for n in ast.walk(function)
+                     if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
+                     and isinstance(n.value, (ast.JoinedStr, ast.Constant))}
+            for call in ast.walk(function):
+                if not (isinstance(call, ast.Call) and call.args):
+                    continue
+                func = call.func
+                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                owner = func.value if isinstance(func, ast.Attribute) else None
+                owner_name = owner.id if isinstance(owner, ast.Name) else owner.attr if isinstance(owner, ast.Attribute) else ""
+                if name in MESSAGE_CALLS or (name == "append" and owner_name in NOTE_LISTS):
+                    phrases = _phrases(_text_parts(call.args[0], known, dict(local)))
+                    if phrases and phrases not in messages:
+                        messages.append(phrases)
+        found[path.name] = messages
+    return found
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_troubleshooting_lists_every_message_of_the_sources():
+    """Each fixed phrase of every message in src/clpipe/sources/*.py is on the
+    troubleshooting page (its markdown, whitespace normalised), so a new or reworded
+    message fails here until the page says what it means and what to do."""
+    page = _normalised(TROUBLESHOOTING.read_text(encoding="utf-8"))
+    found = source_messages()
+    # the extraction itself works: many messages from every source, read whole where
+    # they are built from constants and from local variables
+    assert sum(len(m) for m in found.values()) > 100, found
+    for name in ("dicom.py", "dicomweb.py", "dimse.py", "localdir.py", "flywheel.py"):
+        assert len(found[name]) >= 5, (name, found[name])
+    flat = {p for messages in found.values() for m in messages for p in m}
+    assert ("set either CLPIPE_DICOMWEB_TOKEN (a Bearer token) or CLPIPE_DICOMWEB_USER and "
+            "CLPIPE_DICOMWEB_PASSWORD, not both") in flat  # module constants read through
+    assert "the DICOMweb server at" in flat and "series gone (deleted from the server since it was listed?" in flat
+    assert "skipped" not in flat and "clpipe dropoff folders inside the source (e.g" in flat  # notes, split at counts
+    missing, unused = [], dict(NOT_PRINTED)
+    for name, messages in found.items():
+        for phrases in messages:
+            if any(key in p for p in phrases for key in NOT_PRINTED):
+                unused = {k: v for k, v in unused.items() if not any(k in p for p in phrases)}
+                continue
+            missing += [f"{name}: {p}" for p in phrases if p not in page]
+    assert not unused, f"NOT_PRINTED names messages that no longer exist: {unused}"
+    assert not missing, "messages missing from docs/troubleshooting.md:\n" + "\n".join(missing)
+
+
+def test_troubleshooting_lists_the_dicom_messages_of_config_cli_and_engine():
+    page = _normalised(TROUBLESHOOTING.read_text(encoding="utf-8"))
+    problems, count = [], 0
+    for rel, phrases in EXTRA_PHRASES.items():
+        code = ast.unparse(ast.parse((ROOT / "src" / "clpipe" / rel).read_text(encoding="utf-8")))
+        for phrase in phrases:
+            count += 1
+            if phrase not in code:
+                problems.append(f"not in src/clpipe/{rel} any more (update EXTRA_PHRASES and the page): {phrase!r}")
+            elif _normalised(phrase.replace("{{", "{").replace("}}", "}")) not in page:
+                problems.append(f"missing from docs/troubleshooting.md: {phrase!r} (src/clpipe/{rel})")
+    assert count >= 15
+    assert not problems, "\n".join(problems)
+
+
+def test_the_dicom_troubleshooting_sections_are_on_the_built_page(site):
+    text = page_text(site / "troubleshooting.html")
+    for heading in ("DICOM sources (clpipe dicom sync)", "DICOM sources (PACS, DICOMweb, folders)", "PACS (dimse://)",
+                    "Folders (file://)", "Notes after a DICOM sync"):
+        assert heading in text, heading
+    assert 'href="#dicom-sources-clpipe-dicom-sync"' in (site / "troubleshooting.html").read_text(encoding="utf-8")

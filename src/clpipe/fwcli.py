@@ -49,6 +49,8 @@ ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]?")
 ERROR_RE = re.compile(r"\bERROR - (.*)")
 PROGRESS_EVERY = 15.0  # seconds between progress lines in a batch log
 JOB_ENV = ("PATH", "FLYWHEEL_USER_HOME")  # what a batch job needs from the submitter's environment
+#: a DICOMweb login (sources/dicomweb.py): handed to the job by name only (Job.pass_env)
+DICOMWEB_CREDENTIALS = ("CLPIPE_DICOMWEB_TOKEN", "CLPIPE_DICOMWEB_USER", "CLPIPE_DICOMWEB_PASSWORD")
 
 # ---------------------------------------------------------------------------------------
 # CommandLineOpts: parsed with a replica of `fw sync`'s own options (flywheel-cli 18.x), so a
@@ -172,12 +174,14 @@ def parse_commandline_opts(text: str, where: str, engine: str = "fw-cli") -> Syn
     if ns.jobs is not None and ns.jobs < 1:
         raise ConfigError(f"{where}: --jobs must be 1 or more")
     if engine == "dicom":  # a DICOM source: the general options only
-        defaults = vars(_fw_sync_option_parser().parse_args([]))
+        parser = _fw_sync_option_parser()
+        defaults = vars(parser.parse_args([]))
+        spelled = {action.dest: "/".join(action.option_strings) for action in parser._actions}
         for name, value in vars(ns).items():
             if name not in DICOM_ALLOWED and value != defaults[name]:
-                raise ConfigError(f"{where}: {'--' + name.replace('_', '-')} is an fw sync option for Flywheel projects; "
+                raise ConfigError(f"{where}: {spelled[name]} is an fw sync option for Flywheel projects; "
                                   "a DICOM source takes only -j/--jobs, -n/--dry-run, -l/--list-only, -v, --delete, "
-                                  "--quiet, -y and --ca-certs; filter with the Query block instead")
+                                  "--quiet, --debug, -y and --ca-certs; filter with the Query block instead")
     elif engine == "native":
         for name, what in NATIVE_MEANINGLESS.items():
             if getattr(ns, name) not in (None, False):
@@ -269,6 +273,8 @@ class SyncPlan:
         """The batch job that runs this plan. It carries the submitter's PATH (where `fw`
         is) and login location, never a credential."""
         env = {name: os.environ[name] for name in JOB_ENV if name in os.environ}
+        secrets_by_name = () if self.source_url.startswith("fw:") else tuple(
+            name for name in DICOMWEB_CREDENTIALS if os.environ.get(name))
         return Job(
             name=self.job_name,
             argv=argv,
@@ -276,6 +282,7 @@ class SyncPlan:
             log_path=Path(self.log_path),
             cwd=Path(self.sync_logs),
             env=env,
+            pass_env=secrets_by_name,
         )
 
 
@@ -295,6 +302,9 @@ def make_plan(config: "ProjectConfig", run_id: str | None = None) -> SyncPlan:
     audit_csv = logs / f"{job_name}-{run_id}.csv"
     query, settings = {}, {}
     if not flywheel:
+        if options.ca_certs and source.url.scheme == "dimse":
+            raise ConfigError(f"{config.path}: {config.key('commandline_opts')}: --ca-certs is for https sources; "
+                              "for DICOM over TLS set TLSCAFile (and TLSCertFile/TLSKeyFile if the PACS asks for them)")
         query = asdict(source.query)
         settings = {"calling_aet": source.calling_aet, "retrieve": source.retrieve_method, "move_port": source.move_port,
                     "tls_ca": source.tls_ca_file or (options.ca_certs or ""), "tls_cert": source.tls_cert_file,

@@ -31,6 +31,9 @@ class Job:
     log_path: Path
     cwd: Path
     env: dict[str, str] = field(default_factory=dict)  # never secrets
+    #: names of environment variables holding secrets the job needs (a DICOMweb token):
+    #: passed on by name by the submit command (qsub -v NAME), never written into a script
+    pass_env: tuple[str, ...] = ()
 
     def command_line(self) -> str:
         """The argv as one correctly quoted shell line, for display and scripts."""
@@ -39,6 +42,7 @@ class Job:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["argv"] = list(self.argv)
+        data["pass_env"] = list(self.pass_env)
         data["log_path"] = str(self.log_path)
         data["cwd"] = str(self.cwd)
         return data

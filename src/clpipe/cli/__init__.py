@@ -141,10 +141,17 @@ def _sync_job(config, batch_config, after, submit) -> int:
     if after is not None and batch is None:
         raise ConfigError("-after: waiting for another job needs a batch system; set BatchConfig or -batch_config")
     layout = plan.layout_template
-    if not config.source.is_flywheel and not layout:
-        from ..sources.dicom import DEFAULT_TEMPLATE
+    source_problem = ""
+    if not config.source.is_flywheel:
+        from ..sources.dicom import DEFAULT_TEMPLATE, SourceSettings, check_before_submit, parse_source_url
 
-        layout = DEFAULT_TEMPLATE
+        layout = layout or DEFAULT_TEMPLATE
+        try:
+            check_before_submit(parse_source_url(plan.source_url), SourceSettings(**plan.settings))
+        except ClpipeError as exc:
+            if submit:
+                raise
+            source_problem = str(exc)
 
     submission = None
     if batch is not None:
@@ -178,6 +185,8 @@ def _sync_job(config, batch_config, after, submit) -> int:
             click.echo("--- script ---")
             click.echo(submission.script.rstrip("\n"))
             click.echo("--------------")
+        if source_problem:
+            click.echo(f"Note:      the job would stop here: {source_problem}")
         if plan.engine == "fw-cli" and shutil.which("fw") is None:
             click.echo("Note:      `fw` is not on PATH here; install the Flywheel CLI before running (see the README).")
         click.echo("Nothing was run. Add -submit to run it.")
@@ -221,9 +230,16 @@ def run_plan_cli(plan_file) -> int:
 
     plan = SyncPlan.from_json(Path(plan_file).read_text())
     if not plan.source_url.startswith("fw:"):
+        from ..errors import PreflightError
+        from ..sync.engine import PermanentError, TransientError
         from ..sync.run import run_dicom
 
-        return run_dicom(plan)
+        try:
+            return run_dicom(plan)
+        except (TransientError, PermanentError) as exc:
+            # the source could not be listed (a PACS that refuses the association or cannot be
+            # reached): the message says what to check; it is not an internal error
+            raise PreflightError(str(exc)) from None
     if plan.engine == "native":
         from ..sync.run import run_native
 

@@ -210,6 +210,28 @@ def open_source(url: SourceURL, settings: SourceSettings) -> DicomSource:
     return FolderSource(url, settings)
 
 
+def check_before_submit(url: SourceURL, settings: SourceSettings) -> None:
+    """What can be checked on the submitting machine before a job is queued, without the
+    network: a DICOMweb login in the environment and TLS files, the DIMSE settings and TLS
+    files, a file:// folder that exists and can be listed. Raises the error the job would
+    end with."""
+    if url.scheme == "dicomweb":
+        from .dicomweb import _credentials, _tls
+
+        _credentials()
+        _tls(url, settings)
+    elif url.scheme == "dimse":
+        from .dimse import DimseSource, tls_context
+
+        DimseSource(url, settings).close()  # AE title, RetrieveMethod, MovePort, TLS files; connects to nothing
+        if (settings.retrieve or "get").lower() == "move":
+            tls_context(settings, server_side=True)  # the PACS connects to us: our certificate
+    else:
+        from .localdir import _check_folder
+
+        _check_folder(Path(url.path))
+
+
 # ----------------------------------------------------------------------------- layout
 
 

@@ -322,6 +322,8 @@ class DicomWebSource:
     def __init__(self, url: SourceURL, settings: SourceSettings, transport: httpx.BaseTransport | None = None):
         self.url, self.base = url, url.base_url.rstrip("/")
         headers, auth, self._who = _credentials()
+        # for the log: which credentials, never their value
+        self.login = "credentials: none set" if self._who == "no credentials" else f"credentials: {self._who}"
         jobs = max(1, settings.jobs)
         self._client = httpx.Client(
             headers={**headers, "User-Agent": "clpipe"},

@@ -44,7 +44,8 @@ def run_dicom(plan) -> int:
     try:
         query = DicomQuery(**plan.query)
         template = plan.layout_template or DEFAULT_TEMPLATE
-        say(f"native engine; source {url}; layout {template}")
+        login = getattr(source, "login", "")
+        say(f"native engine; source {url}{'; ' + login if login else ''}; layout {template}")
         return _sync(plan, source, lambda: entries(source, query, template), started)
     finally:
         source.close()
