@@ -83,6 +83,8 @@ def test_query_block_and_flags(tmp_path):
     ({"CallingAET": "A" * 17}, "1-16 ASCII characters"),
     ({"TLSCAFile": "/no/such/ca.pem"}, "no such file"),
     ({"Engine": "fw-cli"}, "the fw-cli engine syncs only from Flywheel"),
+    ({"NetworkTimeout": 0}, "expected a number of seconds from 1 to 86400"),
+    ({"NetworkTimeout": "soon"}, "expected a number of seconds from 1 to 86400"),
     ({"LayoutTemplate": "{subject}/{acquisition}"}, "unknown field {acquisition}"),
     ({"CommandLineOpts": "--include-container-tags '{\"subject\": [\"x\"]}'"}, "filter with the Query block instead"),
 ])
@@ -130,3 +132,13 @@ def test_project_setup_takes_a_dicom_source(tmp_path):
     assert code == 0 and "Job:       dicom_sync" in out, err
     code, _, err = clpipe("project_setup", "-project_title", "t", "-project_dir", tmp_path / "q", "-source_url", "dimse://host:1")
     assert code == 2 and "dimse://CALLED_AET@host:port" in err
+
+
+def test_network_timeout_reaches_the_source_settings(tmp_path):
+    """NetworkTimeout (seconds) is what every connect, read and answer of the job waits."""
+    from clpipe.config.project import load_project_config
+    from clpipe.fwcli import make_plan
+
+    config = project(tmp_path, "dimse://PACS@127.0.0.1:104", NetworkTimeout=900)
+    assert make_plan(load_project_config(config)).settings["timeout"] == 900
+    assert make_plan(load_project_config(project(tmp_path / "b", "dimse://PACS@127.0.0.1:104"))).settings["timeout"] == 60

@@ -308,7 +308,7 @@ def make_plan(config: "ProjectConfig", run_id: str | None = None) -> SyncPlan:
         query = asdict(source.query)
         settings = {"calling_aet": source.calling_aet, "retrieve": source.retrieve_method, "move_port": source.move_port,
                     "tls_ca": source.tls_ca_file or (options.ca_certs or ""), "tls_cert": source.tls_cert_file,
-                    "tls_key": source.tls_key_file, "jobs": options.jobs}
+                    "tls_key": source.tls_key_file, "jobs": options.jobs, "timeout": source.network_timeout}
     argv = () if source.engine == "native" else (
         "fw", "sync",
         "--include", "dicom",

@@ -52,6 +52,7 @@ SOURCE_KEYS: dict[str, tuple[str, str]] = {
     "tls_ca_file": ("TLSCAFile", "tls_ca_file"),
     "tls_cert_file": ("TLSCertFile", "tls_cert_file"),
     "tls_key_file": ("TLSKeyFile", "tls_key_file"),
+    "network_timeout": ("NetworkTimeout", "network_timeout"),
 }
 # The Query block: canonical -> (legacy, snake)
 QUERY_KEYS: dict[str, tuple[str, str]] = {
@@ -106,6 +107,7 @@ SOURCE_DEFAULTS = {
     "tls_ca_file": "",
     "tls_cert_file": "",
     "tls_key_file": "",
+    "network_timeout": 60,
 }
 ENGINES = ("fw-cli", "native")
 RETRIEVE_METHODS = ("get", "move")
@@ -138,6 +140,19 @@ class SourceModel(BaseModel):
     tls_ca_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    network_timeout: float = 60
+
+    @field_validator("network_timeout", mode="before")
+    @classmethod
+    def _timeout(cls, value: Any) -> float:
+        try:
+            seconds = float(str(value).strip())
+        except ValueError:
+            seconds = -1.0
+        if isinstance(value, bool) or not 1 <= seconds <= 86400:
+            raise ValueError("expected a number of seconds from 1 to 86400 (a PACS that fetches from slow "
+                             "archive storage may need 600 or more)")
+        return seconds
 
     @field_validator("calling_aet", mode="before")
     @classmethod
@@ -260,6 +275,7 @@ class SourceConfig:
     tls_ca_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    network_timeout: float = 60.0
 
     @property
     def is_flywheel(self) -> bool:
@@ -490,6 +506,7 @@ def load_project_config(
         tls_ca_file=str(Path(model.tls_ca_file).expanduser()) if model.tls_ca_file else "",
         tls_cert_file=str(Path(model.tls_cert_file).expanduser()) if model.tls_cert_file else "",
         tls_key_file=str(Path(model.tls_key_file).expanduser()) if model.tls_key_file else "",
+        network_timeout=model.network_timeout,
     )
     return ProjectConfig(
         path=path,
@@ -562,4 +579,4 @@ def write_dicom_format_string(config: ProjectConfig, value: str) -> str:
     temp = config.path.with_name(f".{config.path.name}.tmp")
     temp.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
     os.replace(temp, config.path)
-    return f"{section}.{key} in {config.path} set to {value!r} (was {current!r}) to match LayoutTemplate"
+    return f"{section}.{key} in {config.path} set to {value!r} ({'was ' + repr(current) if current is not None else 'not set before'}) to match LayoutTemplate"

@@ -420,7 +420,7 @@ class _Wire:
             try:
                 chunk = self.sock.recv(max(READ_SIZE, size - len(self._buffer)))
             except (socket.timeout, TimeoutError):
-                raise TransientError(f"no answer from {self.where} within {self.timeout:.0f} s; it will be tried again") from None
+                raise TransientError(f"no answer from {self.where} within {self.timeout:.0f} s (NetworkTimeout); it will be tried again") from None
             except OSError as exc:
                 raise TransientError(f"the connection to {self.where} broke ({exc})") from None
             if not chunk:
