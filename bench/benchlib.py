@@ -3,14 +3,18 @@ describing the machine. Each benchmark keeps its own rows, checks and goals."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import re
 import resource
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,3 +107,22 @@ def machine() -> str:
     return (f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}, "
             f"{cpu[1] if cpu else platform.machine()}), {mem / 2**30:.1f} GiB memory, "
             f"Linux {platform.release()}, Python {platform.python_version()}")
+
+
+@contextmanager
+def orthanc_data_lock():
+    """Held while a benchmark has its BENCH* patients in the test Orthanc: the DICOM
+    benchmarks upload and delete such patients, so two of them (or a benchmark and the
+    test that runs its quick mode) must not overlap. A second one waits, saying so."""
+    path = Path(tempfile.gettempdir()) / "clpipe-bench-orthanc-data.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another benchmark that uses the test Orthanc's BENCH* patients ({path})",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from benchlib import MB, last_line, machine, run_measured
+from benchlib import MB, last_line, machine, orthanc_data_lock, run_measured
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -489,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     infra = infra_exports()
     if "CLPIPE_ORTHANC_HTTP" not in infra:
         ap.error(f"the DICOM test servers are not set up: run `{START}` first")
+    with orthanc_data_lock():  # its BENCH* patients are uploaded and deleted
+        return run_benchmark(args, infra)
+
+
+def run_benchmark(args: argparse.Namespace, infra: dict) -> int:
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="clpipe-dicom-bench-", dir=args.workdir))

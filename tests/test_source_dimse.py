@@ -662,6 +662,6 @@ def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ") and "|" in line[2:]}
     for name in ("getscu, per patient", "getscu, per patient, 3 at once", "native C-GET, 4 jobs",
                  "native C-GET, 4 jobs, no-op re-sync", "native C-GET, 1 job", "native C-GET, 4 jobs, new association per series",
-                 "native C-MOVE, 4 jobs"):
+                 "native C-MOVE, 4 jobs", "pynetdicom C-GET, per patient", "pynetdicom C-GET, per patient, 3 at once"):
         assert name in rows and rows[name].rstrip().split("|")[-2].strip().startswith("ok"), rows.get(name, f"no row {name!r}")
     assert (results.read_bytes() if results.exists() else None) == before

@@ -24,13 +24,13 @@ for the associations we request, :class:`_StorageSCP` for those the PACS opens t
 a C-MOVE. The per-instance path (P-DATA-TF fragments, the group-0000 command sets of
 C-FIND, C-GET, C-MOVE, C-STORE and C-ECHO from PS3.7, A-RELEASE, A-ABORT) is read and
 written here, on the socket the engine's thread already holds. Why not pynetdicom's
-Association for that path (measured with pynetdicom 3.0.4 and py-spy; the benchmark
-bench/dicom_dimse.py has a pynetdicom C-GET row): per received instance it runs three
-threads, a polling loop and pydicom encodes and decodes three command sets, ~1.7 ms of
-CPU under the GIL, so parallel associations in one process do not add up (2,209
-instances: ~4 s by C-GET over one association or four, ~6 s by C-MOVE, against ~1.1 s
-for dcmtk's getscu, the goal's peer); here they cost ~0.1 s of CPU and the retrieval is
-bound by the PACS and the disk. Identifiers are pydicom datasets; received datasets are
+Association for that path (measured with pynetdicom 3.0.4 and py-spy, and in
+bench/results/dicom_dimse.md, whose pynetdicom C-GET rows use its fastest settings): per
+received instance it runs three threads, a polling loop and pydicom encodes and decodes
+three command sets, ~2 ms of CPU under the GIL, so parallel associations in one process
+do not add up (2,209 instances: 5.6-7.0 s, against 1.3 s for dcmtk's getscu, the goal's
+peer, and 1.3 s here); here the whole run costs ~1 s of CPU and the retrieval is bound by
+the PACS and the disk. Identifiers are pydicom datasets; received datasets are
 never decoded (only read up to SeriesInstanceUID to route a C-MOVE's instances).
 
 * C-GET runs in the engine's own thread: no hand-off, backpressure for free (the next
