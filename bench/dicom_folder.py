@@ -17,7 +17,8 @@ machine hits peers of the same round alike:
 - ``cp -r TREE DEST``: every file of the tree, nothing checked (the floor);
 - native: ``dicom_folder.py --engine``, the engine with FolderSource as clpipe's runner
   drives it (lock, manifest, run, save) without the CLI around it; interpreter start and
-  imports included; its phases (listing, copying, saving the manifest) are in the table;
+  imports included; its phases (listing, copying, saving the manifest) and the jobs it ran
+  (a local folder: no more than the CPUs, see FolderSource.max_jobs) are in the table;
 - ``clpipe dicom sync -c CONFIG -submit``: the whole command (config, logs, audit CSV);
 - no-op: the same native or clpipe run again into the synced folder.
 
@@ -166,8 +167,8 @@ def engine_main(tree: str, dest: str, jobs: int) -> int:
     try:
         state.load()
         begun = time.perf_counter()
-        outcome = Engine(source, state, Options(dropoff=dropoff, zip_tmp=dropoff.parent / f"{dropoff.name}.zips",
-                                                jobs=jobs)).run(timed(entries(source, DicomQuery())))
+        engine = Engine(source, state, Options(dropoff=dropoff, zip_tmp=dropoff.parent / f"{dropoff.name}.zips", jobs=jobs))
+        outcome = engine.run(timed(entries(source, DicomQuery())))
         copied = time.perf_counter()
         state.save()
     finally:
@@ -178,7 +179,7 @@ def engine_main(tree: str, dest: str, jobs: int) -> int:
         "created": outcome.created, "updated": outcome.updated, "skipped": outcome.skipped, "failed": outcome.failed,
         "failures": outcome.failures[:5], "notes": getattr(source, "notes", []),
         "import_s": imported - started, "list_s": (listed[0] or copied) - begun,
-        "copy_s": copied - (listed[0] or copied), "save_s": done - copied,
+        "copy_s": copied - (listed[0] or copied), "save_s": done - copied, "jobs": engine.jobs,
     }))
     return 1 if outcome.failed else 0
 
@@ -251,6 +252,8 @@ def engine_report(run: Run, output: str, want_copied: int) -> None:
             run.status = f"FAILED: no report ({last_line(output)[:120]})"
         return
     run.phases = f"list {data['list_s']:.2f} / copy {data['copy_s']:.2f} / save {data['save_s']:.2f}"
+    if data.get("jobs"):
+        run.phases += f" ({data['jobs']} {'job' if data['jobs'] == 1 else 'jobs'})"
     copied = data["created"] + data["updated"]
     if run.ok and copied != want_copied:
         run.status = f"INVALID: copied {copied} instances, expected {want_copied}"
@@ -393,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small tree, one round, results not saved")
     ap.add_argument("--rounds", type=int, help="times each peer runs (default 5; --quick: 1)")
-    ap.add_argument("--jobs", type=int, default=JOBS, help=f"native engine's parallel series (default {JOBS})")
+    ap.add_argument("--jobs", type=int, default=JOBS, help=f"native engine's parallel series, at most (default {JOBS})")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
     ap.add_argument("--workdir", type=Path, help="where the copies go (default: a temp folder; put it on the "
                     "filesystem you care about: the trees are read from bench/.cache/)")
@@ -423,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
             *[f"- tree {line}" for line in lines],
             f"- peers, alternating, {rounds} round(s), each into a fresh folder after `sync`: `cp -r TREE DEST`; "
-            f"native = the engine with FolderSource, jobs={args.jobs} (native jobs=1: one job), in a fresh Python process "
+            f"native = the engine with FolderSource, jobs={args.jobs} (native jobs=1: one job; for a folder whose reading "
+            "does not wait on I/O the engine runs at most as many series at once as there are CPUs: the jobs it ran "
+            "are in the phases column), in a fresh Python process "
             "(`bench/dicom_folder.py --engine`: interpreter start and imports included); `clpipe dicom sync -c CONFIG "
             "-submit` = the whole command (config, log, audit CSV and summary included); no-op = the same again "
             "into the synced folder",

@@ -4,6 +4,7 @@ and unable to write outside the dropoff whatever the names say."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -13,10 +14,15 @@ import subprocess
 import sys
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+import clpipe.sync.engine as engine_module
+from clpipe.sync.engine import (PART_PREFIX, PART_SUFFIX, Engine, Options, Progress, RemoteEntry, TransientError,
+                                copy_file)
+from clpipe.sync.manifest import SyncState
 from clpipe.testing.fwserver import Acquisition, FlywheelTestServer, FwFile, Project, Session, Subject, make_demo_project
 from conftest import files_under, new_project
 
@@ -305,3 +311,211 @@ def test_retry_after_is_honoured(nenv, server, demo_project, tmp_path):
     assert "HTTP 429" in out and "attempt 2 in 2.0 s" in out
     assert time.monotonic() - started >= 2.0
     assert dicoms(config.parent / "data_DICOMs") == demo_project.expected_dicom_paths(strip_root=True)
+
+
+# ----------------------------------------------------------------------------- DICOM series
+
+
+class SeriesSource:
+    """A source of DICOM series as the DICOMweb and DIMSE sources are (``(SOPInstanceUID,
+    bytes)``), or the file source (``(SOPInstanceUID, Path)``); ``fail_after`` instances
+    of a series, ``error`` is raised."""
+
+    def __init__(self, series: dict[str, list[tuple[str, bytes | Path]]], fail_after: int | None = None,
+                 error: BaseException | None = None):
+        self.series, self.fail_after, self.error, self.opened = series, fail_after, error, []
+
+    @contextmanager
+    def instances(self, entry):
+        self.opened.append(entry.key)
+
+        def items():
+            for n, item in enumerate(self.series[entry.key]):
+                if self.fail_after is not None and n == self.fail_after:
+                    raise self.error
+                yield item
+
+        yield items()
+
+    def members(self, entry):
+        return None
+
+
+def series_entry(key: str, folder: str, count: int, version: str = "v1") -> RemoteEntry:
+    return RemoteEntry(key=key, path=folder, size=0, modified=0.0, checksum=None, unpack=True, count=count,
+                       version=version, series=True)
+
+
+def run_engine(source, dropoff: Path, entries: list, run_id: str = "run1", **options):
+    state = SyncState(dropoff, run_id)
+    state.acquire()
+    try:
+        state.load()
+        opts = dict(dropoff=dropoff, zip_tmp=dropoff.parent / "ziptmp", jobs=2, retries=1, backoff=0.01)
+        outcome = Engine(source, state, Options(**{**opts, **options})).run(entries)
+        state.save()
+    finally:
+        state.release()
+    return outcome
+
+
+def staged_files(dropoff: Path) -> list[str]:
+    return sorted(str(p.relative_to(dropoff)) for p in dropoff.rglob(f"{PART_PREFIX}*{PART_SUFFIX}"))
+
+
+def landed_files(dropoff: Path) -> dict[str, bytes]:
+    return {p.relative_to(dropoff).as_posix(): p.read_bytes() for p in dropoff.rglob("*")
+            if p.is_file() and ".clpipe-sync" not in p.relative_to(dropoff).parts}
+
+
+def instances(prefix: str, n: int, size: int = 3000) -> list[tuple[str, bytes]]:
+    return [(f"1.2.3.{prefix}.{i}", bytes([i % 251]) * (size + i)) for i in range(n)]
+
+
+def test_a_series_lands_whole_each_instance_once_nothing_staged_left(tmp_path):
+    dropoff = tmp_path / "dropoff"
+    one, two = instances("1", 5), instances("2", 3)
+    source = SeriesSource({"series/1": one + [one[2]], "series/2": two})  # a repeated instance: written once
+    entries = [series_entry("series/1", "sub/ses/001-T1", 5), series_entry("series/2", "sub/ses/002-T2", 3)]
+    outcome = run_engine(source, dropoff, entries)
+    assert (outcome.created, outcome.failed) == (8, 0), outcome.failures
+    want = {f"sub/ses/001-T1/{uid}.dcm": data for uid, data in one}
+    want.update({f"sub/ses/002-T2/{uid}.dcm": data for uid, data in two})
+    assert landed_files(dropoff) == want
+    assert staged_files(dropoff) == []
+    record = SyncState(dropoff, "check")
+    record.load()
+    assert sorted(record.get("series/1").files) == sorted([f"sub/ses/001-T1/{u}.dcm", len(d), ""] for u, d in one)
+    again = run_engine(source, dropoff, entries, "run2")
+    assert (again.created, again.updated, again.skipped) == (0, 0, 8) and source.opened.count("series/1") == 1
+
+
+@pytest.mark.parametrize("error", [TransientError("connection reset"), KeyboardInterrupt()], ids=["fault", "interrupt"])
+def test_a_failure_mid_series_leaves_no_file_under_a_final_name(tmp_path, error):
+    """Instances staged before the failure are removed; nothing of the series is in place,
+    not even its folder; the series is not recorded, so the next run fetches it."""
+    dropoff = tmp_path / "dropoff"
+    entry = series_entry("series/1", "sub/ses/001-T1", 6)
+    source = SeriesSource({"series/1": instances("1", 6)}, fail_after=4, error=error)
+    if isinstance(error, KeyboardInterrupt):  # not caught by the engine: straight out of the fetch
+        state = SyncState(dropoff, "run1")
+        state.load()
+        engine = Engine(source, state, Options(dropoff=dropoff, zip_tmp=tmp_path / "z"))
+        with pytest.raises(KeyboardInterrupt):
+            engine._fetch_series(entry, Progress(1, 0, False))
+    else:
+        outcome = run_engine(source, dropoff, [entry])
+        assert outcome.failed == 1 and "connection reset" in outcome.failures[0]
+        assert source.opened == ["series/1", "series/1"]  # retried once
+    assert landed_files(dropoff) == {} and staged_files(dropoff) == []
+    assert not (dropoff / "sub" / "ses" / "001-T1").exists()
+    source.fail_after = None
+    outcome = run_engine(source, dropoff, [entry], "run2")
+    assert outcome.created == 6 and outcome.failed == 0
+
+
+def test_a_failed_update_keeps_the_files_of_the_version_before(tmp_path):
+    dropoff = tmp_path / "dropoff"
+    old = instances("1", 4)
+    assert run_engine(SeriesSource({"series/1": old}), dropoff, [series_entry("series/1", "s", 4)]).created == 4
+    before = landed_files(dropoff)
+    new = [(uid, data + b"new") for uid, data in old]
+    source = SeriesSource({"series/1": new}, fail_after=3, error=TransientError("reset"))
+    outcome = run_engine(source, dropoff, [series_entry("series/1", "s", 4, "v2")], "run2")
+    assert outcome.failed == 1
+    assert landed_files(dropoff) == before and staged_files(dropoff) == []
+
+
+def test_fewer_instances_than_the_count_place_nothing(tmp_path):
+    dropoff = tmp_path / "dropoff"
+    source = SeriesSource({"series/1": instances("1", 3)})
+    outcome = run_engine(source, dropoff, [series_entry("series/1", "s", 5)])
+    assert outcome.failed == 1 and "received 3 of the series' 5 instances" in outcome.failures[0]
+    assert landed_files(dropoff) == {} and staged_files(dropoff) == []
+
+
+def test_a_copy_that_fails_half_way_leaves_no_part(tmp_path, monkeypatch):
+    """A local file (a Path) whose copy breaks after half its bytes: the half-written
+    staged file is removed, and no file is under its final name."""
+    dropoff, src = tmp_path / "dropoff", tmp_path / "src"
+    src.mkdir()
+    files = []
+    for uid, data in instances("1", 3, size=100_000):
+        (src / uid).write_bytes(data)
+        files.append((uid, src / uid))
+    real = os.copy_file_range
+    calls = []
+
+    def breaks(fd_in, fd_out, count, *args):
+        calls.append(count)
+        if len(calls) == 2:  # the second file: half of it, then an I/O error
+            real(fd_in, fd_out, count // 2)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd_in, fd_out, count, *args)
+
+    monkeypatch.setattr(os, "copy_file_range", breaks)
+    outcome = run_engine(SeriesSource({"series/1": files}), dropoff, [series_entry("series/1", "s", 3)], retries=0)
+    assert outcome.failed == 1 and "Input/output error" in outcome.failures[0]
+    assert str(files[1][1]) in outcome.failures[0]  # the error names the file being copied
+    assert landed_files(dropoff) == {} and staged_files(dropoff) == []
+
+
+def test_parts_left_by_a_killed_run_are_removed_when_the_series_is_fetched(tmp_path):
+    dropoff = tmp_path / "dropoff"
+    folder = dropoff / "sub" / "001-T1"
+    folder.mkdir(parents=True)
+    for n in range(3):  # what kill -9 leaves: staged files of a run that is gone
+        (folder / f"{PART_PREFIX}0123456789ab-{n}{PART_SUFFIX}").write_bytes(b"half a file")
+    (folder / ".keep").write_bytes(b"")  # not ours: left alone
+    one = instances("1", 4)
+    outcome = run_engine(SeriesSource({"series/1": one}), dropoff, [series_entry("series/1", "sub/001-T1", 4)])
+    assert outcome.created + outcome.updated == 4 and outcome.failed == 0
+    assert staged_files(dropoff) == []
+    assert landed_files(dropoff) == {"sub/001-T1/.keep": b"", **{f"sub/001-T1/{u}.dcm": d for u, d in one}}
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    dropoff = tmp_path / "dropoff"
+    source = SeriesSource({"series/1": instances("1", 2)})
+    outcome = run_engine(source, dropoff, [series_entry("series/1", "s", 2)], dry_run=True)
+    assert [f.status for f in outcome.files] == ["would-transfer"] and outcome.created == 0
+    assert source.opened == [] and landed_files(dropoff) == {} and not (dropoff / "s").exists()
+
+
+@pytest.mark.parametrize("broken", ["none", "copy_file_range", "copy_file_range-copies-nothing", "both"])
+def test_copy_file_falls_back_and_copies_every_byte(tmp_path, monkeypatch, broken):
+    """copy_file: copy_file_range where it works; sendfile where it does not (another
+    filesystem on an older kernel, a filesystem without it); read/write when neither does."""
+    monkeypatch.setattr(engine_module, "_NO_COPY_RANGE", set())
+    used = []
+    real_range, real_sendfile = os.copy_file_range, os.sendfile
+
+    def copy_range(*args):
+        used.append("copy_file_range")
+        if broken in ("copy_file_range", "both"):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return 0 if broken == "copy_file_range-copies-nothing" else real_range(*args)
+
+    def sendfile(*args):
+        used.append("sendfile")
+        if broken == "both":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_sendfile(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_range)
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    for n, size in enumerate((0, 1, 9_000, 3 * (1 << 20) + 7)):
+        src = tmp_path / f"src{n}"
+        src.write_bytes(os.urandom(size))
+        dst = str(tmp_path / f"dst{n}")
+        assert copy_file(src, dst) == size
+        assert Path(dst).read_bytes() == src.read_bytes()
+    assert used[0] == "copy_file_range"
+    assert ("sendfile" in used) == (broken != "none")
+    if broken in ("copy_file_range", "both"):  # remembered: not asked again for files on that filesystem
+        assert used.count("copy_file_range") == 1
+    with pytest.raises(FileExistsError):  # never over an existing file
+        copy_file(tmp_path / "src1", str(tmp_path / "dst2"))
+    with pytest.raises(FileNotFoundError) as missing:
+        copy_file(tmp_path / "no such file", str(tmp_path / "dst9"))
+    assert missing.value.filename == str(tmp_path / "no such file") and not (tmp_path / "dst9").exists()

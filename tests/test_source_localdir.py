@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,8 +80,8 @@ def sync(source, dropoff: Path, run_id: str, query: DicomQuery = DicomQuery(), *
     state.acquire()
     try:
         state.load()
-        outcome = Engine(source, state, Options(dropoff=dropoff, zip_tmp=dropoff.parent / "ziptmp", jobs=4,
-                                                **options)).run(entries(source, query))
+        options = {"dropoff": dropoff, "zip_tmp": dropoff.parent / "ziptmp", "jobs": 4, **options}
+        outcome = Engine(source, state, Options(**options)).run(entries(source, query))
         state.save()
     finally:
         state.release()
@@ -185,6 +186,34 @@ def test_headers_read_by_threads_when_reading_waits(tree, monkeypatch):
     monkeypatch.setattr(localdir.time, "thread_time", lambda: 0.0)  # no CPU used: all of it was waiting
     threaded = [(s.uid, s.ref, s.version) for s in listed(source_for(root, jobs=3))]
     assert pools == [3] and threaded == serial
+
+
+@pytest.mark.parametrize("waits", [False, True], ids=["local-disk", "share-that-waits"])
+def test_copy_jobs_follow_the_cpus_unless_reading_waits(tree, tmp_path, monkeypatch, waits):
+    """Copying from a local disk is CPU work: the engine runs no more series at once than
+    there are CPUs; from a share whose reads wait, all the jobs it was given."""
+    import clpipe.sync.engine as engine_module
+
+    root, desc = tree
+    monkeypatch.setattr(localdir, "_cpus", lambda: 2)
+    # the probe times wall clock against CPU: all of it CPU, or none of it
+    monkeypatch.setattr(localdir.time, "thread_time", (lambda: 0.0) if waits else localdir.time.perf_counter)
+    pools = []
+
+    class Pool(engine_module.ThreadPoolExecutor):
+        def __init__(self, *args, **kw):
+            pools.append(kw.get("max_workers"))
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(engine_module, "ThreadPoolExecutor", Pool)
+    source = source_for(root, jobs=4)
+    assert source.max_jobs == 4  # before a listing: what it was given
+    outcome = sync(source, tmp_path / "dropoff", "run1")
+    assert outcome.failed == 0 and outcome.created == desc["counts"]["instances"]
+    assert source.max_jobs == (4 if waits else 2) and pools == [source.max_jobs]
+    pools.clear()
+    outcome = sync(source, tmp_path / "dropoff2", "run1", jobs=1)  # the configured jobs stay the ceiling
+    assert outcome.failed == 0 and pools == [1]
 
 
 def test_fast_reader_agrees_with_pydicom_on_every_file(tree):
@@ -395,6 +424,15 @@ def test_sync_copies_every_instance_byte_for_byte_then_nothing(own_tree, tmp_pat
     assert not counting.calls  # nothing retrieved
 
 
+def test_dry_run_copies_nothing(tree, tmp_path):
+    root, desc = tree
+    dropoff = tmp_path / "dropoff"
+    outcome = sync(source_for(root), dropoff, "run1", dry_run=True)
+    assert outcome.failed == 0 and outcome.created == 0
+    assert len(outcome.files) == len(desc["series"]) and {f.status for f in outcome.files} == {"would-transfer"}
+    assert dropoff_files(dropoff) == {} and [p.name for p in dropoff.iterdir()] == [".clpipe-sync"]
+
+
 def test_a_changed_or_added_file_copies_only_its_series_again(own_tree, tmp_path):
     root, desc = own_tree
     dropoff = tmp_path / "dropoff"
@@ -425,12 +463,10 @@ def test_a_changed_or_added_file_copies_only_its_series_again(own_tree, tmp_path
     assert (dropoff / folder / f"{ds.SOPInstanceUID}.dcm").read_bytes() == (root / "late arrival.dcm").read_bytes()
 
 
-@pytest.mark.parametrize("large", [False, True], ids=["read-by-source", "copied-by-engine"])
-def test_a_file_vanished_mid_run_is_retried_then_reported(own_tree, tmp_path, monkeypatch, capsys, large):
-    """Listed, then gone before the copy: a TransientError naming the file (retried, in
-    case the share comes back), then that series fails and every other one arrives."""
-    if large:  # the engine copies the file itself (shutil.copyfile); its OSError becomes the same error
-        monkeypatch.setattr(localdir, "IN_MEMORY", 0)
+def test_a_file_vanished_mid_run_is_retried_then_reported(own_tree, tmp_path, capsys):
+    """Listed, then gone before the copy: the engine's OSError opening it becomes a
+    TransientError naming the file (retried, in case the share comes back), then that
+    series fails and every other one arrives."""
     root, desc = own_tree
     dropoff = tmp_path / "dropoff"
     source = source_for(root)
@@ -451,6 +487,72 @@ def test_a_file_vanished_mid_run_is_retried_then_reported(own_tree, tmp_path, mo
     assert str(root / doomed["path"]) in failure and "it is gone" in failure
     assert "[retry]" in capsys.readouterr().out
     assert outcome.created == desc["counts"]["instances"] - by_series(desc)[desc["odd"]["dotdot_series"]]
+
+
+KILLED_RUN = """
+import sys, time
+from pathlib import Path
+import clpipe.sync.engine as engine
+from clpipe.sources.dicom import DicomQuery, SourceSettings, entries, parse_source_url
+from clpipe.sources.localdir import FolderSource
+from clpipe.sync.manifest import SyncState
+
+real = engine.copy_file
+def slow(src, dst):  # slow enough to be killed in the middle of a series
+    size = real(src, dst)
+    time.sleep(0.01)
+    return size
+engine.copy_file = slow
+source = FolderSource(parse_source_url("file://" + sys.argv[1]), SourceSettings(jobs=2))
+state = SyncState(Path(sys.argv[2]), "killed")
+state.acquire()
+state.load()
+engine.Engine(source, state, engine.Options(dropoff=Path(sys.argv[2]), zip_tmp=Path(sys.argv[2] + ".z"),
+                                            jobs=2)).run(entries(source, DicomQuery()))
+"""
+
+
+def test_kill_9_mid_series_then_resume(own_tree, tmp_path):
+    """Killed while series are being copied: no file is ever under its final name unless
+    whole; the next run removes the killed run's staged files, keeps what it finished and
+    copies the rest."""
+    import signal
+    import subprocess
+    import sys
+
+    from clpipe.sync.engine import PART_PREFIX, PART_SUFFIX
+
+    root, desc = own_tree
+    dropoff = tmp_path / "dropoff"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(root), str(dropoff)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        journal = dropoff / ".clpipe-sync" / "journal-killed.jsonl"
+        # until a series is done (journalled) and another is staged half-way
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (journal.exists() and journal.stat().st_size
+                    and list(dropoff.rglob(f"{PART_PREFIX}*{PART_SUFFIX}"))):
+                break
+            time.sleep(0.002)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    source = source_for(root)
+    folders = {e.ref.uid: e.path for e in entries(source, DicomQuery())}
+    want = {f"{folders[i['SeriesInstanceUID']]}/{i['SOPInstanceUID']}.dcm": (root / i["path"]).read_bytes()
+            for i in desc["instances"]}
+    landed = dropoff_files(dropoff)
+    staged = {k for k in landed if Path(k).name.startswith(PART_PREFIX)}
+    assert staged, "the kill did not hit a series being copied"
+    assert all(not k.endswith(".dcm") for k in staged)
+    whole = {k: v for k, v in landed.items() if k not in staged}
+    assert whole and all(want[k] == v for k, v in whole.items())  # every file under a final name is whole
+
+    outcome = sync(source, dropoff, "resumed")
+    assert outcome.failed == 0, outcome.failures
+    assert dropoff_files(dropoff) == want  # the killed run's staged files are gone
+    assert outcome.skipped > 0  # series the killed run finished are not copied again
 
 
 def by_series(desc: dict) -> dict[str, int]:
@@ -486,20 +588,17 @@ def test_unreadable_files_and_broken_links_are_noted(own_tree, monkeypatch):
 
 
 def test_a_full_dropoff_is_not_blamed_on_the_source(own_tree, tmp_path, monkeypatch):
-    """shutil.copyfile names the source file in its ENOSPC error; that must stay a
-    dropoff problem, not become 'the source file cannot be read'."""
-    import clpipe.sync.engine as engine_module
+    """The engine's copy names the source file in its ENOSPC error (as shutil.copyfile
+    does); that must stay a dropoff problem, not become 'the source file cannot be read'."""
+    def full(*args):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(localdir, "IN_MEMORY", 0)
-
-    def full(src, dst, **kw):
-        raise OSError(28, "No space left on device", str(src))
-
-    monkeypatch.setattr(engine_module.shutil, "copyfile", full)
+    monkeypatch.setattr(os, "copy_file_range", full)
     root, desc = own_tree
     outcome = sync(source_for(root), tmp_path / "dropoff", "run1", retries=0)
     assert outcome.failed == len(desc["series"])
     assert all("No space left on device" in f and "listed" not in f for f in outcome.failures)
+    assert all(str(root) in f for f in outcome.failures)  # the copy's error names the file it copied
 
 
 def test_benchmark_quick_mode_runs_every_peer(tmp_path):

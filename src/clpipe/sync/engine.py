@@ -7,13 +7,20 @@ dropoff's own filesystem, checks size, checksum (when the source gives one) and 
 renames each file into place, and journals it. Transient faults (429, 5xx, timeouts,
 resets, truncated or corrupted bodies) are retried with backoff; one failed file is
 reported and makes the run fail, never hides behind success.
+
+A DICOM series (``entry.series``) comes from the source as instances, bytes or a local
+file's path: each is staged under a hidden temporary name in the series' own folder
+(a local file copied inside the kernel, as ``cp`` does), the series' instance count is
+checked, then each is renamed to ``<SOPInstanceUID>.dcm`` beside it.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
+import itertools
 import json
 import os
 import posixpath
@@ -79,6 +86,10 @@ class Source(Protocol):
 
     def members(self, entry: RemoteEntry) -> list[tuple[str, int]] | None: ...
 
+    # optional: ``instances(entry)`` for series entries, a context manager yielding
+    # (SOPInstanceUID, bytes or a local file's Path); ``max_jobs``, the most transfers
+    # worth running at once (read after the listing; Options.jobs is the ceiling)
+
 
 @dataclass
 class Options:
@@ -134,6 +145,109 @@ def _hasher(checksum: str | None):
         return hashlib.new(algorithm)
     except ValueError:
         return None
+
+
+# Series instances are staged in their own folder under a hidden name of this form (never
+# *.dcm): .clpipe-<run token>-<n>.part, then renamed in place.
+PART_PREFIX, PART_SUFFIX = ".clpipe-", ".part"
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_MAX_COUNT = 1 << 30  # bytes asked of one copy_file_range / sendfile call
+# copy_file_range fails this way where it cannot work (another filesystem on an older
+# kernel, a filesystem without it, seccomp filters): sendfile is tried, then read/write
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP,
+                             errno.EBADF, errno.ETXTBSY, errno.EPERM})
+_NO_COPY_RANGE: set[int] = set()  # st_dev of source filesystems where copy_file_range failed so
+
+
+def write_new(path: str, data: bytes) -> int:
+    """Write ``data`` to a file that must not exist yet; returns its size."""
+    fd = os.open(path, _CREATE, 0o666)
+    try:
+        return write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def copy_file(src: Path | str, dst: str) -> int:
+    """Copy the local file ``src`` to a file ``dst`` that must not exist yet, inside the
+    kernel (``copy_file_range``, as ``cp`` does; else ``sendfile``; else read/write): the
+    bytes never pass through Python. Returns the bytes copied. An ``OSError`` of the
+    copy names ``src`` and ``dst``, as ``shutil.copyfile``'s does; one of opening names
+    the file it could not open."""
+    fd_in = os.open(src, _READ)
+    try:
+        st = os.fstat(fd_in)
+        fd_out = os.open(dst, _CREATE, 0o666)
+        try:
+            return _copy_fds(fd_in, fd_out, st.st_size, st.st_dev)
+        except OSError as exc:
+            exc.filename, exc.filename2 = os.fspath(src), dst
+            raise
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+
+
+def _copy_fds(fd_in: int, fd_out: int, size: int, dev: int) -> int:
+    """Copy from the current offsets to the end of ``fd_in``. Each call asks for one byte
+    more than the rest of the file as ``fstat`` saw it, so a call that returns less after
+    reaching that size has met the end (one call for a whole small file, as one ``read``
+    would); a file that grew meanwhile is copied to its new end."""
+    method = 0 if dev not in _NO_COPY_RANGE and hasattr(os, "copy_file_range") else 1
+    copied = 0
+    while True:
+        ask = min(size - copied + 1 if copied <= size else CHUNK, _MAX_COUNT)
+        try:
+            if method == 0:
+                n = os.copy_file_range(fd_in, fd_out, ask)
+            elif method == 1:
+                n = os.sendfile(fd_out, fd_in, None, ask)
+            else:
+                ask = min(ask, CHUNK)
+                n = write_all(fd_out, os.read(fd_in, ask))
+        except OSError as exc:
+            if method < 2 and exc.errno in _NO_KERNEL_COPY:
+                if method == 0:
+                    _NO_COPY_RANGE.add(dev)
+                method += 1
+                continue
+            raise
+        if n == 0:
+            if method == 0 and copied < size:  # some filesystems copy nothing this way: ask sendfile
+                method = 1
+                continue
+            return copied
+        copied += n
+        if n < ask and copied >= size:
+            return copied
+
+
+def write_all(fd: int, data: bytes) -> int:
+    done = os.write(fd, data)
+    if done < len(data):  # a short write (a signal, a huge buffer): the rest
+        view = memoryview(data)
+        while done < len(view):
+            done += os.write(fd, view[done:])
+    return done
+
+
+def clear_stale_parts(folder: Path, token: str) -> None:
+    """Remove instances staged in ``folder`` by an earlier run that was killed before it
+    renamed them (another run's token; the dropoff's lock means no other run is live)."""
+    mine = f"{PART_PREFIX}{token}-"
+    try:
+        with os.scandir(folder) as it:
+            stale = [e.path for e in it
+                     if e.name.startswith(PART_PREFIX) and e.name.endswith(PART_SUFFIX) and not e.name.startswith(mine)]
+    except OSError:
+        return
+    for path in stale:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _terminal():
@@ -192,6 +306,9 @@ class Engine:
     def __init__(self, source: Source, state: SyncState, options: Options):
         self.source, self.state, self.options = source, state, options
         self._lock = threading.Lock()
+        self._token = uuid.uuid4().hex[:12]  # this run's staged files: .clpipe-<token>-<n>.part
+        self._parts = itertools.count()
+        self.jobs = 0  # transfers the last run ran at once (0: it had none to do)
 
     # -- planning ----------------------------------------------------------------------
 
@@ -264,11 +381,24 @@ class Engine:
             raise VerifyError("checksum mismatch")
 
     def _fetch_series(self, entry: RemoteEntry, progress: Progress) -> list[list]:
-        """Retrieve one DICOM series: every instance staged as ``<SOPInstanceUID>.dcm`` (a
-        repeated UID is written once), the count checked, then all renamed into place."""
-        dropoff, tmp = self.options.dropoff, self.state.tmp
-        staged: dict[str, tuple[Path, int]] = {}
-        stem = uuid.uuid4().hex
+        """Retrieve one DICOM series: every instance staged under a temporary name in the
+        series' own folder (a repeated UID is written once), the count checked, then each
+        renamed to ``<SOPInstanceUID>.dcm`` in that folder.
+
+        A source yields each instance as bytes (a server's answer) or as the ``Path`` of a
+        local file, which is copied by the kernel (:func:`copy_file`). Staging beside the
+        final name keeps the rename within one folder, and no file is ever whole under its
+        final name before it is complete; a failure removes what it staged, and leftovers of
+        a killed run are removed when the series is fetched again (:func:`clear_stale_parts`)."""
+        folder = inside(self.options.dropoff, entry.path)
+        made = not os.path.isdir(folder)
+        if made:
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            clear_stale_parts(folder, self._token)
+        base = f"{folder}/{PART_PREFIX}{self._token}-"
+        staged: dict[str, tuple[str, int]] = {}  # final name -> (staged path, size)
+        placed = 0
         received = 0
         try:
             with self.source.instances(entry) as items:
@@ -276,14 +406,10 @@ class Engine:
                     name = safe_part(f"{uid}.dcm") if uid else ""
                     if not uid or name in staged:
                         continue
-                    part = tmp / f"{stem}-{len(staged)}.part"
-                    if isinstance(payload, Path):
-                        shutil.copyfile(payload, part)
-                        size = part.stat().st_size
-                    else:
-                        with open(part, "wb") as out:
-                            out.write(payload)
-                        size = len(payload)
+                    part = f"{base}{next(self._parts)}{PART_SUFFIX}"
+                    # recorded before it exists: whatever happens next, the cleanup below sees it
+                    staged[name] = (part, 0)
+                    size = copy_file(payload, part) if isinstance(payload, Path) else write_new(part, payload)
                     staged[name] = (part, size)
                     received += size
                     progress.advance(size)
@@ -291,17 +417,24 @@ class Engine:
                 raise VerifyError(f"received {len(staged)} of the series' {entry.count} instances")
             if not staged:
                 raise VerifyError("the series has no instances to retrieve")
-            folder = inside(dropoff, entry.path)
-            folder.mkdir(parents=True, exist_ok=True)
+            prefix = f"{folder}/"
             for name, (part, _) in staged.items():
-                os.replace(part, folder / name)
+                os.replace(part, prefix + name)
+                placed += 1
             return [[f"{entry.path}/{name}", size, ""] for name, (_, size) in staged.items()]
         except BaseException:
             progress.advance(-received)
+            for part, _ in list(staged.values())[placed:]:  # the renamed ones are whole files in place
+                try:
+                    os.unlink(part)
+                except OSError:
+                    pass
+            if made and not placed:
+                try:
+                    folder.rmdir()  # only when empty: nothing of this series is left behind
+                except OSError:
+                    pass
             raise
-        finally:
-            for part, _ in staged.values():
-                part.unlink(missing_ok=True)
 
     def _fetch(self, entry: RemoteEntry, progress: Progress) -> list[list]:
         """Download (and unpack) one entry into place; returns the manifest file list."""
@@ -315,8 +448,9 @@ class Engine:
                 final = inside(dropoff, entry.path)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(part, final)
-            finally:
+            except BaseException:
                 part.unlink(missing_ok=True)
+                raise
             return [[entry.path, entry.size, ""]]
         if entry.size <= IN_MEMORY_ZIP:
             archive: Path | io.BytesIO = io.BytesIO()
@@ -324,6 +458,7 @@ class Engine:
             self.options.zip_tmp.mkdir(parents=True, exist_ok=True)
             archive = self.options.zip_tmp / f"{uuid.uuid4().hex}.zip"
         staged: list[tuple[Path, Path, str, int]] = []
+        placed = 0
         try:
             self._download(entry, archive, progress)
             try:
@@ -347,11 +482,12 @@ class Engine:
                 folder.mkdir(parents=True, exist_ok=True)
             for part, final, _, _ in staged:
                 os.replace(part, final)
+                placed += 1
             return [[rel, size, ""] for _, _, rel, size in staged]
         finally:
             if isinstance(archive, Path):
                 archive.unlink(missing_ok=True)
-            for part, *_ in staged:
+            for part, *_ in staged[placed:]:  # the renamed ones are in place: nothing to remove
                 part.unlink(missing_ok=True)
 
     def _with_retries(self, entry: RemoteEntry, progress: Progress) -> list[list]:
@@ -410,7 +546,10 @@ class Engine:
             return outcome
 
         progress = Progress(len(todo), sum(e.size for e, _ in todo), self.options.interactive)
-        jobs = max(1, self.options.jobs)
+        # a source may know that fewer are better (a local folder: no more than the CPUs);
+        # asked after the listing, which is when it knows
+        jobs = max(1, min(self.options.jobs, getattr(self.source, "max_jobs", None) or self.options.jobs))
+        self.jobs = jobs if todo else 0
         try:
             with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sync") as pool:
                 for future, (entry, existing) in _bounded(pool, self._with_retries, todo, progress, window=jobs * 4):
