@@ -459,3 +459,24 @@ def test_dicomweb_login_set_twice_and_ca_certs_for_dimse_are_refused_at_submit(t
     configure(config, f"dimse://{dicom_env['CLPIPE_ORTHANC_DIMSE']}", CommandLineOpts="--ca-certs /etc/ssl/certs/x.pem")
     proc = clpipe("dicom", "sync", "-config_file", config, "-submit")
     assert proc.returncode == 2 and "--ca-certs is for https sources; for DICOM over TLS set TLSCAFile" in proc.stderr
+
+
+def test_a_file_the_folder_holds_but_cannot_be_read_fails_the_run(tmp_path):
+    """A broken symbolic link (as root, the one unreadable file a test can make) in an
+    export folder: everything else lands, the file is named as FAILED, the exit status is
+    non-zero; once it is removed, the next run completes with nothing to copy."""
+    root = tmp_path / "export"
+    desc = dicomdata.make_file_tree(root)
+    dangling = root / "sub-extra" / "IM0001.dcm"
+    dangling.parent.mkdir()
+    dangling.symlink_to(root / "gone-before-the-sync.dcm")
+    config = new_project(tmp_path / "p", source_url=f"file://{root}")
+    proc = clpipe("dicom", "sync", "-config_file", config, "-submit")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert f"FAILED {dangling}: a broken symbolic link (in the source; not synced)" in out
+    assert "could not read 1 files, so the run fails" in out and "sync FAILED" in out
+    assert_landed(config.parent / "data_DICOMs", expected_layout(desc))
+    dangling.unlink()
+    again = clpipe("dicom", "sync", "-config_file", config, "-submit")
+    assert again.returncode == 0 and "sync complete" in again.stdout, again.stdout + again.stderr

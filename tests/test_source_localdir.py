@@ -584,7 +584,8 @@ def test_unreadable_files_and_broken_links_are_noted(own_tree, monkeypatch):
     assert sum(s.count for s in found) == desc["counts"]["instances"] - 1
     assert set(source.stats.unreadable) == {f"{root / 'dangling.dcm'}: a broken symbolic link",
                                             f"{victim}: Permission denied"}
-    assert any(n.startswith("could not read 2 files; check their permissions") for n in source.notes)
+    assert any(n.startswith("could not read 2 files, so the run fails") for n in source.notes)
+    assert sorted(source.problems) == sorted(source.stats.unreadable)
 
 
 def test_a_full_dropoff_is_not_blamed_on_the_source(own_tree, tmp_path, monkeypatch):

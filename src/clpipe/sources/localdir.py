@@ -434,7 +434,8 @@ class FolderStats:
             out.append(f"ignored {len(self.duplicates)} files that repeat an instance found in another file "
                        f"(same SOPInstanceUID; e.g. {eg(self.duplicates)})")
         if self.unreadable:
-            out.append(f"could not read {len(self.unreadable)} files; check their permissions (e.g. {eg(self.unreadable)})")
+            out.append(f"could not read {len(self.unreadable)} files, so the run fails: they may be DICOM; give the "
+                       f"user running the sync read permission, or move them out of the folder (e.g. {eg(self.unreadable)})")
         if self.linked_folders:
             out.append(f"did not follow {len(self.linked_folders)} symlinked folders (e.g. {eg(self.linked_folders)}); "
                        "point SourceURL at the real folder to include them")
@@ -593,6 +594,12 @@ class FolderSource:
         self.stats = FolderStats()
         self.notes: list[str] = []
         _check_folder(self.root)
+
+    @property
+    def problems(self) -> list[str]:
+        """Files of the folder that could not be read ("path: reason"): they may be DICOM
+        instances nobody can check, so each one is a failure of the run, not a note."""
+        return list(self.stats.unreadable)
 
     def _probed(self, waits: bool) -> None:
         self.max_jobs = self.jobs if waits else min(self.jobs, _cpus())
