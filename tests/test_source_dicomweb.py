@@ -569,3 +569,62 @@ def test_engine_syncs_every_instance_once_then_nothing_then_what_went_missing(so
     outcome = sync(counting, dropoff, tmp, query)
     assert outcome.failed == 0 and counting.retrieved == [f"series/{expected['odd']['rle_series']}"]
     assert_same_instance(dicom_env, want[victim], files[victim].read_bytes())
+
+
+# ----------------------------------------------------------------------------- https
+
+
+@pytest.fixture
+def https_qido(tmp_path):
+    """A DICOMweb server on loopback over https with a self-signed certificate (for
+    127.0.0.1), answering every QIDO-RS search with no studies; (base URL, its cert)."""
+    import http.server
+    import ssl
+    import subprocess
+    import threading
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                           "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+
+    class Empty(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server name
+            body = b"[]"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Empty)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield f"dicomweb+https://127.0.0.1:{server.server_address[1]}/dicom-web", cert
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_https_with_an_untrusted_certificate_says_to_set_the_ca(https_qido, no_credentials):
+    url, cert = https_qido
+    src = DicomWebSource(parse_source_url(url), SourceSettings(timeout=10))
+    try:
+        with pytest.raises(PreflightError, match="its TLS certificate is not trusted here "
+                                                 r"\(certificate verify failed: self.signed certificate\); set TLSCAFile"):
+            listed(src)
+    finally:
+        src.close()
+    trusting = DicomWebSource(parse_source_url(url), SourceSettings(timeout=10, tls_ca=str(cert)))
+    try:
+        assert listed(trusting) == []  # the same server, its CA given: the listing goes through
+    finally:
+        trusting.close()

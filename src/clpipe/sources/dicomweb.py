@@ -362,6 +362,10 @@ class DicomWebSource:
             try:
                 response = self._client.get(url, headers={"Accept": "application/dicom+json, application/json"})
             except httpx.ConnectError as exc:
+                if _untrusted(exc):
+                    raise PreflightError(f"cannot connect to {where}: its TLS certificate is not trusted here "
+                                         f"({_connect_reason(exc)}); set TLSCAFile (or --ca-certs in CommandLineOpts) "
+                                         "to the PEM file of the CA that signed it") from None
                 raise PreflightError(f"cannot connect to {where} ({_connect_reason(exc)}); check the SourceURL "
                                      f"{self.url} and that the server is running and reachable from this node") from None
             except (httpx.TimeoutException, httpx.TransportError) as exc:
@@ -552,8 +556,15 @@ class DicomWebSource:
             yield sop_instance_uid(body), body
 
 
+def _untrusted(exc: Exception) -> bool:
+    return "certificate_verify_failed" in str(exc).lower() or "certificate verify failed" in str(exc).lower()
+
+
 def _connect_reason(exc: Exception) -> str:
     text = str(exc).lower()
+    if _untrusted(exc):
+        detail = str(exc).split("certificate verify failed:", 1)[-1].split("(_ssl", 1)[0].strip()
+        return f"certificate verify failed: {detail}" if detail else "certificate verify failed"
     if "refused" in text:
         return "connection refused"
     if "name or service not known" in text or "nodename" in text or "getaddrinfo" in text:
