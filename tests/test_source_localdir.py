@@ -639,3 +639,32 @@ def test_file_url_keeps_hash_and_question_mark_in_folder_names(tmp_path):
     folder = tmp_path / "scans #1 ?b"
     assert parse_source_url(f"file://{folder}").path == str(folder)
     assert parse_source_url("file:///data/a%20b").path == "/data/a b"
+
+
+def test_a_file_that_becomes_unreadable_keeps_its_synced_copy_even_with_delete(own_tree, tmp_path):
+    """A synced instance whose source file cannot be read on the next run (here a broken
+    link, the one unreadable file root can make) may still be an instance of the study:
+    its series is listed with one instance fewer, fetched again, yet the copy already in
+    the dropoff stays (and stays recorded), --delete removes nothing, the run fails; once
+    the file is back, the next run completes with every file."""
+    root, desc = own_tree
+    dropoff = tmp_path / "dropoff"
+    first = sync(source_for(root), dropoff, "run1")
+    assert first.failed == 0
+    before = dropoff_files(dropoff)
+    assert len(before) == desc["counts"]["instances"]
+    victim = root / desc["instances"][1]["path"]  # [0] has a duplicate copy elsewhere
+    saved = victim.read_bytes()
+    victim.unlink()
+    victim.symlink_to(root / "not-there-any-more.dcm")
+
+    second = sync(source_for(root), dropoff, "run2", delete=True)
+    assert second.failed == 1 and second.failures == [f"{victim}: a broken symbolic link (in the source; not synced)"]
+    assert "--delete skipped: the run had errors, so nothing is deleted" in second.notes
+    assert dropoff_files(dropoff) == before  # nothing lost, nothing changed
+
+    victim.unlink()
+    victim.write_bytes(saved)
+    third = sync(source_for(root), dropoff, "run3", delete=True)
+    assert third.failed == 0, third.failures
+    assert dropoff_files(dropoff) == before

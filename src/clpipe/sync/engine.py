@@ -88,7 +88,10 @@ class Source(Protocol):
 
     # optional: ``instances(entry)`` for series entries, a context manager yielding
     # (SOPInstanceUID, bytes or a local file's Path); ``max_jobs``, the most transfers
-    # worth running at once (read after the listing; Options.jobs is the ceiling)
+    # worth running at once (read after the listing; Options.jobs is the ceiling);
+    # ``problems``, what the source holds but could not read ("path: reason"): each fails
+    # the run, and while there are any no synced file is removed (neither an old version's
+    # nor by --delete), since "gone" may be "could not be read"
 
 
 @dataclass
@@ -564,12 +567,17 @@ class Engine:
                         progress.advance(0, 1)
                         continue
                     old = state.get(entry.key)
-                    state.record(Record(entry.key, entry.signature, files))
-                    if old is not None:  # files of the old version that the new one no longer has
-                        keep = {f[0] for f in files}
-                        for path, *_ in old.files:
-                            if path not in keep:
-                                (self.options.dropoff / path).unlink(missing_ok=True)
+                    keep = {f[0] for f in files}
+                    dropped = [f for f in old.files if f[0] not in keep] if old is not None else []
+                    if dropped and self._source_problems():
+                        # the source could not read everything, so "no longer there" may be
+                        # "could not be read": the old files stay, and stay recorded
+                        state.record(Record(entry.key, entry.signature, [*files, *dropped]))
+                        dropped = []
+                    else:
+                        state.record(Record(entry.key, entry.signature, files))
+                    for path, *_ in dropped:  # files of the old version that the new one no longer has
+                        (self.options.dropoff / path).unlink(missing_ok=True)
                     for path, size, _ in files:
                         outcome.bytes += size
                         if existing:
@@ -582,10 +590,18 @@ class Engine:
         finally:
             progress.close()
 
+        problems = self._source_problems()  # held by the source but not readable: failures, not notes
+        outcome.failures += [f"{problem} (in the source; not synced)" for problem in problems]
+        outcome.failed += len(problems)
         if listed is not None:
-            self._delete(listed, outcome)
+            self._delete(listed, outcome)  # never after a failure
         outcome.seconds = time.monotonic() - started
         return outcome
+
+    def _source_problems(self) -> list[str]:
+        """What the source holds but could not read ("path: reason"; a folder source knows
+        them all before it lists its first series)."""
+        return list(getattr(self.source, "problems", None) or [])
 
     def _delete(self, listed: set[str], outcome: Outcome) -> None:
         """Remove files this tool wrote whose remote file is gone: never after errors, and

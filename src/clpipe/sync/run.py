@@ -77,9 +77,6 @@ def _sync(plan, source, listing: Callable[[], Iterable], started: float) -> int:
         ))
         outcome = engine.run(listing())  # checks each entry as the listing streams in
         outcome.notes += list(getattr(source, "notes", []))  # what the source skipped or had to change
-        problems = list(getattr(source, "problems", []))  # what the source holds but could not read
-        outcome.failures += [f"{problem} (in the source; not synced)" for problem in problems]
-        outcome.failed += len(problems)
         if plan.source_url.startswith("fw:"):
             say(f"listed {engine.listed} remote files ({engine.listed_bytes / 1e6:.1f} MB) in one request")
         else:
