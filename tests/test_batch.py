@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -205,3 +206,27 @@ def test_run_local_becomes_the_job_and_the_log_is_complete_when_it_returns(tmp_p
     assert lines[-1] == "last line" and "error line" in lines and sum(line.startswith("line ") for line in lines) == 3000
     logged = log.read_text().splitlines()
     assert logged == lines[1:]  # the launcher's own line was printed before the job began
+
+
+def test_handoff_file_is_private_read_once_and_only_for_allowed_names(tmp_path, monkeypatch):
+    """The DICOMweb login's hand-off: 0600 in a 0700 folder; the job takes the allowed names
+    only, deletes the file, and a second start says the login is gone."""
+    import stat
+
+    from clpipe.batch.handoff import HANDOFF_VAR, take_handoff, write_handoff
+    from clpipe.errors import PreflightError
+
+    monkeypatch.setenv("CLPIPE_DICOMWEB_TOKEN", "tok-123")
+    monkeypatch.setenv("OTHER_SECRET", "x")
+    path = tmp_path / "home" / ".clpipe" / "handoff" / "job.json"
+    write_handoff(path, ("CLPIPE_DICOMWEB_TOKEN", "OTHER_SECRET"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    monkeypatch.delenv("CLPIPE_DICOMWEB_TOKEN")
+    monkeypatch.delenv("OTHER_SECRET")
+    monkeypatch.setenv(HANDOFF_VAR, str(path))
+    assert take_handoff(("CLPIPE_DICOMWEB_TOKEN",)) == ["CLPIPE_DICOMWEB_TOKEN"]
+    assert os.environ["CLPIPE_DICOMWEB_TOKEN"] == "tok-123" and "OTHER_SECRET" not in os.environ
+    assert not path.exists() and HANDOFF_VAR not in os.environ
+    monkeypatch.setenv(HANDOFF_VAR, str(path))
+    with pytest.raises(PreflightError, match="the login handed to this job is gone"):
+        take_handoff(("CLPIPE_DICOMWEB_TOKEN",))

@@ -330,23 +330,30 @@ def test_submit_through_the_scheduler_completes_with_every_instance(scheduler, n
 
 
 @pytest.mark.parametrize("scheduler", ["slurm", "sge"], indirect=True)
-def test_a_dicomweb_login_reaches_the_batch_job_by_name_only(scheduler, tmp_path, dicom_env):  # noqa: F811
+def test_a_dicomweb_login_reaches_the_batch_job_through_a_private_file(scheduler, tmp_path, dicom_env):  # noqa: F811
     """CLPIPE_DICOMWEB_USER/PASSWORD set in the submitting shell reach the job (Grid Engine
-    passes no environment unless qsub is given -v NAME), and their values are written
-    nowhere: not in the script, the submit command, the job record or the logs."""
+    passes no environment of its own accord) through a 0600 hand-off file in the home
+    folder, which the job deletes when it starts; the values are written nowhere else: not
+    in the script, the submit command (no qsub -v, whose values `qstat -j` shows), the job
+    record or the logs."""
     user, password = "clpipe-test-user", "s3cret-value-9f2c"
     config = batch_project(tmp_path, f"dicomweb+{dicom_env['CLPIPE_ORTHANC_DICOMWEB']}",
                            Query={"PatientID": "SUB01"})
     env = {"CLPIPE_DICOMWEB_USER": user, "CLPIPE_DICOMWEB_PASSWORD": password}
     job_id = batch_submit(config, scheduler, env=env)
+    logs = config.parent / "logs" / "sync_logs"
+    (script,) = logs.glob("dicom_sync-*.sh")
+    handoff = Path.home() / ".clpipe" / "handoff" / f"{script.stem}.json"
+    assert f"export CLPIPE_HANDOFF_FILE={handoff}" in script.read_text()
     result = wait_for(scheduler, job_id)
     assert (result["state"], result["exit"]) == ("COMPLETED", 0), result["raw"]
-    logs = config.parent / "logs" / "sync_logs"
     output = (logs / f"Output-dicom_sync-jobid-{job_id}.out").read_text()
     assert ("credentials: the user name and password in CLPIPE_DICOMWEB_USER/CLPIPE_DICOMWEB_PASSWORD"
             in output), output
-    (script,) = logs.glob("dicom_sync-*.sh")
-    assert "CLPIPE_DICOMWEB_USER, CLPIPE_DICOMWEB_PASSWORD reach the job" in script.read_text()
+    assert "CLPIPE_DICOMWEB_USER, CLPIPE_DICOMWEB_PASSWORD reach the job in a file only you can read" in script.read_text()
+    assert not handoff.exists(), "the job did not delete its hand-off file"
+    record = json.loads((logs / "dicom_sync-latest.job.json").read_text())
+    assert record["job_id"] == job_id and "-v" not in record["submit_command"]
     written = [p for p in config.parent.rglob("*") if p.is_file()]  # the engine's .clpipe-sync too
     assert len(written) > 10
     for path in written:

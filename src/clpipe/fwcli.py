@@ -273,8 +273,8 @@ class SyncPlan:
         """The batch job that runs this plan. It carries the submitter's PATH (where `fw`
         is) and login location, never a credential."""
         env = {name: os.environ[name] for name in JOB_ENV if name in os.environ}
-        secrets_by_name = () if self.source_url.startswith("fw:") else tuple(
-            name for name in DICOMWEB_CREDENTIALS if os.environ.get(name))
+        secrets_by_name = tuple(name for name in DICOMWEB_CREDENTIALS if os.environ.get(name)) \
+            if self.source_url.startswith("dicomweb") else ()
         return Job(
             name=self.job_name,
             argv=argv,

@@ -32,7 +32,8 @@ class Job:
     cwd: Path
     env: dict[str, str] = field(default_factory=dict)  # never secrets
     #: names of environment variables holding secrets the job needs (a DICOMweb token):
-    #: passed on by name by the submit command (qsub -v NAME), never written into a script
+    #: a batch job gets their values through a private hand-off file (batch/handoff.py),
+    #: never through its script, a command line or the scheduler
     pass_env: tuple[str, ...] = ()
 
     def command_line(self) -> str:

@@ -155,7 +155,8 @@ def render(job: Job, batch: BatchConfig, email: str | None, script_path: Path, a
         f"# Written by clpipe {__version__} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC "
         f"from batch configuration {json.dumps(batch.name)} ({scheduler}).",
         "# It holds no credentials: " + (
-            f"{', '.join(job.pass_env)} reach the job from the submitting shell, by name." if job.pass_env
+            f"{', '.join(job.pass_env)} reach the job in a file only you can read ($CLPIPE_HANDOFF_FILE), "
+            "deleted when it starts." if job.pass_env
             else "a Flywheel job reads the saved `fw login` when it runs."),
         "set -euo pipefail",
         *(f"export {name}={shlex.quote(value)}" for name, value in sorted(job.env.items())),
@@ -167,8 +168,6 @@ def render(job: Job, batch: BatchConfig, email: str | None, script_path: Path, a
     argv = [*batch.head]
     if dialect is not None:
         argv += dialect.submit_flags
-    if job.pass_env and scheduler == "sge":  # qsub passes no environment unless asked; the value is read by qsub
-        argv += ["-v", ",".join(job.pass_env)]
     if after is not None:
         if scheduler == "slurm":
             argv.append(f"--dependency=afterok:{after}")

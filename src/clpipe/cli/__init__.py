@@ -138,6 +138,14 @@ def _sync_job(config, batch_config, after, submit) -> int:
     stem = f"{plan.job_name}-{plan.run_id}"
     plan_path = logs / f"{stem}.plan.json"
     job = plan.job((sys.executable, "-m", "clpipe", "_run_plan", str(plan_path)))
+    handoff = None
+    if batch is not None and job.pass_env:  # a login from this shell: handed over in a private file
+        from dataclasses import replace
+
+        from ..batch.handoff import HANDOFF_VAR, handoff_path
+
+        handoff = handoff_path(stem)
+        job = replace(job, env={**job.env, HANDOFF_VAR: str(handoff)})
     if after is not None and batch is None:
         raise ConfigError("-after: waiting for another job needs a batch system; set BatchConfig or -batch_config")
     layout = plan.layout_template
@@ -208,7 +216,16 @@ def _sync_job(config, batch_config, after, submit) -> int:
 
     from ..batch.scheduler import record_submission, submit as submit_job
 
-    job_id = submit_job(submission)
+    if handoff is not None:
+        from ..batch.handoff import write_handoff
+
+        write_handoff(handoff, job.pass_env)
+    try:
+        job_id = submit_job(submission)
+    except BaseException:
+        if handoff is not None:
+            handoff.unlink(missing_ok=True)
+        raise
     record = record_submission(submission, job, job_id, after, logs / f"{stem}.job.json")
     click.echo(f"Submitted batch job {job_id}")
     click.echo(f"Output:    {record['output']}")
@@ -226,7 +243,10 @@ def run_plan_cli(plan_file) -> int:
     from ..batch.local import wait_for_tee
 
     atexit.register(wait_for_tee)
-    from ..fwcli import SyncPlan, run_plan
+    from ..batch.handoff import take_handoff
+    from ..fwcli import DICOMWEB_CREDENTIALS, SyncPlan, run_plan
+
+    take_handoff(DICOMWEB_CREDENTIALS)
 
     plan = SyncPlan.from_json(Path(plan_file).read_text())
     if not plan.source_url.startswith("fw:"):
