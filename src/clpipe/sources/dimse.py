@@ -115,6 +115,7 @@ QR_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 QR_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
 MAX_PDU = 1 << 20  # the largest PDU we accept (fewer, larger reads than the usual 16 KiB)
+LISTING_ATTEMPTS = 3  # a listing that meets a transient fault is tried this often (1 s, 2 s apart)
 IDLE_REUSE = 20.0  # a pooled association idle longer than this is closed, not reused
 QUEUE_DEPTH = 8  # received instances held for the engine before the sender is made to wait
 PENDING = (0xFF00, 0xFF01)
@@ -946,14 +947,27 @@ class DimseSource:
         return matches
 
     def series(self, query: DicomQuery) -> Iterator[Series]:
-        """Every series matching the query, each once, with its instance count."""
+        """Every series matching the query, each once, with its instance count. A listing
+        that meets a transient fault (no answer, a broken connection, a busy PACS) is
+        tried again on a new association, LISTING_ATTEMPTS times in all."""
+        for attempt in range(1, LISTING_ATTEMPTS + 1):
+            try:
+                found = self._list(query)
+                break
+            except TransientError as exc:
+                if attempt == LISTING_ATTEMPTS:
+                    reason = str(exc).replace("; it will be tried again", "")
+                    raise TransientError(f"listing the PACS {self.where} failed {attempt} times: {reason}") from None
+                time.sleep(min(2.0 ** (attempt - 1), 10.0))
+        yield from found
+
+    def _list(self, query: DicomQuery) -> list[Series]:
         channel = self._borrow_channel()
         try:
             studies = self._studies(channel, query)
-            found = [series for study in studies for series in self._series_of(channel, study, query)]
+            return [series for study in studies for series in self._series_of(channel, study, query)]
         finally:
             self._give_back_channel(channel)  # before the engine starts retrieving: it may reuse it
-        yield from found
 
     def _studies(self, channel: _Channel, query: DicomQuery) -> list[dict]:
         first, last = query.date_bounds()
