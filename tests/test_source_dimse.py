@@ -666,3 +666,60 @@ def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
                  "native C-MOVE, 4 jobs", "pynetdicom C-GET, per patient", "pynetdicom C-GET, per patient, 3 at once"):
         assert name in rows and rows[name].rstrip().split("|")[-2].strip().startswith("ok"), rows.get(name, f"no row {name!r}")
     assert (results.read_bytes() if results.exists() else None) == before
+
+
+def non_image_instance(sop_class: str, patient_id: str, study_uid: str, series_uid: str, n: int) -> bytes:
+    """A small Part-10 instance of a non-image SOP class (no pixels), as a PACS holds them."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.PatientID, ds.PatientName = patient_id, "Bench^NonImage"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.StudyDate, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "20240101", "SR", 900 + n, 1
+    ds.ContentDate, ds.ContentTime = "20240101", "120000"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = sop_class, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = dicomdata.EXPLICIT_LE
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_c_get_brings_the_non_image_objects_of_mr_and_pet_studies(dicom_env):
+    """Dose reports, key objects, text reports, segmentations and Siemens' private CSA
+    objects are in real studies: C-GET offers a storage context for each, so a series of
+    them arrives (here uploaded to Orthanc under a BENCH* patient, which the other tests
+    leave out, and removed afterwards)."""
+    import httpx
+    from pydicom.uid import generate_uid
+
+    from clpipe.sources.dimse import OTHER_STORAGE
+
+    classes = ["1.2.840.10008.5.1.4.1.1.88.67", "1.2.840.10008.5.1.4.1.1.88.59", "1.2.840.10008.5.1.4.1.1.88.11",
+               "1.2.840.10008.5.1.4.1.1.66.4", "1.3.12.2.1107.5.9.1"]
+    assert set(classes) <= set(OTHER_STORAGE)
+    patient, study = f"BENCHSOP{os.getpid()}", generate_uid()
+    series = {sop_class: generate_uid() for sop_class in classes}
+    sent = {}
+    with httpx.Client(base_url=dicom_env["CLPIPE_ORTHANC_HTTP"], timeout=TIMEOUT) as http:
+        try:
+            for n, (sop_class, series_uid) in enumerate(series.items()):
+                data = non_image_instance(sop_class, patient, study, series_uid, n)
+                http.post("/instances", content=data).raise_for_status()
+                sent[series_uid] = data
+            source = open_source(dicom_env, "orthanc")
+            try:
+                found = {s.uid: s for s in source.series(DicomQuery(patient_id=patient))}
+                assert set(found) == set(series.values())
+                for series_uid, data in sent.items():
+                    with source.instances(found[series_uid]) as items:
+                        (uid, got), = list(items)
+                    assert pydicom.dcmread(io.BytesIO(got)) == pydicom.dcmread(io.BytesIO(data))
+            finally:
+                source.close()
+        finally:
+            ids = http.post("/tools/find", json={"Level": "Patient", "Query": {"PatientID": patient}}).json()
+            for ident in ids:
+                http.delete(f"/patients/{ident}")

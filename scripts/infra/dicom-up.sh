@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bring up real DICOM servers on loopback for clpipe's DICOMweb and DIMSE tests, each holding
 # the synthetic data set of src/clpipe/testing/dicomdata.py:
-#   Orthanc 1.10 + DICOMweb plugin   HTTP (REST, /dicom-web/) and DIMSE (AE ORTHANC)
+#   Orthanc 1.10 + DICOMweb plugin   HTTP (REST, /dicom-web/) and DIMSE (AE ORTHANC; private SOP
+#                                    classes accepted, as a PACS that stores Siemens CSA objects)
 #   dcmtk's dcmqrscp                 DIMSE (AE DCMQRSCP)
 #   pynetdicom's qrscp app           DIMSE (AE QRSCP), in a tool venv of its own
 # Debian 12, run as root; the servers are started by hand (no systemd needed).
@@ -237,6 +238,7 @@ orthanc_config() {
   "DicomAet" : "ORTHANC",
   "DicomPort" : $ORTHANC_PORT,
   "DicomCheckCalledAet" : false,
+  "UnknownSopClassAccepted" : true,
   "DicomAlwaysAllowEcho" : true,
   "DicomAlwaysAllowStore" : true,
   "DicomAlwaysAllowFind" : true,

@@ -109,6 +109,11 @@ OTHER_STORAGE = (
     "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
     "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
     "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.59",  # Key Object Selection Document
+    "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR (CT and PET studies)
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.3.12.2.1107.5.9.1",  # Siemens CSA Non-Image (private: spectroscopy raw data, protocols)
 )
 QR_FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
 QR_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
