@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -282,15 +283,25 @@ def test_odd_series_arrive_as_stored(dicom_env, expected):
         assert int(mf.NumberOfFrames) == 8 and mf.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4.1"
 
 
-def test_abandoned_retrieval_leaves_the_source_usable(dicom_env, expected):
-    """The engine may stop reading mid-series (a full disk): the next retrieval still works."""
-    with open_source(dicom_env, "orthanc") as source:
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_abandoned_retrieval_leaves_the_source_usable(dicom_env, expected, retrieve):
+    """The engine may stop reading mid-series (a full disk): the retrieval is stopped at the
+    PACS too (a C-MOVE's association is aborted, its thread ends), and the next retrieval
+    of the same series still brings every instance."""
+    with open_source(dicom_env, "orthanc", retrieve) as source:
         found = sorted(listing(source), key=lambda s: -s.count)
         big = found[0]
         with source.instances(big) as items:
             next(iter(items))
+        opened = source.associations_opened
+        deadline = time.monotonic() + TIMEOUT
+        while any(t.name == "dimse-move" for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(t.name == "dimse-move" for t in threading.enumerate()), "the abandoned C-MOVE is still running"
         with source.instances(big) as items:
             assert {uid for uid, _ in items} == set(instances_of(expected, big.uid))
+        # the abandoned association was aborted, never pooled: the retry needed a new one
+        assert source.associations_opened == opened + 1
 
 
 def test_instances_accepts_the_engine_entry(dicom_env, expected):
@@ -723,3 +734,27 @@ def test_c_get_brings_the_non_image_objects_of_mr_and_pet_studies(dicom_env):
             ids = http.post("/tools/find", json={"Level": "Patient", "Query": {"PatientID": patient}}).json()
             for ident in ids:
                 http.delete(f"/patients/{ident}")
+
+
+def test_a_silent_read_is_waited_for_while_keep_waiting_says_so():
+    """A C-MOVE's association may stay silent (Pending responses are optional) while its
+    instances arrive on our storage SCP: a read that times out asks keep_waiting, and
+    waits on while it says so; then it fails in words."""
+    from clpipe.sources.dimse import _Wire
+
+    ours, theirs = socket.socketpair()
+    ours.settimeout(0.2)
+    wire = _Wire(ours, "the PACS X", 0.2)
+    asked = []
+    wire.keep_waiting = lambda: asked.append(1) or len(asked) < 4
+    sender = threading.Timer(0.5, lambda: theirs.sendall(b"abcdef"))
+    sender.start()
+    try:
+        assert wire._recv(6) == b"abcdef" and len(asked) >= 2  # waited past two timeouts
+        wire.keep_waiting = lambda: False
+        with pytest.raises(TransientError, match="no answer from the PACS X within"):
+            wire._recv(1)
+    finally:
+        sender.cancel()
+        ours.close()
+        theirs.close()

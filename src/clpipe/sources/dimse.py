@@ -266,12 +266,14 @@ class _Delivery:
         self.items: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self.cancelled = threading.Event()
         self.received = 0
+        self.last_arrival = time.monotonic()  # when the C-MOVE last showed life (its start, an instance)
 
     def put(self, item) -> bool:
         """Hand one item on; False when the engine stopped listening."""
         while not self.cancelled.is_set():
             try:
                 self.items.put(item, timeout=0.2)
+                self.last_arrival = time.monotonic()
                 return True
             except queue.Full:
                 continue
@@ -415,6 +417,9 @@ class _Wire:
         self.peer_max = 16384
         self.accepted: dict[int, tuple[str, str]] = {}  # context ID -> (abstract syntax, transfer syntax)
         self._buffer, self._offset = bytearray(), 0
+        #: asked when a read times out: True to wait another timeout (a C-MOVE whose PACS
+        #: sends no Pending responses is alive while its instances keep arriving)
+        self.keep_waiting = None
 
     def _recv(self, size: int) -> bytes:
         """Exactly ``size`` bytes, read through a buffer (one recv() often holds a whole
@@ -426,6 +431,8 @@ class _Wire:
             try:
                 chunk = self.sock.recv(max(READ_SIZE, size - len(self._buffer)))
             except (socket.timeout, TimeoutError):
+                if self.keep_waiting is not None and self.keep_waiting():
+                    continue
                 raise TransientError(f"no answer from {self.where} within {self.timeout:.0f} s (NetworkTimeout); it will be tried again") from None
             except OSError as exc:
                 raise TransientError(f"the connection to {self.where} broke ({exc})") from None
@@ -687,19 +694,26 @@ class _Channel(_Wire):
                 raise TransientError(f"the PACS {self.source.where} sent an unexpected DIMSE message "
                                      f"(command 0x{command:04X}) during a C-GET")
 
-    def move(self, identifier, destination: str) -> _Final:
+    def move(self, identifier, destination: str, delivery: "_Delivery | None" = None) -> _Final:
         """Send a C-MOVE to ``destination`` and wait for its final response (the
-        instances go to that AE's storage SCP, not here)."""
-        self._request(QR_MOVE, C_MOVE_RQ, identifier, destination)
-        for context_id, fields, data in self.messages():
-            if _field_us(fields, 0x0100) != C_MOVE_RSP:
-                raise TransientError(f"the PACS {self.source.where} sent an unexpected DIMSE message during a C-MOVE")
-            status = _field_us(fields, 0x0900)
-            if status in PENDING:
-                continue
-            self.final = _Final(status, _field_us(fields, 0x1022), _field_text(fields, 0x0902))
-            self.usable = True
-            return self.final
+        instances go to that AE's storage SCP, not here). Pending responses are optional
+        (PS3.4 C.4.2.1.5): while ``delivery`` has received an instance within the timeout,
+        a silent association is still waited for."""
+        if delivery is not None:
+            self.keep_waiting = lambda: time.monotonic() - delivery.last_arrival < self.timeout
+        try:
+            self._request(QR_MOVE, C_MOVE_RQ, identifier, destination)
+            for context_id, fields, data in self.messages():
+                if _field_us(fields, 0x0100) != C_MOVE_RSP:
+                    raise TransientError(f"the PACS {self.source.where} sent an unexpected DIMSE message during a C-MOVE")
+                status = _field_us(fields, 0x0900)
+                if status in PENDING:
+                    continue
+                self.final = _Final(status, _field_us(fields, 0x1022), _field_text(fields, 0x0902))
+                self.usable = True
+                return self.final
+        finally:
+            self.keep_waiting = None
 
 
 class _Connection(_Wire):
@@ -1057,6 +1071,7 @@ class DimseSource:
             if series.uid in self._routes:
                 raise TransientError(f"series {series.uid} is already being retrieved")
             self._routes[series.uid] = delivery
+        driver = channel = None
         try:
             channel = self._borrow_channel()
             driver = threading.Thread(target=self._drive, args=(channel, series, delivery), daemon=True, name="dimse-move")
@@ -1064,6 +1079,10 @@ class DimseSource:
             end = yield from self._receive(delivery, driver)
         finally:
             delivery.cancelled.set()  # a C-STORE still waiting for room gives up
+            if driver is not None and driver.is_alive():
+                # the engine stopped reading before the C-MOVE ended: stop it at the PACS
+                # too (A-ABORT ends the move's sub-operations), not left running
+                channel.abort()
             with self._lock:
                 if self._routes.get(series.uid) is delivery:
                     del self._routes[series.uid]
@@ -1088,7 +1107,7 @@ class DimseSource:
         it causes go to the delivery; then the association back to the pool."""
         final, error = _Final(None), None
         try:
-            final = channel.move(self._request(series), self.calling_aet)
+            final = channel.move(self._request(series), self.calling_aet, delivery)
         except Exception as exc:  # noqa: BLE001 - handed on to the engine's thread
             error = exc
         if channel.usable:  # back in the pool first: the engine's next series may take it at once
