@@ -420,6 +420,27 @@ def test_our_storage_scp_answers_a_c_echo_from_orthanc(dicom_env):
     assert r.status_code == 200, r.text
 
 
+def test_our_storage_scp_refuses_an_association_to_another_ae_title(dicom_env):
+    """The C-MOVE storage SCP takes associations to our own AE title only (any other
+    caller's instances are not ours to route): another called AE is rejected."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    with open_source(dicom_env, "orthanc", "move") as source:
+        source._start_scp()
+        ae = AE(ae_title="SOMEONE")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = TIMEOUT
+        port = int(dicom_env["CLPIPE_MOVE_PORT"])
+        wrong = ae.associate("127.0.0.1", port, ae_title="NOT_CLPIPE")
+        assert wrong.is_rejected and not wrong.is_established
+        right = ae.associate("127.0.0.1", port, ae_title=source.calling_aet)
+        try:
+            assert right.is_established and right.send_c_echo().Status == 0x0000
+        finally:
+            right.release()
+
+
 def test_move_port_in_use_is_said(dicom_env):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

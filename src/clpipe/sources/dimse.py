@@ -299,6 +299,7 @@ C_STORE_RQ, C_STORE_RSP, C_GET_RQ, C_GET_RSP, C_FIND_RQ, C_FIND_RSP = 0x0001, 0x
 C_MOVE_RQ, C_MOVE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0021, 0x8021, 0x0030, 0x8030
 EXPLICIT_BE = "1.2.840.10008.1.2.2"  # retired; never accepted by our storage SCP
 NO_DATASET = 0x0101
+NO_STATUS = 0xC000  # a response without a Status element is read as a failure, never as success
 
 
 def _user_information(max_pdu: int, roles: list[str] = ()) -> list:
@@ -658,7 +659,7 @@ class _Channel(_Wire):
         for context_id, fields, data in self.messages():
             if _field_us(fields, 0x0100) != C_FIND_RSP:
                 raise TransientError(f"the PACS {self.source.where} sent an unexpected DIMSE message during a C-FIND")
-            status = _field_us(fields, 0x0900)
+            status = _field_us(fields, 0x0900, NO_STATUS)
             if status in PENDING:
                 if data:
                     implicit = self.accepted.get(context_id, ("", EXPLICIT_LE))[1] == IMPLICIT_LE
@@ -684,7 +685,7 @@ class _Channel(_Wire):
                 self._respond(context_id, fields, C_STORE_RSP, 0x0000)
                 yield uid, b"".join([part10_header(sop_class, uid, syntax, self.source.called_aet), *data])
             elif command == C_GET_RSP:
-                status = _field_us(fields, 0x0900)
+                status = _field_us(fields, 0x0900, NO_STATUS)
                 if status in PENDING:
                     continue
                 self.final = _Final(status, _field_us(fields, 0x1022), _field_text(fields, 0x0902))
@@ -706,7 +707,7 @@ class _Channel(_Wire):
             for context_id, fields, data in self.messages():
                 if _field_us(fields, 0x0100) != C_MOVE_RSP:
                     raise TransientError(f"the PACS {self.source.where} sent an unexpected DIMSE message during a C-MOVE")
-                status = _field_us(fields, 0x0900)
+                status = _field_us(fields, 0x0900, NO_STATUS)
                 if status in PENDING:
                     continue
                 self.final = _Final(status, _field_us(fields, 0x1022), _field_text(fields, 0x0902))
@@ -759,6 +760,12 @@ class _Connection(_Wire):
             raise TransientError(f"{self.where} sent PDU type {kind} instead of an association request")
         request = _decode_pdu(A_ASSOCIATE_RQ, kind, pdu, self.where)
         self.calling_aet = request.calling_ae_title
+        if request.called_ae_title.strip() != self.scp.source.calling_aet:
+            # only a move to our AE title is ours; A-ASSOCIATE-RJ: rejected (permanent), by the
+            # service user, called AE title not recognised
+            self._send(struct.pack(">BBI", 3, 0, 4) + bytes((0, 1, 1, 7)))
+            raise _Released(f"{self.where} called AE {request.called_ae_title.strip()!r}, not ours "
+                            f"({self.scp.source.calling_aet!r}); refused")
         self.peer_max = request.maximum_length_received or MAX_PDU_BYTES
         if str(request.implementation_class_uid or "").startswith(PYNETDICOM_ROOT):
             self.respond_delay = PYNETDICOM_DELAY
