@@ -6,6 +6,7 @@ No servers needed; everything runs on a temporary folder."""
 from __future__ import annotations
 
 import io
+import errno
 import os
 import shutil
 import time
@@ -668,3 +669,19 @@ def test_a_file_that_becomes_unreadable_keeps_its_synced_copy_even_with_delete(o
     third = sync(source_for(root), dropoff, "run3", delete=True)
     assert third.failed == 0, third.failures
     assert dropoff_files(dropoff) == before
+
+
+def test_a_copy_that_breaks_half_way_names_both_ends(own_tree, tmp_path, monkeypatch):
+    """An I/O error in the middle of a copy (both files open) may be the share's or the
+    dropoff's: the failure names both and blames neither."""
+    def broken(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "copy_file_range", broken)
+    monkeypatch.setattr(os, "sendfile", broken)
+    root, desc = own_tree
+    outcome = sync(source_for(root), tmp_path / "dropoff", "run1", retries=0)
+    assert outcome.failed == len(desc["series"])
+    assert all("failed (Input/output error); check the share the folder is on and the dropoff's filesystem" in f
+               and "though it was there when the folder was listed" not in f for f in outcome.failures), outcome.failures[:2]
+    assert not dropoff_files(tmp_path / "dropoff")

@@ -663,6 +663,9 @@ class FolderSource:
             if (not current[0] or os.fspath(exc.filename or "") != current[0]
                     or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)):
                 raise  # the dropoff's side (full, read-only): the engine reports it as it is
+            if exc.filename2:  # opened both ends, then the copy broke: either side may be the cause
+                raise TransientError(f"copying {current[0]} to {exc.filename2} failed ({exc.strerror or exc}); "
+                                     "check the share the folder is on and the dropoff's filesystem") from None
             raise _vanished(current[0], exc) from None
 
     def close(self) -> None:
