@@ -400,6 +400,7 @@ class Engine:
         else:
             clear_stale_parts(folder, self._token)
         base = f"{folder}/{PART_PREFIX}{self._token}-"
+        marker = self.state.begin_staging(folder, made, f"{self._token}-{next(self._parts)}")
         staged: dict[str, tuple[str, int]] = {}  # final name -> (staged path, size)
         placed = 0
         received = 0
@@ -438,6 +439,8 @@ class Engine:
                 except OSError:
                     pass
             raise
+        finally:
+            self.state.end_staging(marker)
 
     def _fetch(self, entry: RemoteEntry, progress: Progress) -> list[list]:
         """Download (and unpack) one entry into place; returns the manifest file list."""

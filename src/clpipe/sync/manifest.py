@@ -143,6 +143,45 @@ class SyncState:
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._sweep_staging()
+
+    # -- series being staged (DICOM sources) ----------------------------------------------
+    # A series is staged in its own folder under hidden names (engine.PART_PREFIX ...
+    # PART_SUFFIX) and renamed in place. While that is under way a marker in staging/ names
+    # the folder, so that the parts of a run killed half-way (a walltime limit, kill -9) are
+    # removed by the next run's load, whether or not that series is fetched again.
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
+    def begin_staging(self, folder: Path, made: bool, name: str) -> Path:
+        """Mark ``folder`` as being staged into (``made``: this fetch created it)."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        marker = self.staging / name
+        marker.write_text(json.dumps({"folder": str(folder), "made": made}), encoding="utf-8")
+        return marker
+
+    @staticmethod
+    def end_staging(marker: Path) -> None:
+        marker.unlink(missing_ok=True)
+
+    def _sweep_staging(self) -> None:
+        if not self.staging.is_dir():
+            return
+        for marker in self.staging.iterdir():
+            try:
+                data = json.loads(marker.read_text(encoding="utf-8"))
+                folder = Path(data["folder"])
+                if folder.is_dir() and self.dropoff in folder.parents:
+                    for entry in os.scandir(folder):
+                        if entry.name.startswith(".clpipe-") and entry.name.endswith(".part") and entry.is_file():
+                            os.unlink(entry.path)
+                    if data.get("made") and not any(os.scandir(folder)):
+                        folder.rmdir()
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # a marker torn by the kill: its folder's parts go when that series is fetched again
+            marker.unlink(missing_ok=True)
 
     def _read_lines(self, path: Path) -> None:
         with open(path, encoding="utf-8", errors="replace") as fh:
