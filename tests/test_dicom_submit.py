@@ -487,3 +487,20 @@ def test_a_file_the_folder_holds_but_cannot_be_read_fails_the_run(tmp_path):
     dangling.unlink()
     again = clpipe("dicom", "sync", "-config_file", config, "-submit")
     assert again.returncode == 0 and "sync complete" in again.stdout, again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("scheduler", ["slurm"], indirect=True)
+def test_a_folder_this_login_node_cannot_see_is_a_note_for_a_batch_job(scheduler, tmp_path):  # noqa: F811
+    """A compute node may mount a share the login node does not: a batch job is still
+    submitted, with a note; the job checks again on its node (here the same machine, so
+    it fails there, in words, and says FAILED to the scheduler)."""
+    missing = tmp_path / "share-on-compute-nodes-only"
+    config = batch_project(tmp_path, f"file://{missing}")
+    proc = clpipe("dicom", "sync", "-config_file", config, "-batch_config", PROFILES[scheduler][1], "-submit")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"Note:      on this machine: the source folder {missing} does not exist" in proc.stdout
+    job_id = re.search(r"^Submitted batch job (\d+)$", proc.stdout, re.M).group(1)
+    result = wait_for(scheduler, job_id)
+    assert result["state"] == "FAILED" and result["exit"] == 1, result["raw"]
+    output = (config.parent / "logs" / "sync_logs" / f"Output-dicom_sync-jobid-{job_id}.out").read_text()
+    assert f"clpipe: error: the source folder {missing} does not exist" in output

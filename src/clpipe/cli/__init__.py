@@ -156,8 +156,12 @@ def _sync_job(config, batch_config, after, submit) -> int:
         layout = layout or DEFAULT_TEMPLATE
         try:
             check_before_submit(parse_source_url(plan.source_url), SourceSettings(**plan.settings))
+        except ConfigError:
+            raise  # the same on every node: a login set twice, a TLS file that is not there
         except ClpipeError as exc:
-            if submit:
+            # a folder this machine cannot reach: a run here would fail; a batch job's node
+            # may mount shares this login node does not, so there it is a note
+            if submit and batch is None:
                 raise
             source_problem = str(exc)
 
@@ -200,6 +204,8 @@ def _sync_job(config, batch_config, after, submit) -> int:
         click.echo("Nothing was run. Add -submit to run it.")
         return 0
 
+    if source_problem:
+        click.echo(f"Note:      on this machine: {source_problem}; the job will check again on its node")
     logs.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(plan.to_json())
     if layout and dicom_format_string(layout):
