@@ -28,8 +28,8 @@ Association for that path (measured with pynetdicom 3.0.4 and py-spy, and in
 bench/results/dicom_dimse.md, whose pynetdicom C-GET rows use its fastest settings): per
 received instance it runs three threads, a polling loop and pydicom encodes and decodes
 three command sets, ~2 ms of CPU under the GIL, so parallel associations in one process
-do not add up (2,209 instances: 5.6-7.0 s, against 1.3 s for dcmtk's getscu, the goal's
-peer, and 1.3 s here); here the whole run costs ~1 s of CPU and the retrieval is bound by
+do not add up (2,209 instances: 5.2-6.7 s, against 1.3 s for dcmtk's getscu, the goal's
+peer, and 1.0 s here); here the whole run costs ~1 s of CPU and the retrieval is bound by
 the PACS and the disk. Identifiers are pydicom datasets; received datasets are
 never decoded (only read up to SeriesInstanceUID to route a C-MOVE's instances).
 
