@@ -779,3 +779,31 @@ def test_a_silent_read_is_waited_for_while_keep_waiting_says_so():
         sender.cancel()
         ours.close()
         theirs.close()
+
+
+def test_a_release_collision_is_answered_at_once():
+    """Both sides ask to release at the same moment: we (the requestor) answer the PACS's
+    A-RELEASE-RQ with an A-RELEASE-RP and close, rather than wait for an answer to ours."""
+    import struct
+
+    from clpipe.sources.dimse import _Channel
+
+    ours, theirs = socket.socketpair()
+    channel = _Channel.__new__(_Channel)  # an established association, without connecting
+    channel.source = type("S", (), {"timeout": 5.0})()
+    channel.sock, channel.where, channel.timeout = ours, "the PACS X", 5.0
+    channel._buffer, channel._offset, channel.keep_waiting, channel.usable = bytearray(), 0, None, True
+    theirs.sendall(struct.pack(">BBI", 5, 0, 4) + bytes(4))  # the PACS's release request, already on its way
+    started = time.monotonic()
+    channel.release()
+    assert time.monotonic() - started < 1.0
+    theirs.settimeout(1.0)
+    got = b""
+    while len(got) < 20:
+        chunk = theirs.recv(20 - len(got))
+        if not chunk:
+            break
+        got += chunk
+    assert got[:10] == struct.pack(">BBI", 5, 0, 4) + bytes(4)  # our request
+    assert got[10:20] == struct.pack(">BBI", 6, 0, 4) + bytes(4)  # our answer to theirs
+    theirs.close()

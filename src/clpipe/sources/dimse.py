@@ -605,12 +605,19 @@ class _Channel(_Wire):
             raise PermanentError(f"the PACS {src.where} accepted none of the storage SOP classes for C-GET")
 
     def release(self) -> None:
-        """A-RELEASE (bounded: a PACS that does not answer within 5 s is left)."""
+        """A-RELEASE (bounded: a PACS that does not answer within 5 s is left). When the
+        PACS asks to release at the same moment (a release collision, PS3.8 7.2), we, the
+        requestor, answer its request and are done."""
         try:
             self.sock.settimeout(min(self.source.timeout, 5.0))
             self._send(struct.pack(">BBI", 5, 0, 4) + bytes(4))
-            while self._read_pdu()[0] not in (6, 7):
-                pass
+            while True:
+                kind = self._read_pdu()[0]
+                if kind in (6, 7):  # A-RELEASE-RP, A-ABORT
+                    break
+                if kind == 5:  # the PACS's own A-RELEASE-RQ
+                    self._send(struct.pack(">BBI", 6, 0, 4) + bytes(4))
+                    break
         except (TransientError, OSError):
             pass
         self.close()
