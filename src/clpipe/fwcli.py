@@ -49,7 +49,7 @@ ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]?")
 ERROR_RE = re.compile(r"\bERROR - (.*)")
 PROGRESS_EVERY = 15.0  # seconds between progress lines in a batch log
 JOB_ENV = ("PATH", "FLYWHEEL_USER_HOME")  # what a batch job needs from the submitter's environment
-#: a DICOMweb login (sources/dicomweb.py): handed to the job by name only (Job.pass_env)
+#: a DICOMweb login (sources/dicomweb.py): handed to a batch job in a private file (batch/handoff.py)
 DICOMWEB_CREDENTIALS = ("CLPIPE_DICOMWEB_TOKEN", "CLPIPE_DICOMWEB_USER", "CLPIPE_DICOMWEB_PASSWORD")
 
 # ---------------------------------------------------------------------------------------
