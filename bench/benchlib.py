@@ -126,3 +126,21 @@ def orthanc_data_lock():
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class Run:
+    """One row of a benchmark table: what ran, on how much data, and how it went (each
+    benchmark adds the columns of its own in a subclass)."""
+    name: str
+    files: int = 0
+    nbytes: int = 0
+    seconds: float | None = None
+    rss_mb: float | None = None
+    cpu: float | None = None  # user + system seconds of the process tree
+    status: str = "ok"  # or "INVALID: ...", "FAILED ...", "TIMEOUT ...", "not available: ..."
+    noop: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"

@@ -57,6 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import benchlib
 from benchlib import MB, machine, orthanc_data_lock, run_measured
 
 BENCH = Path(__file__).resolve().parent
@@ -302,16 +303,8 @@ def pynetdicom_command(address: str, patients: list[str], dest: Path, parallel: 
 
 
 @dataclass
-class Run:
-    name: str
-    files: int = 0
-    nbytes: int = 0
-    seconds: float | None = None
-    rss_mb: float | None = None
-    cpu: float | None = None
+class Run(benchlib.Run):
     associations: str = "-"
-    status: str = "ok"
-    noop: bool = False
     engine_seconds: float | None = None  # native: listing + retrieval, without interpreter start and imports
     tries: list | None = None  # the wall times of every try (the row shows the median)
 

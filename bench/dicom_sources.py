@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from benchlib import MB, last_line, machine, orthanc_data_lock, run_measured
+from benchlib import MB, Run, last_line, machine, orthanc_data_lock, run_measured
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -47,22 +47,6 @@ PLANNED = ("dicomweb",)  # the sections, in the order they run (file://: bench/d
 
 
 # ============================================================================ shared framework
-
-
-@dataclass
-class Run:
-    name: str
-    files: int = 0
-    nbytes: int = 0
-    seconds: float | None = None
-    rss_mb: float | None = None
-    cpu: float | None = None  # user + system seconds of the process tree
-    status: str = "ok"  # or "INVALID: ...", "FAILED ...", "TIMEOUT ...", "not available: ..."
-    noop: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
 
 
 @dataclass

@@ -32,6 +32,7 @@ from urllib.parse import quote
 
 import httpx
 
+import benchlib
 from benchlib import MB, machine, run_measured
 from clpipe.testing import fwserver
 
@@ -162,20 +163,8 @@ def check(dest: Path, expected: dict[str, tuple[int, bytes]]) -> str:
 
 
 @dataclass
-class Run:
-    name: str
-    files: int = 0
-    nbytes: int = 0
-    seconds: float | None = None
-    rss_mb: float | None = None
-    cpu: float | None = None  # user + system seconds of the process tree
+class Run(benchlib.Run):
     requests: int | None = None
-    status: str = "ok"  # or "INVALID: ...", "FAILED ...", "TIMEOUT ...", "not available: ..."
-    noop: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
 
 
 def measure(run: Run, cmd: list[str], env: dict, log: Path, timeout: float, srv,
