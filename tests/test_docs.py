@@ -161,16 +161,26 @@ EXTRA_PHRASES = {
 }
 
 
-def _module_words(tree: ast.Module) -> dict[str, str]:
+def _shared_tuples(trees: list[ast.Module]) -> dict[str, ast.Tuple]:
+    """Module-level tuples of constants (``DICOMWEB_CREDENTIALS = ("...", ...)``), by name,
+    for modules that unpack one imported from another."""
+    return {node.targets[0].id: node.value for tree in trees for node in tree.body
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Tuple)}
+
+
+def _module_words(tree: ast.Module, shared: dict[str, ast.Tuple] | None = None) -> dict[str, str]:
     """Module-level one-word text constants (``TOKEN_VAR = "CLPIPE_DICOMWEB_TOKEN"``,
-    ``A, B = "...", "..."``), read through so that messages naming them are read whole.
-    Longer constants (hints such as LOGIN_HINT) are a tail the page may abbreviate as
-    ``...``: they count as run-time values."""
+    ``A, B = "...", "..."``, ``A, B = SHARED_TUPLE``), read through so that messages naming
+    them are read whole. Longer constants (hints such as LOGIN_HINT) are a tail the page may
+    abbreviate as ``...``: they count as run-time values."""
     known: dict[str, str] = {}
     for node in tree.body:
         if not isinstance(node, ast.Assign) or len(node.targets) != 1:
             continue
         target, value = node.targets[0], node.value
+        if isinstance(value, ast.Name) and value.id in (shared or {}):
+            value = shared[value.id]
         pairs = (zip(target.elts, value.elts) if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
                  else [(target, value)])
         for name, item in pairs:
@@ -224,9 +234,10 @@ def source_messages() -> dict[str, list[list[str]]]:
     phrases: the text of every ConfigError/PreflightError/PermanentError/TransientError(...)
     (raised or returned) and of every note appended to a note list."""
     found: dict[str, list[list[str]]] = {}
-    for path in sorted(SOURCES.glob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        known = _module_words(tree)
+    trees = {path: ast.parse(path.read_text(encoding="utf-8")) for path in sorted(SOURCES.glob("*.py"))}
+    shared = _shared_tuples(list(trees.values()))
+    for path, tree in trees.items():
+        known = _module_words(tree, shared)
         messages: list[list[str]] = []
         for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
             local = {n.targets[0].id: n.value for n in ast.walk(function)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from .batch.job import Job, Resources
 from .console import say, summary_line
 from .errors import ConfigError, PreflightError
+from .sources.dicom import DICOMWEB_CREDENTIALS  # a DICOMweb login: to a batch job in a private file (batch/handoff.py)
 from .sources.flywheel import FlywheelAPI, load_credentials, parse_fw_url
 
 if TYPE_CHECKING:  # the job on the node needs no config validation (pydantic)
@@ -49,8 +50,6 @@ ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]?")
 ERROR_RE = re.compile(r"\bERROR - (.*)")
 PROGRESS_EVERY = 15.0  # seconds between progress lines in a batch log
 JOB_ENV = ("PATH", "FLYWHEEL_USER_HOME")  # what a batch job needs from the submitter's environment
-#: a DICOMweb login (sources/dicomweb.py): handed to a batch job in a private file (batch/handoff.py)
-DICOMWEB_CREDENTIALS = ("CLPIPE_DICOMWEB_TOKEN", "CLPIPE_DICOMWEB_USER", "CLPIPE_DICOMWEB_PASSWORD")
 
 # ---------------------------------------------------------------------------------------
 # CommandLineOpts: parsed with a replica of `fw sync`'s own options (flywheel-cli 18.x), so a

@@ -250,22 +250,16 @@ def run_plan_cli(plan_file) -> int:
 
     atexit.register(wait_for_tee)
     from ..batch.handoff import take_handoff
-    from ..fwcli import DICOMWEB_CREDENTIALS, SyncPlan, run_plan
+    from ..fwcli import SyncPlan, run_plan
+    from ..sources.dicom import DICOMWEB_CREDENTIALS
 
     take_handoff(DICOMWEB_CREDENTIALS)
 
     plan = SyncPlan.from_json(Path(plan_file).read_text())
     if not plan.source_url.startswith("fw:"):
-        from ..errors import PreflightError
-        from ..sync.engine import PermanentError, TransientError
         from ..sync.run import run_dicom
 
-        try:
-            return run_dicom(plan)
-        except (TransientError, PermanentError) as exc:
-            # the source could not be listed (a PACS that refuses the association or cannot be
-            # reached): the message says what to check; it is not an internal error
-            raise PreflightError(str(exc)) from None
+        return run_dicom(plan)
     if plan.engine == "native":
         from ..sync.run import run_native
 

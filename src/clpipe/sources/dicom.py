@@ -61,6 +61,10 @@ class SourceURL:
         return self.text
 
 
+#: the environment variables of a DICOMweb login: a Bearer token, or a user name and password
+DICOMWEB_CREDENTIALS = ("CLPIPE_DICOMWEB_TOKEN", "CLPIPE_DICOMWEB_USER", "CLPIPE_DICOMWEB_PASSWORD")
+
+
 def parse_source_url(value: str, where: str = "SourceURL") -> SourceURL:
     """Check a non-Flywheel SourceURL; ``ConfigError`` saying which form is expected."""
     text = str(value).strip()
@@ -78,7 +82,7 @@ def parse_source_url(value: str, where: str = "SourceURL") -> SourceURL:
             raise ConfigError(f"{where}: {text!r} has a port that is not a number") from None
         if parts.username or parts.password:
             raise ConfigError(f"{where}: put no user name or password in the URL (it would reach logs); "
-                              "set CLPIPE_DICOMWEB_USER and CLPIPE_DICOMWEB_PASSWORD, or CLPIPE_DICOMWEB_TOKEN")
+                              f"set {DICOMWEB_CREDENTIALS[1]} and {DICOMWEB_CREDENTIALS[2]}, or {DICOMWEB_CREDENTIALS[0]}")
         base = f"{scheme.split('+', 1)[1]}://{parts.netloc}{parts.path.rstrip('/')}"
         return SourceURL("dicomweb", text, base_url=base)
     if scheme == "dimse":

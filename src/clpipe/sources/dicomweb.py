@@ -40,10 +40,10 @@ import httpx
 
 from ..errors import ConfigError, PreflightError
 from ..sync.engine import PermanentError, TransientError
-from .dicom import DicomQuery, Series, SourceSettings, SourceURL
+from .dicom import DICOMWEB_CREDENTIALS, DicomQuery, Series, SourceSettings, SourceURL
 from .http import retry_after as _retry_after
 
-TOKEN_VAR, USER_VAR, PASSWORD_VAR = "CLPIPE_DICOMWEB_TOKEN", "CLPIPE_DICOMWEB_USER", "CLPIPE_DICOMWEB_PASSWORD"
+TOKEN_VAR, USER_VAR, PASSWORD_VAR = DICOMWEB_CREDENTIALS
 CREDENTIAL_HINT = f"check {TOKEN_VAR}, or {USER_VAR} and {PASSWORD_VAR}"
 ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 ACCEPT_DEFAULT = 'multipart/related; type="application/dicom"'  # the server's choice (usually Explicit VR LE)

@@ -40,7 +40,7 @@ from typing import Iterable, Iterator, Protocol
 
 from ..console import human_bytes, summary_line
 from .layout import flatten_members, inside, safe_part
-from .manifest import Record, SyncState
+from .manifest import PART_PREFIX, PART_SUFFIX, Record, SyncState, clear_stale_parts
 
 CHUNK = 1 << 20
 PROGRESS_EVERY = 15.0
@@ -150,9 +150,6 @@ def _hasher(checksum: str | None):
         return None
 
 
-# Series instances are staged in their own folder under a hidden name of this form (never
-# *.dcm): .clpipe-<run token>-<n>.part, then renamed in place.
-PART_PREFIX, PART_SUFFIX = ".clpipe-", ".part"
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 _MAX_COUNT = 1 << 30  # bytes asked of one copy_file_range / sendfile call
@@ -234,23 +231,6 @@ def write_all(fd: int, data: bytes) -> int:
         while done < len(view):
             done += os.write(fd, view[done:])
     return done
-
-
-def clear_stale_parts(folder: Path, token: str) -> None:
-    """Remove instances staged in ``folder`` by an earlier run that was killed before it
-    renamed them (another run's token; the dropoff's lock means no other run is live)."""
-    mine = f"{PART_PREFIX}{token}-"
-    try:
-        with os.scandir(folder) as it:
-            stale = [e.path for e in it
-                     if e.name.startswith(PART_PREFIX) and e.name.endswith(PART_SUFFIX) and not e.name.startswith(mine)]
-    except OSError:
-        return
-    for path in stale:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def _terminal():

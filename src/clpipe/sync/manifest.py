@@ -77,6 +77,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Series instances are staged in their own folder under a hidden name of this form (never
+# *.dcm): .clpipe-<run token>-<n>.part, then renamed in place.
+PART_PREFIX, PART_SUFFIX = ".clpipe-", ".part"
+
+
+def clear_stale_parts(folder: Path, token: str = "") -> None:
+    """Remove instances staged in ``folder`` by earlier runs that were killed before they
+    renamed them (all but those of the run ``token``; the dropoff's lock means no other
+    run is live)."""
+    mine = f"{PART_PREFIX}{token}-" if token else None
+    try:
+        with os.scandir(folder) as it:
+            stale = [e.path for e in it if e.name.startswith(PART_PREFIX) and e.name.endswith(PART_SUFFIX)
+                     and not (mine and e.name.startswith(mine)) and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return
+    for path in stale:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 @dataclass
 class SyncState:
     """Manifest + journal + lock of one dropoff."""
@@ -146,8 +169,8 @@ class SyncState:
         self._sweep_staging()
 
     # -- series being staged (DICOM sources) ----------------------------------------------
-    # A series is staged in its own folder under hidden names (engine.PART_PREFIX ...
-    # PART_SUFFIX) and renamed in place. While that is under way a marker in staging/ names
+    # A series is staged in its own folder under hidden names (PART_PREFIX ... PART_SUFFIX)
+    # and renamed in place. While that is under way a marker in staging/ names
     # the folder, so that the parts of a run killed half-way (a walltime limit, kill -9) are
     # removed by the next run's load, whether or not that series is fetched again.
 
@@ -174,9 +197,7 @@ class SyncState:
                 data = json.loads(marker.read_text(encoding="utf-8"))
                 folder = Path(data["folder"])
                 if folder.is_dir() and self.dropoff in folder.parents:
-                    for entry in os.scandir(folder):
-                        if entry.name.startswith(".clpipe-") and entry.name.endswith(".part") and entry.is_file():
-                            os.unlink(entry.path)
+                    clear_stale_parts(folder)
                     if data.get("made") and not any(os.scandir(folder)):
                         folder.rmdir()
             except (OSError, ValueError, KeyError, TypeError):

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 from ..console import say
 from ..errors import PreflightError
-from .engine import Engine, Options, watched, write_reports
+from .engine import Engine, Options, PermanentError, TransientError, watched, write_reports
 from .manifest import SyncState
 
 
@@ -46,7 +46,13 @@ def run_dicom(plan) -> int:
         template = plan.layout_template or DEFAULT_TEMPLATE
         login = getattr(source, "login", "")
         say(f"native engine; source {url}{'; ' + login if login else ''}; layout {template}")
-        return _sync(plan, source, lambda: entries(source, query, template), started)
+        try:
+            return _sync(plan, source, lambda: entries(source, query, template), started)
+        except (TransientError, PermanentError) as exc:
+            # the listing failed (a PACS that refuses the association or cannot be reached;
+            # a retrieval's failure is one entry's, reported by the engine): the message says
+            # what to check, and nothing was transferred
+            raise PreflightError(str(exc)) from None
     finally:
         source.close()
 
