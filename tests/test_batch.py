@@ -172,21 +172,21 @@ def test_cli_prints_script_and_submit_command(tmp_path):
 
 
 LOCAL_JOB = r"""
-import atexit, os, sys
+import os, sys
 from pathlib import Path
 from clpipe.batch.job import Job, Resources
 from clpipe.batch.local import run_local
 log = Path(sys.argv[1])
 body = '''
-import atexit, os, sys
-from clpipe.batch.local import wait_for_tee
-atexit.register(wait_for_tee)
-print("job pid", os.getpid(), flush=True)
+import os, sys
+from clpipe.batch.local import finish_job, start_job_log
+start_job_log()
+print("job pid", os.getpid(), os.environ.get("CLPIPE_TEST_MARK"), flush=True)
 for i in range(3000):
     print("line", i, "x" * 60)
 print("error line", file=sys.stderr)
 print("last line", flush=True)
-sys.exit(3)
+sys.exit(finish_job(3))
 '''
 print("launcher pid", os.getpid(), flush=True)
 job = Job("t", (sys.executable, "-c", body), Resources(60, 100, 1), log, log.parent, {"CLPIPE_TEST_MARK": "1"})
@@ -196,16 +196,18 @@ sys.exit(run_local(job))
 
 def test_run_local_becomes_the_job_and_the_log_is_complete_when_it_returns(tmp_path):
     # the command's own process becomes the job (no idle parent holding memory), its exit
-    # status is the job's, and console and log hold every line the moment it returns
+    # status is the job's; the job's stdout is on the console's stdout, its stderr on the
+    # console's stderr, and the log holds both, in the order they were printed
     log = tmp_path / "logs" / "job.log"
     proc = subprocess.run([sys.executable, "-c", LOCAL_JOB, str(log)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3, proc.stderr
     lines = proc.stdout.splitlines()
-    launcher, job_pid = lines[0].split()[-1], lines[1].split()[-1]
-    assert launcher == job_pid
-    assert lines[-1] == "last line" and "error line" in lines and sum(line.startswith("line ") for line in lines) == 3000
+    launcher, job_pid = lines[0].split()[-1], lines[1].split()[-2]
+    assert launcher == job_pid and lines[1].endswith(" 1")
+    assert lines[-1] == "last line" and "error line" not in lines and sum(line.startswith("line ") for line in lines) == 3000
+    assert proc.stderr.splitlines() == ["error line"]
     logged = log.read_text().splitlines()
-    assert logged == lines[1:]  # the launcher's own line was printed before the job began
+    assert logged == [*lines[1:-1], "error line", "last line"]  # the launcher's own line came before the job
 
 
 def test_handoff_file_is_private_read_once_and_only_for_allowed_names(tmp_path, monkeypatch):

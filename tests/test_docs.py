@@ -157,7 +157,17 @@ EXTRA_PHRASES = {
         "of the series' ", "the series has no instances to retrieve",
         "--delete: the source listed nothing, so all ",
         "files synced before would be removed; nothing was deleted (check the source, e.g. that its share is mounted)",
+        "still to sync", "the journal of this run (the dropoff's .clpipe-sync folder)", "set DropoffDirectory elsewhere", "set TempDirectory elsewhere", "the audit log ", " and the summary ",
+        # local names (issue 11)
+        "renamed: their names collided with another's or were not portable (see 'Local names' in docs/engines.md)",
+        "files synced under earlier names ", "renamed in place (nothing downloaded)",
     ],
+    # a full disk, in any step (issue 11): the one line and its parts
+    "errors.py": ["no space left", "disk quota exceeded", "then run again: finished files are kept", "free space", "needed for "],
+    "sync/run.py": ["this sync's bookkeeping (the dropoff's .clpipe-sync folder)",
+                    "the manifest of the synced files (the dropoff's .clpipe-sync folder)", "the sync's lock"],
+    "batch/local.py": ["the rest of this run's log", "misses the end of this run's output", "the console has it all",
+                       "the run goes on without it", "the clpipe installation was probably moved or removed: install it again"],
 }
 
 

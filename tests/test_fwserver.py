@@ -228,6 +228,34 @@ def test_container_json(api, project):
     assert api.get(f"/projects/{project.id}").json()["label"] == "study"
 
 
+def test_any_container_by_id_with_its_file_hashes(srv, api, project):
+    """``GET containers/{cid}`` (the SDK's get_container): the container of any level, typed,
+    with its files' hashes; a server told to give none leaves ``hash`` out."""
+    session = project.subjects[0].sessions[0]
+    acq = session.acquisitions[0]
+    data = api.get(f"/containers/{acq.id}").json()
+    assert data["container_type"] == "acquisition" and data["_id"] == acq.id and data["label"] == acq.label
+    assert {f["name"]: (f["hash"], f["size"]) for f in data["files"]} == {f.name: (f.hash, f.size) for f in acq.files}
+    assert {k: v for k, v in data.items() if k != "container_type"} == api.get(f"/acquisitions/{acq.id}").json()
+    assert api.get(f"/containers/{session.id}").json()["container_type"] == "session"
+    assert api.get(f"/containers/{project.id}").json()["container_type"] == "project"
+    missing = api.get(f"/containers/{'0' * 24}")
+    assert missing.status_code == 404 and "message" in missing.json()
+    srv.file_hashes = False
+    assert all("hash" not in f for f in api.get(f"/containers/{acq.id}").json()["files"])
+
+
+def test_dot_segments_are_file_names(api, project):
+    """A file literally named ``..`` or ``.``: asked for with its dots percent-encoded (a
+    client that sent ``files/..`` would get the container), the server decodes the segment
+    and serves that file."""
+    acq = project.subjects[0].sessions[0].acquisitions[0]
+    acq.files += [FwFile("..", b"two dots"), FwFile(".", b"one dot")]
+    assert api.get(f"/containers/{acq.id}/files/%2E%2E").content == b"two dots"
+    assert api.get(f"/containers/{acq.id}/files/%2e").content == b"one dot"
+    assert api.get(f"/containers/{acq.id}/files/.%2E").content == b"two dots"
+
+
 def test_paging(api, project):
     pid = project.id
     seen, after = [], None
@@ -361,6 +389,20 @@ def test_fault_truncate(srv, api, project):
     assert api.get(f"/containers/{acq.id}/files/{zf.name}").content == zf.content
 
 
+def test_fault_reset_mid_body(srv, api, project):
+    """"reset": the headers and half the body, then a TCP reset (not a clean close)."""
+    acq, zf = zip_file(project)
+    srv.add_fault(r"\.dicom\.zip$", "reset", count=1)
+    received = bytearray()
+    with pytest.raises(httpx.ReadError, match="reset"):
+        with api.stream("GET", f"/containers/{acq.id}/files/{zf.name}") as r:
+            assert int(r.headers["content-length"]) == zf.size
+            for chunk in r.iter_raw():
+                received += chunk
+    assert len(received) < zf.size and zf.content.startswith(bytes(received))
+    assert api.get(f"/containers/{acq.id}/files/{zf.name}").content == zf.content
+
+
 def test_fault_delay(srv, api, project):
     acq, zf = zip_file(project)
     srv.add_fault(r"\.dicom\.zip$", "delay", count=2, delay=0.6, method="GET")
@@ -382,6 +424,15 @@ def test_fault_corrupt_and_method_filter(srv, api, project):
     srv.add_fault(r"\.dicom\.zip$", "corrupt")
     bad = api.get(f"/containers/{acq.id}/files/{zf.name}").content
     assert len(bad) == zf.size and bad != zf.content
+    srv.clear_faults()
+    srv.add_fault(r"\.dicom\.zip$", "corrupt", span=(4, 6))  # just these bytes, e.g. one zip header field
+    bad = api.get(f"/containers/{acq.id}/files/{zf.name}").content
+    assert len(bad) == zf.size and bad[4:6] == bytes(b ^ 0xFF for b in zf.content[4:6])
+    assert bad[:4] == zf.content[:4] and bad[6:] == zf.content[6:]
+    srv.clear_faults()
+    srv.add_fault(r"\.dicom\.zip$", "corrupt", span=(-2, zf.size))  # negative: from the end
+    bad = api.get(f"/containers/{acq.id}/files/{zf.name}").content
+    assert bad[:-2] == zf.content[:-2] and bad[-2:] == bytes(b ^ 0xFF for b in zf.content[-2:])
     srv.clear_faults()
     assert api.get(f"/containers/{acq.id}/files/{zf.name}").content == zf.content
     with pytest.raises(ValueError):
@@ -450,6 +501,46 @@ for subject in project.subjects.iter():
             first.download(os.path.join(out, "via-entry-" + acq.id))  # GET ...?version=N
 print(json.dumps(result))
 """
+
+
+SDK_CONTAINER_SCRIPT = r"""
+import json, sys
+import flywheel
+client = flywheel.Client(sys.argv[1])
+out = []
+for cid in sys.argv[2:]:
+    for how, container in (("get_container", client.get_container(cid)), ("get", client.get(cid))):
+        out.append({"id": cid, "how": how, "type": type(container).__name__, "label": container.label,
+                    "files": [[f.name, f.hash, f.size] for f in (container.files or [])]})
+print(json.dumps(out))
+"""
+
+
+def test_sdk_get_container_gives_file_hashes(srv, project, tmp_path):
+    """The real SDK reads ``GET containers/{cid}`` (``fw.get_container(id)``, ``fw.get(id)``)
+    as the container of the right type, with each file's hash: what the native engine
+    checks downloads against."""
+    need_tool(Path(SDK_PYTHON), "flywheel-sdk's interpreter (CLPIPE_TEST_SDK_PYTHON)")
+    script = tmp_path / "get.py"
+    script.write_text(SDK_CONTAINER_SCRIPT)
+    session = project.subjects[0].sessions[0]
+    acqs = [a for s in project.subjects for ses in s.sessions for a in ses.acquisitions]
+    env = dict(os.environ, HOME=str(tmp_path), FLYWHEEL_USER_HOME=str(tmp_path), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([SDK_PYTHON, str(script), srv.login_key(KEY), session.id, *(a.id for a in acqs)],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert [(r["id"], r["how"]) for r in result] == [(c, how) for c in [session.id, *(a.id for a in acqs)]
+                                                      for how in ("get_container", "get")]
+    assert {r["type"] for r in result if r["id"] == session.id} == {"SessionOutput"}
+    assert {r["label"] for r in result if r["id"] == session.id} == {session.label}
+    for acq in acqs:
+        got = [r for r in result if r["id"] == acq.id]
+        assert {r["type"] for r in got} == {"AcquisitionOutput"} and {r["label"] for r in got} == {acq.label}
+        for r in got:
+            assert r["files"] == [[f.name, f.hash, f.size] for f in acq.files]
+    assert all(r["path"].startswith("/api/containers/") and r["status"] == 200
+               for r in srv.requests if r["path"] not in ("/api/config", "/api/version", "/api/auth/status"))
 
 
 def test_sdk_walk_and_download(srv, project, tmp_path):

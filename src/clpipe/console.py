@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 
-def say(message: str) -> None:
-    print(f"[clpipe] {message}", flush=True)
+
+def say(message: str, error: bool = False) -> None:
+    """One line of a run's output, on stdout; an ``error`` (a FAILED line) on stderr, where
+    a command-line tool's errors belong (a local run's log gets both: batch/local.py)."""
+    if error:
+        sys.stdout.flush()  # what came before it is written first
+        sys.stderr.write(f"[clpipe] {message}\n")  # one write (print makes two): the log gets the line whole
+        sys.stderr.flush()
+    else:
+        print(f"[clpipe] {message}", flush=True)
 
 
 def human_bytes(n: int) -> str:

@@ -6,6 +6,12 @@ The CLI prints ``str(error)`` as one line (no traceback unless ``-debug``) and e
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence, TypeGuard
+
 
 class ClpipeError(Exception):
     """Base class: a problem the user can fix; the message says what to fix."""
@@ -29,3 +35,69 @@ class SyncFailed(ClpipeError):
     """The sync ran but not every file arrived intact."""
 
     exit_code = 1
+
+
+#: the errors of a full filesystem, or of a full quota on it
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> TypeGuard[OSError]:
+    """Is ``exc`` a write that failed because the filesystem (or the quota) is full?"""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+class DiskFull(ClpipeError):
+    """A folder's filesystem (or the user's quota on it) is full: the run stopped there.
+    ``outcome``: what the sync did before it stopped, when the engine raised it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, outcome: object = None, folder: Path | None = None):
+        super().__init__(message)
+        self.outcome = outcome
+        self.folder = folder  # the folder named
+
+    @classmethod
+    def at(cls, exc: OSError, folders: Sequence[tuple[Path, str]], *, needed: int | None = None, purpose: str = "",
+           outcome: object = None) -> "DiskFull":
+        """The error for ``exc`` (ENOSPC or EDQUOT). ``folders``: (folder, how to move it
+        elsewhere, e.g. "set DropoffDirectory elsewhere", or "") for each folder the step
+        writes to; the one named holds the file ``exc`` names, else it is the fullest.
+        ``needed``: about how many bytes ``purpose`` ("the 12 files still to sync") needs."""
+        from .console import human_bytes
+
+        folder, move = _where(exc, folders)
+        free = _free_bytes(folder)
+        quota = exc.errno == errno.EDQUOT
+        facts = [] if quota or free is None else [f"{human_bytes(free)} free"]
+        if needed and purpose:
+            more = needed - free if free is not None and not quota and needed > free else needed
+            facts.append(f"about {human_bytes(more)}{' more' if more != needed else ''} needed for {purpose}")
+        elif purpose:
+            facts.append(f"more needed for {purpose}")
+        return cls(f"{'disk quota exceeded' if quota else 'no space left'} on {folder}"
+                   f"{' (' + '; '.join(facts) + ')' if facts else ''}; free space{' or ' + move if move else ' there'}, "
+                   "then run again: finished files are kept", outcome, folder)
+
+
+def _where(exc: OSError, folders: Sequence[tuple[Path, str]]) -> tuple[Path, str]:
+    for name in (exc.filename2, exc.filename):  # a copy's destination is filename2
+        if not isinstance(name, (str, bytes)) or not name:
+            continue
+        path = os.path.abspath(os.fsdecode(name))
+        for folder, move in sorted(folders, key=lambda item: -len(str(item[0]))):  # the deepest folder first
+            if path == str(folder) or path.startswith(str(folder).rstrip("/") + "/"):
+                return folder, move
+    known = [(free, n) for n, (folder, _) in enumerate(folders) if (free := _free_bytes(folder)) is not None]
+    return folders[min(known)[1]] if known else folders[0]
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """What an ordinary user may still write on ``folder``'s filesystem (as ``df`` shows)."""
+    path = Path(folder)
+    for candidate in (path, *path.parents):  # a folder that was not made yet: its nearest parent
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None

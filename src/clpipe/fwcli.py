@@ -29,11 +29,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .batch.job import Job, Resources
+from .batch.job import Job, Resources, without_secrets
 from .console import say, summary_line
 from .errors import ConfigError, PreflightError
 from .sources.dicom import DICOMWEB_CREDENTIALS  # a DICOMweb login: to a batch job in a private file (batch/handoff.py)
-from .sources.flywheel import FlywheelAPI, load_credentials, parse_fw_url
+from .sources.flywheel import API_KEY_ENV, FlywheelAPI, load_credentials, parse_fw_url
 
 if TYPE_CHECKING:  # the job on the node needs no config validation (pydantic)
     from .config.project import ProjectConfig
@@ -270,10 +270,13 @@ class SyncPlan:
 
     def job(self, argv: tuple[str, ...]) -> Job:
         """The batch job that runs this plan. It carries the submitter's PATH (where `fw`
-        is) and login location, never a credential."""
+        is) and login location, never a credential; ``pass_env`` names the login variables
+        set here that it needs (a batch job gets them in a private file, a local run in its
+        environment, which holds no other login)."""
         env = {name: os.environ[name] for name in JOB_ENV if name in os.environ}
-        secrets_by_name = tuple(name for name in DICOMWEB_CREDENTIALS if os.environ.get(name)) \
-            if self.source_url.startswith("dicomweb") else ()
+        needed = DICOMWEB_CREDENTIALS if self.source_url.startswith("dicomweb") else \
+            (API_KEY_ENV,) if self.source_url.startswith("fw:") else ()
+        secrets_by_name = tuple(name for name in needed if os.environ.get(name))
         return Job(
             name=self.job_name,
             argv=argv,
@@ -549,7 +552,9 @@ def run_plan(plan: SyncPlan) -> int:
 
     argv = [fw, *plan.fw_argv[1:]]
     say("running: " + shlex.join(plan.fw_argv))
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    # fw reads its login from the login home (HOME or FLYWHEEL_USER_HOME), never from the
+    # environment: it gets no login variable at all
+    env = dict(without_secrets(os.environ), PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     streamer = _Streamer(sys.stdout, credentials.key, interactive=sys.stdout.isatty())
     proc = subprocess.Popen(
         argv, cwd=plan.temp_dir, env=env, stdin=subprocess.DEVNULL,
@@ -589,15 +594,15 @@ def run_plan(plan: SyncPlan) -> int:
     outcome.seconds = time.monotonic() - started
 
     for line in outcome.error_lines[:20]:
-        say(f"fw reported an error: {line}")
+        say(f"fw reported an error: {line}", error=True)
     for problem in outcome.problems[:50]:
-        say(f"FAILED {problem}")
+        say(f"FAILED {problem}", error=True)
     if len(outcome.problems) > 50:
-        say(f"... and {len(outcome.problems) - 50} more problems")
+        say(f"... and {len(outcome.problems) - 50} more problems", error=True)
     say(outcome.summary())
     say(f"audit log: {audit}" if audit.exists() else "no audit log was written")
     if outcome.failed or returncode != 0:
-        say("sync FAILED: not every file arrived; the exit status is non-zero")
+        say("sync FAILED: not every file arrived; the exit status is non-zero", error=True)
         return returncode if returncode != 0 else 1
     say("sync complete: every listed file is in the dropoff")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable, Mapping
 
 from ..config.units import format_hms
 
@@ -47,3 +48,19 @@ class Job:
         data["log_path"] = str(self.log_path)
         data["cwd"] = str(self.cwd)
         return data
+
+
+def secret_names() -> tuple[str, ...]:
+    """The environment variables that hold a login clpipe reads: the Flywheel API key and
+    the DICOMweb credentials."""
+    from ..sources.dicom import DICOMWEB_CREDENTIALS
+    from ..sources.flywheel import API_KEY_ENV
+
+    return (API_KEY_ENV, *DICOMWEB_CREDENTIALS)
+
+
+def without_secrets(env: Mapping[str, str], keep: Iterable[str] = ()) -> dict[str, str]:
+    """``env`` for a process clpipe starts: without the logins (:func:`secret_names`) other
+    than those in ``keep``, the ones that process needs."""
+    drop = set(secret_names()) - set(keep)
+    return {name: value for name, value in env.items() if name not in drop}

@@ -28,7 +28,7 @@ from .. import __version__
 from ..config.units import format_hms
 from ..errors import ClpipeError, ConfigError
 from .config import BatchConfig
-from .job import Job
+from .job import Job, without_secrets
 
 JOB_ID_RE = re.compile(r"^\d+(?:_\d+)?$")
 EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+$")
@@ -205,9 +205,11 @@ def submit(submission: Submission) -> str:
     os.chmod(temp, 0o750)
     os.replace(temp, submission.script_path)
     try:
+        # no login in the submit command's environment: sbatch would copy it into the job's
+        # (kept by the scheduler); a job gets the logins it needs in a private file (handoff.py)
         proc = subprocess.run(
             list(submission.argv), cwd=submission.cwd, capture_output=True, text=True,
-            stdin=subprocess.DEVNULL, timeout=SUBMIT_TIMEOUT,
+            stdin=subprocess.DEVNULL, timeout=SUBMIT_TIMEOUT, env=without_secrets(os.environ),
         )
     except subprocess.TimeoutExpired:
         raise ClpipeError(f"{command} did not answer within {SUBMIT_TIMEOUT} s; the scheduler may be down (the job may or may not have been queued)") from None

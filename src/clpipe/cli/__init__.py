@@ -6,6 +6,7 @@ Options follow clpipe's single-dash style (``-config_file``, ``-c``), with the
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..errors import ClpipeError, ConfigError
+from ..errors import ClpipeError, ConfigError, DiskFull, is_disk_full
 
 _STATE = {"debug": False}
 
@@ -137,7 +138,8 @@ def _sync_job(config, batch_config, after, submit) -> int:
     logs = Path(plan.sync_logs)
     stem = f"{plan.job_name}-{plan.run_id}"
     plan_path = logs / f"{stem}.plan.json"
-    job = plan.job((sys.executable, "-m", "clpipe", "_run_plan", str(plan_path)))
+    # -debug reaches the process that runs the sync (its traceback is the one worth reading)
+    job = plan.job((sys.executable, "-m", "clpipe", "_run_plan", *(["-debug"] if _STATE["debug"] else []), str(plan_path)))
     handoff = None
     if batch is not None and job.pass_env:  # a login from this shell: handed over in a private file
         from dataclasses import replace
@@ -207,7 +209,14 @@ def _sync_job(config, batch_config, after, submit) -> int:
     if source_problem:
         click.echo(f"Note:      on this machine: {source_problem}; the job will check again on its node")
     logs.mkdir(parents=True, exist_ok=True)
-    plan_path.write_text(plan.to_json())
+    text = plan.to_json()
+    try:
+        plan_path.write_text(text)
+    except BaseException as exc:  # a full disk: no half-written plan is left behind
+        plan_path.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise DiskFull.at(exc, [(logs, "")], needed=len(text.encode()), purpose=f"the plan {plan_path.name}") from exc
+        raise
     if layout and dicom_format_string(layout):
         from ..config.project import write_dicom_format_string
 
@@ -220,13 +229,12 @@ def _sync_job(config, batch_config, after, submit) -> int:
         click.echo(f"Running {job.name} here; log: {job.log_path}")
         return run_local(job)
 
+    from ..batch.handoff import write_handoff
     from ..batch.scheduler import record_submission, submit as submit_job
 
-    if handoff is not None:
-        from ..batch.handoff import write_handoff
-
-        write_handoff(handoff, job.pass_env)
     try:
+        if handoff is not None:
+            write_handoff(handoff, job.pass_env)  # a full home: no half-written login is left either
         job_id = submit_job(submission)
     except BaseException:
         if handoff is not None:
@@ -244,16 +252,11 @@ def _sync_job(config, batch_config, after, submit) -> int:
 @_debug_option
 def run_plan_cli(plan_file) -> int:
     """Run a sync plan on this node (what a batch job executes)."""
-    import atexit
-
-    from ..batch.local import wait_for_tee
-
-    atexit.register(wait_for_tee)
     from ..batch.handoff import take_handoff
+    from ..batch.job import secret_names
     from ..fwcli import SyncPlan, run_plan
-    from ..sources.dicom import DICOMWEB_CREDENTIALS
 
-    take_handoff(DICOMWEB_CREDENTIALS)
+    take_handoff(secret_names())
 
     plan = SyncPlan.from_json(Path(plan_file).read_text())
     if not plan.source_url.startswith("fw:"):
@@ -285,29 +288,54 @@ def project_setup_cli(project_title, project_dir, source_url, profile) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one clear line and a non-zero exit code for every user error."""
+    from ..batch.local import JOB_LOG, finish_job, start_job_log
+
     _STATE["debug"] = False
+    if os.environ.get(JOB_LOG):  # a job run here by run_local: its output goes to its log too
+        start_job_log()
+    code, error = _main(argv)
+    sys.exit(finish_job(code, error))  # and a log that could not be written whole is said
+
+
+def _main(argv: list[str] | None) -> tuple[int, BaseException | None]:
+    """Run the command; its exit status, and the error it ended with."""
     try:
         result = cli.main(args=argv, prog_name="clpipe", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("clpipe: aborted", err=True)
-        sys.exit(130)
+        return 130, None
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code, exc
     except ClpipeError as exc:
         if _STATE["debug"]:
             traceback.print_exc()
         click.echo(f"clpipe: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code, exc
     except KeyboardInterrupt:
         click.echo("clpipe: interrupted", err=True)
-        sys.exit(130)
+        return 130, None
+    except OSError as exc:
+        if _STATE["debug"]:
+            traceback.print_exc()
+        if not is_disk_full(exc):
+            return _internal_error(exc), exc
+        # a full disk where no step said more (a plan, a script, a record of the job): the folder
+        named = exc.filename2 or exc.filename
+        where = Path(os.fsdecode(named)).parent if isinstance(named, (str, bytes)) and named else Path.cwd()
+        full = DiskFull.at(exc, [(where, "")])
+        click.echo(f"clpipe: error: {full}", err=True)
+        return full.exit_code, full
     except Exception as exc:  # a bug: say so plainly
         if _STATE["debug"]:
             traceback.print_exc()
-        click.echo(f"clpipe: internal error: {exc.__class__.__name__}: {exc} (rerun with -debug for the traceback)", err=True)
-        sys.exit(1)
-    sys.exit(result if isinstance(result, int) else 0)
+        return _internal_error(exc), exc
+    return (result if isinstance(result, int) else 0), None
+
+
+def _internal_error(exc: BaseException) -> int:
+    click.echo(f"clpipe: internal error: {exc.__class__.__name__}: {exc} (rerun with -debug for the traceback)", err=True)
+    return 1
 
 
 from .modulefile import modulefile_cli  # noqa: E402  (registered last: it uses _debug_option)

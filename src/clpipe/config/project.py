@@ -442,6 +442,10 @@ def load_project_config(
         message = error["msg"].removeprefix("Value error, ")
         shown = flag_names[canonical] if canonical in from_flag else f"{section}.{key_name(canonical, style)}"
         bad = values.get(canonical)
+        if isinstance(bad, str):  # a URL's password is never shown
+            from ..sources.dicom import redact_url
+
+            bad = redact_url(bad)
         raise ConfigError(f"{path}: {shown}: {bad!r} is not valid: {message}") from None
     where = lambda c: flag_names[c] if c in from_flag else f"{section}.{key_name(c, style)}"  # noqa: E731
     flywheel = isinstance(model.source_url, FlywheelURL)
@@ -577,6 +581,10 @@ def write_dicom_format_string(config: ProjectConfig, value: str) -> str:
         return f"set {section}.{key} to {value!r} in {config.path} so the BIDS step finds the sessions"
     data[section][key] = value
     temp = config.path.with_name(f".{config.path.name}.tmp")
-    temp.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
-    os.replace(temp, config.path)
+    try:
+        temp.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
+        os.replace(temp, config.path)
+    except BaseException:  # a full disk: the config stays as it was, and no half-written copy beside it
+        temp.unlink(missing_ok=True)
+        raise
     return f"{section}.{key} in {config.path} set to {value!r} ({'was ' + repr(current) if current is not None else 'not set before'}) to match LayoutTemplate"

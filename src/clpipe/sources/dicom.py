@@ -17,8 +17,8 @@ one file per SOPInstanceUID (``<uid>.dcm``), which also removes duplicates.
 
 from __future__ import annotations
 
-import hashlib
 import re
+from datetime import datetime
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Iterator, Protocol, Union
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError
-from ..sync.layout import bids_label, check_template, safe_part, safe_relpath
+from ..sync.layout import NameResolver, PlannedFolder, bids_label, check_template, portable_name, template_parts
 
 SCHEMES = ("dicomweb+http", "dicomweb+https", "dimse", "file")
 URL_FORMS = ("dicomweb+http://host:port/path, dicomweb+https://host/path, "
@@ -65,21 +65,36 @@ class SourceURL:
 DICOMWEB_CREDENTIALS = ("CLPIPE_DICOMWEB_TOKEN", "CLPIPE_DICOMWEB_USER", "CLPIPE_DICOMWEB_PASSWORD")
 
 
+def redact_url(text: str) -> str:
+    """``text`` with the password of a ``user:password@`` in it replaced by ``***``, for
+    every message that shows a URL. The user info ends at the host's last ``@`` (as
+    ``urlsplit`` reads it), or at the last ``@`` at all when a ``/`` in the password hides it."""
+    scheme, sep, rest = str(text).partition("://")
+    if not sep or "@" not in rest:
+        return str(text)
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    end = netloc.rfind("@") if "@" in netloc else rest.rfind("@")
+    user, colon, _ = rest[:end].partition(":")
+    return f"{scheme}://{user}:***{rest[end:]}" if colon else str(text)
+
+
 def parse_source_url(value: str, where: str = "SourceURL") -> SourceURL:
-    """Check a non-Flywheel SourceURL; ``ConfigError`` saying which form is expected."""
+    """Check a non-Flywheel SourceURL; ``ConfigError`` saying which form is expected (with
+    the URL as :func:`redact_url` shows it: never a password)."""
     text = str(value).strip()
+    shown = redact_url(text)
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
     if scheme not in SCHEMES:
-        raise ConfigError(f"{where}: {text!r} is not a source URL clpipe knows; use fw://group/project/ "
+        raise ConfigError(f"{where}: {shown!r} is not a source URL clpipe knows; use fw://group/project/ "
                           f"(clpipe dicom flywheel_sync) or {URL_FORMS}")
     parts = urlsplit(text)
     if scheme.startswith("dicomweb"):
         if not parts.hostname:
-            raise ConfigError(f"{where}: {text!r} has no host; write it as dicomweb+http://host:port/dicom-web")
+            raise ConfigError(f"{where}: {shown!r} has no host; write it as dicomweb+http://host:port/dicom-web")
         try:
             parts.port
         except ValueError:
-            raise ConfigError(f"{where}: {text!r} has a port that is not a number") from None
+            raise ConfigError(f"{where}: {shown!r} has a port that is not a number") from None
         if parts.username or parts.password:
             raise ConfigError(f"{where}: put no user name or password in the URL (it would reach logs); "
                               f"set {DICOMWEB_CREDENTIALS[1]} and {DICOMWEB_CREDENTIALS[2]}, or {DICOMWEB_CREDENTIALS[0]}")
@@ -88,7 +103,7 @@ def parse_source_url(value: str, where: str = "SourceURL") -> SourceURL:
     if scheme == "dimse":
         match = re.fullmatch(r"dimse://([^@/]+)@([^:/]+|\[[^\]]+\]):(\d+)/?", text, flags=re.IGNORECASE)
         if not match:
-            raise ConfigError(f"{where}: {text!r} is not a DIMSE address; write it as dimse://CALLED_AET@host:port, "
+            raise ConfigError(f"{where}: {shown!r} is not a DIMSE address; write it as dimse://CALLED_AET@host:port, "
                               "e.g. dimse://ORTHANC@pacs.example.org:4242")
         aet, host, port = unquote(match.group(1)), match.group(2).strip("[]"), int(match.group(3))
         if not 0 < len(aet) <= 16 or not aet.isascii() or "\\" in aet or aet != aet.strip():
@@ -98,11 +113,11 @@ def parse_source_url(value: str, where: str = "SourceURL") -> SourceURL:
             raise ConfigError(f"{where}: port {port} is not a TCP port (1-65535)")
         return SourceURL("dimse", text, called_aet=aet, host=host, port=port)
     if parts.netloc not in ("", "localhost"):
-        raise ConfigError(f"{where}: {text!r}: a file:// URL names a folder on this machine, file:///path "
+        raise ConfigError(f"{where}: {shown!r}: a file:// URL names a folder on this machine, file:///path "
                           "(three slashes); mount a network share first")
     path = unquote(text[len("file://"):].removeprefix("localhost"))  # the whole rest: '#' and '?' are part of folder names
     if not path.startswith("/"):
-        raise ConfigError(f"{where}: {text!r} needs an absolute path: file:///path/to/folder")
+        raise ConfigError(f"{where}: {shown!r} needs an absolute path: file:///path/to/folder")
     return SourceURL("file", text, path=path)
 
 
@@ -152,6 +167,13 @@ def check_study_date(value: str, where: str) -> str:
     if value and not re.fullmatch(r"(\d{8})?-?(\d{8})?", value) or value == "-":
         raise ConfigError(f"{where}: {value!r} is not a date range; use YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD")
     first, sep, last = value.partition("-")
+    for day in (first, last):
+        try:
+            if day:
+                datetime.strptime(day, "%Y%m%d")
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r}: {day} is not a day of the calendar "
+                              f"(year {day[:4]}, month {day[4:6]}, day {day[6:]}); write dates as YYYYMMDD") from None
     if first and last and first > last:
         raise ConfigError(f"{where}: {value!r} ends before it starts")
     return value
@@ -249,8 +271,9 @@ def _text(attrs: dict, keyword: str) -> str:
     return str(value).strip() if value not in (None, "") else ""
 
 
-def labels(attrs: dict) -> dict[str, str]:
-    """Template values for one series; every missing attribute has a rule."""
+def _values(attrs: dict) -> dict[str, str]:
+    """Template values for one series as the attributes say them (a subject as its BIDS
+    label, a session as its date); every missing attribute has a rule."""
     subject = _text(attrs, "PatientID") or _text(attrs, "PatientName")
     date = re.sub(r"\D", "", _text(attrs, "StudyDate"))[:8]
     time = re.sub(r"\D", "", _text(attrs, "StudyTime").split(".")[0])[:6]
@@ -264,41 +287,63 @@ def labels(attrs: dict) -> dict[str, str]:
     return {
         "subject": bids_label(subject, "subject") if subject else MISSING,
         "session": date or "nodate",
-        "study": safe_part(study or _text(attrs, "StudyInstanceUID") or MISSING),
-        "series": safe_part(f"{number}-{description}"),
-        "modality": safe_part(_text(attrs, "Modality") or MISSING),
-        "accession": safe_part(_text(attrs, "AccessionNumber") or MISSING),
-        "study_uid": safe_part(_text(attrs, "StudyInstanceUID") or MISSING),
-        "series_uid": safe_part(_text(attrs, "SeriesInstanceUID") or MISSING),
+        "study": study or _text(attrs, "StudyInstanceUID") or MISSING,
+        "series": f"{number}-{description}",
+        "modality": _text(attrs, "Modality") or MISSING,
+        "accession": _text(attrs, "AccessionNumber") or MISSING,
+        "study_uid": _text(attrs, "StudyInstanceUID") or MISSING,
+        "series_uid": _text(attrs, "SeriesInstanceUID") or MISSING,
     }
 
 
+def labels(attrs: dict) -> dict[str, str]:
+    """Template values for one series, each a portable name (sync/layout.py)."""
+    return {k: portable_name(v) for k, v in _values(attrs).items()}
+
+
+def _parts(template: str, attrs: dict) -> list[tuple[str, str]]:
+    """The folders the template makes for one series: (the part with the attributes as
+    they are, its portable name)."""
+    values = _values(attrs)
+    return template_parts(template, values, {k: portable_name(v) for k, v in values.items()})
+
+
 def series_folder(template: str, attrs: dict) -> str:
-    return safe_relpath(template.format(**labels(attrs)))
+    """The folder of one series (before it is told apart from another series' that has
+    the same name: :func:`entries`)."""
+    return "/".join(name for _, name in _parts(template, attrs))
 
 
 def entries(source: DicomSource, query: DicomQuery, template: str = DEFAULT_TEMPLATE) -> Iterator:
-    """One engine entry per series (each series once), with its folder from the template.
-    Two different series that would share a folder: the later one gets a suffix made
-    from its SeriesInstanceUID, so nothing is mixed or overwritten."""
+    """One engine entry per series (each series once), with its folder from the template,
+    every part a portable name. Series whose folders come out the same are told apart as
+    any remote items are (sync/layout.py :class:`NameResolver`): the series whose folder
+    name needed no change, else the one with the smallest SeriesInstanceUID, keeps it; the
+    others get ``~`` and hex digits from their UID. Every series is listed before the first
+    is yielded, so that does not depend on the order the source lists them in."""
     from ..sync.engine import RemoteEntry
 
     check_dicom_template(template)
+    resolver = NameResolver()
+    planned: list[tuple[Series, PlannedFolder, str]] = []
     seen: set[str] = set()
-    folders: dict[str, str] = {}  # folder -> series UID
     for series in source.series(query):
         uid = series.uid
-        if not uid or uid in seen:
+        if not uid or uid in seen:  # each series once (some servers answer once per instance)
             continue
         seen.add(uid)
-        folder = series_folder(template, series.attrs)
-        if folders.setdefault(folder, uid) != uid:
-            folder = f"{folder}-{hashlib.sha1(uid.encode()).hexdigest()[:8]}"
-            folders[folder] = uid
+        key = f"series/{uid}"
+        parts = _parts(template, series.attrs)
+        (raw, name), folder = parts[-1], resolver.folder(parts[:-1])
+        resolver.add(folder, key, name, name == raw, is_folder=True)
+        planned.append((series, folder, key))
+    resolver.resolve()
+    for series, folder, key in planned:
+        path, renamed = resolver.path(folder, key)
         count = series.count if series.count is not None and series.count >= 0 else None
         yield RemoteEntry(
-            key=f"series/{uid}",
-            path=folder,
+            key=key,
+            path=path,
             size=0,  # bytes are not known before retrieval
             modified=0.0,
             checksum=None,
@@ -307,4 +352,5 @@ def entries(source: DicomSource, query: DicomQuery, template: str = DEFAULT_TEMP
             count=count or 0,
             version=series.version or (f"n={count}" if count is not None else ""),
             series=True,
+            renamed=renamed,
         )

@@ -7,9 +7,11 @@ The API key is read from the file ``fw login`` writes and only ever travels in t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from contextlib import contextmanager
@@ -228,9 +230,33 @@ class FlywheelAPI:
 # The source the native engine syncs from
 
 
-_DST_RE = re.compile(r"^/?(?P<project>[^/]+)/SUBJECTS/(?P<subject>[^/]+)/SESSIONS/(?P<session>[^/]+)/ACQUISITIONS/(?P<acquisition>[^/]+)/FILES/(?P<filename>[^/]+)$")
+# the folder part of a dst_path; a label may hold "/" (so: lazy groups, and the structure
+# words around them), a container level may be missing (files of a project, subject, ...)
+_DST_HEAD = re.compile(r"/?(?P<project>.+?)(?:/SUBJECTS/(?P<subject>.+?)(?:/SESSIONS/(?P<session>.+?)"
+                       r"(?:/ACQUISITIONS/(?P<acquisition>.+?))?)?)?(?:/ANALYSES/(?P<analysis>.+?))?"
+                       r"/(?P<kind>FILES|INPUT|OUTPUT)", re.DOTALL)
+_LEVELS = (("SUBJECTS", "subject"), ("SESSIONS", "session"), ("ACQUISITIONS", "acquisition"), ("ANALYSES", "analysis"))
 _ZIP_SUFFIX = re.compile(r"(\.(dcm|dicom))?\.zip$", re.IGNORECASE)
 CHUNK = 1 << 20
+
+
+def url_segment(value: str) -> str:
+    """One path segment of a request URL: every character but letters, digits and ``_.-~``
+    percent-encoded, and a name that is ``.`` or ``..`` spelt ``%2E``/``%2E%2E``, so no client
+    or server takes it for a dot-segment (``files/..`` would ask for the container itself)."""
+    return "%2E" * len(value) if value in (".", "..") else quote(value, safe="")
+
+
+def _http_error(response: httpx.Response, what: str = "") -> Exception:
+    """The engine's error for a failed answer: 429 and 5xx are worth retrying, the rest not."""
+    from ..sync.engine import PermanentError, TransientError
+
+    message = f"{what}HTTP {response.status_code} ({FlywheelAPI._error_text(response)})"
+    if response.status_code == 429 or response.status_code >= 500:
+        return TransientError(message, _retry_after(response))
+    if response.status_code == 401:
+        return PermanentError(f"{message}: the API key was rejected; log in again with `fw login`")
+    return PermanentError(message)
 
 
 def parse_hash(value: object) -> str | None:
@@ -253,6 +279,23 @@ def _epoch(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+def _dst_parts(head: str) -> tuple[list[str], dict[str, str] | None]:
+    """The folders of a ``dst_path`` (without its file name) as Flywheel's labels and
+    structure words, ``[project, "SUBJECTS", subject, ...,"FILES"]``, a label with ``/`` in
+    it kept whole; and, for a file of an acquisition, its labels for a layout template."""
+    match = _DST_HEAD.fullmatch(head)
+    if match is None:  # not a form known here: its parts as they are
+        return [part for part in head.split("/") if part], None
+    parts = [match["project"]]
+    for word, level in _LEVELS:
+        if match[level] is not None:
+            parts += [word, match[level]]
+    parts.append(match["kind"])
+    if match["acquisition"] is None or match["analysis"] is not None or match["kind"] != "FILES":
+        return parts, None
+    return parts, {level: match[level] for level in ("project", "subject", "session", "acquisition")}
+
+
 class FlywheelSource:
     """Lists a project with one ``download/targets`` request and streams its files."""
 
@@ -266,78 +309,96 @@ class FlywheelSource:
             verify=verify,
         )
         self.api = FlywheelAPI(credentials, client=self._client)
+        # the server's file hashes, per container (see checksum): fetched once each, under
+        # a lock per container so that workers needing the same one wait for one request
+        self._hashes: dict[str, dict[str, str | None]] = {}
+        self._hash_locks: dict[str, threading.Lock] = {}
+        self._hash_locks_lock = threading.Lock()
 
     def close(self) -> None:
         self._client.close()
 
     def entries(self, project_id: str, url: FlywheelURL, body_filters: dict, params: dict,
                 unpack: bool = True, template: str | None = None) -> Iterator:
-        """The project's files as :class:`RemoteEntry` items, yielded as the listing streams in."""
+        """The project's files as :class:`RemoteEntry` items, each with its own portable
+        local path (sync/layout.py): the whole listing is read first, so that which of two
+        files whose names collide keeps the plain name does not depend on the listing's
+        order (the engine plans nothing before the listing has ended anyway)."""
         from ..sync.engine import RemoteEntry
-        from ..sync.layout import bids_label, render, safe_relpath
+        from ..sync.layout import NameResolver, PlannedFolder, bids_label, check_template, field_values, portable_name, template_parts
 
-        strip = re.compile(r"^/?[^/]+/" if url.trailing_slash else r"^/")
-        seen: set[str] = set()  # local paths (the entries' own strings: no copies)
-        labels_seen: dict[tuple[str, str], str] = {}  # (field, safe label) -> Flywheel label
+        resolver = NameResolver()
+        planned: list[tuple] = []
+        labels_seen: dict[tuple[str, str], str] = {}  # (field, BIDS label) -> Flywheel label
+        used = check_template(template) if template else []
+        folders: dict[str, PlannedFolder] = {}  # dst_path's folder part -> planned folder (when the file name is not in it)
         for target in self.api.download_targets(project_id, body_filters, params):
-            dst = target.get("dst_path", "")
-            name = os.path.normpath(strip.sub("", dst))
-            filename = target.get("filename", "")
+            dst = str(target.get("dst_path", ""))
+            filename = str(target.get("filename", ""))
             sidecar = target.get("download_type") == "metadata_sidecar"
             is_zip = unpack and not sidecar and target.get("filetype") == "dicom" and filename.lower().endswith("zip")
-            match = _DST_RE.match(dst)
-            if template and match:
-                labels = dict(match.groupdict(), group=url.group)
-                for field_name in ("subject", "session"):
-                    safe = bids_label(labels[field_name], field_name)
-                    other = labels_seen.setdefault((field_name, safe), labels[field_name])
-                    if other != labels[field_name]:
-                        raise PreflightError(
-                            f"the {field_name} labels {other!r} and {labels[field_name]!r} both become {safe!r} in the layout "
-                            f"template; rename one in Flywheel or use a template without {{{field_name}}}"
-                        )
-                path = render(template, labels)
-            else:
-                path = safe_relpath(name)
-            if is_zip:
-                head, _, tail = path.rpartition("/")
-                tail = _ZIP_SUFFIX.sub("", tail) or "_"
-                path = f"{head}/{tail}" if head else tail
-            if path in seen:  # the server may list a file twice (fw skips repeats too)
-                continue
-            seen.add(path)
+            # "<container id>/<file name>": also how open() finds the file (ids have no "/")
+            key = f"{target.get('container_id')}/{filename}" + ("#metadata" if sidecar else "")
+            head, leaf = (dst[: -len(filename) - 1], filename) if filename and dst.endswith("/" + filename) else dst.rpartition("/")[::2]
+            folder = folders.get(head)
+            if folder is None or "filename" in used:
+                raw, labels = _dst_parts(head)
+                if template and labels is not None:
+                    labels.update(group=url.group, filename=leaf)
+                    for field_name in ("subject", "session"):
+                        safe = bids_label(labels[field_name], field_name)
+                        other = labels_seen.setdefault((field_name, safe), labels[field_name])
+                        if other != labels[field_name]:
+                            raise PreflightError(
+                                f"the {field_name} labels {other!r} and {labels[field_name]!r} both become {safe!r} in the layout "
+                                f"template; rename one in Flywheel or use a template without {{{field_name}}}"
+                            )
+                    parts = template_parts(template, *field_values(labels))
+                    if "filename" in used:
+                        parts, (leaf, _) = parts[:-1], parts[-1]
+                else:
+                    parts = [(part, portable_name(part)) for part in (raw[1:] if url.trailing_slash else raw)]
+                folder = folders[head] = resolver.folder(parts)
+            if is_zip:  # unpacked into a folder named after the zip
+                leaf = _ZIP_SUFFIX.sub("", leaf) or "_"
+            name = portable_name(leaf)
+            if not resolver.add(folder, key, name, name == leaf, is_zip):
+                continue  # the server may list a file twice (fw skips repeats too)
             inline = json.dumps(target.get("metadata")).encode() if sidecar else None
+            planned.append((folder, key, filename, len(inline) if inline is not None else int(target.get("size") or 0),
+                            _epoch(target["modified"]) if target.get("modified") else 0.0, parse_hash(target.get("hash")),
+                            is_zip, inline))
+        resolver.resolve()
+        planned.reverse()  # popped in the listing's order, each forgotten once yielded
+        while planned:
+            folder, key, filename, size, modified, checksum, is_zip, inline = planned.pop()
+            path, renamed = resolver.path(folder, key, pop=True)
             yield RemoteEntry(
-                # "<container id>/<file name>": also how open() finds the file (ids have no "/")
-                key=f"{target.get('container_id')}/{filename}" + ("#metadata" if sidecar else ""),
+                key=key,
                 path=path,
-                size=len(inline) if inline is not None else int(target.get("size") or 0),
-                modified=_epoch(target["modified"]) if target.get("modified") else 0.0,
-                checksum=parse_hash(target.get("hash")),
+                size=size,
+                modified=modified,
+                checksum=checksum,
                 unpack=is_zip,
                 ref=inline,  # the metadata sidecar's bytes; None for a file to download
                 name="" if path.endswith("/" + filename) or path == filename else filename,
+                renamed=renamed,
             )
 
     @contextmanager
     def open(self, entry) -> Iterator[Iterator[bytes]]:
-        from ..sync.engine import PermanentError, TransientError
+        from ..sync.engine import TransientError
 
         if entry.ref is not None:  # a metadata sidecar, made from the listing
             yield iter([entry.ref])
             return
         container_id, filename = entry.key.split("/", 1)
-        path = f"/containers/{container_id}/files/{quote(filename, safe='')}"
+        path = f"/containers/{url_segment(container_id)}/files/{url_segment(filename)}"
         try:
             with self._client.stream("GET", path) as response:
                 if response.status_code != 200:
                     response.read()
-                    message = f"HTTP {response.status_code} ({FlywheelAPI._error_text(response)})"
-                    if response.status_code == 429 or response.status_code >= 500:
-                        raise TransientError(message, _retry_after(response))
-                    if response.status_code == 401:
-                        raise PermanentError(f"{message}: the API key was rejected; log in again with `fw login`")
-                    raise PermanentError(message)
+                    raise _http_error(response)
                 yield response.iter_bytes()  # pieces as they arrive: no re-chunking copies
         except httpx.TimeoutException as exc:
             raise TransientError(f"timed out ({exc.__class__.__name__})") from None
@@ -348,7 +409,8 @@ class FlywheelSource:
         """The members of a zipped series (``?info=true``), to adopt an unpacked folder."""
         container_id, filename = entry.key.split("/", 1)
         try:
-            response = self._client.get(f"/containers/{container_id}/files/{quote(filename, safe='')}", params={"info": "true"})
+            response = self._client.get(f"/containers/{url_segment(container_id)}/files/{url_segment(filename)}",
+                                        params={"info": "true"})
         except httpx.HTTPError:
             return None
         if response.status_code != 200:
@@ -357,3 +419,41 @@ class FlywheelSource:
             return [(m["path"], int(m["size"])) for m in response.json().get("members", []) if int(m.get("size") or 0) > 0]
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
+
+    def checksum(self, entry) -> str | None:
+        """The server's own hash of the entry's file (``algorithm:hex``), for an entry whose
+        listing line had none: ``download/targets`` carries no hash, the file entries of its
+        container do (``GET containers/{id}``, as the SDK's ``get_container``). One request
+        per container, only for containers with files to download, cached, safe to call from
+        several threads at once. None when the server gives no hash for the file (then only
+        its size is checked). A failed request raises the engine's TransientError (retried)
+        or PermanentError."""
+        if entry.ref is not None:  # a metadata sidecar: its bytes are the listing's own
+            return "sha384:" + hashlib.sha384(entry.ref).hexdigest()
+        container_id, filename = entry.key.split("/", 1)
+        with self._hash_locks_lock:
+            lock = self._hash_locks.setdefault(container_id, threading.Lock())
+        with lock:
+            hashes = self._hashes.get(container_id)
+            if hashes is None:  # a failed request is not cached: the retry asks again
+                hashes = self._hashes[container_id] = self._container_hashes(container_id)
+        return hashes.get(filename)
+
+    def _container_hashes(self, container_id: str) -> dict[str, str | None]:
+        """File name -> parsed hash of every file of one container."""
+        from ..sync.engine import TransientError
+
+        what = f"file hashes of container {container_id}: "
+        try:
+            response = self._client.get(f"/containers/{url_segment(container_id)}")
+        except httpx.TimeoutException as exc:
+            raise TransientError(f"{what}timed out ({exc.__class__.__name__})") from None
+        except httpx.TransportError as exc:
+            raise TransientError(f"{what}connection problem ({exc.__class__.__name__}: {exc})") from None
+        if response.status_code != 200:
+            raise _http_error(response, what)
+        try:
+            files = response.json().get("files") or []
+            return {f["name"]: parse_hash(f.get("hash")) for f in files if isinstance(f.get("name"), str)}
+        except (ValueError, AttributeError, TypeError) as exc:  # a damaged answer: worth another try
+            raise TransientError(f"{what}the answer is not a container ({exc.__class__.__name__})") from None

@@ -3,15 +3,17 @@
 A *source* lists :class:`RemoteEntry` items and opens one as a stream of bytes; the engine
 makes the dropoff match: it skips what the manifest (or an intact earlier download, e.g.
 by ``fw sync``) already has, downloads the rest in parallel into a temporary file on the
-dropoff's own filesystem, checks size, checksum (when the source gives one) and zip CRCs,
-renames each file into place, and journals it. Transient faults (429, 5xx, timeouts,
-resets, truncated or corrupted bodies) are retried with backoff; one failed file is
-reported and makes the run fail, never hides behind success.
+dropoff's own filesystem, checks size, the server's checksum (from the listing or, just
+before the download, from the source's ``checksum(entry)``; a run says how many files had
+none: "content not verified: N files") and zip CRCs, renames each file into place, and
+journals it. Transient faults (429, 5xx, timeouts, resets, truncated or corrupted bodies,
+damaged zip headers) are retried with backoff; one failed file is reported and makes the
+run fail, never hides behind success.
 
 A DICOM series (``entry.series``) comes from the source as instances, bytes or a local
-file's path: each is staged under a hidden temporary name in the series' own folder
-(a local file copied inside the kernel, as ``cp`` does), the series' instance count is
-checked, then each is renamed to ``<SOPInstanceUID>.dcm`` beside it.
+file's path: each is staged in the dropoff's temporary folder (a local file copied inside
+the kernel, as ``cp`` does), the series' instance count is checked, then each is renamed to
+``<SOPInstanceUID>.dcm`` in the series' folder.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import posixpath
 import random
 import shutil
+import struct
 import sys
 import threading
 import time
@@ -34,13 +37,14 @@ import zipfile
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
 from ..console import human_bytes, summary_line
-from .layout import flatten_members, inside, safe_part
-from .manifest import PART_PREFIX, PART_SUFFIX, Record, SyncState, clear_stale_parts
+from ..errors import DiskFull, is_disk_full
+from .layout import Claims, flatten_members, inside, is_portable, safe_part
+from .manifest import Record, SyncState
 
 CHUNK = 1 << 20
 PROGRESS_EVERY = 15.0
@@ -72,6 +76,7 @@ class RemoteEntry:
     count: int = 0  # a series: how many instances it holds (0: not known)
     version: str = ""  # what else identifies this version of it (a series: its instance count)
     series: bool = False  # a DICOM series: the source yields its instances, one file each
+    renamed: bool = False  # its local name is not its remote one (made portable, or told apart from another's)
 
     def describe(self) -> str:
         return f"{self.path} ({self.name})" if self.name and self.name != posixpath.basename(self.path) else self.path
@@ -86,7 +91,9 @@ class Source(Protocol):
 
     def members(self, entry: RemoteEntry) -> list[tuple[str, int]] | None: ...
 
-    # optional: ``instances(entry)`` for series entries, a context manager yielding
+    # optional: ``checksum(entry)``, the server's "algorithm:hex" of a file whose listing
+    # had none (None: the server has none), asked just before its download;
+    # ``instances(entry)`` for series entries, a context manager yielding
     # (SOPInstanceUID, bytes or a local file's Path); ``max_jobs``, the most transfers
     # worth running at once (read after the listing; Options.jobs is the ceiling);
     # ``problems``, what the source holds but could not read ("path: reason"): each fails
@@ -131,6 +138,8 @@ class Outcome:
     unchanged: list[str] = field(default_factory=list)  # keys skipped as already synced (rows made when reporting)
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    renamed: int = 0  # entries whose local name is not their remote one (see layout.py)
+    moved: int = 0  # files synced under an earlier name, renamed in place to the current one
 
     def summary(self) -> str:
         return summary_line(self.created, self.updated, self.skipped, self.failed, self.bytes, self.seconds)
@@ -138,6 +147,17 @@ class Outcome:
 
 class VerifyError(TransientError):
     """The bytes that arrived are not the remote file (wrong size, checksum or zip CRC)."""
+
+
+class _Stopped(Exception):
+    """A transfer not started (or not retried) because the run stopped: a disk is full."""
+
+
+# what zipfile raises for damaged bytes, in the header as in the data (a flipped version
+# field: NotImplementedError "zip file version ..."; a flipped offset: ValueError "negative
+# seek value"; a flipped flag: RuntimeError "... is encrypted")
+_ZIP_DAMAGE = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError, struct.error,
+               ValueError, RuntimeError)
 
 
 def _hasher(checksum: str | None):
@@ -235,7 +255,8 @@ def write_all(fd: int, data: bytes) -> int:
 
 def _terminal():
     """Where the live bar goes: stdout when it is the terminal; else the terminal itself
-    when the job was started from one (its output then goes through ``tee`` to the log)."""
+    when the job was started from one (its stdout then also goes to the log, so it says it is
+    no terminal: the bar is not copied there)."""
     if sys.stdout.isatty():
         return sys.stdout
     try:
@@ -289,9 +310,13 @@ class Engine:
     def __init__(self, source: Source, state: SyncState, options: Options):
         self.source, self.state, self.options = source, state, options
         self._lock = threading.Lock()
-        self._token = uuid.uuid4().hex[:12]  # this run's staged files: .clpipe-<token>-<n>.part
-        self._parts = itertools.count()
+        self._parts = itertools.count()  # this run's staged instances: .clpipe-sync/tmp/series-<n>.part
         self.jobs = 0  # transfers the last run ran at once (0: it had none to do)
+        self._stop = threading.Event()  # set when a disk is full: no transfer starts after it
+        self._unverified = 0  # files placed whose content the server gave no hash to check against
+        self._claims = Claims()  # the local paths of this run's entries (set anew by run)
+        self._vacating: set[str] = set()
+        self._renamed = {False: 0, True: 0}
 
     # -- planning ----------------------------------------------------------------------
 
@@ -313,6 +338,8 @@ class Engine:
         if entry.series:  # its files are named by SOPInstanceUID: only a retrieval knows them
             return None
         if not entry.unpack:
+            if entry.path in self._vacating:  # another entry's earlier file, which it is fetching again
+                return None
             try:
                 st = os.stat(dropoff / entry.path)
             except OSError:
@@ -330,6 +357,8 @@ class Engine:
         files = []
         for name, size in members:
             rel = f"{entry.path}/{names[name]}"
+            if rel in self._vacating:
+                return None
             try:
                 st = os.stat(dropoff / rel)
             except OSError:
@@ -339,11 +368,110 @@ class Engine:
             files.append([rel, size, ""])
         return Record(entry.key, entry.signature, files)
 
+    def _claim(self, entry: RemoteEntry, outcome: Outcome) -> RemoteEntry | None:
+        """The entry with a path no other entry of this run has (:class:`Claims`); counted
+        when its local name is not its remote one. None (a failure) when no path is free."""
+        try:
+            path = self._claims.claim(entry.path, entry.key, entry.unpack or entry.series)
+        except ValueError as exc:
+            outcome.failed += 1
+            outcome.failures.append(f"{entry.describe()}: {exc}")
+            outcome.files.append(FileResult(entry.path, "failed", False, "", str(exc)))
+            return None
+        if path != entry.path:  # the source gave two entries one path: told apart here
+            entry = replace(entry, path=path, renamed=True)
+        if entry.renamed:
+            outcome.renamed += 1
+            self._renamed[entry.series] += 1
+        return entry
+
+    @staticmethod
+    def _moves(record: Record, entry: RemoteEntry) -> list[tuple[str, str, int]] | None:
+        """(recorded path, path now, size) of each recorded file of ``entry`` that is not
+        where the entry's current name puts it ([]: all are; None: the record cannot be
+        mapped). A file unpacked into a folder (a zip's member, a series' instance) keeps
+        its recorded name, made portable and distinct."""
+        files = record.files
+        if not (entry.unpack or entry.series):
+            if len(files) != 1:
+                return None
+            return [] if files[0][0] == entry.path else [(files[0][0], entry.path, files[0][1])]
+        prefix = entry.path + "/"
+        if all(f[0].startswith(prefix) and is_portable(f[0][len(prefix):]) for f in files):
+            return []
+        names = flatten_members([f[0] for f in files])
+        return [(f[0], prefix + names[f[0]], f[1]) for f in files if f[0] != prefix + names[f[0]]]
+
+    def _relocate(self, entry: RemoteEntry, record: Record, moves: list[tuple[str, str, int]], outcome: Outcome) -> bool | None:
+        """Rename an entry's files, synced under earlier names, to its current ones, and
+        record them there: True when done (or, in a dry run, possible); None when a new
+        place holds another file (for now); False when a recorded file is missing (then
+        it is fetched again). A file found at its new place already (a run killed while
+        renaming) counts as renamed."""
+        root = str(self.options.dropoff) + "/"
+
+        def size(path: str) -> int:
+            try:
+                return os.stat(root + path).st_size
+            except OSError:
+                return -1
+
+        moving = {old for old, _, _ in moves}
+        if any(size(path) != length for path, length, *_ in record.files if path not in moving):
+            return False
+        todo = []
+        for old, new, length in moves:
+            if size(old) == length:
+                if os.path.lexists(root + new):
+                    return None
+                todo.append((old, new))
+            elif size(new) != length:
+                return False
+        if not self.options.dry_run:
+            try:
+                for old, new in todo:
+                    os.makedirs(os.path.dirname(root + new), exist_ok=True)
+                    os.replace(root + old, root + new)
+            except OSError:
+                return False  # fetched again; what was renamed is found at its new place next time
+            for folder in sorted({posixpath.dirname(old) for old, _ in todo}, key=len, reverse=True):
+                while folder:  # the old folders, now empty, go (never one with anything in it)
+                    try:
+                        os.rmdir(root + folder)
+                    except OSError:
+                        break
+                    folder = posixpath.dirname(folder)
+            new_path = {old: new for old, new, _ in moves}
+            self.state.record(Record(entry.key, entry.signature, [[new_path.get(f[0], f[0]), *f[1:]] for f in record.files]))
+        outcome.skipped += len(record.files)
+        outcome.moved += len(moves)
+        action = "would be renamed in place from " if self.options.dry_run else "renamed in place from "
+        outcome.files += [FileResult(new, "skipped", True, action + old) for old, new, _ in moves]
+        return True
+
+    def _report_names(self, outcome: Outcome) -> None:
+        files, series = self._renamed[False], self._renamed[True]
+        if files or series:
+            what = " and ".join(f"{n} {unit}" for n, unit in ((files, "files"), (series, "series folders")) if n)
+            outcome.notes.append(f"{what} renamed: their names collided with another's or were not portable "
+                                 "(see 'Local names' in docs/engines.md)")
+        if outcome.moved:
+            outcome.notes.append(f"{outcome.moved} files synced under earlier names "
+                                 f"{'would be' if self.options.dry_run else 'were'} renamed in place (nothing downloaded)")
+
     # -- transfer ----------------------------------------------------------------------
 
-    def _download(self, entry: RemoteEntry, target: Path | io.BytesIO, progress: Progress) -> None:
-        """Stream the remote file into ``target`` (a path or memory), checking size and checksum."""
-        hasher = _hasher(entry.checksum)
+    def _download(self, entry: RemoteEntry, target: Path | io.BytesIO, progress: Progress) -> str | None:
+        """Stream the remote file into ``target`` (a path or memory), checking size and the
+        server's checksum: the listing's, else the one the source looks up (its optional
+        ``checksum(entry)``, asked just before the download, so only for files with work to
+        do; a failed look-up is retried like any other transient fault). Returns the
+        checksum the bytes matched, None when the server gave none (size checked only)."""
+        expected = entry.checksum
+        lookup = getattr(self.source, "checksum", None)
+        if expected is None and lookup is not None:
+            expected = lookup(entry)
+        hasher = _hasher(expected)
         received = 0
         try:
             with (open(target, "wb") if isinstance(target, Path) else nullcontext(target)) as out, self.source.open(entry) as chunks:
@@ -359,40 +487,40 @@ class Engine:
         if received != entry.size:
             progress.advance(-received)
             raise VerifyError(f"received {received} bytes, expected {entry.size}")
-        if hasher is not None and hasher.hexdigest() != entry.checksum.split(":", 1)[1]:
+        if hasher is None:
+            return None
+        if expected is not None and hasher.hexdigest() != expected.split(":", 1)[1]:
             progress.advance(-received)
             raise VerifyError("checksum mismatch")
+        return expected
 
     def _fetch_series(self, entry: RemoteEntry, progress: Progress) -> list[list]:
-        """Retrieve one DICOM series: every instance staged under a temporary name in the
-        series' own folder (a repeated UID is written once), the count checked, then each
-        renamed to ``<SOPInstanceUID>.dcm`` in that folder.
+        """Retrieve one DICOM series: every instance staged as ``<SOPInstanceUID>.dcm`` in a
+        folder of its own under ``.clpipe-sync/tmp/`` (a repeated UID is written once), the
+        count checked, then that folder renamed to the series' folder (one rename for the
+        whole series), or, when the series' folder exists already, each instance renamed
+        into it.
 
         A source yields each instance as bytes (a server's answer) or as the ``Path`` of a
-        local file, which is copied by the kernel (:func:`copy_file`). Staging beside the
-        final name keeps the rename within one folder, and no file is ever whole under its
-        final name before it is complete; a failure removes what it staged, and leftovers of
-        a killed run are removed when the series is fetched again (:func:`clear_stale_parts`)."""
+        local file, which is copied by the kernel (:func:`copy_file`). tmp/ is on the
+        dropoff's filesystem, so the renames are atomic; nothing but whole instances under
+        their final names is ever in a series folder, not even after kill -9 (the next run
+        empties tmp/). A failure removes what it staged, and the series' folder if this
+        fetch made it and placed nothing in it."""
         folder = inside(self.options.dropoff, entry.path)
-        made = not os.path.isdir(folder)
-        if made:
-            folder.mkdir(parents=True, exist_ok=True)
-        else:
-            clear_stale_parts(folder, self._token)
-        base = f"{folder}/{PART_PREFIX}{self._token}-"
-        marker = self.state.begin_staging(folder, made, f"{self._token}-{next(self._parts)}")
+        stage = f"{self.state.tmp}/series-{next(self._parts)}"
         staged: dict[str, tuple[str, int]] = {}  # final name -> (staged path, size)
+        made = False
         placed = 0
         received = 0
         try:
+            os.mkdir(stage)
             with self.source.instances(entry) as items:
                 for uid, payload in items:
                     name = safe_part(f"{uid}.dcm") if uid else ""
                     if not uid or name in staged:
                         continue
-                    part = f"{base}{next(self._parts)}{PART_SUFFIX}"
-                    # recorded before it exists: whatever happens next, the cleanup below sees it
-                    staged[name] = (part, 0)
+                    part = f"{stage}/{name}"
                     size = copy_file(payload, part) if isinstance(payload, Path) else write_new(part, payload)
                     staged[name] = (part, size)
                     received += size
@@ -401,18 +529,23 @@ class Engine:
                 raise VerifyError(f"received {len(staged)} of the series' {entry.count} instances")
             if not staged:
                 raise VerifyError("the series has no instances to retrieve")
-            prefix = f"{folder}/"
-            for name, (part, _) in staged.items():
-                os.replace(part, prefix + name)
-                placed += 1
+            if not os.path.isdir(folder):  # a new series: its staged folder becomes it
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.rename(stage, folder)
+                    placed = len(staged)
+                except OSError:
+                    pass  # made meanwhile: instance by instance, below
+            if not placed:
+                made = not os.path.isdir(folder)
+                folder.mkdir(parents=True, exist_ok=True)
+                prefix = f"{folder}/"
+                for name, (part, _) in staged.items():
+                    os.replace(part, prefix + name)
+                    placed += 1
             return [[f"{entry.path}/{name}", size, ""] for name, (_, size) in staged.items()]
         except BaseException:
             progress.advance(-received)
-            for part, _ in list(staged.values())[placed:]:  # the renamed ones are whole files in place
-                try:
-                    os.unlink(part)
-                except OSError:
-                    pass
             if made and not placed:
                 try:
                     folder.rmdir()  # only when empty: nothing of this series is left behind
@@ -420,7 +553,7 @@ class Engine:
                     pass
             raise
         finally:
-            self.state.end_staging(marker)
+            shutil.rmtree(stage, ignore_errors=True)  # what was not placed (renamed in whole: gone already)
 
     def _fetch(self, entry: RemoteEntry, progress: Progress) -> list[list]:
         """Download (and unpack) one entry into place; returns the manifest file list."""
@@ -430,13 +563,16 @@ class Engine:
         if not entry.unpack:
             part = tmp / f"{uuid.uuid4().hex}.part"
             try:
-                self._download(entry, part, progress)
+                verified = self._download(entry, part, progress)
                 final = inside(dropoff, entry.path)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(part, final)
             except BaseException:
                 part.unlink(missing_ok=True)
                 raise
+            if verified is None:  # (an unpacked zip's members are checked by their CRCs)
+                with self._lock:
+                    self._unverified += 1
             return [[entry.path, entry.size, ""]]
         if entry.size <= IN_MEMORY_ZIP:
             archive: Path | io.BytesIO = io.BytesIO()
@@ -454,15 +590,23 @@ class Engine:
                     stem = uuid.uuid4().hex
                     for n, info in enumerate(infos):
                         rel = f"{entry.path}/{names[info.filename]}"
+                        try:
+                            final = inside(dropoff, rel)
+                        except ValueError as exc:  # a hostile name, not damage: not retried
+                            raise PermanentError(str(exc)) from None
                         part = tmp / f"{stem}-{n}.part"
+                        staged.append((part, final, rel, info.file_size))  # before it exists: a failure removes it
                         with open(part, "wb") as out:
                             if info.file_size <= CHUNK:
                                 out.write(zf.read(info))  # zipfile checks the member's CRC
                             else:
                                 with zf.open(info) as src:
                                     shutil.copyfileobj(src, out, CHUNK)
-                        staged.append((part, inside(dropoff, rel), rel, info.file_size))
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as exc:
+            except _ZIP_DAMAGE as exc:  # a damaged header or body: retried like any corruption
+                raise VerifyError(f"damaged zip ({str(exc) or exc.__class__.__name__})") from None
+            except OSError as exc:  # a damaged offset makes a zip on disk seek before its start
+                if exc.errno != errno.EINVAL:
+                    raise
                 raise VerifyError(f"damaged zip ({exc})") from None
             for folder in {final.parent for _, final, _, _ in staged}:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -480,6 +624,8 @@ class Engine:
         attempt = 0
         while True:
             attempt += 1
+            if self._stop.is_set():  # a disk is full: the run is stopping; this one stays to do
+                raise _Stopped()
             try:
                 return self._fetch(entry, progress)
             except TransientError as exc:
@@ -488,7 +634,8 @@ class Engine:
                 wait = exc.retry_after if exc.retry_after is not None else min(
                     self.options.backoff_cap, self.options.backoff * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
                 print(f"[retry] {entry.describe()}: {exc}; attempt {attempt + 1} in {wait:.1f} s", flush=True)
-                time.sleep(wait)
+                if self._stop.wait(wait):
+                    raise _Stopped() from None
 
     # -- the run -------------------------------------------------------------------------
 
@@ -502,17 +649,55 @@ class Engine:
         todo: list[tuple[RemoteEntry, bool]] = []
         listed: set[str] | None = set() if self.options.delete else None
         self.listed = self.listed_bytes = 0
+        # no two entries of the run on one path (the sources see to it: this is the last guard)
+        self._claims = Claims()
+        self._renamed = {False: 0, True: 0}  # entries renamed: files, series
+        self._vacating = set()  # recorded files of entries fetched again: never adopted by another
+        fresh: list[RemoteEntry] = []  # not in the manifest
+        blocked: list[tuple[RemoteEntry, Record, list]] = []
         for entry in entries:
             self.listed += 1
             self.listed_bytes += entry.size
             if listed is not None:
                 listed.add(entry.key)
-            record = state.get(entry.key)
-            if record is not None and record.signature == entry.signature and self._present(record):
-                outcome.skipped += len(record.files)
-                outcome.unchanged.append(entry.key)
+            claimed = self._claim(entry, outcome)
+            if claimed is None:
                 continue
-            adopted = self._adopt(entry) if record is None else None
+            entry = claimed
+            record = state.get(entry.key)
+            if record is None:  # adopted or fetched: decided once every recorded file is where it belongs
+                fresh.append(entry)
+                continue
+            if record.signature == entry.signature:
+                moves = self._moves(record, entry)
+                if moves == [] and self._present(record):
+                    outcome.skipped += len(record.files)
+                    outcome.unchanged.append(entry.key)
+                    continue
+                if moves:  # synced under an earlier name: renamed in place, not fetched again
+                    done = self._relocate(entry, record, moves, outcome)
+                    if done is None:  # its new place is taken, for now: tried again below
+                        blocked.append((entry, record, moves))
+                    if done is not False:
+                        continue
+            self._vacating.update(f[0] for f in record.files)
+            todo.append((entry, True))
+        for _ in range(len(blocked)):  # a place another entry left meanwhile (bounded: one more each time)
+            waiting, blocked = blocked, []
+            for entry, record, moves in waiting:
+                done = self._relocate(entry, record, moves, outcome)
+                if done is None:
+                    blocked.append((entry, record, moves))
+                elif done is False:
+                    self._vacating.update(f[0] for f in record.files)
+                    todo.append((entry, True))
+            if len(blocked) == len(waiting):
+                break
+        for entry, record, _ in blocked:  # still taken (by a file no entry claims): fetched again
+            self._vacating.update(f[0] for f in record.files)
+            todo.append((entry, True))
+        for entry in fresh:
+            adopted = self._adopt(entry)
             if adopted is not None:
                 if not self.options.dry_run:
                     state.record(adopted)
@@ -520,8 +705,9 @@ class Engine:
                 outcome.adopted += len(adopted.files)
                 outcome.files += [FileResult(f[0], "skipped", True, "adopted: already intact in the dropoff") for f in adopted.files]
                 continue
-            existing = record is not None or os.path.lexists(os.path.join(self.options.dropoff, entry.path))
-            todo.append((entry, existing))
+            todo.append((entry, os.path.lexists(os.path.join(self.options.dropoff, entry.path))))
+        del fresh
+        self._report_names(outcome)
 
         if self.options.dry_run:
             for entry, existing in todo:
@@ -536,29 +722,50 @@ class Engine:
         # asked after the listing, which is when it knows
         jobs = max(1, min(self.options.jobs, getattr(self.source, "max_jobs", None) or self.options.jobs))
         self.jobs = jobs if todo else 0
+        # A full disk (or quota) stops the run: no transfer starts after it (the next 1,000
+        # would fail the same way), those under way end, and what finished is journalled.
+        full: OSError | None = None
+        unsynced: list[RemoteEntry] = []
         try:
             with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sync") as pool:
-                for future, (entry, existing) in _bounded(pool, self._with_retries, todo, progress, window=jobs * 4):
+                for future, (entry, existing) in _bounded(pool, self._with_retries, todo, progress, jobs * 4, self._stop):
                     try:
+                        if future is None:  # never started: the run stopped first
+                            raise _Stopped()
                         files = future.result()
-                    except Exception as exc:  # one file's failure is reported, never fatal to the others
-                        outcome.failed += 1
-                        reason = str(exc) if isinstance(exc, (PermanentError, OSError, ValueError)) else f"{exc.__class__.__name__}: {exc}"
-                        message = f"{entry.describe()}: {reason}"
-                        outcome.failures.append(message)
-                        outcome.files.append(FileResult(entry.path, "failed", existing, "", reason))
+                    except (_Stopped, OSError) as exc:
+                        if not isinstance(exc, _Stopped) and not is_disk_full(exc):
+                            self._failed(outcome, entry, existing, exc, progress)
+                            continue
+                        if full is None and is_disk_full(exc):
+                            full = exc
+                            self._stop.set()
+                        unsynced.append(entry)
+                        outcome.files.append(FileResult(entry.path, "failed", existing, "", "not synced: the disk is full"))
                         progress.advance(0, 1)
+                        continue
+                    except Exception as exc:  # one file's failure is reported, never fatal to the others
+                        self._failed(outcome, entry, existing, exc, progress)
                         continue
                     old = state.get(entry.key)
                     keep = {f[0] for f in files}
-                    dropped = [f for f in old.files if f[0] not in keep] if old is not None else []
-                    if dropped and self._source_problems():
-                        # the source could not read everything, so "no longer there" may be
-                        # "could not be read": the old files stay, and stay recorded
-                        state.record(Record(entry.key, entry.signature, [*files, *dropped]))
+                    dropped = [f for f in old.files if f[0] not in keep and not self._claims.taken(f[0])] if old is not None else []
+                    try:
+                        if dropped and self._source_problems():
+                            # the source could not read everything, so "no longer there" may be
+                            # "could not be read": the old files stay, and stay recorded
+                            state.record(Record(entry.key, entry.signature, [*files, *dropped]))
+                            dropped = []
+                        else:
+                            state.record(Record(entry.key, entry.signature, files))
+                    except OSError as exc:
+                        if not is_disk_full(exc):
+                            raise
+                        # the journal is full: its files are in place, whole, but not recorded
+                        # (the next run adopts them, or fetches a series again); stop here
+                        full = full or exc
+                        self._stop.set()
                         dropped = []
-                    else:
-                        state.record(Record(entry.key, entry.signature, files))
                     for path, *_ in dropped:  # files of the old version that the new one no longer has
                         (self.options.dropoff / path).unlink(missing_ok=True)
                     for path, size, _ in files:
@@ -573,6 +780,13 @@ class Engine:
         finally:
             progress.close()
 
+        if self._unverified:  # said once, never implied by "verified"
+            outcome.notes.append(f"content not verified: {self._unverified} files (the server gave no hash for them; "
+                                 "only their size was checked)")
+        if full is not None:
+            outcome.failed += len(unsynced)
+            outcome.seconds = time.monotonic() - started
+            raise self._disk_full(full, unsynced, outcome) from full
         problems = self._source_problems()  # held by the source but not readable: failures, not notes
         outcome.failures += [f"{problem} (in the source; not synced)" for problem in problems]
         outcome.failed += len(problems)
@@ -580,6 +794,27 @@ class Engine:
             self._delete(listed, outcome)  # never after a failure
         outcome.seconds = time.monotonic() - started
         return outcome
+
+    @staticmethod
+    def _failed(outcome: Outcome, entry: RemoteEntry, existing: bool, exc: BaseException, progress: Progress) -> None:
+        outcome.failed += 1
+        reason = str(exc) if isinstance(exc, (PermanentError, OSError, ValueError)) else f"{exc.__class__.__name__}: {exc}"
+        outcome.failures.append(f"{entry.describe()}: {reason}")
+        outcome.files.append(FileResult(entry.path, "failed", existing, "", reason))
+        progress.advance(0, 1)
+
+    def _disk_full(self, exc: OSError, unsynced: list[RemoteEntry], outcome: Outcome) -> DiskFull:
+        """The one-line error of a run stopped by a full disk: the folder, its free space and
+        about how much the entries still to sync need (a series' size is not known before
+        its retrieval: estimated from the instances this run wrote, when it wrote any)."""
+        placed = outcome.created + outcome.updated
+        per_file = outcome.bytes / placed if placed else 0
+        needed = sum(e.size or int(e.count * per_file) for e in unsynced)
+        series = bool(unsynced) and all(e.series for e in unsynced)
+        folders = [(self.options.dropoff, "set DropoffDirectory elsewhere"), (self.options.zip_tmp, "set TempDirectory elsewhere")]
+        what = f"the {len(unsynced)} {'series' if series else 'files'} still to sync" if unsynced else \
+            "the journal of this run (the dropoff's .clpipe-sync folder)"  # every file arrived, not every record
+        return DiskFull.at(exc, folders, needed=needed or None, purpose=what, outcome=outcome)
 
     def _source_problems(self) -> list[str]:
         """What the source holds but could not read ("path: reason"; a folder source knows
@@ -605,15 +840,18 @@ class Engine:
             return
         for record in gone:
             for path, *_ in record.files:
+                if self._claims.taken(path):  # a listed entry's file now (its name came free): not deleted
+                    continue
                 (self.options.dropoff / path).unlink(missing_ok=True)
                 outcome.deleted += 1
                 outcome.files.append(FileResult(path, "completed", True, "Deleted from destination"))
             self.state.forget(record.key)
 
 
-def _bounded(pool: ThreadPoolExecutor, work, todo: list, progress: Progress, window: int):
+def _bounded(pool: ThreadPoolExecutor, work, todo: list, progress: Progress, window: int, stop: threading.Event):
     """Run ``work(entry, progress)`` for every item, keeping at most ``window`` in flight
-    (a queue of 100,000 futures would cost memory for nothing); yield each as it ends."""
+    (a queue of 100,000 futures would cost memory for nothing); yield each as it ends.
+    Once ``stop`` is set no more are started: each of the rest is yielded with ``None``."""
     pending: dict = {}
     items = iter(todo)
     for item in items:
@@ -625,29 +863,76 @@ def _bounded(pool: ThreadPoolExecutor, work, todo: list, progress: Progress, win
         for done in finished:
             item = pending.pop(done)
             for extra in items:
+                if stop.is_set():
+                    yield None, extra
+                    continue
                 pending[pool.submit(work, extra[0], progress)] = extra
                 break
             yield done, item
+    for item in items:  # stopped before the queue ran dry
+        yield None, item
 
 
 def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: dict, state: SyncState | None = None) -> None:
     """The audit CSV in fw's columns (properly quoted; failed files get a row too) and a
-    JSON summary beside it. ``state`` gives the files of the unchanged entries."""
-    audit_csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(audit_csv, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
+    JSON summary beside it. ``state`` gives the files of the unchanged entries.
+
+    Each is written whole under a temporary name and renamed, so a full disk never leaves
+    half a report: it raises :class:`DiskFull` naming the folder and about how many bytes
+    the reports need."""
+    rows = [(f.path, f.status, f.existing, f.error, f.action) for f in outcome.files]
+    if state is not None:
+        rows += [(f[0], "skipped", True, "", "") for key in outcome.unchanged for f in state.get(key).files]
+    rows.sort(key=lambda row: row[0])
+
+    def audit(out) -> None:
+        writer = csv.writer(out)
         writer.writerow(["src_path", "dest_path", "status", "existing", "error_message", "action_taken"])
-        rows = [(f.path, f.status, f.existing, f.error, f.action) for f in outcome.files]
-        if state is not None:
-            rows += [(f[0], "skipped", True, "", "") for key in outcome.unchanged for f in state.get(key).files]
-        rows.sort(key=lambda row: row[0])
         for path, status, existing, error, action in rows:
             writer.writerow(["" if action.startswith("Deleted") else path, path, status, str(existing), error, action])
+
     data = {
         **extra,
         "created": outcome.created, "updated": outcome.updated, "skipped": outcome.skipped,
         "adopted": outcome.adopted, "deleted": outcome.deleted, "failed": outcome.failed,
+        "renamed": outcome.renamed, "renamed_in_place": outcome.moved,
         "bytes": outcome.bytes, "seconds": round(outcome.seconds, 3),
         "failures": outcome.failures, "notes": outcome.notes, "audit_csv": str(audit_csv),
     }
-    summary_json.write_text(json.dumps(data, indent=2) + "\n")
+    summary = json.dumps(data, indent=2) + "\n"
+    try:
+        audit_csv.parent.mkdir(parents=True, exist_ok=True)
+        _write_whole(audit_csv, audit)
+        _write_whole(summary_json, lambda out: out.write(summary))
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        counter = _Counter()
+        audit(counter)
+        needed = counter.bytes + len(summary.encode())
+        raise DiskFull.at(exc, [(audit_csv.parent, ""), (summary_json.parent, "")], needed=needed,
+                          purpose=f"the audit log {audit_csv.name} and the summary {summary_json.name}") from exc
+
+
+class _Counter:
+    """A text sink that only counts the UTF-8 bytes written to it."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def write(self, text: str) -> int:
+        self.bytes += len(text.encode("utf-8"))
+        return len(text)
+
+
+def _write_whole(path: Path, fill) -> None:
+    """``fill(text file)`` into a temporary file beside ``path``, renamed to ``path`` only
+    when whole (on an error it is removed, and ``path`` stays as it was)."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "w", newline="", encoding="utf-8") as out:
+            fill(out)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise

@@ -9,28 +9,37 @@ Layout, under ``<dropoff>/.clpipe-sync/``:
 * ``journal-<run>.jsonl``: one line per finished remote file, appended during a run and
   flushed at once, so a run killed at any moment loses nothing it finished. The next run
   replays it; a torn last line is ignored. Folded into the manifest at the end of a run.
-* ``lock/``: made with ``mkdir``, which is atomic on NFS as on local disks; it names its
-  holder (host, pid, start). No POSIX/fcntl locks and no SQLite (its locking and WAL
-  shared memory are not reliable on network filesystems).
-* ``tmp/``: downloads in progress, on the dropoff's own filesystem so the final
-  ``rename`` into place is atomic; emptied at the start of every run.
+* ``lock/``: names its holder (host, pid, start) in ``lock/owner.json``, written whole in a
+  folder of its own and renamed to ``lock``: ``rename`` onto a name that does not exist is
+  atomic on NFS as on local disks, so a lock never exists without its owner. A stale one
+  (its holder gone from this host) is broken by exactly one of several racing runs: the one
+  whose claim, renamed into it, lands first (see :meth:`SyncState.acquire`). No POSIX/fcntl
+  locks and no SQLite (its locking and WAL shared memory are not reliable on network
+  filesystems).
+* ``tmp/``: downloads in progress (files, zip members, DICOM instances), on the dropoff's
+  own filesystem so the final ``rename`` into place is atomic; emptied at the start of every
+  run. Nothing half-written is ever in a folder that converters read.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TextIO
 
 from ..errors import PreflightError
 
 STATE_DIR = ".clpipe-sync"
+LOCK, OWNER = "lock", "owner.json"
+LOCK_GRACE = 30.0  # seconds after which a lock without owner (an older clpipe's, killed while taking it) is stale
 FSYNC_EVERY = 1.0  # seconds between journal fsyncs (a flush happens after every line)
 
 
@@ -52,11 +61,15 @@ class Record:
 
 def _write_atomic(path: Path, text: str | Iterator[str]) -> None:
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "w", encoding="utf-8") as fh:
-        fh.writelines([text] if isinstance(text, str) else text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "w", encoding="utf-8") as fh:
+            fh.writelines([text] if isinstance(text, str) else text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, path)
+    except BaseException:  # a full disk: the old file stays as it was, and no half-written copy beside it
+        temp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -77,29 +90,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# Series instances are staged in their own folder under a hidden name of this form (never
-# *.dcm): .clpipe-<run token>-<n>.part, then renamed in place.
-PART_PREFIX, PART_SUFFIX = ".clpipe-", ".part"
-
-
-def clear_stale_parts(folder: Path, token: str = "") -> None:
-    """Remove instances staged in ``folder`` by earlier runs that were killed before they
-    renamed them (all but those of the run ``token``; the dropoff's lock means no other
-    run is live)."""
-    mine = f"{PART_PREFIX}{token}-" if token else None
-    try:
-        with os.scandir(folder) as it:
-            stale = [e.path for e in it if e.name.startswith(PART_PREFIX) and e.name.endswith(PART_SUFFIX)
-                     and not (mine and e.name.startswith(mine)) and e.is_file(follow_symlinks=False)]
-    except OSError:
-        return
-    for path in stale:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
 @dataclass
 class SyncState:
     """Manifest + journal + lock of one dropoff."""
@@ -109,9 +99,11 @@ class SyncState:
     # key -> the record's JSON line: a string costs a third of the parsed lists, which matters
     # with 100,000 files; a record is parsed only when it is looked at.
     _lines: dict[str, str] = field(default_factory=dict)
-    _journal: object = None
+    _journal: TextIO | None = None
+    _torn: bool = False  # a journal write failed (a full disk): the next line starts on a line of its own
     _last_fsync: float = 0.0
     _changed: bool = False  # anything to fold into the manifest?
+    _lock_token: str = ""  # the token in the owner.json of the lock this run holds
 
     @property
     def root(self) -> Path:
@@ -122,36 +114,187 @@ class SyncState:
         return self.root / "tmp"
 
     # -- lock -------------------------------------------------------------------------
+    # The lock is the folder lock/ holding owner.json (host, pid, start, a token). It is
+    # written whole in a folder of its own (lock.new.<rand>.<pid>.<host>) and renamed to
+    # lock/: a rename onto a name that does not exist is atomic, on NFS as on local disks,
+    # so a lock never exists without its owner.
+    #
+    # A stale lock is broken by one run only. Having judged it (through an open handle of
+    # that very folder, so a lock taken in its place meanwhile is never mistaken for it), a
+    # run claims it by renaming its own staged folder into it as claim-<n>, n one more than
+    # the newest claim there: of several runs racing, one rename succeeds. Only the claimer
+    # moves the lock away (to lock.old.<rand>, removed afterwards) and renames its claim to
+    # lock/. A claimer killed half-way leaves a claim naming a dead process (or, from
+    # another host, one older than LOCK_GRACE): the next run claims claim-<n+1>.
 
     def acquire(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = self.root / "lock"
-        for _ in range(2):
-            try:
-                lock.mkdir()
-            except FileExistsError:
-                owner = self._lock_owner(lock)
-                if owner.get("host") == socket.gethostname() and not _pid_alive(owner.get("pid", -1)):
-                    shutil.rmtree(lock, ignore_errors=True)  # its holder died on this host
-                    continue
-                raise PreflightError(
-                    f"another sync is writing to {self.dropoff} (host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, "
-                    f"since {owner.get('since', '?')}); wait for it, or if it is no longer running remove {lock}"
-                ) from None
-            _write_atomic(lock / "owner.json", json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                                           "since": time.strftime("%Y-%m-%d %H:%M:%S"), "run": self.run_id}))
-            return
-        raise PreflightError(f"cannot take the lock {lock}; remove it if no sync is running")
+        """Take the dropoff's lock, or raise :class:`PreflightError` saying who holds it.
 
-    @staticmethod
-    def _lock_owner(lock: Path) -> dict:
+        A lock is stale when its owner's process is gone from this host, or (a lock without
+        owner, left by an older clpipe killed while taking it) when it is older than
+        ``LOCK_GRACE``; a stale lock is broken and taken. A lock held from another host is
+        honoured: this host cannot tell whether that job still runs."""
+        lock = self.root / LOCK
+        staged: Path | None = None
+        token = ""
         try:
-            return json.loads((lock / "owner.json").read_text())
-        except (OSError, ValueError):
-            return {}
+            for _ in range(6):  # bounded: a broken lock is taken at once, or lost to another run
+                if staged is None or not os.path.isdir(staged):  # (swept if this run was stopped for long)
+                    staged, token = self._stage_lock(lock)
+                if not os.path.lexists(lock):  # (a rename would replace an empty folder: an older clpipe's lock)
+                    try:
+                        os.rename(staged, lock)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                            raise PreflightError(f"cannot take the lock {lock} ({exc.strerror}); "
+                                                 f"check that {self.dropoff} is writable") from None
+                    else:
+                        staged = None
+                        break
+                if self._take_over(lock, staged):
+                    staged = None
+                    break
+            else:
+                raise PreflightError(f"cannot take the lock {lock}; remove it if no sync is running")
+        finally:
+            if staged is not None:
+                _remove(staged)
+        self._lock_token = token
+        self._sweep_lock_leftovers()
+
+    def _stage_lock(self, lock: Path) -> tuple[Path, str]:
+        """A folder holding this run's owner.json, whole and flushed, ready to be renamed."""
+        token = uuid.uuid4().hex[:16]
+        host = socket.gethostname()
+        staged = lock.with_name(f"{LOCK}.new.{token}.{os.getpid()}.{host}")
+        owner = {"host": host, "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"), "run": self.run_id,
+                 "start": _process_start(os.getpid()), "token": token}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            staged.mkdir()
+            with open(staged / OWNER, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(owner))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            _remove(staged)
+            raise PreflightError(f"cannot take the lock {lock} ({exc.strerror}); check that {self.dropoff} is writable") from None
+        return staged, token
+
+    def _take_over(self, lock: Path, staged: Path) -> bool:
+        """Break the lock at ``lock`` if it is stale and take it with ``staged``. True: taken;
+        False: it changed meanwhile, try again; PreflightError: it is held (or being broken)."""
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise PreflightError(f"{lock} is not a folder (no lock of clpipe's); remove it if no sync is running") from None
+            raise PreflightError(f"cannot read the lock {lock} ({exc.strerror}); check that {self.dropoff} is readable") from None
+        away = lock.with_name(f"{LOCK}.old.{uuid.uuid4().hex[:16]}")
+        moved_away = False
+        try:
+            try:  # its age first: a claim made in it from now on makes it look younger
+                now = os.stat(staged).st_mtime  # the filesystem's clock (on NFS the server's), as the ages below
+                age = now - os.fstat(fd).st_mtime
+            except OSError:
+                return False
+            owner, claims = _inspect_lock(fd)
+            if not claims:  # a lock that some run found stale is stale: only its claims tell whether it is being broken
+                if not _gone(owner, age, other_host=False):
+                    raise PreflightError(self._busy(lock, owner, age))
+            elif not _gone(claims[-1][1], now - claims[-1][2], other_host=True):
+                raise PreflightError(self._busy(lock, claims[-1][1], None, breaking=True))
+            claim = f"claim-{claims[-1][0] + 1 if claims else 1}"
+            try:
+                os.rename(staged, claim, dst_dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another run claimed it first
+                    raise PreflightError(self._busy(lock, {}, None, breaking=True)) from None
+                return False  # removed meanwhile
+            # This run alone breaks that lock now: nobody else moves it from lock/.
+            try:
+                os.rename(lock, away)
+            except OSError:
+                _rename_quietly(claim, staged, src_dir_fd=fd)  # take the claim back, then try again
+                return False
+            held, moved = os.fstat(fd), _lstat(away)
+            if moved is None or (moved.st_dev, moved.st_ino) != (held.st_dev, held.st_ino):
+                _rename_quietly(away, lock)  # not the lock judged (cannot happen while claims are honoured)
+                raise PreflightError(self._busy(lock, {}, None, breaking=True))
+            moved_away = True
+            try:
+                os.rename(away / claim, lock)
+            except OSError:  # a run took lock/ meanwhile
+                _rename_quietly(away / claim, staged)
+                return False
+            return True
+        finally:
+            os.close(fd)  # before the removal: an open folder may not be removable on a network filesystem
+            if moved_away:
+                _remove(away)
+
+    def _busy(self, lock: Path, owner: dict, age: float | None, breaking: bool = False) -> str:
+        if owner or breaking:
+            what = f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, since {owner.get('since', '?')}"
+            if breaking:
+                what = (f"host {owner['host']}, pid {owner.get('pid', '?')}, " if owner.get("host") else "") + \
+                    "taking over a stale lock"
+            return (f"another sync is writing to {self.dropoff} ({what}); "
+                    f"wait for it, or if it is no longer running remove {lock}")
+        wait = f"{max(1, round(LOCK_GRACE - age))} s" if age is not None else f"{LOCK_GRACE:.0f} s"
+        return (f"another sync is writing to {self.dropoff} (its lock {lock} has no owner yet); wait for it: "
+                f"a lock without owner is stale after {LOCK_GRACE:.0f} s, so if no sync is running run again in {wait}")
+
+    def _sweep_lock_leftovers(self) -> None:
+        """Remove what killed runs left beside the lock: locks moved away to be removed
+        (lock.old.*), and lock folders staged but never renamed (lock.new.*) whose process
+        is gone from this host or that are older than LOCK_GRACE."""
+        lock = self.root / LOCK
+        host = socket.gethostname()
+        try:
+            with os.scandir(self.root) as it:
+                names = [e.name for e in it if e.name.startswith(f"{LOCK}.")]
+        except OSError:
+            return
+        for name in names:
+            path = self.root / name
+            if name.startswith(f"{LOCK}.old."):
+                _remove(path)
+            elif name.startswith(f"{LOCK}.new."):
+                _, _, _, pid, owner_host = (name.split(".", 4) + [""] * 5)[:5]
+                age = _age(path, lock)
+                if (owner_host == host and not _pid_alive(pid)) or (age is not None and age > LOCK_GRACE):
+                    _remove(path)
 
     def release(self) -> None:
-        shutil.rmtree(self.root / "lock", ignore_errors=True)
+        """Remove the lock, if it is still this run's."""
+        token, self._lock_token = self._lock_token, ""
+        if not token:
+            return
+        lock = self.root / LOCK
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return
+        try:
+            if _parse_owner(_read_at(fd, OWNER)).get("token") != token:
+                return  # broken and taken by another run (this one was stopped for long): not ours to remove
+            away = lock.with_name(f"{LOCK}.old.{uuid.uuid4().hex[:16]}")
+            try:
+                os.rename(lock, away)
+            except OSError:
+                return
+            held, moved = os.fstat(fd), _lstat(away)
+            if moved is None or (moved.st_dev, moved.st_ino) != (held.st_dev, held.st_ino):
+                _rename_quietly(away, lock)
+                return
+        finally:
+            os.close(fd)
+        _remove(away)
 
     # -- manifest and journal -----------------------------------------------------------
 
@@ -166,43 +309,6 @@ class SyncState:
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self._sweep_staging()
-
-    # -- series being staged (DICOM sources) ----------------------------------------------
-    # A series is staged in its own folder under hidden names (PART_PREFIX ... PART_SUFFIX)
-    # and renamed in place. While that is under way a marker in staging/ names
-    # the folder, so that the parts of a run killed half-way (a walltime limit, kill -9) are
-    # removed by the next run's load, whether or not that series is fetched again.
-
-    @property
-    def staging(self) -> Path:
-        return self.root / "staging"
-
-    def begin_staging(self, folder: Path, made: bool, name: str) -> Path:
-        """Mark ``folder`` as being staged into (``made``: this fetch created it)."""
-        self.staging.mkdir(parents=True, exist_ok=True)
-        marker = self.staging / name
-        marker.write_text(json.dumps({"folder": str(folder), "made": made}), encoding="utf-8")
-        return marker
-
-    @staticmethod
-    def end_staging(marker: Path) -> None:
-        marker.unlink(missing_ok=True)
-
-    def _sweep_staging(self) -> None:
-        if not self.staging.is_dir():
-            return
-        for marker in self.staging.iterdir():
-            try:
-                data = json.loads(marker.read_text(encoding="utf-8"))
-                folder = Path(data["folder"])
-                if folder.is_dir() and self.dropoff in folder.parents:
-                    clear_stale_parts(folder)
-                    if data.get("made") and not any(os.scandir(folder)):
-                        folder.rmdir()
-            except (OSError, ValueError, KeyError, TypeError):
-                pass  # a marker torn by the kill: its folder's parts go when that series is fetched again
-            marker.unlink(missing_ok=True)
 
     def _read_lines(self, path: Path) -> None:
         with open(path, encoding="utf-8", errors="replace") as fh:
@@ -235,30 +341,50 @@ class SyncState:
         return list(self._lines)
 
     def record(self, record: Record) -> None:
-        """Note a finished remote file: journal line, flushed now, fsynced every second."""
-        if self._journal is None:
-            self._journal = open(self.root / f"journal-{self.run_id}.jsonl", "a", encoding="utf-8")
+        """Note a finished remote file: journal line, flushed now, fsynced every second.
+        A write that fails (a full disk) raises its ``OSError`` and the record is not kept;
+        a line it tore is skipped when the journal is read."""
         line = json.dumps(record.to_json(), separators=(",", ":"))
-        self._journal.write(line + "\n")
-        self._journal.flush()
-        now = time.monotonic()
-        if now - self._last_fsync >= FSYNC_EVERY:
-            os.fsync(self._journal.fileno())
-            self._last_fsync = now
+        try:
+            if self._journal is None:
+                self._journal = open(self.root / f"journal-{self.run_id}.jsonl", "a", encoding="utf-8")
+            self._journal.write(("\n" if self._torn else "") + line + "\n")
+            self._journal.flush()
+            self._torn = False
+            now = time.monotonic()
+            if now - self._last_fsync >= FSYNC_EVERY:
+                os.fsync(self._journal.fileno())
+                self._last_fsync = now
+        except OSError:
+            self._torn = True
+            self._close_journal()
+            raise
         self._lines[record.key] = line
         self._changed = True
+
+    def _close_journal(self) -> None:
+        journal, self._journal = self._journal, None
+        if journal is None:
+            return
+        try:
+            journal.close()
+        except OSError:  # its last write failed again: the file is closed all the same
+            pass
 
     def forget(self, key: str) -> None:
         self._lines.pop(key, None)
         self._changed = True
 
     def save(self) -> None:
-        """Fold everything into manifest.jsonl and drop the journals."""
+        """Fold everything into manifest.jsonl and drop the journals. A full disk raises
+        its ``OSError`` and leaves the manifest as it was and the journals in place (the
+        next run replays them)."""
         if self._journal is not None:
-            self._journal.flush()
-            os.fsync(self._journal.fileno())
-            self._journal.close()
-            self._journal = None
+            try:
+                self._journal.flush()
+                os.fsync(self._journal.fileno())
+            finally:
+                self._close_journal()
         if self._changed or not (self.root / MANIFEST).exists():  # a no-op run rewrites nothing
             lines = (self._lines[k] + "\n" for k in sorted(self._lines))
             _write_atomic(self.root / MANIFEST, itertools.chain([MANIFEST_VERSION], lines))
@@ -268,13 +394,128 @@ class SyncState:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: object, start: str = "") -> bool:
+    """Whether process ``pid`` of this host runs (and, when ``start`` is known, is the one
+    that started then, not a later process given the same pid)."""
     try:
-        os.kill(int(pid), 0)
-    except (OSError, ValueError, TypeError):
+        number = int(str(pid))
+    except ValueError:
+        return False
+    if number <= 0:
+        return False
+    try:
+        os.kill(number, 0)
+    except PermissionError:
+        pass  # it runs, as another user
+    except (OSError, OverflowError):
         return False
     try:  # a zombie is not alive
-        with open(f"/proc/{int(pid)}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
+        with open(f"/proc/{number}/stat") as fh:
+            if fh.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                return False
+    except (OSError, IndexError):
         return True
+    return not start or _process_start(number) in ("", start)
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started ("<boot id>:<clock ticks since boot>"), or "" where
+    /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            ticks = fh.read().rsplit(")", 1)[-1].split()[19]
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return f"{fh.read().strip()}:{ticks}"
+    except (OSError, IndexError):
+        return ""
+
+
+def _parse_owner(text: str) -> dict:
+    try:
+        owner = json.loads(text)
+    except ValueError:
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _gone(owner: dict, age: float, other_host: bool) -> bool:
+    """Whether the run named by ``owner`` (a lock's or a claim's, ``age`` seconds old) is
+    gone: its process has ended on this host; one of another host only when ``other_host``
+    (a claim, held for an instant) and older than LOCK_GRACE; a lock or claim without
+    owner once older than LOCK_GRACE."""
+    if owner.get("host") == socket.gethostname():
+        return not _pid_alive(owner.get("pid", -1), owner.get("start", ""))
+    if owner and not other_host:
+        return False  # held from another host: only its user can tell whether that job still runs
+    return age > LOCK_GRACE
+
+
+def _read_at(fd: int, name: str) -> str:
+    try:
+        handle = os.open(name, os.O_RDONLY, dir_fd=fd)
+    except OSError:
+        return ""
+    try:
+        with open(handle, encoding="utf-8", errors="replace") as fh:
+            return fh.read(65536)
+    except OSError:
+        return ""
+
+
+def _inspect_lock(fd: int) -> tuple[dict, list[tuple[int, dict, float]]]:
+    """The owner of the open lock folder ``fd`` ({}: none) and its claims, oldest first:
+    (n, the claimer, mtime). An older clpipe killed before it renamed its owner file into
+    place left only ``.owner.json.<pid>.tmp``: that names the owner when it is whole."""
+    owner = _parse_owner(_read_at(fd, OWNER))
+    claims = []
+    temps = []
+    try:
+        with os.scandir(fd) as it:
+            for entry in it:
+                if entry.name.startswith("claim-") and entry.name[6:].isdigit():
+                    try:
+                        mtime = entry.stat(follow_symlinks=False).st_mtime
+                    except OSError:
+                        continue
+                    claims.append((int(entry.name[6:]), _parse_owner(_read_at(fd, f"{entry.name}/{OWNER}")), mtime))
+                elif entry.name.startswith(f".{OWNER}.") and entry.name.endswith(".tmp"):
+                    temps.append(entry.name)
+    except OSError:
+        pass
+    for temp in temps:
+        owner = owner or _parse_owner(_read_at(fd, temp))
+    return owner, sorted(claims, key=lambda c: c[0])
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
+def _rename_quietly(src: str | Path, dst: str | Path, src_dir_fd: int | None = None) -> None:
+    try:
+        os.rename(src, dst, src_dir_fd=src_dir_fd)
+    except OSError:
+        pass
+
+
+def _age(path: Path, reference: Path) -> float | None:
+    """Seconds from ``path``'s last change to ``reference``'s, both by the filesystem's
+    clock (on NFS the server's: a client's clock that is off does not matter); None when
+    either is gone."""
+    try:
+        return os.stat(reference).st_mtime - os.lstat(path).st_mtime
+    except OSError:
+        return None
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..console import say
-from ..errors import PreflightError
+from ..errors import DiskFull, PreflightError, is_disk_full
 from .engine import Engine, Options, PermanentError, TransientError, watched, write_reports
-from .manifest import SyncState
+from .manifest import MANIFEST, SyncState
 
 
 def run_native(plan) -> int:
@@ -73,39 +73,84 @@ def _sync(plan, source, listing: Callable[[], Iterable], started: float) -> int:
             print(f"{entry.path}{'/' if entry.unpack else ''}" + (f"  ({size})" if opts.verbose else ""))
         return 0
 
+    folders = [(dropoff, "set DropoffDirectory elsewhere"), (temp, "set TempDirectory elsewhere"), (Path(plan.sync_logs), "")]
+    full: DiskFull | None = None  # a full disk stops the run; what finished is kept, and said
     state = SyncState(dropoff, plan.run_id)
-    state.acquire()
     try:
-        state.load()
-        engine = Engine(source, state, Options(
-            dropoff=dropoff, zip_tmp=temp, jobs=opts.jobs, dry_run=opts.dry_run, delete=opts.delete,
-            max_delete=plan.max_delete, interactive=watched() and not opts.quiet,
-        ))
-        outcome = engine.run(listing())  # checks each entry as the listing streams in
+        state.acquire()
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise DiskFull.at(exc, folders, purpose="the sync's lock") from exc
+    try:
+        try:
+            state.load()
+            engine = Engine(source, state, Options(
+                dropoff=dropoff, zip_tmp=temp, jobs=opts.jobs, dry_run=opts.dry_run, delete=opts.delete,
+                max_delete=plan.max_delete, interactive=watched() and not opts.quiet,
+            ))
+            try:
+                outcome = engine.run(listing())  # checks each entry as the listing streams in
+            except DiskFull as exc:  # the engine stopped at a full disk, with what it did
+                full, outcome = exc, exc.outcome  # type: ignore[assignment]
+        except OSError as exc:  # a full disk before any transfer (the state, the adoption of files)
+            if not is_disk_full(exc):
+                raise
+            raise DiskFull.at(exc, folders, purpose="this sync's bookkeeping (the dropoff's .clpipe-sync folder)") from exc
         outcome.notes += list(getattr(source, "notes", []))  # what the source skipped or had to change
         if plan.source_url.startswith("fw:"):
             say(f"listed {engine.listed} remote files ({engine.listed_bytes / 1e6:.1f} MB) in one request")
         else:
             say(f"listed {engine.listed} series")
         if not opts.dry_run:
-            state.save()
+            try:
+                state.save()
+            except OSError as exc:  # the manifest stays as it was and the journal in place: the next run replays it
+                if not is_disk_full(exc):
+                    raise
+                if full is None:
+                    full = DiskFull.at(exc, folders, needed=_manifest_bytes(state),
+                                       purpose="the manifest of the synced files (the dropoff's .clpipe-sync folder)")
     finally:
         state.release()
     outcome.seconds = time.monotonic() - started
     audit, summary = Path(plan.audit_csv), Path(plan.summary_json)
-    write_reports(outcome, audit, summary, {"engine": "native", "source": plan.source_url, "dropoff": plan.dropoff, "run_id": plan.run_id}, state)
-    for failure in outcome.failures[:50]:
-        say(f"FAILED {failure}")
-    if len(outcome.failures) > 50:
-        say(f"... and {len(outcome.failures) - 50} more failures (all in {summary})")
+    failures = list(outcome.failures)  # printed as FAILED lines; a full disk is the error line instead
+    if full is not None:
+        outcome.failures.append(str(full))
+    reported = True
+    try:
+        write_reports(outcome, audit, summary, {"engine": "native", "source": plan.source_url, "dropoff": plan.dropoff,
+                                                "run_id": plan.run_id}, state)
+    except DiskFull as exc:
+        full, reported = full or exc, False
+    for failure in failures[:50]:
+        say(f"FAILED {failure}", error=True)
+    if len(failures) > 50:
+        say(f"... and {len(failures) - 50} more failures (all in {summary if reported else 'the summary, not written'})", error=True)
     for note in outcome.notes:
         say(note)
     if outcome.adopted:
         say(f"{outcome.adopted} files already intact in the dropoff were adopted without downloading")
     say(outcome.summary())
-    say(f"audit log: {audit}; summary: {summary}")
+    if reported:
+        say(f"audit log: {audit}; summary: {summary}")
+    if full is not None:
+        raise full  # one line: the folder, its free space, about how much more is needed
     if outcome.failed:
-        say("sync FAILED: not every file arrived; the exit status is non-zero")
+        say("sync FAILED: not every file arrived; the exit status is non-zero", error=True)
         return 1
     say("sync complete: every listed file is in the dropoff" if not opts.dry_run else "dry run complete")
     return 0
+
+
+def _manifest_bytes(state: SyncState) -> int:
+    """About the size of the manifest that could not be written: the old one and the
+    journals it folds in."""
+    total = 0
+    for path in (state.root / MANIFEST, *state.root.glob("journal-*.jsonl")):
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total

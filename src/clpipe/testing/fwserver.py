@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 #: Default ``modified`` of files and ``created`` of containers: fixed, so demo data is reproducible.
 FIXED_TIME = datetime(2024, 1, 15, 12, 0, 0, tzinfo=timezone.utc)
 USER_ID = "demo.user@example.org"
-FAULT_KINDS = ("status", "drop", "truncate", "delay", "corrupt")
+FAULT_KINDS = ("status", "drop", "truncate", "reset", "delay", "corrupt")
 _MIMETYPES = {"dicom": "application/dicom", "qa": "application/json"}  # else octet-stream
 
 
@@ -433,6 +433,7 @@ class Fault:
     method: str | None = None
     hits: int = 0
     retry_after: str | None = None  # Retry-After header sent with a "status" fault
+    span: tuple[int, int] | None = None  # bytes [start, end) a "corrupt" fault flips (default: the middle third)
 
 
 class ApiError(Exception):
@@ -466,6 +467,11 @@ class _HTTPServer(ThreadingHTTPServer):
             self.open_sockets.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return  # a client that went away (killed, or gave up): no traceback on the server's stderr
+        super().handle_error(request, client_address)
+
     def close_open_connections(self) -> None:
         """Kick idle keep-alive connections so no handler thread outlives the server."""
         with self.sockets_lock:
@@ -483,6 +489,9 @@ class FlywheelTestServer:
     ``requests`` records ``{method, path, query, status, auth_ok, fault}`` for each request, with
     ``path`` URL-decoded and ``query`` mapping each name to its last value; status 0 means the
     connection was dropped. ``uploads`` collects ``(filename, bytes)`` of uploaded files.
+    ``targets_hash`` adds each file's hash to the ``download/targets`` lines (off: real
+    listings carry none); ``file_hashes`` (on) gives it in the file entries of containers
+    (``GET containers/{id}`` and the per-level container endpoints).
     """
 
     def __init__(self, projects: list[Project] | None = None, api_keys=("demo-key",),
@@ -493,6 +502,7 @@ class FlywheelTestServer:
                                    else {api_keys} if isinstance(api_keys, str) else set(api_keys))
         self.host, self.port, self.release = host, port, release
         self.targets_hash = False  # add each file's hash to download/targets lines
+        self.file_hashes = True  # False: file entries of containers carry no hash (a server that gives none)
         self.requests: list[dict] = []
         self.uploads: list[tuple[str, bytes]] = []
         self._faults: list[Fault] = []
@@ -572,12 +582,16 @@ class FlywheelTestServer:
 
     # -- faults ---------------------------------------------------------------------------
     def add_fault(self, path_pattern: str, kind: str, count: int | None = None, status: int = 500,
-                  delay: float = 0.0, method: str | None = None, retry_after: str | None = None) -> Fault:
+                  delay: float = 0.0, method: str | None = None, retry_after: str | None = None,
+                  span: tuple[int, int] | None = None) -> Fault:
         """Make requests whose (URL-decoded) path matches the regex ``path_pattern`` fail.
 
         kinds: "status" (reply ``status`` with a JSON error), "drop" (close without a reply),
-        "truncate" (full Content-Length, half the body, close), "delay" (sleep ``delay`` s, then
-        answer normally), "corrupt" (flip the middle third of the body's bytes, same length).
+        "truncate" (full Content-Length, half the body, close), "reset" (the same, then a TCP
+        reset instead of a normal close: "connection reset by peer" mid-body), "delay" (sleep ``delay`` s, then
+        answer normally), "corrupt" (flip the middle third of the body's bytes, same length;
+        with ``span=(start, end)`` the bytes ``body[start:end]`` instead, e.g. one field of a
+        zip header; negative offsets count from the end).
         ``delay`` also applies before the other kinds. ``count`` limits how many matching
         requests are hit (None = all); the first matching fault with hits left wins.
         """
@@ -585,7 +599,7 @@ class FlywheelTestServer:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
         re.compile(path_pattern)
         fault = Fault(path_pattern, kind, count, status, delay, method.upper() if method else None,
-                      retry_after=retry_after)
+                      retry_after=retry_after, span=span)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -636,6 +650,9 @@ class FlywheelTestServer:
             if parts == ["projects"]:
                 return _json(_page([self._container_json(n) for n in self._nodes()
                                     if n.kind == "project"], query))
+            if n == 2 and parts[0] == "containers":  # any container by id, as the SDK's get_container/get
+                node = self._node(parts[1])
+                return _json({**self._container_json(node), "container_type": node.kind})
             if n == 4 and parts[0] in ("containers", *kinds) and parts[2] == "files":
                 kind = None if parts[0] == "containers" else kinds[parts[0]]
                 return self._file_response(self._node(parts[1], kind), parts[3], query)
@@ -752,10 +769,12 @@ class FlywheelTestServer:
         d = {"_id": fid, "file_id": fid, "name": f.name, "type": f.type,
              "mimetype": _MIMETYPES.get(f.type, "application/octet-stream"),
              "classification": {}, "tags": [], "info": {}, "info_exists": False,
-             "origin": {"type": "user", "id": USER_ID}, "hash": f.hash,
+             "origin": {"type": "user", "id": USER_ID},
              "created": _iso(FIXED_TIME), "modified": _iso(f.modified), "size": f.size,
              "version": f.version, "parent_ref": {"id": node.obj.id, "type": node.kind},
              "parents": self._parents(node, include_self=True)}
+        if self.file_hashes:
+            d["hash"] = f.hash
         if f.type == "dicom":
             d["modality"] = "MR"
         if f.is_zip:
@@ -893,8 +912,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, data: bytes, ctype: str) -> None:
         fault = self._fault
         if fault and fault.kind == "corrupt" and data:
-            # Flip every byte of the middle third: same length, different content.
-            lo, hi = len(data) // 3, max(len(data) // 3 + 1, 2 * len(data) // 3)
+            # Flip every byte of the middle third (or of the fault's span): same length, other content.
+            if fault.span is not None:
+                lo, hi, _ = slice(*fault.span).indices(len(data))
+            else:
+                lo, hi = len(data) // 3, max(len(data) // 3 + 1, 2 * len(data) // 3)
             data = data[:lo] + bytes(b ^ 0xFF for b in data[lo:hi]) + data[hi:]
         self._status = status
         self.send_response(status)
@@ -908,10 +930,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        if fault and fault.kind == "truncate":
+        if fault and fault.kind in ("truncate", "reset"):
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
             self.close_connection = True  # the client is left waiting for the rest: EOF
+            if fault.kind == "reset":  # RST, not FIN: the client's next read fails with ECONNRESET
+                time.sleep(0.05)  # let the headers and the half body be read first
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
             return
         self.wfile.write(data)
 
