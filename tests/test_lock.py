@@ -390,3 +390,46 @@ def test_real_runs_killed_at_many_points_the_next_run_always_completes(no_fw_env
             assert data_files(dropoff) == expected, f"seed {seed}, after a kill at {trigger} {value}"
             assert lock_names(dropoff) == [], lock_names(dropoff)  # no lock, no leftover beside it
         assert killed >= 12, f"only {killed} of {len(triggers)} runs were killed before they ended"
+
+
+def test_a_sigterm_releases_the_lock_and_the_next_run_resumes(no_fw_env, tmp_path):
+    """scancel and a batch time limit send SIGTERM (SIGKILL only after KillWait). A run that
+    dies of it without unwinding leaves a lock naming its node, which a run on another node
+    must honour: so the run stops at once, releases the lock, says why, and the next run
+    fetches only what is missing."""
+    project = make_demo_project(subjects=2, sessions=1, acquisitions=3, slices=3)
+    expected = project.expected_dicom_paths(strip_root=True)
+    with FlywheelTestServer(projects=[project], api_keys={KEY}) as server:
+        server.add_fault(r"/files/", "delay", delay=0.3)  # slow transfers: the signal lands mid-run
+        login(no_fw_env, server)
+        config = new_project(tmp_path / "p", CommandLineOpts="-y -j 2")
+        dropoff = config.parent / "data_DICOMs"
+        proc = subprocess.Popen([sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config),
+                                 "-engine", "native", "-submit"], env=no_fw_env.vars, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started = time.monotonic()
+        while not data_files(dropoff) and proc.poll() is None and time.monotonic() - started < 60:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before the signal could be sent"
+        before = set(data_files(dropoff))
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+        assert proc.returncode == 128 + signal.SIGTERM, out + err
+        assert "stopped by SIGTERM" in err and "internal error" not in out + err, out + err
+        assert took < 10, f"took {took:.1f} s to stop"
+        assert lock_names(dropoff) == [], lock_names(dropoff)  # released: another node can go on
+        landed = data_files(dropoff)
+        assert set(landed) >= before and len(landed) < len(expected)
+        for path, data in landed.items():
+            assert expected[path] == data, path
+        server.clear_faults()
+        server.requests.clear()
+        done = no_fw_env.clpipe("dicom", "flywheel_sync", "-c", config, "-engine", "native", "-submit", timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert data_files(dropoff) == expected
+        summaries = sorted((config.parent / "logs" / "sync_logs").glob("*.summary.json"), key=os.path.getmtime)
+        final = json.loads(summaries[-1].read_text())
+        # what landed before the signal is neither fetched nor written again
+        assert final["created"] + final["updated"] + final["adopted"] == len(expected) - len(landed), final

@@ -101,3 +101,31 @@ def _free_bytes(folder: Path) -> int | None:
         except OSError:
             continue
     return None
+
+
+class Terminated(BaseException):
+    """The run was told to stop (SIGTERM from ``scancel`` or a batch time limit, SIGHUP when
+    the terminal went away). A ``BaseException``, like ``KeyboardInterrupt``, so that no
+    per-file ``except Exception`` takes it for one file's failure: it unwinds the whole run,
+    whose ``finally`` blocks release the dropoff's lock (another node could not break a
+    lock that names this host) and end the journal; the next run resumes."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} (a batch time limit, scancel or a closed terminal); "
+                         "finished files are kept and recorded: run the sync again to fetch the rest")
+
+
+def stop_on_signals() -> None:
+    """In the process that runs a sync: SIGTERM and SIGHUP raise :class:`Terminated`."""
+    import signal
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)

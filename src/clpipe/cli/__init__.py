@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..errors import ClpipeError, ConfigError, DiskFull, is_disk_full
+from ..errors import ClpipeError, ConfigError, DiskFull, Terminated, is_disk_full
 
 _STATE = {"debug": False}
 
@@ -254,8 +254,10 @@ def run_plan_cli(plan_file) -> int:
     """Run a sync plan on this node (what a batch job executes)."""
     from ..batch.handoff import take_handoff
     from ..batch.job import secret_names
+    from ..errors import stop_on_signals
     from ..fwcli import SyncPlan, run_plan
 
+    stop_on_signals()  # scancel / a time limit: unwind, so the lock is released and the journal ends
     take_handoff(secret_names())
 
     plan = SyncPlan.from_json(Path(plan_file).read_text())
@@ -315,6 +317,11 @@ def _main(argv: list[str] | None) -> tuple[int, BaseException | None]:
     except KeyboardInterrupt:
         click.echo("clpipe: interrupted", err=True)
         return 130, None
+    except Terminated as exc:
+        if _STATE["debug"]:
+            traceback.print_exc()
+        click.echo(f"clpipe: error: {exc}", err=True)
+        return exc.exit_code, None
     except OSError as exc:
         if _STATE["debug"]:
             traceback.print_exc()

@@ -150,7 +150,8 @@ class VerifyError(TransientError):
 
 
 class _Stopped(Exception):
-    """A transfer not started (or not retried) because the run stopped: a disk is full."""
+    """A transfer not started, not retried or cut short because the run stopped: a disk is
+    full, or the process was told to stop (SIGTERM, Ctrl-C)."""
 
 
 # what zipfile raises for damaged bytes, in the header as in the data (a flipped version
@@ -476,6 +477,8 @@ class Engine:
         try:
             with (open(target, "wb") if isinstance(target, Path) else nullcontext(target)) as out, self.source.open(entry) as chunks:
                 for chunk in chunks:
+                    if self._stop.is_set():  # the run is stopping: this transfer is not finished
+                        raise _Stopped()
                     out.write(chunk)
                     received += len(chunk)
                     if hasher is not None:
@@ -517,6 +520,8 @@ class Engine:
             os.mkdir(stage)
             with self.source.instances(entry) as items:
                 for uid, payload in items:
+                    if self._stop.is_set():  # the run is stopping: this series is not finished
+                        raise _Stopped()
                     name = safe_part(f"{uid}.dcm") if uid else ""
                     if not uid or name in staged:
                         continue
@@ -728,55 +733,60 @@ class Engine:
         unsynced: list[RemoteEntry] = []
         try:
             with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sync") as pool:
-                for future, (entry, existing) in _bounded(pool, self._with_retries, todo, progress, jobs * 4, self._stop):
-                    try:
-                        if future is None:  # never started: the run stopped first
-                            raise _Stopped()
-                        files = future.result()
-                    except (_Stopped, OSError) as exc:
-                        if not isinstance(exc, _Stopped) and not is_disk_full(exc):
+                try:
+                    for future, (entry, existing) in _bounded(pool, self._with_retries, todo, progress, jobs * 4, self._stop):
+                        try:
+                            if future is None:  # never started: the run stopped first
+                                raise _Stopped()
+                            files = future.result()
+                        except (_Stopped, OSError) as exc:
+                            if not isinstance(exc, _Stopped) and not is_disk_full(exc):
+                                self._failed(outcome, entry, existing, exc, progress)
+                                continue
+                            if full is None and is_disk_full(exc):
+                                full = exc
+                                self._stop.set()
+                            unsynced.append(entry)
+                            outcome.files.append(FileResult(entry.path, "failed", existing, "", "not synced: the disk is full"))
+                            progress.advance(0, 1)
+                            continue
+                        except Exception as exc:  # one file's failure is reported, never fatal to the others
                             self._failed(outcome, entry, existing, exc, progress)
                             continue
-                        if full is None and is_disk_full(exc):
-                            full = exc
+                        old = state.get(entry.key)
+                        keep = {f[0] for f in files}
+                        dropped = [f for f in old.files if f[0] not in keep and not self._claims.taken(f[0])] if old is not None else []
+                        try:
+                            if dropped and self._source_problems():
+                                # the source could not read everything, so "no longer there" may be
+                                # "could not be read": the old files stay, and stay recorded
+                                state.record(Record(entry.key, entry.signature, [*files, *dropped]))
+                                dropped = []
+                            else:
+                                state.record(Record(entry.key, entry.signature, files))
+                        except OSError as exc:
+                            if not is_disk_full(exc):
+                                raise
+                            # the journal is full: its files are in place, whole, but not recorded
+                            # (the next run adopts them, or fetches a series again); stop here
+                            full = full or exc
                             self._stop.set()
-                        unsynced.append(entry)
-                        outcome.files.append(FileResult(entry.path, "failed", existing, "", "not synced: the disk is full"))
-                        progress.advance(0, 1)
-                        continue
-                    except Exception as exc:  # one file's failure is reported, never fatal to the others
-                        self._failed(outcome, entry, existing, exc, progress)
-                        continue
-                    old = state.get(entry.key)
-                    keep = {f[0] for f in files}
-                    dropped = [f for f in old.files if f[0] not in keep and not self._claims.taken(f[0])] if old is not None else []
-                    try:
-                        if dropped and self._source_problems():
-                            # the source could not read everything, so "no longer there" may be
-                            # "could not be read": the old files stay, and stay recorded
-                            state.record(Record(entry.key, entry.signature, [*files, *dropped]))
                             dropped = []
-                        else:
-                            state.record(Record(entry.key, entry.signature, files))
-                    except OSError as exc:
-                        if not is_disk_full(exc):
-                            raise
-                        # the journal is full: its files are in place, whole, but not recorded
-                        # (the next run adopts them, or fetches a series again); stop here
-                        full = full or exc
-                        self._stop.set()
-                        dropped = []
-                    for path, *_ in dropped:  # files of the old version that the new one no longer has
-                        (self.options.dropoff / path).unlink(missing_ok=True)
-                    for path, size, _ in files:
-                        outcome.bytes += size
-                        if existing:
-                            outcome.updated += 1
-                        else:
-                            outcome.created += 1
-                        outcome.files.append(FileResult(path, "completed", existing,
-                                                        "Updated file on destination" if existing else "Created file on destination"))
-                    progress.advance(0, 1)
+                        for path, *_ in dropped:  # files of the old version that the new one no longer has
+                            (self.options.dropoff / path).unlink(missing_ok=True)
+                        for path, size, _ in files:
+                            outcome.bytes += size
+                            if existing:
+                                outcome.updated += 1
+                            else:
+                                outcome.created += 1
+                            outcome.files.append(FileResult(path, "completed", existing,
+                                                            "Updated file on destination" if existing else "Created file on destination"))
+                        progress.advance(0, 1)
+                except BaseException:  # SIGTERM (Terminated), Ctrl-C: start nothing more, end what runs
+                    self._stop.set()
+                    raise
+
         finally:
             progress.close()
 
