@@ -45,3 +45,29 @@ def test_dicomweb_benchmark_quick_mode_runs_every_peer(tmp_path, dicom_env):
     for run in ("native full", "native no-op", "dicomweb-client loop"):
         assert run in rows and rows[run].rstrip().endswith("| ok |"), rows.get(run, f"no row {run!r}")
     assert (results.read_bytes() if results.exists() else None) == before  # --quick never overwrites the saved table
+
+
+def test_reliability_quick_mode_prints_every_table_and_meets_the_done_criteria(tmp_path, dicom_env):
+    """`bench/reliability.py --quick` runs a few of every scenario of issue 11 (kills per source,
+    network faults, a full disk, two runs on one dropoff, a read-only dropoff, bad input,
+    hostile names, secrets) and prints the tables; the done criteria are its totals: no
+    corrupted file, no silently lost file, no internal error, no leaked secret."""
+    import re
+
+    results = ROOT / "bench" / "results" / "reliability.md"
+    before = results.read_bytes() if results.exists() else None
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "reliability.py"), "--quick", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, **dicom_env, PYTHONWARNINGS="ignore"), check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for section in ("Reference runs", "Kills", "Network faults", "Full disk", "Two runs on one dropoff", "Read-only dropoff",
+                    "Bad input", "Hostile and colliding names", "Secrets", "Totals"):
+        assert f"\n## {section}" in out, f"no {section!r} table"
+    assert "harness error" not in out and "not measured" not in out, out[-6000:]
+    totals = re.search(r"^TOTALS: corrupted files (\d+), silently lost files (\d+), internal errors (\d+), "
+                       r"leaked secrets (\d+)", out, re.MULTILINE)
+    assert totals, out[-3000:]
+    assert [int(n) for n in totals.groups()] == [0, 0, 0, 0], out[out.find("## Totals"):]
+    assert (results.read_bytes() if results.exists() else None) == before  # --quick never overwrites the saved table
