@@ -176,3 +176,20 @@ def test_version_and_help():
     assert code == 0 and "clpipe" in out
     code, out, _ = clpipe("dicom", "flywheel_sync", "-help")
     assert code == 0 and "-config_file" in out and "-submit" in out and "-temp_dir" in out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["dicom", "sync", "-sourceurl", "file:///x"], "no such option: -sourceurl; did you mean -source_url?"),
+    (["dicom", "sync", "-limit", "-3"], "-3 is not in the range x>=0"),
+    (["dicom", "flywheel_sync", "-confg_file", "x"], "no such option: -confg_file; did you mean -config_file?"),
+    (["dicom", "flywheel_sync", "-engine", "turbo"], "'turbo' is not one of 'fw-cli', 'native'"),
+    (["dicom", "sync", "-c", "."], "is a directory"),
+])
+def test_a_mistyped_command_line_is_one_line_naming_the_fix(tmp_path, args, expected):
+    """click's usage errors print a usage block and a hint on three lines, and name a
+    mistyped single-dash word by one of its letters (-o): one line, like every other error."""
+    code, out, err = clpipe(*args, cwd=tmp_path)
+    assert code == 2
+    assert out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("clpipe: error: ") and expected in line and "-help`" in line, err

@@ -105,7 +105,7 @@ def test_every_page_is_in_the_toctree_and_the_design_notes_are_kept(site):
 SOURCES = ROOT / "src" / "clpipe" / "sources"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 # The exceptions whose text a user reads (printed as `clpipe: error: ...` or `FAILED ...: ...`).
-MESSAGE_CALLS = {"ConfigError", "PreflightError", "PermanentError", "TransientError", "_Released", "RuntimeError"}
+MESSAGE_CALLS = {"ConfigError", "PreflightError", "PermanentError", "TransientError", "Released", "RuntimeError"}
 # Lists of notes printed after a run: FolderStats.notes() builds `out`, DicomWebSource keeps `self.notes`.
 NOTE_LISTS = {"out", "notes"}
 # Raised messages that a user never sees (a phrase of each), with the reason.
@@ -117,13 +117,17 @@ NOT_PRINTED = {
 # file (read through ast.unparse, so a phrase may span implicitly joined literals, and
 # quotes are not escaped) and on the page; `{...}` names a value filled in at run time.
 EXTRA_PHRASES = {
-    "sources/dimse.py": [
+    "sources/dimse/association.py": [
         "the host name", "is not known; check the SourceURL",
         "check the host and port in the SourceURL and that the PACS is running",
         "check the host and port, and that a firewall lets this machine through",
-        "check the host, the port and the network",
+        "check the host, the port and the network", "no reason given",
+    ],
+    "sources/dimse/pdu.py": [
         "temporary congestion", "local limit exceeded", "application context not supported",
-        "protocol version not supported", "no reason given",
+        "protocol version not supported",
+    ],
+    "sources/dimse/source.py": [
         "and that a firewall lets it connect there",
         "the PACS may hold a SOP class or transfer syntax clpipe did not offer",
         "instances arrived, ", "sub-operations failed; ",
@@ -132,15 +136,17 @@ EXTRA_PHRASES = {
         "connection refused", "unknown host name", "the token in", "no credentials",
         "the user name and password in", "answered HTTP",
     ],
-    "config/project.py": [
+    "config/loader.py": [
         'is "move": set ',
         "to the port on which this machine receives the images (the PACS must know our AE title at that port)",
         "the fw-cli engine syncs only from Flywheel (fw://); remove ",
+        'expected an object such as {{"PatientID": "SUBJ*"}}, found ',
+        "expected a whole number of studies (0: no limit)", "expected text (DICOM wildcards * and ? allowed)",
+    ],
+    "config/options.py": [  # the checks declared with each SourceOptions key
         "expected an AE title of 1-16 ASCII characters without a backslash",
         'expected "get" (C-GET) or "move" (C-MOVE, which needs MovePort)',
         "expected a TCP port number (1-65535), or 0 for none", "no such file", "expected a file path as text",
-        'expected an object such as {{"PatientID": "SUBJ*"}}, found ',
-        "expected a whole number of studies (0: no limit)", "expected text (DICOM wildcards * and ? allowed)",
     ],
     "sync/layout.py": ["uses no field, so every series would land in one folder; use e.g. {{subject}}/{{session}}/{{series}}"],
     "fwcli.py": [
@@ -157,11 +163,12 @@ EXTRA_PHRASES = {
         "of the series' ", "the series has no instances to retrieve",
         "--delete: the source listed nothing, so all ",
         "files synced before would be removed; nothing was deleted (check the source, e.g. that its share is mounted)",
-        "still to sync", "the journal of this run (the dropoff's .clpipe-sync folder)", "set DropoffDirectory elsewhere", "set TempDirectory elsewhere", "the audit log ", " and the summary ",
+        "still to sync", "the journal of this run (the dropoff's .clpipe-sync folder)", "set DropoffDirectory elsewhere", "set TempDirectory elsewhere",
         # local names (issue 11)
         "renamed: their names collided with another's or were not portable (see 'Local names' in docs/engines.md)",
         "files synced under earlier names ", "renamed in place (nothing downloaded)",
     ],
+    "sync/reports.py": ["the audit log ", " and the summary "],
     # a full disk, in any step (issue 11): the one line and its parts
     "errors.py": ["no space left", "disk quota exceeded", "then run again: finished files are kept", "free space", "needed for "],
     "sync/run.py": ["this sync's bookkeeping (the dropoff's .clpipe-sync folder)",
@@ -240,11 +247,13 @@ def _phrases(parts: list[str | None]) -> list[str]:
 
 
 def source_messages() -> dict[str, list[list[str]]]:
-    """The messages of src/clpipe/sources/*.py, by file, each as its distinctive fixed
-    phrases: the text of every ConfigError/PreflightError/PermanentError/TransientError(...)
-    (raised or returned) and of every note appended to a note list."""
+    """The messages of src/clpipe/sources/*.py and of its packages' modules (*/*.py), by
+    file (its path under sources/), each as its distinctive fixed phrases: the text of every
+    ConfigError/PreflightError/PermanentError/TransientError(...) (raised or returned) and
+    of every note appended to a note list."""
     found: dict[str, list[list[str]]] = {}
-    trees = {path: ast.parse(path.read_text(encoding="utf-8")) for path in sorted(SOURCES.glob("*.py"))}
+    trees = {path: ast.parse(path.read_text(encoding="utf-8"))
+             for path in sorted([*SOURCES.glob("*.py"), *SOURCES.glob("*/*.py")])}
     shared = _shared_tuples(list(trees.values()))
     for path, tree in trees.items():
         known = _module_words(tree, shared)
@@ -264,7 +273,7 @@ def source_messages() -> dict[str, list[list[str]]]:
                     phrases = _phrases(_text_parts(call.args[0], known, dict(local)))
                     if phrases and phrases not in messages:
                         messages.append(phrases)
-        found[path.name] = messages
+        found[path.relative_to(SOURCES).as_posix()] = messages
     return found
 
 
@@ -281,7 +290,8 @@ def test_troubleshooting_lists_every_message_of_the_sources():
     # the extraction itself works: many messages from every source, read whole where
     # they are built from constants and from local variables
     assert sum(len(m) for m in found.values()) > 100, found
-    for name in ("dicom.py", "dicomweb.py", "dimse.py", "localdir.py", "flywheel.py"):
+    for name in ("dicom.py", "dicomweb.py", "dimse/association.py", "dimse/source.py", "dimse/wire.py", "localdir.py",
+                 "flywheel.py"):
         assert len(found[name]) >= 5, (name, found[name])
     flat = {p for messages in found.values() for m in messages for p in m}
     assert ("set either CLPIPE_DICOMWEB_TOKEN (a Bearer token) or CLPIPE_DICOMWEB_USER and "
@@ -320,3 +330,110 @@ def test_the_dicom_troubleshooting_sections_are_on_the_built_page(site):
                     "Folders (file://)", "Notes after a DICOM sync"):
         assert heading in text, heading
     assert 'href="#dicom-sources-clpipe-dicom-sync"' in (site / "troubleshooting.html").read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- SourceOptions keys
+# Each key is declared once, in src/clpipe/config/options.py: the docs' tables are generated
+# from the declarations, and the prose around them must name the same keys, spell them the
+# same way in both dialects and give the same defaults.
+
+DOCS = ROOT / "docs"
+GENERATED_TABLE = re.compile(
+    r"<!-- generated: python -m clpipe\.config\.options (\w+) [^>]*-->\n(.*?)<!-- end of the generated table -->", re.DOTALL)
+
+
+def _definition_terms(text: str) -> list[tuple[str, str]]:
+    """The terms of a page's definition lists ("term\\n: definition"), each with its definition."""
+    lines = text.splitlines()
+    terms = []
+    for i, line in enumerate(lines[:-1]):
+        if line.strip() and lines[i + 1].startswith(": "):
+            body = [lines[i + 1][2:]]
+            for more in lines[i + 2:]:
+                if not more.startswith("  "):
+                    break
+                body.append(more.strip())
+            terms.append((line, " ".join(body)))
+    return terms
+
+
+def test_the_option_tables_in_the_docs_are_generated_from_the_declarations():
+    from clpipe.config.options import QUERY_OPTIONS, SOURCE_OPTIONS, markdown_table
+
+    found = {}
+    for page in sorted(DOCS.glob("*.md")):
+        for which, table in GENERATED_TABLE.findall(page.read_text(encoding="utf-8")):
+            found[which] = page.name
+            assert table == markdown_table(which), (
+                f"docs/{page.name}: the {which} table is not what src/clpipe/config/options.py declares; replace it "
+                f"with the output of `python -m clpipe.config.options {which}`")
+    assert found == {"source": "flywheel-sync.md", "query": "other-sources.md"}
+    # one row per declared key, in both spellings
+    for which, options in (("source", SOURCE_OPTIONS), ("query", QUERY_OPTIONS)):
+        rows = markdown_table(which).splitlines()[2:]
+        assert [row.split(" | ")[0] for row in rows] == [f"| `{o.legacy}` / `{o.snake}`" for o in options]
+    assert len(SOURCE_OPTIONS) >= 18 and len(QUERY_OPTIONS) == 7
+
+
+def test_the_prose_names_every_declared_key_with_its_spelling_and_default():
+    """The definition lists of flywheel-sync and other-sources explain every SourceOptions
+    key and no other; the troubleshooting page names only declared keys; every
+    "`Legacy` / `snake`" or "`Legacy` (`snake`)" pair on any page (README too) is a declared
+    pair; and a "Default: `x`" in a key's definition is its declared default."""
+    from clpipe.config.options import QUERY_OPTION, SOURCE_OPTION, SOURCE_OPTIONS
+    from clpipe.sources.dicom import DEFAULT_TEMPLATE
+
+    by_legacy = {o.legacy: o for o in (*SOURCE_OPTION.values(), *QUERY_OPTION.values())}
+    problems, explained, defaults_checked = [], set(), 0
+    for name in ("flywheel-sync.md", "other-sources.md"):
+        for term, body in _definition_terms((DOCS / name).read_text(encoding="utf-8")):
+            keys = re.findall(r"`([A-Z][A-Za-z]+)`", term)
+            explained.update(keys)
+            problems += [f"docs/{name}: `{k}` is no SourceOptions key" for k in keys if k not in by_legacy]
+            default = re.search(r"\b[Dd]efault:? (?:`([^`]+)`|(\d+)\b)", body)
+            if len(keys) == 1 and keys[0] in by_legacy and default:
+                defaults_checked += 1
+                shown = default.group(1) or default.group(2)
+                option = by_legacy[keys[0]]
+                expected = DEFAULT_TEMPLATE if (option.snake, name) == ("layout_template", "other-sources.md") else str(option.default)
+                if shown != expected:
+                    problems.append(f"docs/{name}: {keys[0]} defaults to {expected!r}, not {shown!r}")
+    problems += [f"{o.legacy} is not explained in docs/flywheel-sync.md or docs/other-sources.md"
+                 for o in SOURCE_OPTIONS if o.legacy not in explained]
+    for term, _ in _definition_terms((DOCS / "troubleshooting.md").read_text(encoding="utf-8")):
+        named = re.match(r"((?:`[A-Z][A-Za-z]+`(?:, )?)+): `", term)
+        for key in re.findall(r"`([A-Za-z]+)`", named.group(1)) if named else []:
+            if key not in by_legacy:
+                problems.append(f"docs/troubleshooting.md: `{key}` is no SourceOptions key")
+    pairs = 0
+    for page in (*sorted(DOCS.glob("*.md")), ROOT / "README.md"):
+        text = page.read_text(encoding="utf-8")
+        for legacy, snake in re.findall(r"`([A-Z][A-Za-z]+)` (?:/ |\()`([a-z_]+)`", text):  # `A` / `a`, `A` (`a`)
+            if legacy in by_legacy:
+                pairs += 1
+                if by_legacy[legacy].snake != snake:
+                    problems.append(f"{page.name}: `{legacy}` is `{by_legacy[legacy].snake}` in clpipe 1.9, not `{snake}`")
+    assert not problems, "\n".join(problems)
+    assert defaults_checked >= 8 and pairs >= 40, (defaults_checked, pairs)
+
+
+def test_the_flags_that_override_a_key_say_which_and_name_only_declared_keys():
+    from clpipe.config.options import QUERY_OPTIONS, SOURCE_OPTIONS, TOP_KEYS
+
+    keys = ({o.legacy for o in SOURCE_OPTIONS} | {f"Query.{o.legacy}" for o in QUERY_OPTIONS}
+            | {legacy for legacy, _ in TOP_KEYS.values()})
+    options = [(path, p) for path, command in visible_commands(cli) if path.startswith("clpipe dicom ")
+               for p in command.params if isinstance(p, click.Option) and not p.hidden]
+    problems = []
+    for path, option in options:
+        for key in re.findall(r"overrides ([A-Za-z.]+)", option.help or ""):
+            if key not in keys:
+                problems.append(f"{path} {option.opts[0]}: overrides {key}, which is no config key")
+    for declared in (o for o in (*SOURCE_OPTIONS, *QUERY_OPTIONS) if o.flag):
+        key = declared.legacy if declared in SOURCE_OPTIONS else f"Query.{declared.legacy}"
+        flags = [(path, o) for path, o in options if declared.flag in o.opts]
+        if not flags:
+            problems.append(f"{declared.flag} ({key}) is on no command")
+        problems += [f"{path} {declared.flag}: its help does not say it overrides {key}"
+                     for path, o in flags if f"overrides {key})" not in (o.help or "") and f"overrides {key}." not in (o.help or "")]
+    assert not problems, "\n".join(problems)

@@ -402,3 +402,36 @@ def test_a_journal_line_torn_by_a_full_disk_costs_only_its_own_record(small_disk
     assert set(again.keys()) == {"a", "c"}
     state.save()
     assert (state.root / MANIFEST).exists() and not journal.exists()
+
+
+# ------------------------------------------------- the one listing request: transient faults
+
+
+@pytest.mark.parametrize("status", [503, 429, 500])
+def test_a_transient_fault_of_the_listing_is_tried_again(no_fw_env, tmp_path, status):
+    """The whole run hangs on one listing request: a 503 (or 429, 500) from a busy site is
+    asked again (after Retry-After), not the end of the run."""
+    project = make_demo_project(subjects=1, sessions=1, acquisitions=2, slices=2)
+    with FlywheelTestServer(projects=[project], api_keys={KEY}) as server:
+        login(no_fw_env, server)
+        server.add_fault(r"download/targets", "status", count=2, status=status, retry_after="0")
+        config = new_project(tmp_path / "p")
+        code, out, err, _ = run(no_fw_env, config)
+        assert code == 0, out + err
+        assert landed(config.parent / "data_DICOMs") == project.expected_dicom_paths(strip_root=True)
+        assert sum("download/targets" in r["path"] for r in server.requests) == 3
+
+
+def test_a_listing_that_keeps_failing_ends_the_run_in_one_line(no_fw_env, tmp_path):
+    project = make_demo_project(subjects=1, sessions=1, acquisitions=1, slices=2)
+    with FlywheelTestServer(projects=[project], api_keys={KEY}) as server:
+        login(no_fw_env, server)
+        server.add_fault(r"download/targets", "status", status=503, retry_after="0")
+        config = new_project(tmp_path / "p")
+        code, out, err, _ = run(no_fw_env, config)
+        assert code == 1, out + err
+        assert "internal error" not in out + err
+        (line,) = [x for x in err.splitlines() if x.startswith("clpipe: error:")]
+        assert "Flywheel listing of the project failed with HTTP 503" in line and "3 times" in line, err
+        assert sum("download/targets" in r["path"] for r in server.requests) == 3
+        assert not landed(config.parent / "data_DICOMs")

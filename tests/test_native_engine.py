@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-import clpipe.sync.engine as engine_module
 from clpipe.sync.engine import Engine, Options, Progress, RemoteEntry, TransientError, copy_file
 from clpipe.sync.manifest import SyncState
 from clpipe.testing.fwserver import Acquisition, FlywheelTestServer, FwFile, Project, Session, Subject, make_demo_project
@@ -492,7 +491,7 @@ def test_dry_run_writes_nothing(tmp_path):
 def test_copy_file_falls_back_and_copies_every_byte(tmp_path, monkeypatch, broken):
     """copy_file: copy_file_range where it works; sendfile where it does not (another
     filesystem on an older kernel, a filesystem without it); read/write when neither does."""
-    monkeypatch.setattr(engine_module, "_NO_COPY_RANGE", set())
+    monkeypatch.setattr("clpipe.sync.fileio._NO_COPY_RANGE", set())  # where copy_file remembers the fallbacks
     used = []
     real_range, real_sendfile = os.copy_file_range, os.sendfile
 

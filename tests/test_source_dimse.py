@@ -761,7 +761,7 @@ def test_a_silent_read_is_waited_for_while_keep_waiting_says_so():
     """A C-MOVE's association may stay silent (Pending responses are optional) while its
     instances arrive on our storage SCP: a read that times out asks keep_waiting, and
     waits on while it says so; then it fails in words."""
-    from clpipe.sources.dimse import _Wire
+    from clpipe.sources.dimse.wire import Wire as _Wire
 
     ours, theirs = socket.socketpair()
     ours.settimeout(0.2)
@@ -786,7 +786,7 @@ def test_a_release_collision_is_answered_at_once():
     A-RELEASE-RQ with an A-RELEASE-RP and close, rather than wait for an answer to ours."""
     import struct
 
-    from clpipe.sources.dimse import _Channel
+    from clpipe.sources.dimse.association import Channel as _Channel
 
     ours, theirs = socket.socketpair()
     channel = _Channel.__new__(_Channel)  # an established association, without connecting

@@ -1,7 +1,24 @@
-"""Errors a user can cause, each carrying the exit code the command ends with.
+"""Every error of clpipe, in one tree, each carrying the exit code the command ends with.
 
 The CLI prints ``str(error)`` as one line (no traceback unless ``-debug``) and exits with
-``error.exit_code``.
+``error.exit_code``::
+
+    ClpipeError              a problem the user can fix; the message says what (exit 1)
+    ├── ConfigError          user error: the configuration or the command line (exit 2)
+    ├── PreflightError       run failure before any transfer: tool, login, server, folder (1)
+    ├── SyncFailed           run failure: not every file arrived intact (1)
+    ├── DiskFull             run failure: a folder's filesystem or quota is full (1)
+    └── TransferError        one remote item could not be fetched (1)
+        ├── TransientError   worth retrying (429, 5xx, timeouts, resets, bad bodies); may
+        │   │                carry the server's Retry-After
+        │   └── VerifyError  the bytes that arrived are not the remote file
+        └── PermanentError   not worth retrying (404, 403, a hostile name, retries used up)
+    Terminated               (a BaseException) SIGTERM/SIGHUP: exit 128+N
+
+A source raises :class:`TransientError` or :class:`PermanentError` for one item; the sync
+engine retries the transient ones (``sync/transfer.py``) and reports each item that failed
+in the end, so a transfer error reaches the CLI only when a step outside the engine (a
+DICOM listing) lets it through, and it is said as one line like any other.
 """
 
 from __future__ import annotations
@@ -9,8 +26,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, TypeGuard
+from typing import TypeGuard
 
 
 class ClpipeError(Exception):
@@ -37,6 +55,29 @@ class SyncFailed(ClpipeError):
     exit_code = 1
 
 
+class TransferError(ClpipeError):
+    """One remote item (a file, a series) could not be fetched: see its two kinds."""
+
+    exit_code = 1
+
+
+class TransientError(TransferError):
+    """Worth retrying: 429, 5xx, timeouts, dropped connections, bad bodies. ``retry_after``:
+    the seconds the server asked to wait (Retry-After), or None."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class VerifyError(TransientError):
+    """The bytes that arrived are not the remote file (wrong size, checksum or zip CRC)."""
+
+
+class PermanentError(TransferError):
+    """Not worth retrying (404, 403, ...)."""
+
+
 #: the errors of a full filesystem, or of a full quota on it
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -59,7 +100,7 @@ class DiskFull(ClpipeError):
 
     @classmethod
     def at(cls, exc: OSError, folders: Sequence[tuple[Path, str]], *, needed: int | None = None, purpose: str = "",
-           outcome: object = None) -> "DiskFull":
+           outcome: object = None) -> DiskFull:
         """The error for ``exc`` (ENOSPC or EDQUOT). ``folders``: (folder, how to move it
         elsewhere, e.g. "set DropoffDirectory elsewhere", or "") for each folder the step
         writes to; the one named holds the file ``exc`` names, else it is the fullest.

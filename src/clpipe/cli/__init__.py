@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
+from ..config.options import ENGINES, flag_help
 from ..errors import ClpipeError, ConfigError, DiskFull, Terminated, is_disk_full
 
 _STATE = {"debug": False}
@@ -62,8 +63,8 @@ _AFTER_HELP = "Start the sync only after this batch job has completed successful
 def _common_options(func):
     for option in reversed([
         click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP),
-        click.option("-dropoff_dir", "--dropoff-dir", "dropoff_dir", help="Where synced DICOMs go (overrides DropoffDirectory)."),
-        click.option("-temp_dir", "--temp-dir", "temp_dir", help="Where temporary files go (overrides TempDirectory)."),
+        click.option("-dropoff_dir", "--dropoff-dir", "dropoff_dir", help=flag_help("dropoff_directory")),
+        click.option("-temp_dir", "--temp-dir", "temp_dir", help=flag_help("temp_directory")),
         click.option("-batch_config", "--batch-config", "batch_config", help=_BATCH_HELP),
         click.option("-after", "--after", "after", metavar="JOBID", help=_AFTER_HELP),
         click.option("-submit", "-s", "--submit", "submit", is_flag=True, help=SUBMIT_HELP),
@@ -73,9 +74,9 @@ def _common_options(func):
 
 
 @dicom.command("flywheel_sync")
-@click.option("-source_url", "--source-url", "source_url", help="Flywheel project to sync, fw://<group>/<project>/ (overrides SourceURL). `fw ls` browses projects.")
-@click.option("-engine", "--engine", "engine", type=click.Choice(["fw-cli", "native"]),
-              help="native: clpipe's own engine, no fw needed (the default); fw-cli: run the Flywheel CLI's fw sync (overrides Engine).")
+@click.option("-source_url", "--source-url", "source_url", help=flag_help("source_url", "Flywheel project to sync, fw://<group>/<project>/ (overrides {key}). `fw ls` browses projects."))
+@click.option("-engine", "--engine", "engine", type=click.Choice(ENGINES),
+              help=flag_help("engine"))
 @_common_options
 @_debug_option
 def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, batch_config, after, submit) -> int:
@@ -95,15 +96,15 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, ba
 
 @dicom.command("sync")
 @click.option("-source_url", "--source-url", "source_url",
-              help="What to sync (overrides SourceURL): fw://group/project/, dicomweb+http(s)://host:port/path, "
-                   "dimse://CALLED_AET@host:port or file:///folder.")
-@click.option("-patient_id", "--patient-id", "patient_id", help="Only these patients: a PatientID or pattern with * and ? (overrides Query.PatientID).")
-@click.option("-patient_name", "--patient-name", "patient_name", help="Only these patients: a PatientName pattern, e.g. 'DOE^*' (overrides Query.PatientName).")
-@click.option("-study_date", "--study-date", "study_date", help="Only studies in this date range: YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD (overrides Query.StudyDate).")
-@click.option("-modality", "--modality", "modality", help="Only series of this modality, e.g. MR (overrides Query.Modality).")
-@click.option("-series_description", "--series-description", "series_description", help="Only series whose description matches this pattern (overrides Query.SeriesDescription).")
-@click.option("-accession_number", "--accession-number", "accession_number", help="Only the study with this accession number or pattern (overrides Query.AccessionNumber).")
-@click.option("-limit", "--limit", "limit", type=click.IntRange(min=0), help="At most this many studies (0: all; overrides Query.Limit).")
+              help=flag_help("source_url", "What to sync (overrides {key}): fw://group/project/, dicomweb+http(s)://host:port/path, "
+                                           "dimse://CALLED_AET@host:port or file:///folder."))
+@click.option("-patient_id", "--patient-id", "patient_id", help=flag_help("patient_id"))
+@click.option("-patient_name", "--patient-name", "patient_name", help=flag_help("patient_name"))
+@click.option("-study_date", "--study-date", "study_date", help=flag_help("study_date"))
+@click.option("-modality", "--modality", "modality", help=flag_help("modality"))
+@click.option("-series_description", "--series-description", "series_description", help=flag_help("series_description"))
+@click.option("-accession_number", "--accession-number", "accession_number", help=flag_help("accession_number"))
+@click.option("-limit", "--limit", "limit", type=click.IntRange(min=0), help=flag_help("limit", "At most this many studies (0: all; overrides {key})."))
 @_common_options
 @_debug_option
 def dicom_sync_cli(config_file, source_url, patient_id, patient_name, study_date, modality, series_description,
@@ -218,7 +219,7 @@ def _sync_job(config, batch_config, after, submit) -> int:
             raise DiskFull.at(exc, [(logs, "")], needed=len(text.encode()), purpose=f"the plan {plan_path.name}") from exc
         raise
     if layout and dicom_format_string(layout):
-        from ..config.project import write_dicom_format_string
+        from ..config.conversion import write_dicom_format_string
 
         done = write_dicom_format_string(config, dicom_format_string(layout))
         if done:
@@ -306,6 +307,13 @@ def _main(argv: list[str] | None) -> tuple[int, BaseException | None]:
     except click.exceptions.Abort:
         click.echo("clpipe: aborted", err=True)
         return 130, None
+    except click.UsageError as exc:  # one line, as every other error: what is wrong and where help is
+        where = exc.ctx.command_path if exc.ctx is not None else "clpipe"
+        message = exc.format_message()
+        if exc.ctx is not None:  # a misspelt option is the likeliest cause of any usage error
+            message = _unknown_option(exc.ctx, sys.argv[1:] if argv is None else argv) or message
+        click.echo(f"clpipe: error: {message} (see `{where} -help`)", err=True)
+        return exc.exit_code, exc
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code, exc
@@ -338,6 +346,28 @@ def _main(argv: list[str] | None) -> tuple[int, BaseException | None]:
             traceback.print_exc()
         return _internal_error(exc), exc
     return (result if isinstance(result, int) else 0), None
+
+
+def _unknown_option(ctx: click.Context, argv: list[str]) -> str:
+    """The option the user typed that the command does not have, with the nearest real one.
+    (click reports a word such as ``-sourceurl`` by one of its letters, ``-o``, since
+    single-dash words can be short options grouped together.)"""
+    import difflib
+
+    options = {name: param for param in ctx.command.params if isinstance(param, click.Option) for name in param.opts}
+    takes_value = False
+    for token in argv:
+        if takes_value:  # the value of the option before it, whatever it looks like
+            takes_value = False
+            continue
+        word = token.split("=", 1)[0]
+        if word in options:
+            takes_value = not options[word].is_flag and "=" not in token
+            continue
+        if word.startswith("-") and len(word) > 1 and " " not in word and not word.lstrip("-").replace(".", "").isdigit():
+            near = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+            return f"no such option: {word}" + (f"; did you mean {near[0]}?" if near else "")
+    return ""
 
 
 def _internal_error(exc: BaseException) -> int:

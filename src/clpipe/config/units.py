@@ -31,7 +31,7 @@ def parse_time(value: object) -> int:
     Fields after the first must be below 60 (minutes, seconds) or 24 (hours after days).
     """
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(TIME_EXPECTED)
+        raise ValueError(TIME_EXPECTED)  # noqa: TRY004 -- a user's value: its message, via the config model
     text = str(value).strip()
     if not text:
         raise ValueError(TIME_EXPECTED)
@@ -84,7 +84,7 @@ def parse_mem_mb(value: object) -> int:
     ``--mem``; suffixes K, M, G, T (optionally followed by B or iB) are binary units.
     """
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(MEM_EXPECTED)
+        raise ValueError(MEM_EXPECTED)  # noqa: TRY004 -- a user's value: its message, via the config model
     match = _MEM_RE.match(str(value))
     if not match:
         raise ValueError(MEM_EXPECTED)
@@ -98,7 +98,7 @@ def parse_mem_mb(value: object) -> int:
 def parse_cores(value: object) -> int:
     """Parse a core count: a positive integer, given as a number or a string of digits."""
     if isinstance(value, bool):
-        raise ValueError(CORES_EXPECTED)
+        raise ValueError(CORES_EXPECTED)  # noqa: TRY004 -- a user's value: its message, via the config model
     if isinstance(value, int):
         cores = value
     elif isinstance(value, str) and value.strip().isdigit():

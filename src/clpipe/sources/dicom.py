@@ -321,7 +321,7 @@ def entries(source: DicomSource, query: DicomQuery, template: str = DEFAULT_TEMP
     name needed no change, else the one with the smallest SeriesInstanceUID, keeps it; the
     others get ``~`` and hex digits from their UID. Every series is listed before the first
     is yielded, so that does not depend on the order the source lists them in."""
-    from ..sync.engine import RemoteEntry
+    from .base import RemoteEntry
 
     check_dicom_template(template)
     resolver = NameResolver()

@@ -38,8 +38,7 @@ from urllib.parse import quote
 
 import httpx
 
-from ..errors import ConfigError, PreflightError
-from ..sync.engine import PermanentError, TransientError
+from ..errors import ConfigError, PreflightError, PermanentError, TransientError
 from .dicom import DICOMWEB_CREDENTIALS, DicomQuery, Series, SourceSettings, SourceURL
 from .http import retry_after as _retry_after
 

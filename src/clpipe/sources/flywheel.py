@@ -12,6 +12,7 @@ import json
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ import httpx
 from ..errors import PreflightError
 from .http import retry_after as _retry_after
 
+LISTING_ATTEMPTS = 3  # the one listing request: tries before a transient fault ends the run
 URL_EXPECTED = "expected fw://<group>/<project> or fw://<group>/<project>/ (`fw ls` lists your projects)"
 LOGIN_HINT = "run `fw login <SITE>:<API KEY>` (the key is on your Flywheel profile page)"
 
@@ -207,23 +209,45 @@ class FlywheelAPI:
             raise PreflightError(f"{url} is a {body.get('container_type')}, not a project; {URL_EXPECTED}")
         return body
 
-    def download_targets(self, project_id: str, body_filters: dict, params: dict) -> Iterator[dict]:
-        """``POST download/targets``: every file of the project in one NDJSON response."""
+    def download_targets(self, project_id: str, body_filters: dict, params: dict,
+                         attempts: int = LISTING_ATTEMPTS) -> Iterator[dict]:
+        """``POST download/targets``: every file of the project in one NDJSON response.
+
+        A transient fault before the first line (429, 5xx, a dropped or refused connection,
+        a timeout) is tried again, ``attempts`` times in all, after the server's Retry-After
+        or 1, 2, 4 ... s; a listing that breaks off after lines were used cannot be resumed
+        (the run would act on half a listing), so that is an error at once."""
         payload = {"nodes": [{"level": "project", "_id": project_id}], **body_filters}
         query = {"type": "full", "prefix": "", **params}
         site = self.credentials.api_url
-        try:
-            with self._client.stream("POST", "/download/targets", params=query, json=payload) as response:
-                if response.status_code != 200:
-                    response.read()
-                    raise PreflightError(
-                        f"Flywheel listing of the project failed with HTTP {response.status_code} ({self._error_text(response)})"
-                    )
-                for line in response.iter_lines():
-                    if line.strip():
-                        yield json.loads(line)
-        except httpx.TransportError as exc:
-            raise PreflightError(f"the file listing from Flywheel at {site} broke off ({exc.__class__.__name__})") from None
+        for attempt in range(1, attempts + 1):
+            last = attempt == attempts
+            started = False
+            wait: float | None = None
+            try:
+                with self._client.stream("POST", "/download/targets", params=query, json=payload) as response:
+                    if response.status_code != 200:
+                        response.read()
+                        message = f"Flywheel listing of the project failed with HTTP {response.status_code} ({self._error_text(response)})"
+                        transient = response.status_code == 429 or response.status_code >= 500
+                        if not transient:
+                            raise PreflightError(message)
+                        if last:
+                            raise PreflightError(f"{message}, {attempts} times; check the site's status, then run again")
+                        wait = _retry_after(response)
+                    else:
+                        for line in response.iter_lines():
+                            if line.strip():
+                                started = True
+                                yield json.loads(line)
+                        return
+            except httpx.TransportError as exc:
+                if started or last:
+                    raise PreflightError(f"the file listing from Flywheel at {site} broke off ({exc.__class__.__name__}); "
+                                         "check the site is reachable from this node, then run again") from None
+            delay = wait if wait is not None else float(2 ** (attempt - 1))
+            print(f"[retry] the project listing: transient fault; attempt {attempt + 1} of {attempts} in {delay:.1f} s", flush=True)
+            time.sleep(delay)
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,7 +273,7 @@ def url_segment(value: str) -> str:
 
 def _http_error(response: httpx.Response, what: str = "") -> Exception:
     """The engine's error for a failed answer: 429 and 5xx are worth retrying, the rest not."""
-    from ..sync.engine import PermanentError, TransientError
+    from ..errors import PermanentError, TransientError
 
     message = f"{what}HTTP {response.status_code} ({FlywheelAPI._error_text(response)})"
     if response.status_code == 429 or response.status_code >= 500:
@@ -324,7 +348,7 @@ class FlywheelSource:
         local path (sync/layout.py): the whole listing is read first, so that which of two
         files whose names collide keeps the plain name does not depend on the listing's
         order (the engine plans nothing before the listing has ended anyway)."""
-        from ..sync.engine import RemoteEntry
+        from .base import RemoteEntry
         from ..sync.layout import NameResolver, PlannedFolder, bids_label, check_template, field_values, portable_name, template_parts
 
         resolver = NameResolver()
@@ -387,7 +411,7 @@ class FlywheelSource:
 
     @contextmanager
     def open(self, entry) -> Iterator[Iterator[bytes]]:
-        from ..sync.engine import TransientError
+        from ..errors import TransientError
 
         if entry.ref is not None:  # a metadata sidecar, made from the listing
             yield iter([entry.ref])
@@ -441,7 +465,7 @@ class FlywheelSource:
 
     def _container_hashes(self, container_id: str) -> dict[str, str | None]:
         """File name -> parsed hash of every file of one container."""
-        from ..sync.engine import TransientError
+        from ..errors import TransientError
 
         what = f"file hashes of container {container_id}: "
         try:

@@ -38,8 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..errors import ConfigError, PreflightError
-from ..sync.engine import TransientError
+from ..errors import ConfigError, PreflightError, TransientError
 from ..sync.manifest import STATE_DIR
 from .dicom import DicomQuery, Series, SourceSettings, SourceURL
 
@@ -645,7 +644,7 @@ class FolderSource:
         """``(SOPInstanceUID, the file's Path)`` for each file of a series (``entry``: the
         engine's entry whose ``ref`` is the :class:`Series`, or the Series itself). The
         engine copies each file itself, inside the kernel (``copy_file_range``, as ``cp``
-        does; see :func:`clpipe.sync.engine.copy_file`): the bytes never pass through Python,
+        does; see :func:`clpipe.sync.fileio.copy_file`): the bytes never pass through Python,
         and a file is opened once. A file that is gone or unreadable now: ``TransientError``
         naming it (retried: a share that dropped out may come back); an error on the
         dropoff's side (full, read-only) stays the engine's own."""

@@ -1,6 +1,7 @@
 """The native sync engine: plan, transfer, verify, record. It knows nothing of Flywheel.
 
-A *source* lists :class:`RemoteEntry` items and opens one as a stream of bytes; the engine
+A *source* lists :class:`RemoteEntry` items and opens one as a stream of bytes (or, for a
+DICOM series, yields its instances; ``sources/base.py``); the engine
 makes the dropoff match: it skips what the manifest (or an intact earlier download, e.g.
 by ``fw sync``) already has, downloads the rest in parallel into a temporary file on the
 dropoff's own filesystem, checks size, the server's checksum (from the listing or, just
@@ -14,91 +15,57 @@ A DICOM series (``entry.series``) comes from the source as instances, bytes or a
 file's path: each is staged in the dropoff's temporary folder (a local file copied inside
 the kernel, as ``cp`` does), the series' instance count is checked, then each is renamed to
 ``<SOPInstanceUID>.dcm`` in the series' folder.
+
+The engine's parts: the entry and the source protocols in ``sources/base.py``; the retry
+policy in ``transfer.py``; staging, copying and whole-file writes in ``fileio.py``; the
+progress bar in ``progress.py``; the outcome and its reports in ``reports.py``; the
+manifest and the lock in ``manifest.py``; local names in ``layout.py``. This module plans
+a run against the manifest and runs the transfers.
 """
 
 from __future__ import annotations
 
-import csv
-import errno
-import hashlib
 import io
 import itertools
-import json
 import os
 import posixpath
-import random
 import shutil
-import struct
-import sys
 import threading
 import time
 import uuid
-import zipfile
-import zlib
+from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
 
-from ..console import human_bytes, summary_line
-from ..errors import DiskFull, is_disk_full
+from ..console import human_bytes
+from ..errors import DiskFull, PermanentError, TransientError, VerifyError, is_disk_full
+from ..sources.base import (
+    HasChecksum,
+    HasFiles,
+    HasInstances,
+    HasMaxJobs,
+    HasMembers,
+    HasProblems,
+    RemoteEntry,
+    Source,
+)
+from .fileio import CHUNK, copy_file, unpack_zip, write_all, write_new
 from .layout import Claims, flatten_members, inside, is_portable, safe_part
 from .manifest import Record, SyncState
+from .progress import PROGRESS_EVERY, Progress, watched
+from .reports import FileResult, Outcome, write_reports
+from .transfer import RetryPolicy, Stopped, hasher
 
-CHUNK = 1 << 20
-PROGRESS_EVERY = 15.0
+# the names other modules imported from here before the engine was split: still here
+__all__ = [
+    "CHUNK", "IN_MEMORY_ZIP", "PROGRESS_EVERY", "Engine", "FileResult", "Options", "Outcome", "PermanentError",
+    "Progress", "RemoteEntry", "Source", "TransientError", "VerifyError", "copy_file", "watched", "write_all",
+    "write_new", "write_reports",
+]
+
 IN_MEMORY_ZIP = 64 << 20  # zips up to this size are unpacked from memory, larger ones from TempDirectory
-
-
-class TransientError(Exception):
-    """Worth retrying: 429, 5xx, timeouts, dropped connections, bad bodies."""
-
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class PermanentError(Exception):
-    """Not worth retrying (404, 403, ...)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteEntry:
-    key: str  # stable identity of the remote file
-    path: str  # where it lands, relative to the dropoff, POSIX (for a zip to unpack: the folder)
-    size: int
-    modified: float  # epoch seconds
-    checksum: str | None  # "sha384:<hex>" etc., or None when the source gives none
-    unpack: bool  # a zipped series to unpack into ``path``
-    ref: object = None  # what the source needs to open it
-    name: str = ""  # the remote file's own name, for messages
-    count: int = 0  # a series: how many instances it holds (0: not known)
-    version: str = ""  # what else identifies this version of it (a series: its instance count)
-    series: bool = False  # a DICOM series: the source yields its instances, one file each
-    renamed: bool = False  # its local name is not its remote one (made portable, or told apart from another's)
-
-    def describe(self) -> str:
-        return f"{self.path} ({self.name})" if self.name and self.name != posixpath.basename(self.path) else self.path
-
-    @property
-    def signature(self) -> list:
-        return [self.size, self.modified, self.checksum or ""] + ([self.version] if self.version else [])
-
-
-class Source(Protocol):
-    def open(self, entry: RemoteEntry) -> AbstractContextManager[Iterator[bytes]]: ...
-
-    def members(self, entry: RemoteEntry) -> list[tuple[str, int]] | None: ...
-
-    # optional: ``checksum(entry)``, the server's "algorithm:hex" of a file whose listing
-    # had none (None: the server has none), asked just before its download;
-    # ``instances(entry)`` for series entries, a context manager yielding
-    # (SOPInstanceUID, bytes or a local file's Path); ``max_jobs``, the most transfers
-    # worth running at once (read after the listing; Options.jobs is the ceiling);
-    # ``problems``, what the source holds but could not read ("path: reason"): each fails
-    # the run, and while there are any no synced file is removed (neither an old version's
-    # nor by --delete), since "gone" may be "could not be read"
 
 
 @dataclass
@@ -115,201 +82,16 @@ class Options:
     interactive: bool = False
 
 
-@dataclass(slots=True)
-class FileResult:
-    path: str
-    status: str  # completed | skipped | failed
-    existing: bool
-    action: str
-    error: str = ""
-
-
-@dataclass
-class Outcome:
-    created: int = 0
-    updated: int = 0
-    skipped: int = 0
-    adopted: int = 0
-    deleted: int = 0
-    failed: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    files: list[FileResult] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)  # keys skipped as already synced (rows made when reporting)
-    failures: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    renamed: int = 0  # entries whose local name is not their remote one (see layout.py)
-    moved: int = 0  # files synced under an earlier name, renamed in place to the current one
-
-    def summary(self) -> str:
-        return summary_line(self.created, self.updated, self.skipped, self.failed, self.bytes, self.seconds)
-
-
-class VerifyError(TransientError):
-    """The bytes that arrived are not the remote file (wrong size, checksum or zip CRC)."""
-
-
-class _Stopped(Exception):
-    """A transfer not started, not retried or cut short because the run stopped: a disk is
-    full, or the process was told to stop (SIGTERM, Ctrl-C)."""
-
-
-# what zipfile raises for damaged bytes, in the header as in the data (a flipped version
-# field: NotImplementedError "zip file version ..."; a flipped offset: ValueError "negative
-# seek value"; a flipped flag: RuntimeError "... is encrypted")
-_ZIP_DAMAGE = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError, struct.error,
-               ValueError, RuntimeError)
-
-
-def _hasher(checksum: str | None):
-    if not checksum:
-        return None
-    algorithm = checksum.split(":", 1)[0]
-    try:
-        return hashlib.new(algorithm)
-    except ValueError:
-        return None
-
-
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-_MAX_COUNT = 1 << 30  # bytes asked of one copy_file_range / sendfile call
-# copy_file_range fails this way where it cannot work (another filesystem on an older
-# kernel, a filesystem without it, seccomp filters): sendfile is tried, then read/write
-_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP,
-                             errno.EBADF, errno.ETXTBSY, errno.EPERM})
-_NO_COPY_RANGE: set[int] = set()  # st_dev of source filesystems where copy_file_range failed so
-
-
-def write_new(path: str, data: bytes) -> int:
-    """Write ``data`` to a file that must not exist yet; returns its size."""
-    fd = os.open(path, _CREATE, 0o666)
-    try:
-        return write_all(fd, data)
-    finally:
-        os.close(fd)
-
-
-def copy_file(src: Path | str, dst: str) -> int:
-    """Copy the local file ``src`` to a file ``dst`` that must not exist yet, inside the
-    kernel (``copy_file_range``, as ``cp`` does; else ``sendfile``; else read/write): the
-    bytes never pass through Python. Returns the bytes copied. An ``OSError`` of the
-    copy names ``src`` and ``dst``, as ``shutil.copyfile``'s does; one of opening names
-    the file it could not open."""
-    fd_in = os.open(src, _READ)
-    try:
-        st = os.fstat(fd_in)
-        fd_out = os.open(dst, _CREATE, 0o666)
-        try:
-            return _copy_fds(fd_in, fd_out, st.st_size, st.st_dev)
-        except OSError as exc:
-            exc.filename, exc.filename2 = os.fspath(src), dst
-            raise
-        finally:
-            os.close(fd_out)
-    finally:
-        os.close(fd_in)
-
-
-def _copy_fds(fd_in: int, fd_out: int, size: int, dev: int) -> int:
-    """Copy from the current offsets to the end of ``fd_in``. Each call asks for one byte
-    more than the rest of the file as ``fstat`` saw it, so a call that returns less after
-    reaching that size has met the end (one call for a whole small file, as one ``read``
-    would); a file that grew meanwhile is copied to its new end."""
-    method = 0 if dev not in _NO_COPY_RANGE and hasattr(os, "copy_file_range") else 1
-    copied = 0
-    while True:
-        ask = min(size - copied + 1 if copied <= size else CHUNK, _MAX_COUNT)
-        try:
-            if method == 0:
-                n = os.copy_file_range(fd_in, fd_out, ask)
-            elif method == 1:
-                n = os.sendfile(fd_out, fd_in, None, ask)
-            else:
-                ask = min(ask, CHUNK)
-                n = write_all(fd_out, os.read(fd_in, ask))
-        except OSError as exc:
-            if method < 2 and exc.errno in _NO_KERNEL_COPY:
-                if method == 0:
-                    _NO_COPY_RANGE.add(dev)
-                method += 1
-                continue
-            raise
-        if n == 0:
-            if method == 0 and copied < size:  # some filesystems copy nothing this way: ask sendfile
-                method = 1
-                continue
-            return copied
-        copied += n
-        if n < ask and copied >= size:
-            return copied
-
-
-def write_all(fd: int, data: bytes) -> int:
-    done = os.write(fd, data)
-    if done < len(data):  # a short write (a signal, a huge buffer): the rest
-        view = memoryview(data)
-        while done < len(view):
-            done += os.write(fd, view[done:])
-    return done
-
-
-def _terminal():
-    """Where the live bar goes: stdout when it is the terminal; else the terminal itself
-    when the job was started from one (its stdout then also goes to the log, so it says it is
-    no terminal: the bar is not copied there)."""
-    if sys.stdout.isatty():
-        return sys.stdout
-    try:
-        return open("/dev/tty", "w")
-    except OSError:
-        return sys.stdout
-
-
-def watched() -> bool:
-    """Does somebody watch this run on a terminal (then: a live bar, not progress lines)?"""
-    return sys.stdout.isatty() or os.environ.get("CLPIPE_TTY_PROGRESS") == "1"
-
-
-class Progress:
-    """A live bar on a terminal (rich), a plain line every PROGRESS_EVERY seconds otherwise."""
-
-    def __init__(self, total_files: int, total_bytes: int, interactive: bool):
-        self.total_files, self.total_bytes = total_files, total_bytes
-        self.done_files = self.done_bytes = 0
-        self.started = self._last = time.monotonic()
-        self._lock = threading.Lock()
-        self._bar = None
-        if interactive and total_files:
-            from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TimeRemainingColumn, TransferSpeedColumn
-
-            from rich.console import Console
-
-            self._bar = Bar("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            TimeRemainingColumn(), console=Console(file=_terminal(), stderr=False))
-            self._task = self._bar.add_task(f"syncing {total_files} files", total=total_bytes or None)
-            self._bar.start()
-
-    def advance(self, nbytes: int, files: int = 0) -> None:
-        with self._lock:
-            self.done_bytes += nbytes
-            self.done_files += files
-            if self._bar is not None:
-                self._bar.update(self._task, advance=nbytes)
-            elif time.monotonic() - self._last >= PROGRESS_EVERY:
-                self._last = time.monotonic()
-                rate = self.done_bytes / max(self._last - self.started, 1e-6) / 1e6
-                print(f"[progress {time.strftime('%H:%M:%S')}] {self.done_files}/{self.total_files} files, "
-                      f"{self.done_bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB, {rate:.1f} MB/s", flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
 
 class Engine:
     def __init__(self, source: Source, state: SyncState, options: Options):
         self.source, self.state, self.options = source, state, options
+        # what the source can do beyond listing (sources/base.py), found once
+        self._files = source if isinstance(source, HasFiles) else None
+        self._instances = source if isinstance(source, HasInstances) else None
+        self._members = source if isinstance(source, HasMembers) else None
+        self._checksum = source if isinstance(source, HasChecksum) else None
+        self._retry = self._policy()
         self._lock = threading.Lock()
         self._parts = itertools.count()  # this run's staged instances: .clpipe-sync/tmp/series-<n>.part
         self.jobs = 0  # transfers the last run ran at once (0: it had none to do)
@@ -351,7 +133,7 @@ class Engine:
         folder = dropoff / entry.path
         if not folder.is_dir():
             return None
-        members = self.source.members(entry)
+        members = self._members.members(entry) if self._members is not None else None
         if not members:
             return None
         names = flatten_members([name for name, size in members])
@@ -469,20 +251,21 @@ class Engine:
         do; a failed look-up is retried like any other transient fault). Returns the
         checksum the bytes matched, None when the server gave none (size checked only)."""
         expected = entry.checksum
-        lookup = getattr(self.source, "checksum", None)
-        if expected is None and lookup is not None:
-            expected = lookup(entry)
-        hasher = _hasher(expected)
+        if expected is None and self._checksum is not None:
+            expected = self._checksum.checksum(entry)
+        digest = hasher(expected)
+        if self._files is None:
+            raise PermanentError(f"{type(self.source).__name__} has no files to open (it is not a HasFiles source)")
         received = 0
         try:
-            with (open(target, "wb") if isinstance(target, Path) else nullcontext(target)) as out, self.source.open(entry) as chunks:
+            with (open(target, "wb") if isinstance(target, Path) else nullcontext(target)) as out, self._files.open(entry) as chunks:
                 for chunk in chunks:
                     if self._stop.is_set():  # the run is stopping: this transfer is not finished
-                        raise _Stopped()
+                        raise Stopped()
                     out.write(chunk)
                     received += len(chunk)
-                    if hasher is not None:
-                        hasher.update(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
                     progress.advance(len(chunk))
         except BaseException:
             progress.advance(-received)
@@ -490,9 +273,9 @@ class Engine:
         if received != entry.size:
             progress.advance(-received)
             raise VerifyError(f"received {received} bytes, expected {entry.size}")
-        if hasher is None:
+        if digest is None:
             return None
-        if expected is not None and hasher.hexdigest() != expected.split(":", 1)[1]:
+        if expected is not None and digest.hexdigest() != expected.split(":", 1)[1]:
             progress.advance(-received)
             raise VerifyError("checksum mismatch")
         return expected
@@ -518,10 +301,12 @@ class Engine:
         received = 0
         try:
             os.mkdir(stage)
-            with self.source.instances(entry) as items:
+            if self._instances is None:
+                raise PermanentError(f"{type(self.source).__name__} has no series to retrieve (it is not a HasInstances source)")
+            with self._instances.instances(entry) as items:
                 for uid, payload in items:
                     if self._stop.is_set():  # the run is stopping: this series is not finished
-                        raise _Stopped()
+                        raise Stopped()
                     name = safe_part(f"{uid}.dcm") if uid else ""
                     if not uid or name in staged:
                         continue
@@ -584,63 +369,19 @@ class Engine:
         else:
             self.options.zip_tmp.mkdir(parents=True, exist_ok=True)
             archive = self.options.zip_tmp / f"{uuid.uuid4().hex}.zip"
-        staged: list[tuple[Path, Path, str, int]] = []
-        placed = 0
         try:
             self._download(entry, archive, progress)
-            try:
-                with zipfile.ZipFile(archive) as zf:
-                    infos = [i for i in zf.infolist() if not i.is_dir() and i.file_size > 0]
-                    names = flatten_members([i.filename for i in infos])
-                    stem = uuid.uuid4().hex
-                    for n, info in enumerate(infos):
-                        rel = f"{entry.path}/{names[info.filename]}"
-                        try:
-                            final = inside(dropoff, rel)
-                        except ValueError as exc:  # a hostile name, not damage: not retried
-                            raise PermanentError(str(exc)) from None
-                        part = tmp / f"{stem}-{n}.part"
-                        staged.append((part, final, rel, info.file_size))  # before it exists: a failure removes it
-                        with open(part, "wb") as out:
-                            if info.file_size <= CHUNK:
-                                out.write(zf.read(info))  # zipfile checks the member's CRC
-                            else:
-                                with zf.open(info) as src:
-                                    shutil.copyfileobj(src, out, CHUNK)
-            except _ZIP_DAMAGE as exc:  # a damaged header or body: retried like any corruption
-                raise VerifyError(f"damaged zip ({str(exc) or exc.__class__.__name__})") from None
-            except OSError as exc:  # a damaged offset makes a zip on disk seek before its start
-                if exc.errno != errno.EINVAL:
-                    raise
-                raise VerifyError(f"damaged zip ({exc})") from None
-            for folder in {final.parent for _, final, _, _ in staged}:
-                folder.mkdir(parents=True, exist_ok=True)
-            for part, final, _, _ in staged:
-                os.replace(part, final)
-                placed += 1
-            return [[rel, size, ""] for _, _, rel, size in staged]
+            return unpack_zip(archive, entry.path, dropoff, tmp)
         finally:
             if isinstance(archive, Path):
                 archive.unlink(missing_ok=True)
-            for part, *_ in staged[placed:]:  # the renamed ones are in place: nothing to remove
-                part.unlink(missing_ok=True)
+
+    def _policy(self) -> RetryPolicy:
+        return RetryPolicy(self.options.retries, self.options.backoff, self.options.backoff_cap)
 
     def _with_retries(self, entry: RemoteEntry, progress: Progress) -> list[list]:
-        attempt = 0
-        while True:
-            attempt += 1
-            if self._stop.is_set():  # a disk is full: the run is stopping; this one stays to do
-                raise _Stopped()
-            try:
-                return self._fetch(entry, progress)
-            except TransientError as exc:
-                if attempt > self.options.retries:
-                    raise PermanentError(f"{exc} (gave up after {attempt} attempts)") from None
-                wait = exc.retry_after if exc.retry_after is not None else min(
-                    self.options.backoff_cap, self.options.backoff * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
-                print(f"[retry] {entry.describe()}: {exc}; attempt {attempt + 1} in {wait:.1f} s", flush=True)
-                if self._stop.wait(wait):
-                    raise _Stopped() from None
+        """:meth:`_fetch`, tried again after each transient fault (sync/transfer.py)."""
+        return self._retry.run(lambda: self._fetch(entry, progress), entry.describe, self._stop)
 
     # -- the run -------------------------------------------------------------------------
 
@@ -651,6 +392,7 @@ class Engine:
         started = time.monotonic()
         outcome = Outcome()
         state = self.state
+        self._retry = self._policy()
         todo: list[tuple[RemoteEntry, bool]] = []
         listed: set[str] | None = set() if self.options.delete else None
         self.listed = self.listed_bytes = 0
@@ -725,7 +467,8 @@ class Engine:
         progress = Progress(len(todo), sum(e.size for e, _ in todo), self.options.interactive)
         # a source may know that fewer are better (a local folder: no more than the CPUs);
         # asked after the listing, which is when it knows
-        jobs = max(1, min(self.options.jobs, getattr(self.source, "max_jobs", None) or self.options.jobs))
+        wanted = self.source.max_jobs if isinstance(self.source, HasMaxJobs) else None
+        jobs = max(1, min(self.options.jobs, wanted or self.options.jobs))
         self.jobs = jobs if todo else 0
         # A full disk (or quota) stops the run: no transfer starts after it (the next 1,000
         # would fail the same way), those under way end, and what finished is journalled.
@@ -737,10 +480,10 @@ class Engine:
                     for future, (entry, existing) in _bounded(pool, self._with_retries, todo, progress, jobs * 4, self._stop):
                         try:
                             if future is None:  # never started: the run stopped first
-                                raise _Stopped()
+                                raise Stopped()
                             files = future.result()
-                        except (_Stopped, OSError) as exc:
-                            if not isinstance(exc, _Stopped) and not is_disk_full(exc):
+                        except (Stopped, OSError) as exc:
+                            if not isinstance(exc, Stopped) and not is_disk_full(exc):
                                 self._failed(outcome, entry, existing, exc, progress)
                                 continue
                             if full is None and is_disk_full(exc):
@@ -750,7 +493,7 @@ class Engine:
                             outcome.files.append(FileResult(entry.path, "failed", existing, "", "not synced: the disk is full"))
                             progress.advance(0, 1)
                             continue
-                        except Exception as exc:  # one file's failure is reported, never fatal to the others
+                        except Exception as exc:  # noqa: BLE001 (one file's failure is reported, never fatal to the others)
                             self._failed(outcome, entry, existing, exc, progress)
                             continue
                         old = state.get(entry.key)
@@ -829,7 +572,7 @@ class Engine:
     def _source_problems(self) -> list[str]:
         """What the source holds but could not read ("path: reason"; a folder source knows
         them all before it lists its first series)."""
-        return list(getattr(self.source, "problems", None) or [])
+        return list(self.source.problems or []) if isinstance(self.source, HasProblems) else []
 
     def _delete(self, listed: set[str], outcome: Outcome) -> None:
         """Remove files this tool wrote whose remote file is gone: never after errors, and
@@ -837,7 +580,7 @@ class Engine:
         if outcome.failed:
             outcome.notes.append("--delete skipped: the run had errors, so nothing is deleted")
             return
-        gone = [self.state.get(k) for k in self.state.keys() if k not in listed]
+        gone = [r for k in self.state.keys() if k not in listed and (r := self.state.get(k)) is not None]  # noqa: SIM118 (not a dict)
         count = sum(len(r.files) for r in gone)
         if gone and not listed:  # an unmounted share or an emptied query looks exactly like this
             outcome.failed += 1
@@ -881,68 +624,3 @@ def _bounded(pool: ThreadPoolExecutor, work, todo: list, progress: Progress, win
             yield done, item
     for item in items:  # stopped before the queue ran dry
         yield None, item
-
-
-def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: dict, state: SyncState | None = None) -> None:
-    """The audit CSV in fw's columns (properly quoted; failed files get a row too) and a
-    JSON summary beside it. ``state`` gives the files of the unchanged entries.
-
-    Each is written whole under a temporary name and renamed, so a full disk never leaves
-    half a report: it raises :class:`DiskFull` naming the folder and about how many bytes
-    the reports need."""
-    rows = [(f.path, f.status, f.existing, f.error, f.action) for f in outcome.files]
-    if state is not None:
-        rows += [(f[0], "skipped", True, "", "") for key in outcome.unchanged for f in state.get(key).files]
-    rows.sort(key=lambda row: row[0])
-
-    def audit(out) -> None:
-        writer = csv.writer(out)
-        writer.writerow(["src_path", "dest_path", "status", "existing", "error_message", "action_taken"])
-        for path, status, existing, error, action in rows:
-            writer.writerow(["" if action.startswith("Deleted") else path, path, status, str(existing), error, action])
-
-    data = {
-        **extra,
-        "created": outcome.created, "updated": outcome.updated, "skipped": outcome.skipped,
-        "adopted": outcome.adopted, "deleted": outcome.deleted, "failed": outcome.failed,
-        "renamed": outcome.renamed, "renamed_in_place": outcome.moved,
-        "bytes": outcome.bytes, "seconds": round(outcome.seconds, 3),
-        "failures": outcome.failures, "notes": outcome.notes, "audit_csv": str(audit_csv),
-    }
-    summary = json.dumps(data, indent=2) + "\n"
-    try:
-        audit_csv.parent.mkdir(parents=True, exist_ok=True)
-        _write_whole(audit_csv, audit)
-        _write_whole(summary_json, lambda out: out.write(summary))
-    except OSError as exc:
-        if not is_disk_full(exc):
-            raise
-        counter = _Counter()
-        audit(counter)
-        needed = counter.bytes + len(summary.encode())
-        raise DiskFull.at(exc, [(audit_csv.parent, ""), (summary_json.parent, "")], needed=needed,
-                          purpose=f"the audit log {audit_csv.name} and the summary {summary_json.name}") from exc
-
-
-class _Counter:
-    """A text sink that only counts the UTF-8 bytes written to it."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-
-    def write(self, text: str) -> int:
-        self.bytes += len(text.encode("utf-8"))
-        return len(text)
-
-
-def _write_whole(path: Path, fill) -> None:
-    """``fill(text file)`` into a temporary file beside ``path``, renamed to ``path`` only
-    when whole (on an error it is removed, and ``path`` stays as it was)."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "w", newline="", encoding="utf-8") as out:
-            fill(out)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..console import say
-from ..errors import DiskFull, PreflightError, is_disk_full
-from .engine import Engine, Options, PermanentError, TransientError, watched, write_reports
+from ..errors import DiskFull, PreflightError, TransferError, is_disk_full
+from ..sources.base import HasNotes
+from .engine import Engine, Options
 from .manifest import MANIFEST, SyncState
+from .progress import watched
+from .reports import write_reports
 
 
 def run_native(plan) -> int:
@@ -48,7 +51,7 @@ def run_dicom(plan) -> int:
         say(f"native engine; source {url}{'; ' + login if login else ''}; layout {template}")
         try:
             return _sync(plan, source, lambda: entries(source, query, template), started)
-        except (TransientError, PermanentError) as exc:
+        except TransferError as exc:
             # the listing failed (a PACS that refuses the association or cannot be reached;
             # a retrieval's failure is one entry's, reported by the engine): the message says
             # what to check, and nothing was transferred
@@ -97,7 +100,8 @@ def _sync(plan, source, listing: Callable[[], Iterable], started: float) -> int:
             if not is_disk_full(exc):
                 raise
             raise DiskFull.at(exc, folders, purpose="this sync's bookkeeping (the dropoff's .clpipe-sync folder)") from exc
-        outcome.notes += list(getattr(source, "notes", []))  # what the source skipped or had to change
+        if isinstance(source, HasNotes):  # what the source skipped or had to change
+            outcome.notes += list(source.notes)
         if plan.source_url.startswith("fw:"):
             say(f"listed {engine.listed} remote files ({engine.listed_bytes / 1e6:.1f} MB) in one request")
         else:

@@ -1,0 +1,92 @@
+"""The DIMSE source: a PACS reached with C-FIND, and C-GET or C-MOVE.
+
+``series(query)`` asks the PACS with Study Root C-FINDs: the studies that match the
+filters, then each study's series, each once (pynetdicom's own Q/R SCP answers once per
+instance at STUDY and SERIES level), each with its instance count
+(NumberOfSeriesRelatedInstances, else an IMAGE-level C-FIND that counts distinct SOP
+Instance UIDs) so that an unchanged series is never retrieved again. Keys the PACS leaves
+out of its answers stay empty (dcmqrscp has no SeriesDescription); a SeriesDescription
+filter on such a PACS is an error, not a silent "nothing matched".
+
+``instances(entry)`` retrieves one series, by C-GET (default: the instances come back on
+our own association) or by C-MOVE (the PACS opens an association to the storage SCP this
+source runs on ``move_port``; the PACS must know our AE title, host and port). Every
+received dataset is handed on as a Part-10 file made of its bytes as they arrived (file
+meta written here, pixel data never decoded), so what the PACS sends compressed stays
+compressed. (Which transfer syntax it sends is its choice: Orthanc and pynetdicom send
+each instance as stored; dcmtk's dcmqrscp sends the first context accepted for the SOP
+class, Explicit VR Little Endian, decompressing RLE.)
+
+How the protocol is spoken: the association is negotiated with pynetdicom's PDU classes
+(A-ASSOCIATE-RQ/AC encoded and decoded by ``pynetdicom.pdu``: presentation contexts, SCP
+role selection, maximum PDU length, implementation UID), on both sides:
+:class:`association.Channel` for the associations we request, :class:`storage.StorageSCP`
+for those the PACS opens to deliver a C-MOVE. The per-instance path (P-DATA-TF fragments,
+the group-0000 command sets of C-FIND, C-GET, C-MOVE, C-STORE and C-ECHO from PS3.7,
+A-RELEASE, A-ABORT) is read and written here, on the socket the engine's thread already
+holds. Why not pynetdicom's Association for that path (measured with pynetdicom 3.0.4 and
+py-spy, and in bench/results/dicom_dimse.md, whose pynetdicom C-GET rows use its fastest
+settings): per received instance it runs three threads, a polling loop and pydicom
+encodes and decodes three command sets, ~2 ms of CPU under the GIL, so parallel
+associations in one process do not add up (2,209 instances: 5.2-6.7 s, against 1.3 s for
+dcmtk's getscu, the goal's peer, and 1.0 s here); here the whole run costs ~1 s of CPU and
+the retrieval is bound by the PACS and the disk. Identifiers are pydicom datasets;
+received datasets are never decoded (only read up to SeriesInstanceUID to route a
+C-MOVE's instances).
+
+* C-GET runs in the engine's own thread: no hand-off, backpressure for free (the next
+  instance is read when the engine asks for it), and a series the engine stops reading
+  is aborted, not left half done. C-MOVE sends the request from a thread of its own; the
+  storage SCP's threads hand instances to the engine through a bounded queue.
+* Every socket has Nagle off (else each sub-operation can wait ~40 ms for a delayed ACK)
+  and every wait a timeout (``SourceSettings.timeout``); associations are kept in a small
+  pool and reused for the next series (dropped when idle for long, when the PACS closed
+  them, or when an operation was left half done).
+
+The modules follow the protocol's layers, lowest first (as pynetdicom's do):
+
+- ``uids``: transfer syntaxes, storage SOP classes, Query/Retrieve models, clpipe's
+  implementation UID.
+- ``pdu``: upper-layer PDUs (PS3.8): types, A-ASSOCIATE-RJ/-AC codes, P-DATA-TF framing;
+  A-ASSOCIATE-RQ/AC through pynetdicom's PDU classes. No sockets.
+- ``messages``: DIMSE command sets (PS3.7): command fields, elements, statuses in words.
+- ``part10``: a received dataset's Part-10 file meta.
+- ``wire``: PDUs and messages over one socket, either side of an association.
+- ``association``: the associations we request (connect, TLS, negotiate, C-FIND, C-GET,
+  C-MOVE, release, abort), and the TLS context.
+- ``storage``: the storage SCP receiving a C-MOVE's instances, and their delivery to the
+  engine's thread.
+- ``source``: :class:`DimseSource`, what the rest of clpipe uses.
+"""
+
+from __future__ import annotations
+
+from .association import tls_context
+from .part10 import part10_header
+from .source import DimseSource
+from .uids import (
+    COMPRESSED,
+    DEFLATED_LE,
+    EXPLICIT_LE,
+    IMAGE_STORAGE,
+    IMPLICIT_LE,
+    OTHER_STORAGE,
+    QR_FIND,
+    QR_GET,
+    QR_MOVE,
+)
+
+__all__ = [
+    "COMPRESSED",
+    "DEFLATED_LE",
+    "EXPLICIT_LE",
+    "IMAGE_STORAGE",
+    "IMPLICIT_LE",
+    "OTHER_STORAGE",
+    "QR_FIND",
+    "QR_GET",
+    "QR_MOVE",
+    "DimseSource",
+    "part10_header",
+    "tls_context",
+]

@@ -1,0 +1,104 @@
+"""What a native sync did: the per-file results, the counts, the closing summary line,
+the audit CSV (in ``fw sync``'s columns) and the JSON summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from ..console import summary_line
+from ..errors import DiskFull, is_disk_full
+from .fileio import write_whole
+from .manifest import SyncState
+
+
+@dataclass(slots=True)
+class FileResult:
+    path: str
+    status: str  # completed | skipped | failed
+    existing: bool
+    action: str
+    error: str = ""
+
+
+@dataclass
+class Outcome:
+    created: int = 0
+    updated: int = 0
+    skipped: int = 0
+    adopted: int = 0
+    deleted: int = 0
+    failed: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    files: list[FileResult] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)  # keys skipped as already synced (rows made when reporting)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    renamed: int = 0  # entries whose local name is not their remote one (see layout.py)
+    moved: int = 0  # files synced under an earlier name, renamed in place to the current one
+
+    def summary(self) -> str:
+        return summary_line(self.created, self.updated, self.skipped, self.failed, self.bytes, self.seconds)
+
+
+def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: dict, state: SyncState | None = None) -> None:
+    """The audit CSV in fw's columns (properly quoted; failed files get a row too) and a
+    JSON summary beside it. ``state`` gives the files of the unchanged entries.
+
+    Each is written whole under a temporary name and renamed, so a full disk never leaves
+    half a report: it raises :class:`DiskFull` naming the folder and about how many bytes
+    the reports need."""
+    rows = [(f.path, f.status, f.existing, f.error, f.action) for f in outcome.files]
+    if state is not None:
+        rows += [(f[0], "skipped", True, "", "") for key in outcome.unchanged for f in _recorded(state, key)]
+    rows.sort(key=lambda row: row[0])
+
+    def audit(out: TextIO | _Counter) -> None:
+        writer = csv.writer(out)
+        writer.writerow(["src_path", "dest_path", "status", "existing", "error_message", "action_taken"])
+        for path, status, existing, error, action in rows:
+            writer.writerow(["" if action.startswith("Deleted") else path, path, status, str(existing), error, action])
+
+    data = {
+        **extra,
+        "created": outcome.created, "updated": outcome.updated, "skipped": outcome.skipped,
+        "adopted": outcome.adopted, "deleted": outcome.deleted, "failed": outcome.failed,
+        "renamed": outcome.renamed, "renamed_in_place": outcome.moved,
+        "bytes": outcome.bytes, "seconds": round(outcome.seconds, 3),
+        "failures": outcome.failures, "notes": outcome.notes, "audit_csv": str(audit_csv),
+    }
+    summary = json.dumps(data, indent=2) + "\n"
+    try:
+        audit_csv.parent.mkdir(parents=True, exist_ok=True)
+        write_whole(audit_csv, audit)
+        write_whole(summary_json, lambda out: out.write(summary))
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        counter = _Counter()
+        audit(counter)
+        needed = counter.bytes + len(summary.encode())
+        raise DiskFull.at(exc, [(audit_csv.parent, ""), (summary_json.parent, "")], needed=needed,
+                          purpose=f"the audit log {audit_csv.name} and the summary {summary_json.name}") from exc
+
+
+def _recorded(state: SyncState, key: str) -> list:
+    """The files of an entry skipped as unchanged: the manifest has it (that is why)."""
+    record = state.get(key)
+    assert record is not None, key
+    return record.files
+
+
+class _Counter:
+    """A text sink that only counts the UTF-8 bytes written to it."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def write(self, text: str) -> int:
+        self.bytes += len(text.encode("utf-8"))
+        return len(text)
