@@ -433,7 +433,7 @@ def goal(native: Run | None, peers: list[Run | None], label: str, note: str) -> 
 # ----------------------------------------------------------------------------- main
 
 
-def run_section(args, env: dict, orthanc: "Orthanc", work: Path, scale: int, size: int) -> tuple[str, list[Run]]:
+def run_section(args, env: dict, orthanc: Orthanc, work: Path, scale: int, size: int) -> tuple[str, list[Run]]:
     """Load one data set into Orthanc, run every row ``args.repeat`` times, remove it; the
     section's Markdown and its rows."""
     aet, _, hostport = env["CLPIPE_ORTHANC_DIMSE"].partition("@")

@@ -27,10 +27,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from benchlib import MB, Run, last_line, machine, orthanc_data_lock, run_measured
 
@@ -156,13 +156,14 @@ def render(sec: Section, quick: bool) -> str:
 def save(rendered: dict[str, str]) -> None:
     """Write the sections that ran into the results file, keeping the others as they were
     (each section sits between its own markers)."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# DICOM sources benchmark\n\nWritten by `bench/dicom_sources.py`; see bench/README.md.\n"
+    text = (RESULTS.read_text() if RESULTS.exists()
+            else "# DICOM sources benchmark\n\nWritten by `bench/dicom_sources.py`; see bench/README.md.\n")
     for key in PLANNED:
         if key not in rendered:
             continue
         block = f"<!-- section:{key} -->\n{rendered[key]}<!-- end:{key} -->\n"
         pattern = re.compile(rf"<!-- section:{key} -->\n.*?<!-- end:{key} -->\n", re.S)
-        text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+        text = pattern.sub(lambda _, block=block: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(text)
 

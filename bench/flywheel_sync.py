@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-import httpx
-
 import benchlib
+import httpx
 from benchlib import MB, machine, run_measured
+
 from clpipe.testing import fwserver
 
 # The test server answers with two writes (headers, then body); with Nagle's algorithm on, the

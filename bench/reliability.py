@@ -38,6 +38,7 @@ from typing import Any
 
 import reliabilitylib as rl
 from benchlib import machine
+
 from clpipe.testing import dicomdata, fwserver
 from clpipe.testing.faultproxy import FaultProxy
 

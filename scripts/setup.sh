@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything clpipe's demo and tests need, idempotently:
-#   .venv/                       clpipe itself (editable) with its test and docs extras
+#   .venv/                       clpipe itself (editable) with its test, docs and dev (lint) extras
 #   $CLPIPE_TOOLS/fw-18.5.1/     the real Flywheel CLI, in an environment of its own
 #   $CLPIPE_TOOLS/fw-17.5.1/     an older fw that leaves the <TemporaryDirectory> folder (tests only)
 #   $CLPIPE_TOOLS/sdk/           the current flywheel-sdk (tests only)
@@ -44,10 +44,10 @@ fi
 if [ ! -x .venv/bin/clpipe ] || ! .venv/bin/python -c 'import clpipe, pytest' 2>/dev/null; then
   log "creating .venv with clpipe"
   "$PY" -m venv .venv
-  quiet_pip .venv/bin/pip install -q -e '.[test,docs]'
+  quiet_pip .venv/bin/pip install -q -e '.[test,docs,dev]'
 fi
 # keep the editable install in step with pyproject.toml (cheap when nothing changed)
-quiet_pip .venv/bin/pip install -q -e '.[test,docs]'
+quiet_pip .venv/bin/pip install -q -e '.[test,docs,dev]'
 
 fw_env() { # fw_env <dir> <pip args...>: a venv with the given packages, made once
   local dir=$1; shift

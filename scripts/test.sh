@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the whole test suite against the real Flywheel CLI.
-# Extra arguments go to pytest, e.g. scripts/test.sh -k config -x
+# Set up (scripts/setup.sh), run the guards (scripts/lint.sh), then the test suite against the real
+# Flywheel CLI, schedulers and DICOM servers. Extra arguments go to pytest, e.g.
+#   scripts/test.sh tests/unit        the unit tests only (no server)
+#   scripts/test.sh -m orthanc        one server's part (markers: fw slurm sge orthanc dcmqrscp qrscp lmod)
+#   scripts/test.sh -k config -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# the guards first (ruff, mypy, import layering): a lint failure fails the run
+scripts/lint.sh
 TOOLS=${CLPIPE_TOOLS:-$HOME/.cache/clpipe-tests}
 export CLPIPE_TEST_FW="$TOOLS/fw-18.5.1/bin/fw"
 export CLPIPE_TEST_FW_OLD="$TOOLS/fw-17.5.1/bin/fw"

@@ -1,5 +1,7 @@
 """Shared fixtures: the real Flywheel CLI in its own environment, an isolated login home,
-the bundled Flywheel-compatible server, and a fresh clpipe project.
+the bundled Flywheel-compatible server, a real batch scheduler, the DICOM test servers; and
+the pytest markers of the real servers each test uses (fw, slurm, sge, orthanc, dcmqrscp,
+qrscp, lmod: `pytest -m orthanc` runs the Orthanc part). Helpers are in tests/helpers.py.
 
 Tool locations come from the environment (scripts/test.sh sets them):
 CLPIPE_TEST_FW (fw 18.5.1), CLPIPE_TEST_FW_OLD (fw 17.5.1), CLPIPE_TEST_SDK_PYTHON.
@@ -8,58 +10,44 @@ A missing tool fails the test with how to install it: scripts/test.sh installs t
 
 from __future__ import annotations
 
-import json
+import inspect
 import os
-import subprocess
-import sys
-from dataclasses import dataclass
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-TOOLS = Path(os.environ.get("CLPIPE_TOOLS", Path.home() / ".cache" / "clpipe-tests"))
-FW_NEW = Path(os.environ.get("CLPIPE_TEST_FW", TOOLS / "fw-18.5.1" / "bin" / "fw"))
-FW_OLD = Path(os.environ.get("CLPIPE_TEST_FW_OLD", TOOLS / "fw-17.5.1" / "bin" / "fw"))
+from helpers import DICOM_EXPORTS, DICOM_START, FW_NEW, FW_OLD, PROFILES, Env, _run, make_env, need_tool
+
+DICOM_SERVERS = ("orthanc", "dcmqrscp", "qrscp")
+SCHEDULERS = ("slurm", "sge")
+#: fixtures that mean "uses Flywheel" (the bundled test server or the real fw CLI)
+FW_FIXTURES = {"fw_env", "fw_old_env", "server", "demo_project"}
+#: how a test's own code names a DICOM server when no parameter says which
+SERVER_WORDS = {"orthanc": r"ORTHANC|\borthanc\b", "dcmqrscp": r"DCMQRSCP|\bdcmqrscp\b", "qrscp": r"\bQRSCP|(?<![a-z])qrscp\b"}
 
 
-def need_tool(path: Path, what: str) -> Path:
-    """The tool, or a failed test saying how to get it (never a silent skip)."""
-    if path.exists():
-        return path
-    pytest.fail(f"{what} not found at {path}; run scripts/setup.sh (scripts/test.sh does it for you)")
-
-
-@dataclass
-class Env:
-    """An isolated user: its own HOME (so its own `fw login`), fw on PATH."""
-
-    home: Path
-    vars: dict
-
-    def run(self, *argv, timeout=180, cwd=None, check=False) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(a) for a in argv], env=self.vars, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{argv} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        return proc
-
-    def clpipe(self, *args, **kw) -> subprocess.CompletedProcess:
-        return self.run(sys.executable, "-m", "clpipe", *args, **kw)
-
-    def fw_login(self, login_key: str) -> None:
-        proc = self.run("fw", "login", login_key, timeout=120)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def make_env(tmp_path: Path, fw: Path | None) -> Env:
-    home = tmp_path / "home"
-    home.mkdir()
-    path = os.environ.get("PATH", "")
-    # a PATH without any other fw on it
-    parts = [p for p in path.split(os.pathsep) if p and not (Path(p) / "fw").exists()]
-    if fw is not None:
-        parts.insert(0, str(fw.parent))
-    variables = dict(os.environ, HOME=str(home), FLYWHEEL_USER_HOME=str(home), PATH=os.pathsep.join(parts), PYTHONWARNINGS="ignore")
-    return Env(home=home, vars=variables)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark each test with the real servers it uses, from its parameters (server, scheduler,
+    a case name such as ``dimse-get-orthanc``), its fixtures, else the servers its code names."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        values = {str(v) for v in params.values()}
+        found = {s for s in DICOM_SERVERS + SCHEDULERS if s in values}
+        found |= {s for s in DICOM_SERVERS + SCHEDULERS for v in values if re.search(rf"(?<![a-z]){s}\b", v)}
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "dicom_env" in fixtures and not found & set(DICOM_SERVERS):
+            try:
+                code = inspect.getsource(item.function)
+            except (OSError, TypeError):
+                code = ""
+            found |= {s for s, words in SERVER_WORDS.items() if re.search(words, code)}
+        if fixtures & FW_FIXTURES and "dicom_env" not in fixtures:
+            found.add("fw")
+        for name in sorted(found):
+            if not item.get_closest_marker(name):
+                item.add_marker(getattr(pytest.mark, name))
 
 
 @pytest.fixture
@@ -92,41 +80,29 @@ def server(demo_project):
         yield srv
 
 
-def new_project(root: Path, source_url: str = "fw://lab/study/", **source) -> Path:
-    """A clpipe project made by `clpipe project_setup`, with SourceOptions changes applied."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "clpipe", "project_setup", "-project_title", "t", "-project_dir", str(root), "-source_url", source_url],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    config = root / "clpipe_config.json"
-    if source:
-        data = json.loads(config.read_text())
-        data["SourceOptions"].update(source)
-        config.write_text(json.dumps(data, indent=2))
-    return config
+# ------------------------------------------------------------- a real batch scheduler
 
 
-def files_under(root: Path) -> dict[str, bytes]:
-    """Every synced file under ``root`` (the native engine's own bookkeeping in
-    ``.clpipe-sync/`` is not a synced file)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not str(p.relative_to(root)).startswith(".clpipe-sync/")}
+@pytest.fixture(params=sorted(PROFILES))
+def scheduler(request) -> str:
+    name = request.param
+    binary = PROFILES[name][0]
+    if shutil.which(binary) is None:
+        pytest.fail(f"{binary} is not installed: the {name} tests need a real scheduler; run "
+                    f"`eval \"$(scripts/infra/schedulers-up.sh)\"` as root (scripts/test.sh does it)")
+    probe = _run("sinfo", "-h", "-o", "%T") if name == "slurm" else _run("qstat", "-f")
+    if probe.returncode != 0:
+        pytest.fail(f"{binary} is installed but {name} is not answering ({probe.stderr.strip()}); start it with scripts/infra/schedulers-up.sh")
+    return name
 
 
 # ------------------------------------------------------------- the DICOM test servers
-
-DICOM_START = 'eval "$(scripts/infra/dicom-up.sh)"'
-DICOM_EXPORTS = ("CLPIPE_ORTHANC_HTTP", "CLPIPE_ORTHANC_DICOMWEB", "CLPIPE_ORTHANC_DIMSE", "CLPIPE_DCMQRSCP_DIMSE",
-                 "CLPIPE_QRSCP_DIMSE", "CLPIPE_MOVE_PORT", "CLPIPE_DICOM_DATA", "CLPIPE_DICOM_EXPECTED")
 
 
 @pytest.fixture(scope="session")
 def dicom_env() -> dict[str, str]:
     """The exports of dicom-up.sh: from the environment, else from the env.sh it writes;
     a failed test saying how to start the servers when they are not set up."""
-    import re
-
     env = {k: os.environ[k] for k in DICOM_EXPORTS if os.environ.get(k)}
     env_file = Path(os.environ.get("CLPIPE_INFRA", "/tmp/clpipe-infra")) / "dicom" / "env.sh"
     if len(env) < len(DICOM_EXPORTS) and env_file.is_file():

@@ -142,8 +142,9 @@ def render_modulefile(prefix: Path, version: str, fw_module: str = DEFAULT_FW_MO
             # stop job scripts run with `set -e` although clpipe itself was loaded.
             call, parts = "LmodMessage", [
                 "clpipe: warning: " + missing + "so fw is not on PATH. ",
-                "The native engine (clpipe dicom flywheel_sync -engine native) needs no fw; for the default fw-cli engine, install the Flywheel CLI "
-                "(python3 -m venv ~/fw-cli && ~/fw-cli/bin/pip install flywheel-cli) and add ~/fw-cli/bin to PATH. ",
+                "clpipe's default native engine needs no fw; for the fw-cli engine (Engine: fw-cli), install the Flywheel CLI "
+                "(python3 -m venv ~/fw-cli && ~/fw-cli/bin/pip install flywheel-cli) "
+                "and add ~/fw-cli/bin to PATH. ",
                 fix,
             ]
         lines += [

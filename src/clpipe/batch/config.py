@@ -94,33 +94,35 @@ def _defaults() -> dict:
 def _validate(data: Any, source: str, name: str) -> BatchConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object {{...}} at the top level, found {type(data).__name__}")
-    by_name = {}
+    by_name: dict[str, str] = {}
     for canonical, (legacy, snake, _) in KEYS.items():
         by_name[legacy] = canonical
         by_name[snake] = canonical
     by_name.update(ALIASES)
     values = _defaults()
     for key, value in data.items():
-        canonical = by_name.get(key)
-        if canonical is None:
+        found = by_name.get(key)
+        if found is None:
             close = difflib.get_close_matches(key, list(by_name), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{source}: unknown batch configuration key {key!r}{hint}")
-        expected = KEYS[canonical][2]
+        expected = KEYS[found][2]
         if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, expected):
             what = {str: "text", list: "a list of {\"command\": ..., \"args\": ...} objects", bool: "true or false"}[expected]
             raise ConfigError(f"{source}: {key}: expected {what}, found {json.dumps(value)}")
-        if expected is list:
+        if isinstance(value, list):
             for item in value:
                 if not (isinstance(item, dict) and set(item) == {"command", "args"} and all(isinstance(v, str) for v in item.values())):
-                    raise ConfigError(f"{source}: {key}: each entry must be {{\"command\": \"...\", \"args\": \"...\"}} with text values, found {json.dumps(item)}")
-        values[canonical] = value
+                    raise ConfigError(f"{source}: {key}: each entry must be {{\"command\": \"...\", \"args\": \"...\"}} "
+                                      f"with text values, found {json.dumps(item)}")
+        values[found] = value
     for canonical in REQUIRED:
         if not values.get(canonical, "").strip():
             legacy, snake, _ = KEYS[canonical]
-            raise ConfigError(f"{source}: {legacy} (or {snake}) is missing or empty; expected the submit command, e.g. \"sbatch\" or \"qsub\"")
+            raise ConfigError(f"{source}: {legacy} (or {snake}) is missing or empty; "
+                              "expected the submit command, e.g. \"sbatch\" or \"qsub\"")
     try:
         shlex.split(values["submission_head"])
     except ValueError as exc:

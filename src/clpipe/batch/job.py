@@ -7,9 +7,9 @@ are separate steps that take a :class:`Job`; nothing here knows about a schedule
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from ..config.units import format_hms
 

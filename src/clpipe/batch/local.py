@@ -101,7 +101,7 @@ class _Tee(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:  # type: ignore[override]
+    def write(self, data) -> int:
         data = bytes(data)
         self._log.write(self._fd, data)
         return len(data)

@@ -198,7 +198,8 @@ def submit(submission: Submission) -> str:
     """Write the script, run the submit command, and return the job id."""
     command = submission.argv[0]
     if shutil.which(command) is None:
-        raise ClpipeError(f"{command} was not found on PATH: this machine cannot submit to the batch system in the batch configuration; run clpipe on a login node, or set BatchConfig to \"\" to run here")
+        raise ClpipeError(f"{command} was not found on PATH: this machine cannot submit to the batch system in the batch "
+                          "configuration; run clpipe on a login node, or set BatchConfig to \"\" to run here")
     submission.script_path.parent.mkdir(parents=True, exist_ok=True)
     temp = submission.script_path.with_name(submission.script_path.name + ".tmp")
     temp.write_text(submission.script)
@@ -212,7 +213,8 @@ def submit(submission: Submission) -> str:
             stdin=subprocess.DEVNULL, timeout=SUBMIT_TIMEOUT, env=without_secrets(os.environ),
         )
     except subprocess.TimeoutExpired:
-        raise ClpipeError(f"{command} did not answer within {SUBMIT_TIMEOUT} s; the scheduler may be down (the job may or may not have been queued)") from None
+        raise ClpipeError(f"{command} did not answer within {SUBMIT_TIMEOUT} s; the scheduler may be down "
+                          "(the job may or may not have been queued)") from None
     if proc.returncode != 0:
         reason = (proc.stderr.strip() or proc.stdout.strip() or "no message").splitlines()[-1]
         raise ClpipeError(f"{command} refused the job (exit {proc.returncode}): {reason}")

@@ -7,8 +7,6 @@ Options follow clpipe's single-dash style (``-config_file``, ``-c``), with the
 from __future__ import annotations
 
 import os
-import shlex
-import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -18,22 +16,8 @@ import click
 from .. import __version__
 from ..config.options import ENGINES, flag_help
 from ..errors import ClpipeError, ConfigError, DiskFull, Terminated, is_disk_full
-
-_STATE = {"debug": False}
-
-CONFIG_HELP = "The project's clpipe_config.json (or .yaml). Default: ./clpipe_config.json"
-SUBMIT_HELP = "Run the job (submit it to the batch system, or run it here when there is none). Without it, only print the job."
-DEBUG_HELP = "Show tracebacks and extra detail."
-
-
-def _debug_option(func):
-    def remember(ctx, param, value):
-        if value:
-            _STATE["debug"] = True
-        return value
-
-    return click.option("-debug", "-d", "--debug", "debug", is_flag=True, help=DEBUG_HELP,
-                        callback=remember, expose_value=False, is_eager=True)(func)
+from .modulefile import modulefile_cli
+from .options import CONFIG_HELP, STATE, SUBMIT_HELP, debug_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help", "-help"]})
@@ -74,11 +58,13 @@ def _common_options(func):
 
 
 @dicom.command("flywheel_sync")
-@click.option("-source_url", "--source-url", "source_url", help=flag_help("source_url", "Flywheel project to sync, fw://<group>/<project>/ (overrides {key}). `fw ls` browses projects."))
+@click.option("-source_url", "--source-url", "source_url",
+              help=flag_help("source_url", "Flywheel project to sync, fw://<group>/<project>/ (overrides {key}). "
+                                           "`fw ls` browses projects."))
 @click.option("-engine", "--engine", "engine", type=click.Choice(ENGINES),
               help=flag_help("engine"))
 @_common_options
-@_debug_option
+@debug_option
 def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, batch_config, after, submit) -> int:
     """Sync DICOM data from a Flywheel project into the dropoff folder.
 
@@ -87,9 +73,11 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, ba
     """
     from ..config import load_project_config
 
-    config = load_project_config(_find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir, engine=engine)
+    config = load_project_config(_find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir,
+                                 engine=engine)
     if not config.source.is_flywheel:
-        raise ConfigError(f"{config.key('source_url')} is {config.source.url}: flywheel_sync syncs Flywheel projects (fw://group/project/); "
+        raise ConfigError(f"{config.key('source_url')} is {config.source.url}: "
+                          "flywheel_sync syncs Flywheel projects (fw://group/project/); "
                           "use `clpipe dicom sync` for DICOMweb, DIMSE and file:// sources")
     return _sync_job(config, batch_config, after, submit)
 
@@ -104,9 +92,10 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, ba
 @click.option("-modality", "--modality", "modality", help=flag_help("modality"))
 @click.option("-series_description", "--series-description", "series_description", help=flag_help("series_description"))
 @click.option("-accession_number", "--accession-number", "accession_number", help=flag_help("accession_number"))
-@click.option("-limit", "--limit", "limit", type=click.IntRange(min=0), help=flag_help("limit", "At most this many studies (0: all; overrides {key})."))
+@click.option("-limit", "--limit", "limit", type=click.IntRange(min=0),
+              help=flag_help("limit", "At most this many studies (0: all; overrides {key})."))
 @_common_options
-@_debug_option
+@debug_option
 def dicom_sync_cli(config_file, source_url, patient_id, patient_name, study_date, modality, series_description,
                    accession_number, limit, dropoff_dir, temp_dir, batch_config, after, submit) -> int:
     """Sync DICOM data from any source into the dropoff folder: a Flywheel project, a
@@ -130,156 +119,34 @@ def dicom_sync_cli(config_file, source_url, patient_id, patient_name, study_date
 
 def _sync_job(config, batch_config, after, submit) -> int:
     """Plan the sync job, then print it, run it here, or submit it."""
-    from ..batch.config import load_batch_config
-    from ..fwcli import make_plan
-    from ..sync.layout import dicom_format_string
+    from ..submit import describe, launch, prepare
 
-    batch = load_batch_config(batch_config if batch_config is not None else config.batch_config, config.project_directory)
-    plan = make_plan(config)
-    logs = Path(plan.sync_logs)
-    stem = f"{plan.job_name}-{plan.run_id}"
-    plan_path = logs / f"{stem}.plan.json"
-    # -debug reaches the process that runs the sync (its traceback is the one worth reading)
-    job = plan.job((sys.executable, "-m", "clpipe", "_run_plan", *(["-debug"] if _STATE["debug"] else []), str(plan_path)))
-    handoff = None
-    if batch is not None and job.pass_env:  # a login from this shell: handed over in a private file
-        from dataclasses import replace
-
-        from ..batch.handoff import HANDOFF_VAR, handoff_path
-
-        handoff = handoff_path(stem)
-        job = replace(job, env={**job.env, HANDOFF_VAR: str(handoff)})
-    if after is not None and batch is None:
-        raise ConfigError("-after: waiting for another job needs a batch system; set BatchConfig or -batch_config")
-    layout = plan.layout_template
-    source_problem = ""
-    if not config.source.is_flywheel:
-        from ..sources.dicom import DEFAULT_TEMPLATE, SourceSettings, check_before_submit, parse_source_url
-
-        layout = layout or DEFAULT_TEMPLATE
-        try:
-            check_before_submit(parse_source_url(plan.source_url), SourceSettings(**plan.settings))
-        except ConfigError:
-            raise  # the same on every node: a login set twice, a TLS file that is not there
-        except ClpipeError as exc:
-            # a folder this machine cannot reach: a run here would fail; a batch job's node
-            # may mount shares this login node does not, so there it is a note
-            if submit and batch is None:
-                raise
-            source_problem = str(exc)
-
-    submission = None
-    if batch is not None:
-        from ..batch.scheduler import render
-
-        submission = render(job, batch, config.email_address, logs / f"{stem}.sh", after=after)
-
+    job = prepare(config, batch_config, after, submit, debug=STATE["debug"])
     if not submit:
-        where = "here, with no batch system" if batch is None else f"as a {batch.scheduler} batch job ({batch.name})"
-        click.echo(f"Job:       {job.name}, would run {where}")
-        click.echo(f"Source:    {plan.source_url}")
-        if plan.query:
-            shown = ", ".join(f"{k}={v!r}" for k, v in plan.query.items() if v)
-            click.echo(f"Query:     {shown or 'everything the source holds'}")
-        click.echo(f"Dropoff:   {plan.dropoff}")
-        click.echo(f"Temp:      {plan.temp_dir}")
-        click.echo(f"Resources: {job.resources.describe()}")
-        click.echo(f"Log:       {job.log_path if submission is None else logs / submission.output_pattern}")
-        click.echo(f"Audit log: {plan.audit_csv}")
-        if plan.engine == "native":
-            unit = "downloads" if config.source.is_flywheel else "retrievals"
-            click.echo(f"Engine:    native (clpipe's own; no fw needed), {plan.sync_options.jobs} parallel {unit}")
-            click.echo(f"Summary:   {plan.summary_json}")
-            if layout:
-                click.echo(f"Layout:    {layout} (DICOMFormatString {dicom_format_string(layout)!r})")
-        else:
-            click.echo(f"Command:   {shlex.join(plan.fw_argv)}")
-        if submission is not None:
-            click.echo(f"Script:    {submission.script_path}")
-            click.echo(f"Submit:    {submission.command_line()}")
-            click.echo("--- script ---")
-            click.echo(submission.script.rstrip("\n"))
-            click.echo("--------------")
-        if source_problem:
-            click.echo(f"Note:      the job would stop here: {source_problem}")
-        if plan.engine == "fw-cli" and shutil.which("fw") is None:
-            click.echo("Note:      `fw` is not on PATH here; install the Flywheel CLI before running (see the README).")
-        click.echo("Nothing was run. Add -submit to run it.")
+        for line in describe(job):
+            click.echo(line)
         return 0
-
-    if source_problem:
-        click.echo(f"Note:      on this machine: {source_problem}; the job will check again on its node")
-    logs.mkdir(parents=True, exist_ok=True)
-    text = plan.to_json()
-    try:
-        plan_path.write_text(text)
-    except BaseException as exc:  # a full disk: no half-written plan is left behind
-        plan_path.unlink(missing_ok=True)
-        if is_disk_full(exc):
-            raise DiskFull.at(exc, [(logs, "")], needed=len(text.encode()), purpose=f"the plan {plan_path.name}") from exc
-        raise
-    if layout and dicom_format_string(layout):
-        from ..config.conversion import write_dicom_format_string
-
-        done = write_dicom_format_string(config, dicom_format_string(layout))
-        if done:
-            click.echo(f"Note:      {done}")
-    if submission is None:
-        from ..batch.local import run_local
-
-        click.echo(f"Running {job.name} here; log: {job.log_path}")
-        return run_local(job)
-
-    from ..batch.handoff import write_handoff
-    from ..batch.scheduler import record_submission, submit as submit_job
-
-    try:
-        if handoff is not None:
-            write_handoff(handoff, job.pass_env)  # a full home: no half-written login is left either
-        job_id = submit_job(submission)
-    except BaseException:
-        if handoff is not None:
-            handoff.unlink(missing_ok=True)
-        raise
-    record = record_submission(submission, job, job_id, after, logs / f"{stem}.job.json")
-    click.echo(f"Submitted batch job {job_id}")
-    click.echo(f"Output:    {record['output']}")
-    click.echo(f"Record:    {logs / f'{stem}.job.json'} (next step: {record['wait_for_it']})")
-    return 0
+    return launch(job, click.echo)
 
 
 @cli.command("_run_plan", hidden=True)
 @click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
-@_debug_option
+@debug_option
 def run_plan_cli(plan_file) -> int:
     """Run a sync plan on this node (what a batch job executes)."""
-    from ..batch.handoff import take_handoff
-    from ..batch.job import secret_names
-    from ..errors import stop_on_signals
-    from ..fwcli import SyncPlan, run_plan
+    from ..runner import run_plan_file
 
-    stop_on_signals()  # scancel / a time limit: unwind, so the lock is released and the journal ends
-    take_handoff(secret_names())
-
-    plan = SyncPlan.from_json(Path(plan_file).read_text())
-    if not plan.source_url.startswith("fw:"):
-        from ..sync.run import run_dicom
-
-        return run_dicom(plan)
-    if plan.engine == "native":
-        from ..sync.run import run_native
-
-        return run_native(plan)
-    return run_plan(plan)
+    return run_plan_file(plan_file)
 
 
 @cli.command("project_setup")
 @click.option("-project_title", "--project-title", "project_title", required=True, help="The project's name.")
-@click.option("-project_dir", "--project-dir", "project_dir", required=True, type=click.Path(file_okay=False), help="Where to create the project.")
+@click.option("-project_dir", "--project-dir", "project_dir", required=True, type=click.Path(file_okay=False),
+              help="Where to create the project.")
 @click.option("-source_url", "--source-url", "source_url", help="The Flywheel project to sync from, fw://<group>/<project>/.")
 @click.option("-profile", "--profile", "profile", default="local", show_default=True,
               help="Batch configuration to start from: local (no batch system) or a built-in profile such as slurmUNCConfig.json.")
-@_debug_option
+@debug_option
 def project_setup_cli(project_title, project_dir, source_url, profile) -> int:
     """Create a clpipe project: clpipe_config.json, data_DICOMs/, logs/sync_logs/, ..."""
     from ..project_setup import setup_project
@@ -293,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: one clear line and a non-zero exit code for every user error."""
     from ..batch.local import JOB_LOG, finish_job, start_job_log
 
-    _STATE["debug"] = False
+    STATE["debug"] = False
     if os.environ.get(JOB_LOG):  # a job run here by run_local: its output goes to its log too
         start_job_log()
     code, error = _main(argv)
@@ -318,7 +185,7 @@ def _main(argv: list[str] | None) -> tuple[int, BaseException | None]:
         exc.show()
         return exc.exit_code, exc
     except ClpipeError as exc:
-        if _STATE["debug"]:
+        if STATE["debug"]:
             traceback.print_exc()
         click.echo(f"clpipe: error: {exc}", err=True)
         return exc.exit_code, exc
@@ -326,23 +193,23 @@ def _main(argv: list[str] | None) -> tuple[int, BaseException | None]:
         click.echo("clpipe: interrupted", err=True)
         return 130, None
     except Terminated as exc:
-        if _STATE["debug"]:
+        if STATE["debug"]:
             traceback.print_exc()
         click.echo(f"clpipe: error: {exc}", err=True)
         return exc.exit_code, None
     except OSError as exc:
-        if _STATE["debug"]:
+        if STATE["debug"]:
             traceback.print_exc()
         if not is_disk_full(exc):
             return _internal_error(exc), exc
         # a full disk where no step said more (a plan, a script, a record of the job): the folder
         named = exc.filename2 or exc.filename
-        where = Path(os.fsdecode(named)).parent if isinstance(named, (str, bytes)) and named else Path.cwd()
-        full = DiskFull.at(exc, [(where, "")])
+        folder = Path(os.fsdecode(named)).parent if isinstance(named, (str, bytes)) and named else Path.cwd()
+        full = DiskFull.at(exc, [(folder, "")])
         click.echo(f"clpipe: error: {full}", err=True)
         return full.exit_code, full
     except Exception as exc:  # a bug: say so plainly
-        if _STATE["debug"]:
+        if STATE["debug"]:
             traceback.print_exc()
         return _internal_error(exc), exc
     return (result if isinstance(result, int) else 0), None
@@ -375,5 +242,4 @@ def _internal_error(exc: BaseException) -> int:
     return 1
 
 
-from .modulefile import modulefile_cli  # noqa: E402  (registered last: it uses _debug_option)
 cli.add_command(modulefile_cli)

@@ -40,4 +40,5 @@ def write_dicom_format_string(config: ProjectConfig, value: str) -> str:
     except BaseException:  # a full disk: the config stays as it was, and no half-written copy beside it
         temp.unlink(missing_ok=True)
         raise
-    return f"{section}.{key} in {config.path} set to {value!r} ({'was ' + repr(current) if current is not None else 'not set before'}) to match LayoutTemplate"
+    before = "was " + repr(current) if current is not None else "not set before"
+    return f"{section}.{key} in {config.path} set to {value!r} ({before}) to match LayoutTemplate"

@@ -167,7 +167,8 @@ def load_project_config(
     values = dict(SOURCE_DEFAULTS)
     values.update(_canonical_source(data.get(section), style, path))
     from_flag: set[str] = set()
-    for canonical, value in (("source_url", source_url), ("dropoff_directory", dropoff_dir), ("temp_directory", temp_dir), ("engine", engine)):
+    overrides = (("source_url", source_url), ("dropoff_directory", dropoff_dir), ("temp_directory", temp_dir), ("engine", engine))
+    for canonical, value in overrides:
         if value is not None:
             values[canonical] = value
             from_flag.add(canonical)
@@ -199,7 +200,7 @@ def load_project_config(
         engine_value = "native"
     layout_template: str = checked["layout_template"]
     if layout_template:
-        from ..sync.layout import check_template
+        from ..layout import check_template
 
         try:
             if flywheel:

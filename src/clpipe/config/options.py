@@ -104,8 +104,10 @@ def _max_delete(value: Any) -> int:
 
 
 def _calling_aet(value: Any) -> str:
+    from ..sources.dicom import is_ae_title
+
     text = str(value or "").strip()
-    if not 0 < len(text) <= 16 or not text.isascii() or "\\" in text:
+    if not is_ae_title(text):
         raise ValueError("expected an AE title of 1-16 ASCII characters without a backslash")
     return text
 

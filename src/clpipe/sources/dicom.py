@@ -18,15 +18,16 @@ one file per SOPInstanceUID (``<uid>.dcm``), which also removes duplicates.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Iterator, Protocol, Union
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError
-from ..sync.layout import NameResolver, PlannedFolder, bids_label, check_template, portable_name, template_parts
+from ..layout import NameResolver, PlannedFolder, bids_label, check_template, portable_name, template_parts
 
 SCHEMES = ("dicomweb+http", "dicomweb+https", "dimse", "file")
 URL_FORMS = ("dicomweb+http://host:port/path, dicomweb+https://host/path, "
@@ -65,6 +66,16 @@ class SourceURL:
 DICOMWEB_CREDENTIALS = ("CLPIPE_DICOMWEB_TOKEN", "CLPIPE_DICOMWEB_USER", "CLPIPE_DICOMWEB_PASSWORD")
 
 
+AE_TITLE_MAX = 16  # characters in a DICOM AE title (PS3.5, VR AE)
+
+
+def is_ae_title(text: str) -> bool:
+    """An AE title clpipe can use (ours, the PACS's): 1-16 ASCII characters, no backslash,
+    no leading or trailing spaces. The one check of every AE title (SourceURL, CallingAET,
+    the DIMSE source); each caller words its own message."""
+    return 0 < len(text) <= AE_TITLE_MAX and text.isascii() and "\\" not in text and text == text.strip()
+
+
 def redact_url(text: str) -> str:
     """``text`` with the password of a ``user:password@`` in it replaced by ``***``, for
     every message that shows a URL. The user info ends at the host's last ``@`` (as
@@ -92,7 +103,7 @@ def parse_source_url(value: str, where: str = "SourceURL") -> SourceURL:
         if not parts.hostname:
             raise ConfigError(f"{where}: {shown!r} has no host; write it as dicomweb+http://host:port/dicom-web")
         try:
-            parts.port
+            _ = parts.port  # urlsplit checks the port only when asked
         except ValueError:
             raise ConfigError(f"{where}: {shown!r} has a port that is not a number") from None
         if parts.username or parts.password:
@@ -106,7 +117,7 @@ def parse_source_url(value: str, where: str = "SourceURL") -> SourceURL:
             raise ConfigError(f"{where}: {shown!r} is not a DIMSE address; write it as dimse://CALLED_AET@host:port, "
                               "e.g. dimse://ORTHANC@pacs.example.org:4242")
         aet, host, port = unquote(match.group(1)), match.group(2).strip("[]"), int(match.group(3))
-        if not 0 < len(aet) <= 16 or not aet.isascii() or "\\" in aet or aet != aet.strip():
+        if not is_ae_title(aet):
             raise ConfigError(f"{where}: the called AE title {aet!r} must be 1-16 ASCII characters without a backslash "
                               "or leading/trailing spaces")
         if not 0 < port < 65536:
@@ -195,7 +206,7 @@ class Series:
         return str(self.attrs.get("SeriesInstanceUID") or "")
 
 
-Payload = Union[bytes, Path]
+Payload = bytes | Path
 
 
 class DicomSource(Protocol):
@@ -222,40 +233,22 @@ class SourceSettings:
 
 
 def open_source(url: SourceURL, settings: SourceSettings) -> DicomSource:
-    """The source for a URL; its module is imported only when used."""
-    if url.scheme == "dicomweb":
-        from .dicomweb import DicomWebSource
+    """The source for a URL, found in the registry (:mod:`clpipe.sources.registry`); its
+    module is imported only when used."""
+    from .registry import source_class, url_scheme
 
-        return DicomWebSource(url, settings)
-    if url.scheme == "dimse":
-        from .dimse import DimseSource
-
-        return DimseSource(url, settings)
-    from .localdir import FolderSource
-
-    return FolderSource(url, settings)
+    source: DicomSource = source_class(url_scheme(url.text))(url, settings)
+    return source
 
 
 def check_before_submit(url: SourceURL, settings: SourceSettings) -> None:
     """What can be checked on the submitting machine before a job is queued, without the
     network: a DICOMweb login in the environment and TLS files, the DIMSE settings and TLS
-    files, a file:// folder that exists and can be listed. Raises the error the job would
-    end with."""
-    if url.scheme == "dicomweb":
-        from .dicomweb import _credentials, _tls
+    files, a file:// folder that exists and can be listed (each source's ``check``
+    classmethod). Raises the error the job would end with."""
+    from .registry import source_class, url_scheme
 
-        _credentials()
-        _tls(url, settings)
-    elif url.scheme == "dimse":
-        from .dimse import DimseSource, tls_context
-
-        DimseSource(url, settings).close()  # AE title, RetrieveMethod, MovePort, TLS files; connects to nothing
-        if (settings.retrieve or "get").lower() == "move":
-            tls_context(settings, server_side=True)  # the PACS connects to us: our certificate
-    else:
-        from .localdir import _check_folder
-
-        _check_folder(Path(url.path))
+    source_class(url_scheme(url.text)).check(url, settings)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -297,7 +290,7 @@ def _values(attrs: dict) -> dict[str, str]:
 
 
 def labels(attrs: dict) -> dict[str, str]:
-    """Template values for one series, each a portable name (sync/layout.py)."""
+    """Template values for one series, each a portable name (clpipe/layout.py)."""
     return {k: portable_name(v) for k, v in _values(attrs).items()}
 
 
@@ -317,7 +310,7 @@ def series_folder(template: str, attrs: dict) -> str:
 def entries(source: DicomSource, query: DicomQuery, template: str = DEFAULT_TEMPLATE) -> Iterator:
     """One engine entry per series (each series once), with its folder from the template,
     every part a portable name. Series whose folders come out the same are told apart as
-    any remote items are (sync/layout.py :class:`NameResolver`): the series whose folder
+    any remote items are (clpipe/layout.py :class:`NameResolver`): the series whose folder
     name needed no change, else the one with the smallest SeriesInstanceUID, keeps it; the
     others get ``~`` and hex digits from their UID. Every series is listed before the first
     is yielded, so that does not depend on the order the source lists them in."""

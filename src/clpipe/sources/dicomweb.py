@@ -27,20 +27,21 @@ from __future__ import annotations
 import os
 import re
 import ssl
-import struct
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache
 from io import BytesIO
-from typing import Iterable, Iterator
 from urllib.parse import quote
 
 import httpx
 
-from ..errors import ConfigError, PreflightError, PermanentError, TransientError
+from ..errors import ConfigError, PermanentError, PreflightError, TransientError
 from .dicom import DICOMWEB_CREDENTIALS, DicomQuery, Series, SourceSettings, SourceURL
 from .http import retry_after as _retry_after
+from .part10 import meta_sop_instance_uid
+from .tls import TLSFileError, load_context
 
 TOKEN_VAR, USER_VAR, PASSWORD_VAR = DICOMWEB_CREDENTIALS
 CREDENTIAL_HINT = f"check {TOKEN_VAR}, or {USER_VAR} and {PASSWORD_VAR}"
@@ -58,7 +59,7 @@ SERIES_KEYWORDS = ("SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Mo
 _PLAIN = re.compile(r"[A-Za-z0-9\-._~*?/:@]")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tag(keyword: str) -> str:
     """The DICOM JSON key ("0020000D") of a keyword."""
     from pydicom.datadict import tag_for_keyword
@@ -211,38 +212,6 @@ def read_multipart(chunks: Iterable[bytes], boundary: str | bytes) -> Iterator[t
         yield headers, body
 
 
-# VRs whose length is 4 bytes (after 2 reserved ones) in Explicit VR: the file meta's encoding
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-
-def meta_sop_instance_uid(part: bytes) -> str:
-    """MediaStorageSOPInstanceUID (0002,0003) from a Part-10 file's meta information, which
-    is always Explicit VR Little Endian right after the preamble and ``DICM``; "" when the
-    part has no such meta. Microseconds, where pydicom needs ~0.7 ms a file: this is what
-    makes retrieving thousands of small instances cost little more than receiving them."""
-    if part[128:132] != b"DICM":
-        return ""
-    pos, end = 132, min(len(part), 132 + 65536)
-    while pos + 8 <= end:
-        group, element = struct.unpack_from("<HH", part, pos)
-        if group != 2:
-            break
-        if part[pos + 4:pos + 6] in _LONG_VRS:
-            if pos + 12 > end:
-                break
-            (length,) = struct.unpack_from("<I", part, pos + 8)
-            pos += 12
-        else:
-            (length,) = struct.unpack_from("<H", part, pos + 6)
-            pos += 8
-        if element == 3:
-            uid = part[pos:pos + length].decode("ascii", "replace").rstrip("\0 ")
-            return uid if _UID.fullmatch(uid) else ""
-        pos += length
-    return ""
-
-
 def sop_instance_uid(part: bytes) -> str:
     """The SOPInstanceUID of a Part-10 file: from its file meta, else (no meta, or no UID in
     it) from the data set, reading it with pydicom up to the pixel data."""
@@ -303,13 +272,10 @@ def _tls(url: SourceURL, settings: SourceSettings) -> ssl.SSLContext | bool:
     if not url.base_url.startswith("https:") or not (settings.tls_ca or settings.tls_cert):
         return True
     try:
-        context = ssl.create_default_context(cafile=settings.tls_ca or None)
-        if settings.tls_cert:
-            context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
-    except (OSError, ssl.SSLError) as exc:
+        return load_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
+    except TLSFileError as exc:
         raise ConfigError(f"cannot load the TLS files ({settings.tls_ca or ''} {settings.tls_cert or ''}".rstrip()
-                          + f"): {getattr(exc, 'strerror', None) or exc}") from None
-    return context
+                          + f"): {getattr(exc.error, 'strerror', None) or exc.error}") from None
 
 
 # ----------------------------------------------------------------------------- the source
@@ -336,10 +302,17 @@ class DicomWebSource:
         self._lock = threading.Lock()
         self.notes: list[str] = []  # what a user should know about this server (e.g. transcoding)
 
+    @classmethod
+    def check(cls, url: SourceURL, settings: SourceSettings) -> None:
+        """Before a job is queued, without the network: the login in the environment and
+        the TLS files."""
+        _credentials()
+        _tls(url, settings)
+
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "DicomWebSource":
+    def __enter__(self) -> DicomWebSource:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,11 +13,12 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
+from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -151,13 +152,13 @@ class FlywheelAPI:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "FlywheelAPI":
+    def __enter__(self) -> FlywheelAPI:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         site = self.credentials.api_url
         try:
             response = self._client.request(method, path, **kwargs)
@@ -339,17 +340,30 @@ class FlywheelSource:
         self._hash_locks: dict[str, threading.Lock] = {}
         self._hash_locks_lock = threading.Lock()
 
+    @classmethod
+    def open_project(cls, url: FlywheelURL, jobs: int = 4, verify: bool | str = True) -> tuple[FlywheelSource, dict]:
+        """Log in (``$FLYWHEEL_API_KEY`` or the key ``fw login`` saved), check the login and
+        find the project: the source, with one connection pool for everything, and the
+        project's JSON. Each failure is one clear :class:`PreflightError`."""
+        source = cls(load_credentials(), jobs=jobs, verify=verify)
+        try:
+            source.api.check_login()
+            return source, source.api.lookup_project(url)
+        except BaseException:
+            source.close()
+            raise
+
     def close(self) -> None:
         self._client.close()
 
     def entries(self, project_id: str, url: FlywheelURL, body_filters: dict, params: dict,
                 unpack: bool = True, template: str | None = None) -> Iterator:
         """The project's files as :class:`RemoteEntry` items, each with its own portable
-        local path (sync/layout.py): the whole listing is read first, so that which of two
+        local path (clpipe/layout.py): the whole listing is read first, so that which of two
         files whose names collide keeps the plain name does not depend on the listing's
         order (the engine plans nothing before the listing has ended anyway)."""
+        from ..layout import NameResolver, PlannedFolder, bids_label, check_template, field_values, portable_name, template_parts
         from .base import RemoteEntry
-        from ..sync.layout import NameResolver, PlannedFolder, bids_label, check_template, field_values, portable_name, template_parts
 
         resolver = NameResolver()
         planned: list[tuple] = []

@@ -32,15 +32,27 @@ import struct
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..errors import ConfigError, PreflightError, TransientError
-from ..sync.manifest import STATE_DIR
+from ..layout import STATE_DIR
 from .dicom import DicomQuery, Series, SourceSettings, SourceURL
+from .part10 import (
+    DEFLATED,
+    EXPLICIT_BE,
+    FIRST_READ,
+    IMPLICIT_LE,
+    MEDIA_SOP_INSTANCE_UID,
+    TRANSFER_SYNTAX_UID,
+    Unfollowable,
+    Window,
+    looks_explicit,
+    walk,
+)
 
 # The attributes a series needs (and the instance's own UID), with the VR that decides how
 # the value becomes text; implicit VR files carry no VR, explicit ones may say UN.
@@ -61,30 +73,9 @@ ATTRIBUTES: dict[int, tuple[str, str]] = {
 }
 LAST_TAG = max(ATTRIBUTES)  # nothing after (0020,0011) is read
 SERIES_KEYS = tuple(name for name, _ in ATTRIBUTES.values() if name not in ("SpecificCharacterSet", "SOPInstanceUID"))
-MEDIA_SOP_INSTANCE_UID = 0x00020003
-TRANSFER_SYNTAX_UID = 0x00020010
-
-FIRST_READ = 8192  # the first block of every file; headers rarely need more
-MAX_DEPTH = 16  # nested sequences deeper than this: let pydicom read the file
 MAX_EXAMPLES = 3  # file names quoted in a note
 PROBE = 128  # files read one by one to see whether reading headers waits on I/O
-
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
-DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
-LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-VRS = LONG_VRS | frozenset(map(str.encode, "AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split()))
-UNDEFINED = 0xFFFFFFFF
-ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 NOT_DICOM_NAMES = frozenset({"DICOMDIR"})  # the media index: no series of its own, and can be large
-
-_HEADER = struct.Struct("<HHL")  # group, element, 32-bit length (implicit VR; item tags)
-_EXPLICIT = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
-_LENGTH = struct.Struct("<L")
-
-
-class _Unfollowable(Exception):
-    """The fast reader cannot follow this file's encoding; pydicom reads it instead."""
 
 
 # ----------------------------------------------------------------------------- headers
@@ -99,10 +90,11 @@ class Header:
 
     def __init__(self, sop_uid: str, series_uid: str, size: int, mtime_ns: int, values: dict[int, bytes]):
         self.sop_uid, self.series_uid, self.size, self.mtime_ns = sop_uid, series_uid, size, mtime_ns
-        self._values, self._attrs = values, None
+        self._values = values
+        self._attrs: dict[str, str] | None = None
 
     @property
-    def attrs(self) -> dict:
+    def attrs(self) -> dict[str, str]:
         if self._attrs is None:
             values = self._values
             charset = _encodings(values.get(0x00080005))
@@ -123,145 +115,10 @@ class Header:
         return f"Header{self._key()!r}"
 
 
-class _Window:
-    """A file read on demand through a small window: most headers fit the first block,
-    and a long value that is not needed is skipped, never read."""
-
-    __slots__ = ("fd", "base", "data")
-
-    def __init__(self, fd: int, first: bytes):
-        self.fd, self.base, self.data = fd, 0, first
-
-    def at(self, pos: int, n: int) -> tuple[bytes, int]:
-        """(buffer, offset) holding bytes ``pos .. pos+n``; EOFError past the end."""
-        off = pos - self.base
-        if off < 0 or off + n > len(self.data):
-            self.base, self.data, off = pos, os.pread(self.fd, max(n, FIRST_READ), pos), 0
-            if len(self.data) < n:
-                raise EOFError
-        return self.data, off
-
-    def read(self, pos: int, n: int) -> bytes:
-        data, off = self.at(pos, n)
-        return data[off:off + n]
-
-
-def _element(win: _Window, pos: int, explicit: bool, last: int = 0xFFFFFFFF) -> tuple[int, int, int, bytes]:
-    """(tag, value position, value length, VR or b"") of the element at ``pos``; only the
-    tag when it is past ``last`` (what follows may be in another encoding)."""
-    data, off = win.at(pos, 8)
-    if not explicit:
-        group, elem, length = _HEADER.unpack_from(data, off)
-        return group << 16 | elem, pos + 8, length, b""
-    group, elem, vr, length = _EXPLICIT.unpack_from(data, off)
-    tag = group << 16 | elem
-    if tag > last:
-        return tag, pos, 0, b""
-    if tag in (ITEM, ITEM_END, SEQUENCE_END):  # item tags carry a 32-bit length and no VR
-        return tag, pos + 8, _HEADER.unpack_from(data, off)[2], b""
-    if vr in LONG_VRS:
-        data, off = win.at(pos + 8, 4)
-        return tag, pos + 12, _LENGTH.unpack_from(data, off)[0], vr
-    if vr not in VRS:
-        raise _Unfollowable(f"unknown VR {vr!r}")
-    return tag, pos + 8, length, vr
-
-
-def _skip_items(win: _Window, pos: int, explicit: bool, depth: int) -> int:
-    """Past an undefined-length value (a sequence, or encapsulated data): its items, then
-    the sequence delimiter. Returns the position after it."""
-    if depth > MAX_DEPTH:
-        raise _Unfollowable("sequences nested too deep")
-    while True:
-        data, off = win.at(pos, 8)
-        group, elem, length = _HEADER.unpack_from(data, off)
-        tag = group << 16 | elem
-        if tag == SEQUENCE_END:
-            return pos + 8
-        if tag != ITEM:
-            raise _Unfollowable(f"({group:04X},{elem:04X}) where a sequence item was expected")
-        pos = pos + 8 + length if length != UNDEFINED else _skip_item(win, pos + 8, explicit, depth + 1)
-
-
-def _skip_item(win: _Window, pos: int, explicit: bool, depth: int) -> int:
-    """Past the elements of an undefined-length item, up to and past its delimiter."""
-    while True:
-        tag, vpos, length, vr = _element(win, pos, explicit)
-        if tag == ITEM_END:
-            return vpos
-        pos = vpos + length if length != UNDEFINED else _skip_items(win, vpos, explicit and vr != b"UN", depth + 1)
-
-
-def _walk_block(data: bytes, pos: int, explicit: bool, last: int, wanted, values: dict) -> tuple[int, int, bool]:
-    """The plain part of :func:`_walk`, in one loop over the first block: elements of
-    defined length, all of it in ``data``. Returns (position, last tag, reached ``last``);
-    :func:`_walk` goes on from there for everything else."""
-    n, previous = len(data), -1
-    unpack = _EXPLICIT.unpack_from if explicit else _HEADER.unpack_from
-    long_vrs, vrs, length_at = LONG_VRS, VRS, _LENGTH.unpack_from
-    while pos + 12 <= n:
-        if explicit:
-            group, elem, vr, length = unpack(data, pos)
-            tag = group << 16 | elem
-            if tag > last:
-                return pos, previous, True
-            if vr in long_vrs:
-                length, vpos = length_at(data, pos + 8)[0], pos + 12
-            elif vr in vrs:
-                vpos = pos + 8
-            else:
-                break
-        else:
-            group, elem, length = unpack(data, pos)
-            tag, vpos = group << 16 | elem, pos + 8
-            if tag > last:
-                return pos, previous, True
-        end = vpos + length
-        if tag <= previous or length == UNDEFINED or end > n and tag in wanted:
-            break
-        if tag in wanted:
-            values[tag] = data[vpos:end]
-        pos, previous = end, tag
-    return pos, previous, False
-
-
-def _walk(win: _Window, pos: int, explicit: bool, last: int, wanted: Iterable[int]) -> tuple[dict[int, bytes], int]:
-    """The raw values of the ``wanted`` top-level elements up to tag ``last``, and where it stopped."""
-    values: dict[int, bytes] = {}
-    previous = -1
-    if win.base == 0:
-        pos, previous, done = _walk_block(win.data, pos, explicit, last, wanted, values)
-        if done:
-            return values, pos
-    while True:
-        try:
-            tag, vpos, length, vr = _element(win, pos, explicit, last)
-        except EOFError:
-            return values, pos  # the file ends before ``last``: what is there counts
-        if tag > last:
-            return values, pos
-        if tag <= previous:  # tags ascend; anything else means this is not what it seemed
-            raise _Unfollowable("elements out of order")
-        previous = tag
-        if length == UNDEFINED:
-            if tag in wanted:
-                raise _Unfollowable("an attribute of undefined length")
-            pos = _skip_items(win, vpos, explicit and vr != b"UN", 1)  # UN of undefined length holds implicit VR items
-            continue
-        if tag in wanted:
-            values[tag] = win.read(vpos, length)
-        pos = vpos + length
-
-
-def _looks_explicit(win: _Window, pos: int) -> bool:
-    data, off = win.at(pos, 6)
-    return data[off + 4:off + 6] in VRS
-
-
 def _fast_values(fd: int, first: bytes) -> dict[int, bytes] | None:
     """Raw values of ATTRIBUTES (plus the file meta's SOP instance UID) from a Part 10
     file or a bare little-endian data set; ``None`` when the file is not DICOM."""
-    win = _Window(fd, first)
+    win = Window(fd, first)
     pos = 132 if first[128:132] == b"DICM" else 0
     if len(first) < pos + 8:
         return None
@@ -269,22 +126,22 @@ def _fast_values(fd: int, first: bytes) -> dict[int, bytes] | None:
     transfer_syntax = None
     meta: dict[int, bytes] = {}
     if group == 0x0002:
-        meta, pos = _walk(win, pos, True, 0x0002FFFF, (TRANSFER_SYNTAX_UID, MEDIA_SOP_INSTANCE_UID))
+        meta, pos = walk(win, pos, True, 0x0002FFFF, (TRANSFER_SYNTAX_UID, MEDIA_SOP_INSTANCE_UID))
         transfer_syntax = _uid(meta.get(TRANSFER_SYNTAX_UID, b"")) or None
     elif pos == 0 and group != 0x0008:  # a bare data set starts with group 0008 (SOP Common)
         return None
     if transfer_syntax == IMPLICIT_LE:
         explicit = False
     elif transfer_syntax == EXPLICIT_BE or transfer_syntax in DEFLATED:
-        raise _Unfollowable(f"transfer syntax {transfer_syntax}")
+        raise Unfollowable(f"transfer syntax {transfer_syntax}")
     elif transfer_syntax is None:
         try:
-            explicit = _looks_explicit(win, pos)
+            explicit = looks_explicit(win, pos)
         except EOFError:
             return None
     else:
         explicit = True  # explicit VR little endian, and every compressed syntax
-    values, _ = _walk(win, pos, explicit, LAST_TAG, ATTRIBUTES)
+    values, _ = walk(win, pos, explicit, LAST_TAG, ATTRIBUTES)
     if MEDIA_SOP_INSTANCE_UID in meta:
         values.setdefault(0x00080018, meta[MEDIA_SOP_INSTANCE_UID])
     return values
@@ -378,9 +235,9 @@ def read_header(path: str, *, fast: bool = True) -> Header | None:
         first = os.read(fd, FIRST_READ)
         try:
             if not fast:
-                raise _Unfollowable("asked for pydicom")
+                raise Unfollowable("asked for pydicom")
             values = _fast_values(fd, first)
-        except (_Unfollowable, EOFError, struct.error):  # it looked like DICOM, but not one the walker follows
+        except (Unfollowable, EOFError, struct.error):  # it looked like DICOM, but not one the walker follows
             values = _pydicom_or_none(path)
     finally:
         os.close(fd)
@@ -542,7 +399,7 @@ def read_headers(files: list[str], jobs: int, on_probe=None) -> Iterator[tuple[s
             yield path, _read_or_note(path)
         return
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="dicom-headers") as pool:
-        yield from zip(rest, pool.map(_read_or_note, rest, chunksize=32))
+        yield from zip(rest, pool.map(_read_or_note, rest, chunksize=32), strict=True)
 
 
 def _cpus() -> int:
@@ -593,6 +450,11 @@ class FolderSource:
         self.stats = FolderStats()
         self.notes: list[str] = []
         _check_folder(self.root)
+
+    @classmethod
+    def check(cls, url: SourceURL, settings: SourceSettings | None = None) -> None:
+        """Before a job is queued: the folder exists and can be listed."""
+        _check_folder(Path(url.path))
 
     @property
     def problems(self) -> list[str]:

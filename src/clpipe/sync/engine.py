@@ -41,6 +41,7 @@ from pathlib import Path
 
 from ..console import human_bytes
 from ..errors import DiskFull, PermanentError, TransientError, VerifyError, is_disk_full
+from ..layout import Claims, flatten_members, inside, is_portable, safe_part
 from ..sources.base import (
     HasChecksum,
     HasFiles,
@@ -52,7 +53,6 @@ from ..sources.base import (
     Source,
 )
 from .fileio import CHUNK, copy_file, unpack_zip, write_all, write_new
-from .layout import Claims, flatten_members, inside, is_portable, safe_part
 from .manifest import Record, SyncState
 from .progress import PROGRESS_EVERY, Progress, watched
 from .reports import FileResult, Outcome, write_reports
@@ -460,7 +460,8 @@ class Engine:
             for entry, existing in todo:
                 outcome.files.append(FileResult(entry.path + ("/" if entry.unpack else ""), "would-transfer", existing,
                                                 "Would update" if existing else "Would create"))
-            outcome.notes.append(f"dry run: {len(todo)} remote files would be transferred ({human_bytes(sum(e.size for e, _ in todo))}); nothing was written")
+            size = human_bytes(sum(e.size for e, _ in todo))
+            outcome.notes.append(f"dry run: {len(todo)} remote files would be transferred ({size}); nothing was written")
             outcome.seconds = time.monotonic() - started
             return outcome
 
@@ -589,7 +590,8 @@ class Engine:
             return
         if count > self.options.max_delete:
             outcome.failed += 1
-            outcome.failures.append(f"--delete would remove {count} files, more than the limit of {self.options.max_delete}; nothing was deleted")
+            outcome.failures.append(f"--delete would remove {count} files, more than the limit of {self.options.max_delete}; "
+                                    "nothing was deleted")
             return
         for record in gone:
             for path, *_ in record.files:

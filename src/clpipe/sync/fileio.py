@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import PermanentError, VerifyError
-from .layout import flatten_members, inside
+from ..layout import flatten_members, inside
 
 CHUNK = 1 << 20  # bytes read or written at once where Python moves the bytes
 
@@ -129,7 +129,7 @@ def write_whole(path: Path, fill: Callable[[TextIO], object]) -> None:
 
 def unpack_zip(archive: Path | io.BytesIO, folder: str, dropoff: Path, tmp: Path) -> list[list]:
     """Unpack the zip ``archive`` into ``folder`` (relative to ``dropoff``), its members
-    flattened to distinct portable names (:func:`~clpipe.sync.layout.flatten_members`):
+    flattened to distinct portable names (:func:`~clpipe.layout.flatten_members`):
     each member is written to a part file in ``tmp`` (zipfile checks its CRC), then all
     are renamed into place; a failure removes the parts not yet placed. Returns the
     manifest's file list. Damaged bytes (a header, a CRC, an offset) raise

@@ -31,13 +31,14 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 from ..errors import PreflightError
+from ..layout import STATE_DIR  # the dropoff's state folder: part of its layout (sources skip it too)
 
-STATE_DIR = ".clpipe-sync"
 LOCK, OWNER = "lock", "owner.json"
 LOCK_GRACE = 30.0  # seconds after which a lock without owner (an older clpipe's, killed while taking it) is stale
 FSYNC_EVERY = 1.0  # seconds between journal fsyncs (a flush happens after every line)
@@ -55,7 +56,7 @@ class Record:
         return {"key": self.key, "sig": self.signature, "files": self.files}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Record":
+    def from_json(cls, data: dict) -> Record:
         return cls(data["key"], list(data["sig"]), [list(f) for f in data["files"]])
 
 

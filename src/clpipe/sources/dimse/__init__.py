@@ -50,19 +50,21 @@ The modules follow the protocol's layers, lowest first (as pynetdicom's do):
 - ``pdu``: upper-layer PDUs (PS3.8): types, A-ASSOCIATE-RJ/-AC codes, P-DATA-TF framing;
   A-ASSOCIATE-RQ/AC through pynetdicom's PDU classes. No sockets.
 - ``messages``: DIMSE command sets (PS3.7): command fields, elements, statuses in words.
-- ``part10``: a received dataset's Part-10 file meta.
 - ``wire``: PDUs and messages over one socket, either side of an association.
 - ``association``: the associations we request (connect, TLS, negotiate, C-FIND, C-GET,
   C-MOVE, release, abort), and the TLS context.
 - ``storage``: the storage SCP receiving a C-MOVE's instances, and their delivery to the
   engine's thread.
 - ``source``: :class:`DimseSource`, what the rest of clpipe uses.
+
+A received dataset's Part-10 file meta is written by :mod:`clpipe.sources.part10`, the
+Part-10 reader/writer every DICOM source shares.
 """
 
 from __future__ import annotations
 
+from ..part10 import part10_header
 from .association import tls_context
-from .part10 import part10_header
 from .source import DimseSource
 from .uids import (
     COMPRESSED,

@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from ...errors import ConfigError
-from ...sync.engine import PermanentError, TransientError
+from ...errors import ConfigError, PermanentError, TransientError
 from ..dicom import SourceSettings
+from ..part10 import part10_header
+from ..tls import TLSFileError, load_context
 from .messages import (
     AFFECTED_SOP_CLASS_UID,
     AFFECTED_SOP_INSTANCE_UID,
@@ -39,7 +40,6 @@ from .messages import (
     field_us,
     request,
 )
-from .part10 import part10_header
 from .pdu import (
     A_ABORT_PDU,
     A_ASSOCIATE_AC_PDU,
@@ -84,19 +84,12 @@ def tls_context(settings: SourceSettings, server_side: bool = False) -> ssl.SSLC
         raise ConfigError("TLSCertFile and TLSKeyFile go together: set both (our certificate and its private key) or neither")
     if server_side and not cert:
         raise ConfigError("C-MOVE over TLS: the PACS connects to our storage SCP, which needs TLSCertFile and TLSKeyFile")
-    purpose = ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH
     try:
-        context = ssl.create_default_context(purpose, cafile=ca or None)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"TLSCAFile: {ca} is not a PEM file of CA certificates ({exc})") from None
-    if cert:
-        try:
-            context.load_cert_chain(cert, key)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"TLSCertFile/TLSKeyFile: {cert} and {key} are not a PEM certificate and its key ({exc})") from None
-    if server_side and ca:
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+        return load_context(ca, cert, key, server_side=server_side)
+    except TLSFileError as exc:
+        if exc.part == "ca":
+            raise ConfigError(f"TLSCAFile: {ca} is not a PEM file of CA certificates ({exc.error})") from None
+        raise ConfigError(f"TLSCertFile/TLSKeyFile: {cert} and {key} are not a PEM certificate and its key ({exc.error})") from None
 
 
 class Requestor(Protocol):

@@ -18,6 +18,8 @@ from pynetdicom.status import (
     code_to_category,
 )
 
+from ..part10 import padded
+
 # -- command field values (PS3.7 E.1-1) ---------------------------------------------------
 
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
@@ -87,13 +89,6 @@ class Final:
 
 
 # -- encoding -------------------------------------------------------------------------------
-
-
-def padded(value: str, pad: bytes) -> bytes:
-    """A text value in ASCII, padded to an even length with ``pad`` (NUL for UIDs, space
-    for other strings)."""
-    data = value.encode("ascii", "replace")
-    return data + pad if len(data) % 2 else data
 
 
 def us(value: int) -> bytes:

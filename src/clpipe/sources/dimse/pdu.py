@@ -19,8 +19,9 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from ...sync.engine import TransientError
-from .uids import APPLICATION_CONTEXT, IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
+from ...errors import TransientError
+from ..part10 import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
+from .uids import APPLICATION_CONTEXT
 
 # -- PDU types (PS3.8 9.3.1) ----------------------------------------------------------------
 

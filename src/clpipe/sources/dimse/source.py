@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ...errors import ConfigError
-from ...sync.engine import PermanentError, TransientError
-from ..dicom import DicomQuery, Series, SourceSettings, SourceURL
+from ...errors import ConfigError, PermanentError, TransientError
+from ..dicom import DicomQuery, Series, SourceSettings, SourceURL, is_ae_title
+from ..part10 import part10_header
 from .association import Channel, tls_context
 from .messages import (
     AFFECTED_SOP_CLASS_UID,
@@ -37,7 +37,6 @@ from .messages import (
     status_words,
     text,
 )
-from .part10 import part10_header
 from .storage import REFUSED, Delivery, End, StorageSCP, series_uid
 from .uids import (
     COMPRESSED,
@@ -104,7 +103,7 @@ class DimseSource:
         self.url, self.settings = url, settings
         self.called_aet, self.host, self.port = url.called_aet, url.host, url.port
         self.calling_aet = (settings.calling_aet or "CLPIPE").strip()
-        if not 0 < len(self.calling_aet) <= 16 or not self.calling_aet.isascii() or "\\" in self.calling_aet:
+        if not is_ae_title(self.calling_aet):
             raise ConfigError(f"CallingAET: {self.calling_aet!r} must be 1-16 ASCII characters without a backslash")
         self.retrieve = (settings.retrieve or "get").lower()
         if self.retrieve not in ("get", "move"):
@@ -132,6 +131,14 @@ class DimseSource:
         self._routes: dict[str, Delivery] = {}  # C-MOVE: series UID -> its delivery
         self._closed = False
         self.associations_opened = 0  # for tests and the benchmark
+
+    @classmethod
+    def check(cls, url: SourceURL, settings: SourceSettings) -> None:
+        """Before a job is queued, connecting to nothing: the AE title, RetrieveMethod,
+        MovePort and TLS files (for C-MOVE also our own certificate: the PACS connects to us)."""
+        cls(url, settings).close()
+        if (settings.retrieve or "get").lower() == "move":
+            tls_context(settings, server_side=True)
 
     def __repr__(self) -> str:
         return f"DimseSource({self.where})"

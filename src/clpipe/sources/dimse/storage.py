@@ -16,7 +16,8 @@ import zlib
 from collections.abc import Callable
 from typing import Any, cast
 
-from ...sync.engine import PermanentError, TransientError
+from ...errors import PermanentError, TransientError
+from ..part10 import Unfollowable, dataset_text
 from .messages import (
     C_ECHO_RQ,
     C_ECHO_RSP,
@@ -96,11 +97,17 @@ class Delivery:
 
 
 def series_uid(data: bytes, transfer_syntax: str) -> str:
-    """The SeriesInstanceUID of an encoded dataset, reading no further than that element."""
-    from pydicom.filereader import read_dataset
-
+    """The SeriesInstanceUID of an encoded dataset, reading no further than that element:
+    by the shared Part-10 walker (sources/part10.py), else (a dataset it cannot follow) by
+    pydicom."""
     if transfer_syntax == DEFLATED_LE:
         data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, 1 << 20)
+    try:
+        return dataset_text(data, SERIES_INSTANCE_UID, implicit=transfer_syntax == IMPLICIT_LE)
+    except Unfollowable:
+        pass
+    from pydicom.filereader import read_dataset
+
     ds = read_dataset(io.BytesIO(data), transfer_syntax == IMPLICIT_LE, True,
                       stop_when=lambda tag, vr, length: tag > SERIES_INSTANCE_UID)
     return text(ds, "SeriesInstanceUID")

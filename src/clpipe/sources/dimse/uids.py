@@ -1,10 +1,9 @@
 """The UIDs the DIMSE source offers and names itself by (PS3.6 Annex A): transfer
 syntaxes, the storage SOP classes offered for C-GET, the Study Root Query/Retrieve
-models, the application context, and clpipe's implementation class UID."""
+models, the application context (clpipe's implementation class UID is in
+:mod:`clpipe.sources.part10`: the file meta names it too)."""
 
 from __future__ import annotations
-
-from ... import __version__
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -51,7 +50,5 @@ QUERY_RETRIEVE = (QR_FIND, QR_GET, QR_MOVE)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # the DICOM Application Context Name (PS3.7 A.2.1)
 #: how clpipe names itself in associations and file meta: a UUID-derived UID (PS3.5 B.2)
-IMPLEMENTATION_UID = "2.25.210931605554583860529104387413997179620"
-IMPLEMENTATION_VERSION = f"CLPIPE_{__version__}"[:16]
 #: the implementation class UID root of pynetdicom (see storage.PYNETDICOM_DELAY)
 PYNETDICOM_ROOT = "1.2.826.0.1.3680043.9.3811."

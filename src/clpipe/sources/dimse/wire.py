@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterator
 
-from ...sync.engine import TransientError
+from ...errors import TransientError
 from .messages import (
     COMMAND_DATA_SET_TYPE,
     NO_DATASET,
@@ -64,7 +64,8 @@ class Wire:
             except TimeoutError:  # socket.timeout is TimeoutError
                 if self.keep_waiting is not None and self.keep_waiting():
                     continue
-                raise TransientError(f"no answer from {self.where} within {self.timeout:.0f} s (NetworkTimeout); it will be tried again") from None
+                raise TransientError(f"no answer from {self.where} within {self.timeout:.0f} s (NetworkTimeout); "
+                                     "it will be tried again") from None
             except OSError as exc:
                 raise TransientError(f"the connection to {self.where} broke ({exc})") from None
             if not chunk:

@@ -5,8 +5,8 @@ No servers needed; everything runs on a temporary folder."""
 
 from __future__ import annotations
 
-import io
 import errno
+import io
 import os
 import shutil
 import time
@@ -21,8 +21,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 import clpipe.sources.localdir as localdir
 from clpipe.errors import ConfigError, DiskFull, PreflightError
-from clpipe.sources.dicom import (DEFAULT_TEMPLATE, DicomQuery, SourceSettings, entries, labels, parse_source_url,
-                                  series_folder)
+from clpipe.sources.dicom import DEFAULT_TEMPLATE, DicomQuery, SourceSettings, entries, labels, parse_source_url, series_folder
 from clpipe.sources.localdir import FolderSource, read_header
 from clpipe.sync.engine import Engine, Options
 from clpipe.sync.manifest import SyncState
@@ -260,7 +259,7 @@ def test_layout_of_odd_and_missing_attributes(tree):
     source = source_for(root)
     found = {e.ref.uid: e for e in entries(source, DicomQuery())}
     odd = desc["odd"]
-    for uid, entry in found.items():
+    for _uid, entry in found.items():
         assert entry.path == series_folder(DEFAULT_TEMPLATE, entry.ref.attrs)
         assert ".." not in entry.path.split("/") and not entry.path.startswith("/")
         assert entry.count == entry.ref.count and entry.version == entry.ref.version and entry.series
@@ -625,7 +624,7 @@ def test_benchmark_quick_mode_runs_every_peer(tmp_path):
     import subprocess
     import sys
 
-    bench = Path(__file__).resolve().parent.parent / "bench"
+    bench = Path(__file__).resolve().parents[2] / "bench"
     results = bench / "results" / "dicom_folder.md"
     before = results.read_bytes() if results.exists() else None
     proc = subprocess.run([sys.executable, str(bench / "dicom_folder.py"), "--quick", "--workdir", str(tmp_path)],

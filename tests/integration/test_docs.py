@@ -16,7 +16,7 @@ import pytest
 from clpipe.cli import cli, flywheel_sync_cli
 from clpipe.cli.modulefile import modulefile_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILD_TIMEOUT = 300
 
 
@@ -148,8 +148,8 @@ EXTRA_PHRASES = {
         'expected "get" (C-GET) or "move" (C-MOVE, which needs MovePort)',
         "expected a TCP port number (1-65535), or 0 for none", "no such file", "expected a file path as text",
     ],
-    "sync/layout.py": ["uses no field, so every series would land in one folder; use e.g. {{subject}}/{{session}}/{{series}}"],
-    "fwcli.py": [
+    "layout.py": ["uses no field, so every series would land in one folder; use e.g. {{subject}}/{{session}}/{{series}}"],
+    "plan.py": [
         "is an fw sync option for Flywheel projects; a DICOM source takes only -j/--jobs, -n/--dry-run, "
         "-l/--list-only, -v, --delete, --quiet, --debug, -y and --ca-certs; filter with the Query block instead",
     ],
@@ -171,7 +171,7 @@ EXTRA_PHRASES = {
     "sync/reports.py": ["the audit log ", " and the summary "],
     # a full disk, in any step (issue 11): the one line and its parts
     "errors.py": ["no space left", "disk quota exceeded", "then run again: finished files are kept", "free space", "needed for "],
-    "sync/run.py": ["this sync's bookkeeping (the dropoff's .clpipe-sync folder)",
+    "engines/native.py": ["this sync's bookkeeping (the dropoff's .clpipe-sync folder)",
                     "the manifest of the synced files (the dropoff's .clpipe-sync folder)", "the sync's lock"],
     "batch/local.py": ["the rest of this run's log", "misses the end of this run's output", "the console has it all",
                        "the run goes on without it", "the clpipe installation was probably moved or removed: install it again"],
@@ -198,7 +198,7 @@ def _module_words(tree: ast.Module, shared: dict[str, ast.Tuple] | None = None) 
         target, value = node.targets[0], node.value
         if isinstance(value, ast.Name) and value.id in (shared or {}):
             value = shared[value.id]
-        pairs = (zip(target.elts, value.elts) if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
+        pairs = (zip(target.elts, value.elts, strict=False) if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
                  else [(target, value)])
         for name, item in pairs:
             if (isinstance(name, ast.Name) and isinstance(item, ast.Constant) and isinstance(item.value, str)

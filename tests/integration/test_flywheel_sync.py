@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FW_NEW, files_under, need_tool, new_project as _new_project
+from helpers import FW_NEW, files_under, need_tool
+from helpers import new_project as _new_project
+
+pytestmark = pytest.mark.fw
 
 KEY = "test-key-s3cr3t"
 SUMMARY_RE = re.compile(r"Sync summary: (\d+) created, (\d+) updated, (\d+) skipped, (\d+) failed; .*\((\d+) bytes\); [\d.]+ s")
@@ -226,7 +229,7 @@ def test_truncated_download_leaves_half_file_and_fails(fw_env, server, tmp_path)
 def test_readme_demo_command(tmp_path):
     """The README's first command: a real sync from the bundled server with the real fw."""
     need_tool(FW_NEW, "flywheel-cli 18.5.1 (the demo's setup installs it)")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([str(root / "scripts" / "demo.sh")], env=dict(os.environ, DEMO_DIR=str(tmp_path / "demo")),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FW_NEW, need_tool
+from helpers import FW_NEW, need_tool
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.fw
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.fwcli

@@ -149,7 +149,7 @@ def test_job_id_parsing():
 
 
 def test_cli_prints_script_and_submit_command(tmp_path):
-    from conftest import new_project
+    from helpers import new_project
 
     config = new_project(tmp_path / WEIRD)
     proc = subprocess.run(

@@ -31,7 +31,10 @@ import pytest
 from clpipe.errors import PreflightError
 from clpipe.sync.manifest import LOCK_GRACE, STATE_DIR, SyncState
 from clpipe.testing.fwserver import FlywheelTestServer, make_demo_project
-from conftest import files_under, new_project
+
+from helpers import files_under, new_project
+
+pytestmark = pytest.mark.fw
 
 HOST = socket.gethostname()
 KEY = "test-key-s3cr3t"

@@ -24,7 +24,8 @@ import pydicom
 import pytest
 
 from clpipe.testing import dicomdata
-from conftest import DICOM_START
+
+from helpers import DICOM_START
 
 TIMEOUT = 10  # seconds, for every association step and HTTP request
 START = DICOM_START

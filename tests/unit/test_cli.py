@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from clpipe.fwcli import make_plan, parse_commandline_opts, read_audit_csv
 from clpipe.config import load_project_config
+from clpipe.engines.fwcli import read_audit_csv
 from clpipe.errors import ConfigError
+from clpipe.plan import make_plan, parse_commandline_opts
 
 
 def clpipe(*args, cwd=None, env=None):
@@ -83,7 +84,7 @@ def test_clpipe_style_and_gnu_style_options_are_aliases(project):
     a = clpipe("dicom", "flywheel_sync", "-config_file", cfg, "-source_url", "fw://g/p", "-dropoff_dir", project / "d", "-temp_dir", project / "t")
     b = clpipe("dicom", "flywheel_sync", "--config-file", cfg, "--source-url", "fw://g/p", "--dropoff-dir", project / "d", "--temp-dir", project / "t")
     assert a[0] == b[0] == 0
-    strip = lambda out: [l for l in out.splitlines() if l.startswith(("Source", "Dropoff", "Temp"))]  # noqa: E731
+    strip = lambda out: [l for l in out.splitlines() if l.startswith(("Source", "Dropoff", "Temp"))]  # noqa: E731, E741
     assert strip(a[1]) == strip(b[1])
     assert f"Dropoff:   {project / 'd'}" in a[1]
     assert "Source:    fw://g/p" in a[1]

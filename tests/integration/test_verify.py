@@ -18,9 +18,11 @@ import clpipe.sync.engine as engine_module
 from clpipe.sources.flywheel import FlywheelSource, credentials_from_api_key, parse_fw_url
 from clpipe.sync.engine import Engine, Options, Outcome, RemoteEntry
 from clpipe.sync.manifest import SyncState
-from clpipe.testing.fwserver import (Acquisition, FlywheelTestServer, FwFile, Project, Session, Subject,
-                                     make_demo_project)
-from conftest import files_under, new_project
+from clpipe.testing.fwserver import Acquisition, FlywheelTestServer, FwFile, Project, Session, Subject, make_demo_project
+
+from helpers import files_under, new_project
+
+pytestmark = pytest.mark.fw
 
 KEY = "test-key-s3cr3t"  # the conftest server's key
 URL = parse_fw_url("fw://lab/study/")
@@ -259,7 +261,7 @@ def test_files_named_dot_and_dotdot_fetch_their_own_bytes(tmp_path):
     with FlywheelTestServer([project], api_keys={KEY}) as server:
         entries = [RemoteEntry(key=f"{acq.id}/{f.name}", path=f"files/{local}", size=f.size, modified=0.0,
                                checksum=None, unpack=False, name=f.name)
-                   for f, local in zip(acq.files, ["dotdot", "dot", "plain.dcm"])]
+                   for f, local in zip(acq.files, ["dotdot", "dot", "plain.dcm"], strict=False)]
         outcome = engine_sync(server, tmp_path / "dropoff", entries=entries)
         assert outcome.failed == 0 and outcome.created == 3, outcome.failures
         gets = {r["path"]: r["status"] for r in server.requests if r["method"] == "GET"}

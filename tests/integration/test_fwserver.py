@@ -24,8 +24,6 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from conftest import TOOLS, need_tool
-
 from clpipe.testing.fwserver import (
     Acquisition,
     FlywheelTestServer,
@@ -35,6 +33,10 @@ from clpipe.testing.fwserver import (
     Subject,
     make_demo_project,
 )
+
+from helpers import TOOLS, need_tool
+
+pytestmark = pytest.mark.fw
 
 KEY = "test-key-123"
 TIMEOUT = httpx.Timeout(10.0)

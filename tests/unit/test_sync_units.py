@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-
 import pytest
 
 from clpipe.errors import PreflightError
@@ -44,7 +43,7 @@ def test_bids_labels_and_templates():
 
 def test_flatten_members_never_overwrites():
     names = flatten_members(["c/IM1.dcm", "a/IM1.dcm", "b/IM1.dcm", "IM2.dcm", "../../x.dcm"])
-    # the smallest path keeps the name; the others get ~ and hex digits of their path (tests/test_names.py)
+    # the smallest path keeps the name; the others get ~ and hex digits of their path (tests/integration/test_names.py)
     assert names == {"a/IM1.dcm": "IM1.dcm", "b/IM1.dcm": "IM1~c56d7c.dcm", "c/IM1.dcm": "IM1~c782e6.dcm", "IM2.dcm": "IM2.dcm", "../../x.dcm": "x.dcm"}
 
 

@@ -1,48 +1,55 @@
-"""Run a sync plan with the native engine: Flywheel (no ``fw`` needed) or a DICOM source
-(DICOMweb, DIMSE, a mounted folder). Same steps for all: pre-flight, list, plan against the
-manifest, transfer, verify, record, report."""
+"""The native engine: clpipe's own, for a Flywheel project (no ``fw`` needed) or a DICOM
+source (DICOMweb, DIMSE, a mounted folder). Same steps for all: pre-flight, list, plan
+against the manifest, transfer, verify, record, report (the parts are in :mod:`clpipe.sync`)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from ..console import say
 from ..errors import DiskFull, PreflightError, TransferError, is_disk_full
 from ..sources.base import HasNotes
-from .engine import Engine, Options
-from .manifest import MANIFEST, SyncState
-from .progress import watched
-from .reports import write_reports
+from ..sources.registry import source_class
+from ..sync.engine import Engine, Options
+from ..sync.manifest import MANIFEST, SyncState
+from ..sync.progress import watched
+from ..sync.reports import write_reports
+from .base import SYNC_COMPLETE, close, make_folders, say_failed
+
+if TYPE_CHECKING:
+    from ..plan import SyncPlan
 
 
-def run_native(plan) -> int:
-    """A Flywheel project with the native engine. Exit status 0 only when every listed
-    file is in the dropoff, whole."""
-    from ..sources.flywheel import FlywheelSource, load_credentials, parse_fw_url
+def run(plan: SyncPlan) -> int:
+    """Run ``plan`` with the native engine. Exit status 0 only when every listed file is in
+    the dropoff, whole."""
+    return run_native(plan) if plan.is_flywheel else run_dicom(plan)
 
+
+def run_native(plan: SyncPlan) -> int:
+    """A Flywheel project with the native engine (its source picked by the registry)."""
     started = time.monotonic()
-    url = parse_fw_url(plan.source_url)
+    url = plan.flywheel_url
     opts = plan.sync_options
-    credentials = load_credentials()
-    source = FlywheelSource(credentials, jobs=opts.jobs, verify=opts.ca_certs or True)  # one connection pool for everything
+    source, project = source_class("fw").open_project(url, jobs=opts.jobs, verify=opts.ca_certs or True)
     try:
-        source.api.check_login()
-        project = source.api.lookup_project(url)
-        say(f"native engine; logged in to {credentials.api_url}; project {url.group}/{url.project} found")
+        say(f"native engine; logged in to {source.credentials.api_url}; project {url.group}/{url.project} found")
         return _sync(plan, source, lambda: source.entries(project["_id"], url, *opts.listing_request(), unpack=opts.unpack,
                                                           template=plan.layout_template or None), started)
     finally:
         source.close()
 
 
-def run_dicom(plan) -> int:
+def run_dicom(plan: SyncPlan) -> int:
     """A DICOM source (dicomweb+http(s)://, dimse://, file://) with the native engine."""
-    from ..sources.dicom import DEFAULT_TEMPLATE, DicomQuery, SourceSettings, entries, open_source, parse_source_url
+    from ..sources.dicom import DEFAULT_TEMPLATE, DicomQuery, SourceSettings, SourceURL, entries, open_source
 
     started = time.monotonic()
-    url = parse_source_url(plan.source_url)
+    url = plan.source
+    assert isinstance(url, SourceURL)
     source = open_source(url, SourceSettings(**plan.settings))
     try:
         query = DicomQuery(**plan.query)
@@ -60,14 +67,10 @@ def run_dicom(plan) -> int:
         source.close()
 
 
-def _sync(plan, source, listing: Callable[[], Iterable], started: float) -> int:
+def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: float) -> int:
     opts = plan.sync_options
     dropoff, temp = Path(plan.dropoff), Path(plan.temp_dir)
-    for folder, what in ((dropoff, "DropoffDirectory"), (temp, "TempDirectory"), (Path(plan.sync_logs), "log folder")):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PreflightError(f"cannot create the {what} {folder}: {exc.strerror}") from None
+    make_folders(plan, ("dropoff", "temp", "logs"))
     if opts.list_only:
         found = sorted(listing(), key=lambda e: e.path)
         say(f"listed {len(found)} remote items")
@@ -102,7 +105,7 @@ def _sync(plan, source, listing: Callable[[], Iterable], started: float) -> int:
             raise DiskFull.at(exc, folders, purpose="this sync's bookkeeping (the dropoff's .clpipe-sync folder)") from exc
         if isinstance(source, HasNotes):  # what the source skipped or had to change
             outcome.notes += list(source.notes)
-        if plan.source_url.startswith("fw:"):
+        if plan.is_flywheel:
             say(f"listed {engine.listed} remote files ({engine.listed_bytes / 1e6:.1f} MB) in one request")
         else:
             say(f"listed {engine.listed} series")
@@ -128,10 +131,7 @@ def _sync(plan, source, listing: Callable[[], Iterable], started: float) -> int:
                                                 "run_id": plan.run_id}, state)
     except DiskFull as exc:
         full, reported = full or exc, False
-    for failure in failures[:50]:
-        say(f"FAILED {failure}", error=True)
-    if len(failures) > 50:
-        say(f"... and {len(failures) - 50} more failures (all in {summary if reported else 'the summary, not written'})", error=True)
+    say_failed(failures, "failures", f" (all in {summary if reported else 'the summary, not written'})")
     for note in outcome.notes:
         say(note)
     if outcome.adopted:
@@ -141,11 +141,7 @@ def _sync(plan, source, listing: Callable[[], Iterable], started: float) -> int:
         say(f"audit log: {audit}; summary: {summary}")
     if full is not None:
         raise full  # one line: the folder, its free space, about how much more is needed
-    if outcome.failed:
-        say("sync FAILED: not every file arrived; the exit status is non-zero", error=True)
-        return 1
-    say("sync complete: every listed file is in the dropoff" if not opts.dry_run else "dry run complete")
-    return 0
+    return close(bool(outcome.failed), done=SYNC_COMPLETE if not opts.dry_run else "dry run complete")
 
 
 def _manifest_bytes(state: SyncState) -> int:

@@ -26,12 +26,13 @@ import pydicom
 import pytest
 
 from clpipe.errors import ConfigError
-from clpipe.sources.dicom import (DEFAULT_TEMPLATE, DicomQuery, Series, SourceSettings, entries, parse_source_url,
-                                  series_folder)
+from clpipe.sources.dicom import DEFAULT_TEMPLATE, DicomQuery, Series, SourceSettings, entries, parse_source_url, series_folder
 from clpipe.sources.dimse import DimseSource, part10_header, tls_context
 from clpipe.sync.engine import Engine, Options, PermanentError, TransientError
 from clpipe.sync.manifest import SyncState
 from clpipe.testing import dicomdata
+
+from helpers import check_instance
 
 TIMEOUT = 20.0  # seconds, for every association step
 SERVERS = ("orthanc", "dcmqrscp", "qrscp")
@@ -180,31 +181,6 @@ def test_limit_counts_studies(dicom_env, expected, server):
 #: servers that send every instance in the first storage context accepted for its SOP class
 #: (DCMTK's C-GET and C-MOVE): Explicit VR Little Endian, decompressing RLE, whatever it stored
 CONVERTS = {"dcmqrscp"}
-
-
-def check_instance(uid: str, data: bytes, rec: dict, data_root: Path, converts: bool = False) -> None:
-    """A received instance is a Part-10 file with the original's elements, in the original's
-    transfer syntax (a compressed series stays compressed) unless the server ``converts``:
-    then in Explicit VR Little Endian with the original's decoded pixels."""
-    assert data[128:132] == b"DICM"
-    got = pydicom.dcmread(io.BytesIO(data))
-    original = pydicom.dcmread(data_root / rec["path"])
-    assert got.file_meta.MediaStorageSOPInstanceUID == got.SOPInstanceUID == uid
-    assert got.file_meta.MediaStorageSOPClassUID == got.SOPClassUID == rec["SOPClassUID"]
-    syntax = dicomdata.EXPLICIT_LE if converts else rec["TransferSyntaxUID"]
-    assert got.file_meta.TransferSyntaxUID == syntax
-    for elem in original:
-        if elem.keyword == "PixelData":
-            continue
-        assert elem.tag in got, f"{uid}: {elem.keyword or elem.tag} missing"
-        assert got[elem.tag].value == elem.value, f"{uid}: {elem.keyword or elem.tag} differs"
-    pixels = original.PixelData
-    if rec["TransferSyntaxUID"] == dicomdata.RLE_LOSSLESS and syntax != rec["TransferSyntaxUID"]:
-        from pydicom.pixels import get_decoder
-
-        pixels = bytes(get_decoder(dicomdata.RLE_LOSSLESS).as_buffer(original)[0])
-    assert got.PixelData == pixels
-    assert int(got.get("NumberOfFrames", 1)) == rec["NumberOfFrames"]
 
 
 def retrieve_once_each(source: DimseSource, series: Series, tries: int = 1) -> dict[str, bytes]:
@@ -525,8 +501,8 @@ def tls_pacs(certificate, expected, dicom_env):
     import ssl
 
     from pynetdicom import AE, evt
-    from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind as FIND,
-                                      StudyRootQueryRetrieveInformationModelGet as GET)
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
     cert, key = certificate
     data_root = Path(dicom_env["CLPIPE_DICOM_DATA"])
@@ -686,7 +662,7 @@ def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
     left alone (it proves no speed: that is the full run's job)."""
     import sys
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     results = root / "bench" / "results" / "dicom_dimse.md"
     before = results.read_bytes() if results.exists() else None
     proc = subprocess.run([sys.executable, str(root / "bench" / "dicom_dimse.py"), "--quick", "--workdir", str(tmp_path)],

@@ -14,50 +14,33 @@ import subprocess
 import sys
 import time
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from clpipe.sync.engine import Engine, Options, Progress, RemoteEntry, TransientError, copy_file
+from clpipe.sync.engine import Engine, Options, Progress, TransientError, copy_file
 from clpipe.sync.manifest import SyncState
 from clpipe.testing.fwserver import Acquisition, FlywheelTestServer, FwFile, Project, Session, Subject, make_demo_project
-from conftest import files_under, new_project
 
-KEY = "test-key-s3cr3t"
-SUMMARY_RE = re.compile(r"Sync summary: (\d+) created, (\d+) updated, (\d+) skipped, (\d+) failed")
+from helpers import (
+    KEY,
+    SeriesSource,
+    dicoms,
+    file_gets,
+    files_under,
+    instances,
+    landed_files,
+    login,
+    native,
+    new_project,
+    run_engine,
+    series_entry,
+)
 
-
-def login(env, server) -> None:
-    """What `fw login` saves, written directly: the native engine needs no fw."""
-    folder = env.home / ".config" / "flywheel"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "user.json").write_text(json.dumps({"key": server.login_key(KEY), "root": False}))
-
-
-def native(env, config: Path, *extra, timeout=180):
-    proc = env.clpipe("dicom", "flywheel_sync", "-c", config, "-engine", "native", "-submit", *extra, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    match = SUMMARY_RE.search(out)
-    return proc.returncode, out, tuple(int(g) for g in match.groups()) if match else None
-
-
-def file_gets(server, since: int = 0) -> list[str]:
-    """Names of files downloaded (not ?info requests) since request number ``since``."""
-    names = []
-    for r in server.requests[since:]:
-        match = re.match(r"^/api/containers/[^/]+/files/(.+)$", r["path"])
-        if r["method"] == "GET" and match and not r["query"].get("info"):
-            names.append(match.group(1))
-    return names
-
+pytestmark = pytest.mark.fw
 
 def listings(server, since: int = 0) -> int:
     return sum(1 for r in server.requests[since:] if r["path"] == "/api/download/targets")
-
-
-def dicoms(root: Path) -> dict[str, bytes]:
-    return {k: v for k, v in files_under(root).items() if not k.startswith(".clpipe-sync")}
 
 
 @pytest.fixture
@@ -315,47 +298,10 @@ def test_retry_after_is_honoured(nenv, server, demo_project, tmp_path):
 # ----------------------------------------------------------------------------- DICOM series
 
 
-class SeriesSource:
-    """A source of DICOM series as the DICOMweb and DIMSE sources are (``(SOPInstanceUID,
-    bytes)``), or the file source (``(SOPInstanceUID, Path)``); ``fail_after`` instances
-    of a series, ``error`` is raised."""
-
-    def __init__(self, series: dict[str, list[tuple[str, bytes | Path]]], fail_after: int | None = None,
-                 error: BaseException | None = None):
-        self.series, self.fail_after, self.error, self.opened = series, fail_after, error, []
-
-    @contextmanager
-    def instances(self, entry):
-        self.opened.append(entry.key)
-
-        def items():
-            for n, item in enumerate(self.series[entry.key]):
-                if self.fail_after is not None and n == self.fail_after:
-                    raise self.error
-                yield item
-
-        yield items()
-
-    def members(self, entry):
-        return None
 
 
-def series_entry(key: str, folder: str, count: int, version: str = "v1") -> RemoteEntry:
-    return RemoteEntry(key=key, path=folder, size=0, modified=0.0, checksum=None, unpack=True, count=count,
-                       version=version, series=True)
 
 
-def run_engine(source, dropoff: Path, entries: list, run_id: str = "run1", **options):
-    state = SyncState(dropoff, run_id)
-    state.acquire()
-    try:
-        state.load()
-        opts = dict(dropoff=dropoff, zip_tmp=dropoff.parent / "ziptmp", jobs=2, retries=1, backoff=0.01)
-        outcome = Engine(source, state, Options(**{**opts, **options})).run(entries)
-        state.save()
-    finally:
-        state.release()
-    return outcome
 
 
 def staged_files(dropoff: Path) -> list[str]:
@@ -364,13 +310,8 @@ def staged_files(dropoff: Path) -> list[str]:
                   and (p.relative_to(dropoff).parts[:2] == (".clpipe-sync", "tmp") or p.name.startswith(".")))
 
 
-def landed_files(dropoff: Path) -> dict[str, bytes]:
-    return {p.relative_to(dropoff).as_posix(): p.read_bytes() for p in dropoff.rglob("*")
-            if p.is_file() and ".clpipe-sync" not in p.relative_to(dropoff).parts}
 
 
-def instances(prefix: str, n: int, size: int = 3000) -> list[tuple[str, bytes]]:
-    return [(f"1.2.3.{prefix}.{i}", bytes([i % 251]) * (size + i)) for i in range(n)]
 
 
 def test_a_series_lands_whole_each_instance_once_nothing_staged_left(tmp_path):

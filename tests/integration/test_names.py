@@ -22,8 +22,10 @@ import clpipe.sync.layout as layout
 from clpipe.sources.dicom import series_folder
 from clpipe.sync.manifest import Record, SyncState
 from clpipe.testing.fwserver import Acquisition, FlywheelTestServer, FwFile, Project, Session, Subject
-from conftest import new_project
-from test_native_engine import KEY, SeriesSource, dicoms, file_gets, instances, landed_files, login, native, run_engine, series_entry
+
+from helpers import KEY, SeriesSource, dicoms, file_gets, instances, landed_files, login, native, new_project, run_engine, series_entry
+
+pytestmark = pytest.mark.fw
 
 NFC, NFD = unicodedata.normalize("NFC", "José"), unicodedata.normalize("NFD", "José")
 BAD = set('/\\:*?"<>| ')

@@ -12,7 +12,7 @@ import pytest
 
 from clpipe.config import load_project_config
 from clpipe.errors import ConfigError
-from clpipe.fwcli import make_plan
+from clpipe.plan import make_plan
 from clpipe.sources.dicom import DicomQuery, labels, parse_source_url, series_folder
 
 
@@ -116,7 +116,7 @@ def test_flywheel_sync_refuses_other_sources_and_dicom_sync_takes_fw(tmp_path):
 def test_layout_rules_for_missing_and_odd_attributes():
     odd = {"PatientID": "sub-01/../x", "StudyDate": "20240131", "SeriesNumber": "7",
            "SeriesDescription": "T1w MPRAGE / *é*\x01", "SeriesInstanceUID": "1.2.3"}
-    assert series_folder("{subject}/{session}/{series}", odd) == "01x/20240131/007-T1w_MPRAGE_e"  # portable: tests/test_names.py
+    assert series_folder("{subject}/{session}/{series}", odd) == "01x/20240131/007-T1w_MPRAGE_e"  # portable: tests/integration/test_names.py
     bare = {"SeriesInstanceUID": "1.2.4", "Modality": "MR"}
     assert labels(bare)["subject"] == "unknown" and labels(bare)["session"] == "nodate" and labels(bare)["series"] == "NA-MR"
     assert series_folder("{subject}/{session}/{series}", {}) == "unknown/nodate/NA-series"
@@ -137,7 +137,7 @@ def test_project_setup_takes_a_dicom_source(tmp_path):
 def test_network_timeout_reaches_the_source_settings(tmp_path):
     """NetworkTimeout (seconds) is what every connect, read and answer of the job waits."""
     from clpipe.config.project import load_project_config
-    from clpipe.fwcli import make_plan
+    from clpipe.plan import make_plan
 
     config = project(tmp_path, "dimse://PACS@127.0.0.1:104", NetworkTimeout=900)
     assert make_plan(load_project_config(config)).settings["timeout"] == 900

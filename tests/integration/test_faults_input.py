@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from clpipe.testing.fwserver import FlywheelTestServer, make_demo_project
-from conftest import Env, files_under, need_tool, new_project
-from test_native_engine import KEY, SUMMARY_RE, file_gets, login
+
+from helpers import KEY, SUMMARY_RE, Env, file_gets, files_under, login, need_tool, new_project
+
+pytestmark = pytest.mark.fw
 
 MOUNT_TIMEOUT = 30
 FULL_RE = re.compile(r"^clpipe: error: no space left on (?P<folder>\S+) \((?P<free>[\d.]+ [KMG]?B) free; "

@@ -26,11 +26,22 @@ import pytest
 
 from clpipe.errors import ConfigError, PreflightError
 from clpipe.sources.dicom import DEFAULT_TEMPLATE, DicomQuery, Series, SourceSettings, entries, parse_source_url, series_folder
-from clpipe.sources.dicomweb import (ACCEPT_AS_STORED, DicomWebSource, content_type_params, json_value,
-                                     meta_sop_instance_uid, read_multipart, sop_instance_uid, widen)
+from clpipe.sources.dicomweb import (
+    ACCEPT_AS_STORED,
+    DicomWebSource,
+    content_type_params,
+    json_value,
+    meta_sop_instance_uid,
+    read_multipart,
+    sop_instance_uid,
+    widen,
+)
 from clpipe.sync.engine import Engine, Options, PermanentError, TransientError
 from clpipe.sync.manifest import STATE_DIR, SyncState
-from conftest import DICOM_START
+
+from helpers import DICOM_START, assert_same_instance, original, stored_file
+
+pytestmark = pytest.mark.orthanc
 
 TIMEOUT = 20.0  # seconds, every HTTP request
 START = DICOM_START
@@ -68,37 +79,6 @@ def listed(src: DicomWebSource, query: DicomQuery = DicomQuery()) -> list[Series
 def expected_uids(expected: dict, keep=lambda series, study: True) -> set[str]:
     studies = {st["StudyInstanceUID"]: st for st in expected["studies"]}
     return {se["SeriesInstanceUID"] for se in expected["series"] if keep(se, studies[se["StudyInstanceUID"]])}
-
-
-def file_meta_end(data: bytes) -> int:
-    """Where the data set starts in a Part-10 file (after preamble and file meta)."""
-    from pydicom.filereader import read_file_meta_info, read_preamble
-
-    fp = io.BytesIO(data)
-    read_preamble(fp, False)
-    try:
-        from pydicom.filereader import _read_file_meta_info as read_meta
-    except ImportError:  # pragma: no cover
-        read_meta = read_file_meta_info
-    read_meta(fp)
-    return fp.tell()
-
-
-def transfer_syntax(data: bytes) -> str:
-    import pydicom
-
-    return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta.TransferSyntaxUID)
-
-
-def original(dicom_env, rec: dict) -> bytes:
-    return (Path(dicom_env["CLPIPE_DICOM_DATA"]) / rec["path"]).read_bytes()
-
-
-def assert_same_instance(dicom_env, rec: dict, data: bytes) -> None:
-    """``data`` carries the generated instance: same data set bytes, same transfer syntax."""
-    source_file = original(dicom_env, rec)
-    assert data[file_meta_end(data):] == source_file[file_meta_end(source_file):], rec["path"]
-    assert transfer_syntax(data) == rec["TransferSyntaxUID"], rec["path"]
 
 
 # ----------------------------------------------------------------------------- listing
@@ -206,12 +186,6 @@ def test_listing_retrieves_no_instance(dicom_env, no_credentials, expected):
 # ----------------------------------------------------------------------------- retrieval
 
 
-def stored_file(dicom_env, sop_uid: str) -> bytes:
-    """The file as Orthanc stores it, through its own REST API."""
-    base = dicom_env["CLPIPE_ORTHANC_HTTP"]
-    found = httpx.post(f"{base}/tools/lookup", content=sop_uid, timeout=TIMEOUT).raise_for_status().json()
-    ident = next(f["ID"] for f in found if f["Type"] == "Instance")
-    return httpx.get(f"{base}/instances/{ident}/file", timeout=TIMEOUT).raise_for_status().content
 
 
 def retrieve(src: DicomWebSource, series: Series) -> dict[str, bytes]:

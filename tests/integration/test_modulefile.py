@@ -14,7 +14,9 @@ import pytest
 from clpipe import __version__
 from clpipe.modulefile import lua_string
 
-from conftest import FW_NEW, need_tool
+from helpers import FW_NEW, need_tool
+
+pytestmark = pytest.mark.lmod
 
 # Where Lmod's shell setup lives: Debian's login-shell hook first, then Lmod's own init.
 LMOD_INITS = (Path("/etc/profile.d/lmod.sh"), Path("/usr/share/lmod/lmod/init/bash"))

@@ -34,10 +34,8 @@ import pytest
 
 from clpipe.sources.dicom import DEFAULT_TEMPLATE, series_folder
 from clpipe.testing import dicomdata
-from conftest import files_under, new_project
-from test_schedulers import PROFILES, project_for, scheduler, wait_for  # noqa: F401  (scheduler: a fixture)
-from test_source_dicomweb import assert_same_instance, stored_file
-from test_source_dimse import check_instance
+
+from helpers import PROFILES, assert_same_instance, check_instance, files_under, new_project, project_for, stored_file, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
