@@ -53,7 +53,7 @@ class Measured:
     output: str
 
     def failure(self, timeout: float, width: int = 160) -> str:
-        """"" when the run succeeded, else why it did not (for the table's result column)."""
+        """ "" when the run succeeded, else why it did not (for the table's result column)."""
         if self.code is None:
             return f"TIMEOUT after {timeout:.0f} s"
         if self.code != 0:
@@ -75,8 +75,9 @@ def run_measured(cmd: list[str], env: dict, log: Path, timeout: float, cwd: Path
     code = None
     with open(log, "wb") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
         sampler.start()
         try:
@@ -104,9 +105,11 @@ def machine() -> str:
     """CPUs, memory, kernel and Python, for the table's header."""
     mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) * 1024
     cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    return (f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}, "
-            f"{cpu[1] if cpu else platform.machine()}), {mem / 2**30:.1f} GiB memory, "
-            f"Linux {platform.release()}, Python {platform.python_version()}")
+    return (
+        f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}, "
+        f"{cpu[1] if cpu else platform.machine()}), {mem / 2**30:.1f} GiB memory, "
+        f"Linux {platform.release()}, Python {platform.python_version()}"
+    )
 
 
 @contextmanager
@@ -119,8 +122,7 @@ def orthanc_data_lock():
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for another benchmark that uses the test Orthanc's BENCH* patients ({path})",
-                  file=sys.stderr, flush=True)
+            print(f"waiting for another benchmark that uses the test Orthanc's BENCH* patients ({path})", file=sys.stderr, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -132,6 +134,7 @@ def orthanc_data_lock():
 class Run:
     """One row of a benchmark table: what ran, on how much data, and how it went (each
     benchmark adds the columns of its own in a subclass)."""
+
     name: str
     files: int = 0
     nbytes: int = 0

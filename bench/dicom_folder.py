@@ -119,8 +119,7 @@ def check_dropoff(dest: Path, desc: dict) -> str:
     for path in dest.rglob("*.dcm"):
         if STATE_DIR not in path.relative_to(dest).parts:
             got.setdefault(path.name[:-4], []).append(path)
-    others = [p for p in dest.rglob("*") if p.is_file() and STATE_DIR not in p.relative_to(dest).parts
-              and p.suffix != ".dcm"]
+    others = [p for p in dest.rglob("*") if p.is_file() and STATE_DIR not in p.relative_to(dest).parts and p.suffix != ".dcm"]
     missing = sorted(want.keys() - got.keys())
     extra = sorted(got.keys() - want.keys()) + [str(p) for p in others]
     extra += [f"{uid} ({len(paths)} copies)" for uid, paths in got.items() if len(paths) > 1]
@@ -175,21 +174,47 @@ def engine_main(tree: str, dest: str, jobs: int) -> int:
         state.release()
         source.close()
     done = time.perf_counter()
-    print(json.dumps({
-        "created": outcome.created, "updated": outcome.updated, "skipped": outcome.skipped, "failed": outcome.failed,
-        "failures": outcome.failures[:5], "notes": getattr(source, "notes", []),
-        "import_s": imported - started, "list_s": (listed[0] or copied) - begun,
-        "copy_s": copied - (listed[0] or copied), "save_s": done - copied, "jobs": engine.jobs,
-    }))
+    print(
+        json.dumps(
+            {
+                "created": outcome.created,
+                "updated": outcome.updated,
+                "skipped": outcome.skipped,
+                "failed": outcome.failed,
+                "failures": outcome.failures[:5],
+                "notes": getattr(source, "notes", []),
+                "import_s": imported - started,
+                "list_s": (listed[0] or copied) - begun,
+                "copy_s": copied - (listed[0] or copied),
+                "save_s": done - copied,
+                "jobs": engine.jobs,
+            }
+        )
+    )
     return 1 if outcome.failed else 0
 
 
 def cli_project(work: Path, tree: Path, dest: Path, env: dict) -> Path | str:
     """A clpipe project (``clpipe project_setup``) whose SourceURL is the tree; or why not."""
     root = work / f"project-{dest.name}"
-    proc = subprocess.run([sys.executable, "-m", "clpipe", "project_setup", "-project_title", "bench",
-                           "-project_dir", str(root), "-source_url", "fw://lab/study/"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clpipe",
+            "project_setup",
+            "-project_title",
+            "bench",
+            "-project_dir",
+            str(root),
+            "-source_url",
+            "fw://lab/study/",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if proc.returncode != 0:
         return f"clpipe project_setup failed: {last_line(proc.stdout + proc.stderr)}"
     config = root / "clpipe_config.json"
@@ -267,8 +292,7 @@ def timed_run(run: Run, cmd: list[str], env: dict, work: Path, timeout: float) -
     return output
 
 
-def bench_tree(label: str, tree: Path, desc: dict, work: Path, env: dict, rounds: int, jobs: int,
-               timeout: float) -> list[Run]:
+def bench_tree(label: str, tree: Path, desc: dict, work: Path, env: dict, rounds: int, jobs: int, timeout: float) -> list[Run]:
     """``rounds`` x (cp -r, native full + no-op, native with one job, clpipe CLI full +
     no-op), each into a fresh folder."""
     instances, nbytes = desc["counts"]["instances"], desc["counts"]["bytes"]
@@ -343,16 +367,18 @@ def goals(runs: list[Run], trees: list[str]) -> list[tuple[str, str, str, str]]:
     rows = []
     for tree in trees:
         cp = best(runs, tree, "cp -r full")
-        for name, target in (("native full", f"<= {GOAL}"), ("native jobs=1 full", "(for information)"),
-                             ("clpipe dicom sync full", "(for information)")):
+        for name, target in (
+            ("native full", f"<= {GOAL}"),
+            ("native jobs=1 full", "(for information)"),
+            ("clpipe dicom sync full", "(for information)"),
+        ):
             what = f"{tree}: {name} / cp -r full, median of the rounds' ratios"
             ratios, peer = paired(runs, tree, name), best(runs, tree, name)
             if not ratios or cp is None or peer is None:
                 rows.append((what, "n/a", target, "n/a (a run failed, see above)"))
                 continue
             value = median_of(ratios)
-            detail = (f"{value:.2f} (best of each: {peer.seconds / cp.seconds:.2f}; rounds: "
-                      f"{', '.join(f'{r:.2f}' for r in ratios)})")
+            detail = f"{value:.2f} (best of each: {peer.seconds / cp.seconds:.2f}; rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
             verdict = ("met" if value <= GOAL else "NOT met") if target.startswith("<=") else ""
             rows.append((what, detail, target, verdict))
     return rows
@@ -364,8 +390,11 @@ def machine() -> str:
 
 
 def table(runs: list[Run], header: list[str], trees: list[str]) -> str:
-    out = header + ["", "| tree | round | run | seconds | files/s | MB/s | peak RSS (MB) | CPU s | native phases (s) | result |",
-                    "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    out = header + [
+        "",
+        "| tree | round | run | seconds | files/s | MB/s | peak RSS (MB) | CPU s | native phases (s) | result |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
     for r in runs:
         if r.seconds is None:
             out.append(f"| {r.tree} | {r.round} | {r.name} | | | | | | | {r.status} |")
@@ -373,8 +402,10 @@ def table(runs: list[Run], header: list[str], trees: list[str]) -> str:
         done = not r.status.startswith(("FAILED", "TIMEOUT"))
         fps = f"{r.files / r.seconds:,.0f}" if done else "-"
         mbs = f"{r.nbytes / MB / r.seconds:.1f}" if done and r.nbytes else "-"
-        out.append(f"| {r.tree} | {r.round} | {r.name} | {r.seconds:.2f} | {fps} | {mbs} | {r.rss_mb:.0f} | "
-                   f"{r.cpu:.2f} | {r.phases} | {r.status} |")
+        out.append(
+            f"| {r.tree} | {r.round} | {r.name} | {r.seconds:.2f} | {fps} | {mbs} | {r.rss_mb:.0f} | "
+            f"{r.cpu:.2f} | {r.phases} | {r.status} |"
+        )
     out += ["", "| goal | value | target | verdict |", "| --- | ---: | --- | --- |"]
     out += [f"| {' | '.join(g)} |" for g in goals(runs, trees)]
     return "\n".join(out) + "\n"
@@ -384,9 +415,11 @@ def describe(label: str, desc: dict, scale: int, size: int) -> str:
     c, t = desc["counts"], desc["tree"]
     other = len(t["other_files"])
     total = sum(f["size"] for f in t["dicom_files"] + t["other_files"])
-    return (f"{label}: `make_file_tree(scale={scale}, rows=cols={size})`: {len(t['dicom_files']) + other:,} files "
-            f"({total / MB:,.1f} MB) in nested folders, of which {c['instances']:,} instances ({c['bytes'] / MB:,.1f} MB) "
-            f"in {c['series']} series, {len(t['duplicates'])} duplicate copies, {other} non-DICOM files")
+    return (
+        f"{label}: `make_file_tree(scale={scale}, rows=cols={size})`: {len(t['dicom_files']) + other:,} files "
+        f"({total / MB:,.1f} MB) in nested folders, of which {c['instances']:,} instances ({c['bytes'] / MB:,.1f} MB) "
+        f"in {c['series']} series, {len(t['duplicates'])} duplicate copies, {other} non-DICOM files"
+    )
 
 
 # ---------------------------------------------------------------------------- main
@@ -398,8 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="times each peer runs (default 5; --quick: 1)")
     ap.add_argument("--jobs", type=int, default=JOBS, help=f"native engine's parallel series, at most (default {JOBS})")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
-    ap.add_argument("--workdir", type=Path, help="where the copies go (default: a temp folder; put it on the "
-                    "filesystem you care about: the trees are read from bench/.cache/)")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        help="where the copies go (default: a temp folder; put it on the filesystem you care about: the trees are read from bench/.cache/)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     ap.add_argument("--engine", nargs=3, metavar=("TREE", "DEST", "JOBS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

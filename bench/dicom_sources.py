@@ -78,6 +78,7 @@ def section(key: str):
     def register(func: Callable[[Bench], Section]) -> Callable[[Bench], Section]:
         SECTIONS[key] = func
         return func
+
     return register
 
 
@@ -85,6 +86,7 @@ def worker(name: str):
     def register(func: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
         WORKERS[name] = func
         return func
+
     return register
 
 
@@ -120,8 +122,15 @@ def measured(bench: Bench, run: Run, cmd: list[str], check: Callable[[], str], e
     return run
 
 
-def goal(runs: list[Run], what: str, names: list[str], value: Callable[[dict[str, Run]], float], fmt: str,
-         target: str = "", met: Callable[[float], bool] | None = None) -> tuple[str, str, str, str]:
+def goal(
+    runs: list[Run],
+    what: str,
+    names: list[str],
+    value: Callable[[dict[str, Run]], float],
+    fmt: str,
+    target: str = "",
+    met: Callable[[float], bool] | None = None,
+) -> tuple[str, str, str, str]:
     """(goal, value, target, verdict); ``n/a`` with the reason when a run it needs is not ok."""
     by_name = {r.name: r for r in runs}
     bad = [f"{n}: {by_name[n].status if n in by_name else 'not run'}" for n in names if n not in by_name or not by_name[n].ok]
@@ -134,11 +143,9 @@ def goal(runs: list[Run], what: str, names: list[str], value: Callable[[dict[str
 
 def render(sec: Section, quick: bool) -> str:
     """One section as Markdown: what was measured, the runs, the goals."""
-    out = [f"## {sec.title}{' (--quick)' if quick else ''}", "",
-           f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}"]
+    out = [f"## {sec.title}{' (--quick)' if quick else ''}", "", f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}"]
     out += [f"- {line}" for line in sec.lines]
-    out += ["", "| run | seconds | files/s | MB/s | peak RSS (MB) | CPU s | result |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    out += ["", "| run | seconds | files/s | MB/s | peak RSS (MB) | CPU s | result |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sec.runs:
         if r.seconds is None:
             out.append(f"| {r.name} | | | | | | {r.status} |")
@@ -156,8 +163,11 @@ def render(sec: Section, quick: bool) -> str:
 def save(rendered: dict[str, str]) -> None:
     """Write the sections that ran into the results file, keeping the others as they were
     (each section sits between its own markers)."""
-    text = (RESULTS.read_text() if RESULTS.exists()
-            else "# DICOM sources benchmark\n\nWritten by `bench/dicom_sources.py`; see bench/README.md.\n")
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# DICOM sources benchmark\n\nWritten by `bench/dicom_sources.py`; see bench/README.md.\n"
+    )
     for key in PLANNED:
         if key not in rendered:
             continue
@@ -196,8 +206,9 @@ def bench_dataset(scale: int, size: int) -> DataSet:
 
     from clpipe.testing import dicomdata
 
-    key = hashlib.sha1(json.dumps([scale, size, DATA_VERSION, pydicom.__version__]).encode()
-                       + Path(dicomdata.__file__).read_bytes()).hexdigest()[:16]
+    key = hashlib.sha1(
+        json.dumps([scale, size, DATA_VERSION, pydicom.__version__]).encode() + Path(dicomdata.__file__).read_bytes()
+    ).hexdigest()[:16]
     folder = CACHE / f"dicomweb-{key}"
     index = folder / "index.json"
     if not index.exists():
@@ -270,8 +281,9 @@ class Orthanc:
             for client in clients:
                 client.close()
         if len(self.find("Instance")) != len(data.files):
-            raise SystemExit(f"Orthanc holds {len(self.find('Instance'))} {BENCH_PREFIX}* instances after the upload, "
-                             f"not {len(data.files)}")
+            raise SystemExit(
+                f"Orthanc holds {len(self.find('Instance'))} {BENCH_PREFIX}* instances after the upload, not {len(data.files)}"
+            )
 
 
 def check_dropoff(dest: Path, data: DataSet) -> str:
@@ -287,10 +299,10 @@ def check_dropoff(dest: Path, data: DataSet) -> str:
     missing = sorted(want.keys() - found.keys())
     extra = sorted(found.keys() - want.keys())
     twice = sorted(name for name, paths in found.items() if len(paths) > 1)
-    differ = sorted(name for name in want.keys() & found.keys()
-                    if hashlib.sha256(found[name][0].read_bytes()).hexdigest() != want[name][2])
-    problems = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
-                (("missing", missing), ("extra", extra), ("twice", twice), ("differ", differ)) if v]
+    differ = sorted(name for name in want.keys() & found.keys() if hashlib.sha256(found[name][0].read_bytes()).hexdigest() != want[name][2])
+    problems = [
+        f"{len(v)} {what} (e.g. {v[0]})" for what, v in (("missing", missing), ("extra", extra), ("twice", twice), ("differ", differ)) if v
+    ]
     return "INVALID: " + ", ".join(problems) if problems else ""
 
 
@@ -300,25 +312,42 @@ def native_project(bench: Bench, source_url: str, dest: Path) -> Path | str:
     root = bench.work / "native-project"
     for url in (source_url, "fw://bench/placeholder/"):  # `dicom sync -source_url` names the source anyway
         shutil.rmtree(root, ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-m", "clpipe", "project_setup", "-project_title", "bench",
-                               "-project_dir", str(root), "-source_url", url],
-                              env=bench.env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "clpipe", "project_setup", "-project_title", "bench", "-project_dir", str(root), "-source_url", url],
+            env=bench.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if proc.returncode == 0:
             break
     else:
         return f"clpipe project_setup failed: {last_line(proc.stdout + proc.stderr)}"
     config = root / "clpipe_config.json"
     data = json.loads(config.read_text())
-    data["SourceOptions"].update(DropoffDirectory=str(dest), TempDirectory=str(root / "tmp"),
-                                 CommandLineOpts=f"-y -j {JOBS}")
+    data["SourceOptions"].update(DropoffDirectory=str(dest), TempDirectory=str(root / "tmp"), CommandLineOpts=f"-y -j {JOBS}")
     config.write_text(json.dumps(data, indent=2))
     return config
 
 
 def native_command(config: Path, source_url: str) -> list[str]:
     """How the native engine is run: the one place to change if its flags change."""
-    return [sys.executable, "-m", "clpipe", "dicom", "sync", "-c", str(config), "-source_url", source_url,
-            "-patient_id", BENCH_PREFIX + "*", "-batch_config", "", "-submit"]
+    return [
+        sys.executable,
+        "-m",
+        "clpipe",
+        "dicom",
+        "sync",
+        "-c",
+        str(config),
+        "-source_url",
+        source_url,
+        "-patient_id",
+        BENCH_PREFIX + "*",
+        "-batch_config",
+        "",
+        "-submit",
+    ]
 
 
 @worker("dicomweb-engine")
@@ -338,7 +367,8 @@ def engine_worker(args: list[str]) -> int:
         state.acquire()
         state.load()
         outcome = Engine(source, state, Options(dropoff=dropoff, zip_tmp=dropoff.parent / "zip-tmp", jobs=JOBS)).run(
-            entries(source, DicomQuery(patient_id=BENCH_PREFIX + "*")))
+            entries(source, DicomQuery(patient_id=BENCH_PREFIX + "*"))
+        )
         state.save()
     finally:
         state.release()
@@ -394,8 +424,10 @@ def dicomweb_section(bench: Bench) -> Section:
     orthanc = Orthanc(base)
     try:
         orthanc.load(data)
-        print(f"  data set ready in Orthanc in {time.perf_counter() - t0:.1f} s: {len(data.files):,} instances, "
-              f"{data.series} series, {data.nbytes / MB:.1f} MB")
+        print(
+            f"  data set ready in Orthanc in {time.perf_counter() - t0:.1f} s: {len(data.files):,} instances, "
+            f"{data.series} series, {data.nbytes / MB:.1f} MB"
+        )
         source_url = "dicomweb+" + web
         files, nbytes = len(data.files), data.nbytes
         sec.lines += [
@@ -414,8 +446,7 @@ def dicomweb_section(bench: Bench) -> Section:
         else:
             command, how = native_command(config, source_url), "`clpipe dicom sync -patient_id 'BENCH*'`"
         for kind in ("full", "no-op"):
-            run = measured(bench, Run(f"native {kind}", files, nbytes, noop=kind == "no-op"), command,
-                           lambda: check_dropoff(dest, data))
+            run = measured(bench, Run(f"native {kind}", files, nbytes, noop=kind == "no-op"), command, lambda: check_dropoff(dest, data))
             sec.runs.append(run)
             if not run.ok:
                 break
@@ -424,8 +455,7 @@ def dicomweb_section(bench: Bench) -> Section:
 
         peer_dest = bench.work / "dropoff-peer"
         peer = worker_command("dicomweb-client", web, peer_dest, ",".join(BENCH_PATIENTS.values()))
-        sec.runs.append(measured(bench, Run("dicomweb-client loop", files, nbytes), peer,
-                                 lambda: check_dropoff(peer_dest, data)))
+        sec.runs.append(measured(bench, Run("dicomweb-client loop", files, nbytes), peer, lambda: check_dropoff(peer_dest, data)))
         sec.lines += [
             f"native: {how}, {JOBS} series at a time, one WADO-RS request per series "
             "(multipart/related; transfer-syntax=*), into an empty dropoff, then again (no-op)",
@@ -440,19 +470,32 @@ def dicomweb_section(bench: Bench) -> Section:
             print(f"  removed the {removed} {BENCH_PREFIX}* patients from Orthanc")
         orthanc.close()
     sec.goals = [
-        goal(sec.runs, "full sync: native speed-up over the dicomweb-client loop", ["native full", "dicomweb-client loop"],
-             lambda r: r["dicomweb-client loop"].seconds / r["native full"].seconds, "{:.1f}x", ">= 2x", lambda v: v >= 2),
+        goal(
+            sec.runs,
+            "full sync: native speed-up over the dicomweb-client loop",
+            ["native full", "dicomweb-client loop"],
+            lambda r: r["dicomweb-client loop"].seconds / r["native full"].seconds,
+            "{:.1f}x",
+            ">= 2x",
+            lambda v: v >= 2,
+        ),
         goal(sec.runs, "no-op re-sync: native seconds", ["native no-op"], lambda r: r["native no-op"].seconds, "{:.2f} s"),
-        goal(sec.runs, "native peak RSS (full and no-op)", ["native full", "native no-op"],
-             lambda r: max(r["native full"].rss_mb, r["native no-op"].rss_mb), "{:.0f} MB"),
+        goal(
+            sec.runs,
+            "native peak RSS (full and no-op)",
+            ["native full", "native no-op"],
+            lambda r: max(r["native full"].rss_mb, r["native no-op"].rss_mb),
+            "{:.0f} MB",
+        ),
     ]
     return sec
 
 
 def _unavailable(bench: Bench, command: list[str]) -> str:
     """Why clpipe rejects a command, checked without -submit (nothing is synced)."""
-    proc = subprocess.run([a for a in command if a != "-submit"], env=bench.env, capture_output=True, text=True,
-                          timeout=120, cwd=bench.work)
+    proc = subprocess.run(
+        [a for a in command if a != "-submit"], env=bench.env, capture_output=True, text=True, timeout=120, cwd=bench.work
+    )
     return "" if proc.returncode == 0 else last_line(proc.stdout + proc.stderr)
 
 

@@ -49,10 +49,14 @@ JOBS = 4  # fw sync -j and the floor's worker threads
 STATE_DIR = ".clpipe-sync"  # the native engine's bookkeeping in the dropoff: not a synced file
 # Projects (make_demo_project arguments). "main": zipped series; "large": single DICOM files.
 SIZES = {
-    "full": {"main": dict(subjects=4, sessions=5, acquisitions=10, slices=50, rows=128, cols=128),
-             "large": dict(subjects=4, sessions=5, acquisitions=10, slices=500, zipped=False)},
-    "quick": {"main": dict(subjects=1, sessions=2, acquisitions=2, slices=5, rows=32, cols=32),
-              "large": dict(subjects=1, sessions=2, acquisitions=2, slices=100, zipped=False)},
+    "full": {
+        "main": dict(subjects=4, sessions=5, acquisitions=10, slices=50, rows=128, cols=128),
+        "large": dict(subjects=4, sessions=5, acquisitions=10, slices=500, zipped=False),
+    },
+    "quick": {
+        "main": dict(subjects=1, sessions=2, acquisitions=2, slices=5, rows=32, cols=32),
+        "large": dict(subjects=1, sessions=2, acquisitions=2, slices=100, zipped=False),
+    },
 }
 
 
@@ -60,14 +64,12 @@ SIZES = {
 
 
 def fw_command(fw: Path, source: str, dest: Path, tmp: Path) -> list[str]:
-    return [str(fw), "sync", "-j", str(JOBS), "--include", "dicom", "-y", "--tmp-path", str(tmp),
-            source, str(dest)]
+    return [str(fw), "sync", "-j", str(JOBS), "--include", "dicom", "-y", "--tmp-path", str(tmp), source, str(dest)]
 
 
 def native_command(config: Path) -> list[str]:
     """How the native engine is run: the one place to change if its flags change."""
-    return [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config),
-            "-engine", "native", "-submit"]
+    return [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-engine", "native", "-submit"]
 
 
 def floor_command(base_url: str, project_id: str, dest: Path) -> list[str]:
@@ -81,8 +83,8 @@ def floor_main(base_url: str, project_id: str, dest: Path) -> int:
 
     def client() -> httpx.Client:
         return httpx.Client(base_url=base_url, headers=headers, timeout=60, trust_env=False)
-    body = {"nodes": [{"level": "project", "_id": project_id}],
-            "filters": [{"types": {"+": ["dicom"]}}]}
+
+    body = {"nodes": [{"level": "project", "_id": project_id}], "filters": [{"types": {"+": ["dicom"]}}]}
     with client() as c:
         resp = c.post("/api/download/targets", params={"type": "full", "prefix": ""}, json=body)
     targets = [json.loads(line) for line in resp.raise_for_status().text.splitlines() if line]
@@ -131,8 +133,7 @@ def load_project(label: str, params: dict) -> tuple[fwserver.Project, dict[str, 
     if path.exists():
         return pickle.loads(path.read_bytes())
     project = fwserver.make_demo_project(label=label, fast=True, single_dicoms=False, **params)
-    expected = {rel: (len(data), digest(data))
-                for rel, data in project.expected_dicom_paths(strip_root=True).items()}
+    expected = {rel: (len(data), digest(data)) for rel, data in project.expected_dicom_paths(strip_root=True).items()}
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(pickle.dumps((project, expected), protocol=pickle.HIGHEST_PROTOCOL))
@@ -154,8 +155,7 @@ def check(dest: Path, expected: dict[str, tuple[int, bytes]]) -> str:
     missing = sorted(expected.keys() - got.keys())
     extra = sorted(got.keys() - expected.keys())
     differ = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
-    problems = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
-                (("missing", missing), ("extra", extra), ("differ", differ)) if v]
+    problems = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in (("missing", missing), ("extra", extra), ("differ", differ)) if v]
     return "INVALID: " + ", ".join(problems) if problems else ""
 
 
@@ -167,8 +167,7 @@ class Run(benchlib.Run):
     requests: int | None = None
 
 
-def measure(run: Run, cmd: list[str], env: dict, log: Path, timeout: float, srv,
-            cwd: Path | None = None) -> Run:
+def measure(run: Run, cmd: list[str], env: dict, log: Path, timeout: float, srv, cwd: Path | None = None) -> Run:
     """Run ``cmd`` (benchlib.run_measured) and count the requests the server saw; a non-zero
     exit or a timeout fails the run."""
     before = len(srv.requests)
@@ -178,8 +177,9 @@ def measure(run: Run, cmd: list[str], env: dict, log: Path, timeout: float, srv,
     return run
 
 
-def sync_pair(peer: str, make_cmd, dest: Path, expected: dict, env: dict, work: Path,
-              timeout: float, srv, noop: bool = True, label: str = "") -> list[Run]:
+def sync_pair(
+    peer: str, make_cmd, dest: Path, expected: dict, env: dict, work: Path, timeout: float, srv, noop: bool = True, label: str = ""
+) -> list[Run]:
     """A full sync into the empty ``dest``, then (if ``noop``) a re-sync with nothing changed."""
     files, nbytes = len(expected), sum(size for size, _ in expected.values())
     runs = []
@@ -207,9 +207,13 @@ def native_config(work: Path, name: str, source: str, dest: Path, env: dict) -> 
     """A clpipe project made by `clpipe project_setup`, syncing ``source`` into ``dest``
     (or why it could not be made)."""
     root = work / name
-    proc = subprocess.run([sys.executable, "-m", "clpipe", "project_setup", "-project_title", name,
-                           "-project_dir", str(root), "-source_url", source],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clpipe", "project_setup", "-project_title", name, "-project_dir", str(root), "-source_url", source],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if proc.returncode != 0:
         return f"clpipe project_setup failed: {last_line(proc)}"
     config = root / "clpipe_config.json"
@@ -233,10 +237,11 @@ def run_native(work, project, expected, env, timeout, srv, label="") -> list[Run
     reason = config if isinstance(config, str) else native_unavailable(config, env)
     if reason:
         print(f"  native: not available: {reason}")
-        return [Run(f"native {label}{kind}", len(expected), status=f"not available: {reason}",
-                    noop=kind == "no-op") for kind in ("full", "no-op")]
-    return sync_pair("native", lambda: native_command(config), dest, expected, env, work,
-                     timeout, srv, label=label)
+        return [
+            Run(f"native {label}{kind}", len(expected), status=f"not available: {reason}", noop=kind == "no-op")
+            for kind in ("full", "no-op")
+        ]
+    return sync_pair("native", lambda: native_command(config), dest, expected, env, work, timeout, srv, label=label)
 
 
 # ------------------------------------------------------------------------------------ reporting
@@ -244,9 +249,9 @@ def run_native(work, project, expected, env, timeout, srv, label="") -> list[Run
 
 def goals(runs: dict[str, Run]) -> list[tuple[str, str, str, str]]:
     """(goal, value, target, verdict) for each goal of the issue."""
+
     def row(what, names, value, fmt, target, met) -> tuple[str, str, str, str]:
-        bad = [f"{n}: {runs[n].status if n in runs else 'not run'}" for n in names
-               if n not in runs or not runs[n].ok]
+        bad = [f"{n}: {runs[n].status if n in runs else 'not run'}" for n in names if n not in runs or not runs[n].ok]
         if bad:
             return what, "n/a", target, "n/a (" + "; ".join(b[:80] for b in bad) + ")"
         v = value()
@@ -257,34 +262,73 @@ def goals(runs: dict[str, Run]) -> list[tuple[str, str, str, str]]:
     main_runs, large_runs = ["native full", "native no-op"], ["native large full", "native large no-op"]
     rss = lambda names: max(runs[n].rss_mb for n in names)  # noqa: E731
     return [
-        row("full sync: native speed-up over fw sync", ["fw full", "native full"],
-            lambda: sec("fw full") / sec("native full"), "{:.1f}x", ">= 5x", lambda v: v >= 5),
-        row("full sync: native time / floor time", ["native full", "floor full"],
-            lambda: sec("native full") / sec("floor full"), "{:.2f}", "<= 1.5", lambda v: v <= 1.5),
-        row("no-op re-sync: native speed-up over fw sync", ["fw no-op", "native no-op"],
-            lambda: sec("fw no-op") / sec("native no-op"), "{:.0f}x", ">= 50x", lambda v: v >= 50),
-        row("native peak RSS, main project (full and no-op)", main_runs, lambda: rss(main_runs),
-            "{:.0f} MB", "< 150 MB", lambda v: v < 150),
-        row(f"native peak RSS, {large:,}-file project (full and no-op)", large_runs,
-            lambda: rss(large_runs), "{:.0f} MB", "< 150 MB", lambda v: v < 150),
-        row(f"{large:,}-file no-op re-sync, native", ["native large no-op"],
-            lambda: sec("native large no-op"), "{:.2f} s", "< 5 s", lambda v: v < 5),
+        row(
+            "full sync: native speed-up over fw sync",
+            ["fw full", "native full"],
+            lambda: sec("fw full") / sec("native full"),
+            "{:.1f}x",
+            ">= 5x",
+            lambda v: v >= 5,
+        ),
+        row(
+            "full sync: native time / floor time",
+            ["native full", "floor full"],
+            lambda: sec("native full") / sec("floor full"),
+            "{:.2f}",
+            "<= 1.5",
+            lambda v: v <= 1.5,
+        ),
+        row(
+            "no-op re-sync: native speed-up over fw sync",
+            ["fw no-op", "native no-op"],
+            lambda: sec("fw no-op") / sec("native no-op"),
+            "{:.0f}x",
+            ">= 50x",
+            lambda v: v >= 50,
+        ),
+        row(
+            "native peak RSS, main project (full and no-op)", main_runs, lambda: rss(main_runs), "{:.0f} MB", "< 150 MB", lambda v: v < 150
+        ),
+        row(
+            f"native peak RSS, {large:,}-file project (full and no-op)",
+            large_runs,
+            lambda: rss(large_runs),
+            "{:.0f} MB",
+            "< 150 MB",
+            lambda v: v < 150,
+        ),
+        row(
+            f"{large:,}-file no-op re-sync, native",
+            ["native large no-op"],
+            lambda: sec("native large no-op"),
+            "{:.2f} s",
+            "< 5 s",
+            lambda v: v < 5,
+        ),
     ]
 
 
 def describe(label: str, p: dict, expected: dict, project) -> str:
     nbytes = sum(size for size, _ in expected.values())
     served = sum(f.size for _, f in project.iter_files() if f.type == "dicom")
-    how = (f"{p['slices']} slices each, zipped ({p.get('rows', 8)}x{p.get('cols', 8)} uint16)"
-           if p.get("zipped", True) else f"{p['slices']} single DICOM files each (8x8 uint16)")
-    return (f"`fw://lab/{label}/`: {p['subjects']} subjects x {p['sessions']} sessions x "
-            f"{p['acquisitions']} acquisitions, {how}: {len(expected):,} files, "
-            f"{nbytes / MB:,.1f} MB ({nbytes:,} bytes) in the dropoff; {served / MB:,.1f} MB served")
+    how = (
+        f"{p['slices']} slices each, zipped ({p.get('rows', 8)}x{p.get('cols', 8)} uint16)"
+        if p.get("zipped", True)
+        else f"{p['slices']} single DICOM files each (8x8 uint16)"
+    )
+    return (
+        f"`fw://lab/{label}/`: {p['subjects']} subjects x {p['sessions']} sessions x "
+        f"{p['acquisitions']} acquisitions, {how}: {len(expected):,} files, "
+        f"{nbytes / MB:,.1f} MB ({nbytes:,} bytes) in the dropoff; {served / MB:,.1f} MB served"
+    )
 
 
 def table(runs: list[Run], header: list[str]) -> str:
-    out = header + ["", "| run | seconds | files/s | MB/s | peak RSS (MB) | CPU s | requests | result |",
-                    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    out = header + [
+        "",
+        "| run | seconds | files/s | MB/s | peak RSS (MB) | CPU s | requests | result |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in runs:
         if r.seconds is None:
             out.append(f"| {r.name} | | | | | | | {r.status} |")
@@ -292,8 +336,7 @@ def table(runs: list[Run], header: list[str]) -> str:
         done = not r.status.startswith(("FAILED", "TIMEOUT"))
         fps = f"{r.files / r.seconds:,.0f}" if done else "-"
         mbs = f"{r.nbytes / MB / r.seconds:.1f}" if done and not r.noop else "-"
-        out.append(f"| {r.name} | {r.seconds:.2f} | {fps} | {mbs} | "
-                   f"{r.rss_mb:.0f} | {r.cpu:.1f} | {r.requests:,} | {r.status} |")
+        out.append(f"| {r.name} | {r.seconds:.2f} | {fps} | {mbs} | {r.rss_mb:.0f} | {r.cpu:.1f} | {r.requests:,} | {r.status} |")
     out += ["", "| goal | value | target | verdict |", "| --- | ---: | --- | --- |"]
     out += [f"| {' | '.join(g)} |" for g in goals({r.name: r for r in runs})]
     return "\n".join(out) + "\n"
@@ -306,8 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny projects, results not saved")
     ap.add_argument("--skip-large", action="store_true", help="skip the 100,000-file project")
-    ap.add_argument("--fw", type=Path, default=Path(os.environ.get("CLPIPE_TEST_FW", DEFAULT_FW)),
-                    help=f"the fw command (flywheel-cli 18.5.1; default {DEFAULT_FW})")
+    ap.add_argument(
+        "--fw",
+        type=Path,
+        default=Path(os.environ.get("CLPIPE_TEST_FW", DEFAULT_FW)),
+        help=f"the fw command (flywheel-cli 18.5.1; default {DEFAULT_FW})",
+    )
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
     ap.add_argument("--workdir", type=Path, help="where dropoffs go (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
@@ -325,46 +372,59 @@ def main(argv: list[str] | None = None) -> int:
     home.mkdir()
     path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and not Path(p, "fw").exists()]
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env.update(HOME=str(home), FLYWHEEL_USER_HOME=str(home), PYTHONWARNINGS="ignore",
-               NO_PROXY="127.0.0.1,localhost", PATH=os.pathsep.join([str(args.fw.parent), *path]))
+    env.update(
+        HOME=str(home),
+        FLYWHEEL_USER_HOME=str(home),
+        PYTHONWARNINGS="ignore",
+        NO_PROXY="127.0.0.1,localhost",
+        PATH=os.pathsep.join([str(args.fw.parent), *path]),
+    )
     runs: list[Run] = []
     try:
         t0 = time.perf_counter()
         project, expected = load_project("study", sizes["main"])
-        header = [f"# flywheel_sync benchmark{' (--quick)' if args.quick else ''}", "",
-                  f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}",
-                  f"- project: {describe('study', sizes['main'], expected, project)}"]
+        header = [
+            f"# flywheel_sync benchmark{' (--quick)' if args.quick else ''}",
+            "",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}",
+            f"- project: {describe('study', sizes['main'], expected, project)}",
+        ]
         print(f"project ready in {time.perf_counter() - t0:.1f} s; work folder {work}")
         with fwserver.FlywheelTestServer([project], api_keys={KEY}) as srv:
-            login = subprocess.run([str(args.fw), "login", srv.login_key(KEY)], env=env,
-                                   capture_output=True, text=True, timeout=120)
+            login = subprocess.run([str(args.fw), "login", srv.login_key(KEY)], env=env, capture_output=True, text=True, timeout=120)
             if login.returncode != 0:
                 raise SystemExit(f"fw login failed:\n{login.stdout}{login.stderr}")
             source = f"fw://{project.group}/{project.label}/"
             dest, tmp = work / "dropoff-fw", work / "fw-tmp"
             tmp.mkdir()
-            runs += sync_pair("fw", lambda: fw_command(args.fw, source, dest, tmp), dest,
-                              expected, env, work, args.timeout, srv)
+            runs += sync_pair("fw", lambda: fw_command(args.fw, source, dest, tmp), dest, expected, env, work, args.timeout, srv)
             runs += run_native(work, project, expected, env, args.timeout, srv)
             dest = work / "dropoff-floor"
-            runs += sync_pair("floor", lambda: floor_command(srv.base_url, project.id, dest), dest,
-                              expected, dict(env, FLOOR_API_KEY=KEY), work, args.timeout, srv,
-                              noop=False)
+            runs += sync_pair(
+                "floor",
+                lambda: floor_command(srv.base_url, project.id, dest),
+                dest,
+                expected,
+                dict(env, FLOOR_API_KEY=KEY),
+                work,
+                args.timeout,
+                srv,
+                noop=False,
+            )
             if args.skip_large:
-                runs += [Run(f"native large {kind}", status="skipped (--skip-large)")
-                         for kind in ("full", "no-op")]
+                runs += [Run(f"native large {kind}", status="skipped (--skip-large)") for kind in ("full", "no-op")]
             else:
                 big, big_expected = load_project("many", sizes["large"])
                 header.append(f"- large project: {describe('many', sizes['large'], big_expected, big)}")
                 srv.projects[:] = [big]  # served alone, like the main project
                 runs += run_native(work, big, big_expected, env, args.timeout, srv, "large ")
-        header += [f"- peers: fw = flywheel-cli {fw_version(args.fw)} `fw sync -j {JOBS}`; "
-                   f"native = `{' '.join(native_command(Path('CONFIG'))[1:])}`; "
-                   f"floor = {JOBS} threads, raw GET + unzip",
-                   "- server: FlywheelTestServer in the benchmark process on 127.0.0.1, "
-                   "TCP_NODELAY on (see bench/README.md)",
-                   "- peak RSS: max over time (50 ms samples) of the summed RSS of the process "
-                   "tree; MB = 10^6 bytes"]
+        header += [
+            f"- peers: fw = flywheel-cli {fw_version(args.fw)} `fw sync -j {JOBS}`; "
+            f"native = `{' '.join(native_command(Path('CONFIG'))[1:])}`; "
+            f"floor = {JOBS} threads, raw GET + unzip",
+            "- server: FlywheelTestServer in the benchmark process on 127.0.0.1, TCP_NODELAY on (see bench/README.md)",
+            "- peak RSS: max over time (50 ms samples) of the summed RSS of the process tree; MB = 10^6 bytes",
+        ]
         text = table(runs, header)
         print("\n" + text)
         if not args.quick:

@@ -50,14 +50,29 @@ KEY = "reliability-bench-key"
 FILES = r"^/api/containers/[^/]+/files/[^/]+$"  # a Flywheel file download
 RETRIEVE = r"^/dicom-web/studies/[^/]+/series/[^/]+$"  # a DICOMweb series retrieval (WADO-RS)
 QIDO = r"^/dicom-web/(studies|series)$"  # a DICOMweb search
-DICOM_VARS = ("CLPIPE_ORTHANC_HTTP", "CLPIPE_ORTHANC_DICOMWEB", "CLPIPE_ORTHANC_DIMSE", "CLPIPE_DICOM_DATA",
-              "CLPIPE_DICOM_EXPECTED")
+DICOM_VARS = ("CLPIPE_ORTHANC_HTTP", "CLPIPE_ORTHANC_DICOMWEB", "CLPIPE_ORTHANC_DIMSE", "CLPIPE_DICOM_DATA", "CLPIPE_DICOM_EXPECTED")
 
 MODES: dict[str, dict[str, Any]] = {
-    "full": dict(kills={"Flywheel native": 20, "DICOMweb": 10, "DIMSE": 10, "file://": 10}, pairs=3,
-                 stall=70.0, tree_scale=4, bad_every=1, names="all", disk="all", secrets="all"),
-    "quick": dict(kills={"Flywheel native": 3, "DICOMweb": 2, "DIMSE": 2, "file://": 2}, pairs=1,
-                  stall=0.0, tree_scale=1, bad_every=7, names="few", disk="few", secrets="few"),
+    "full": dict(
+        kills={"Flywheel native": 20, "DICOMweb": 10, "DIMSE": 10, "file://": 10},
+        pairs=3,
+        stall=70.0,
+        tree_scale=4,
+        bad_every=1,
+        names="all",
+        disk="all",
+        secrets="all",
+    ),
+    "quick": dict(
+        kills={"Flywheel native": 3, "DICOMweb": 2, "DIMSE": 2, "file://": 2},
+        pairs=1,
+        stall=0.0,
+        tree_scale=1,
+        bad_every=7,
+        names="few",
+        disk="few",
+        secrets="few",
+    ),
 }
 # projects of the Flywheel test server (make_demo_project arguments)
 KILL_PROJECT: dict[str, Any] = dict(label="kills", subjects=2, sessions=2, acquisitions=4, slices=12, rows=64, cols=64, fast=True)
@@ -119,8 +134,7 @@ class Ctx:
         self.totals = Totals()
         self.sections: list[Section] = []
         self.dicom = dicom_env()
-        self.dicom_problem = "" if self.dicom else (
-            "DICOM test servers not set up (run `eval \"$(scripts/infra/dicom-up.sh)\"` as root)")
+        self.dicom_problem = "" if self.dicom else ('DICOM test servers not set up (run `eval "$(scripts/infra/dicom-up.sh)"` as root)')
         self._n = 0
         self._lock = threading.Lock()
 
@@ -136,8 +150,15 @@ class Ctx:
         self.runs.append((scenario, result))
         return result
 
-    def run(self, scenario: str, argv: list[str], env: dict, timeout: float | None = None, cwd: Path | None = None,
-            prefix: list[str] | None = None) -> rl.Result:
+    def run(
+        self,
+        scenario: str,
+        argv: list[str],
+        env: dict,
+        timeout: float | None = None,
+        cwd: Path | None = None,
+        prefix: list[str] | None = None,
+    ) -> rl.Result:
         return self.record(scenario, rl.run(argv, env, timeout or self.timeout, cwd=cwd, prefix=prefix))
 
     def cleanup(self, path: Path) -> None:
@@ -178,17 +199,29 @@ def write_config(folder: Path, url: str, dropoff: Path | None = None, project: P
     with the SourceOptions given; ``None`` values remove a key."""
     project = project or folder / "project"
     project.mkdir(parents=True, exist_ok=True)
-    options = {"SourceURL": url, "DropoffDirectory": str(dropoff or project / "data_DICOMs"),
-               "TempDirectory": str(project / "flywheel_tmp"), "CommandLineOpts": "-y", "TimeUsage": "1:0:0",
-               "MemUsage": "10000", "CoreUsage": "1"}
+    options = {
+        "SourceURL": url,
+        "DropoffDirectory": str(dropoff or project / "data_DICOMs"),
+        "TempDirectory": str(project / "flywheel_tmp"),
+        "CommandLineOpts": "-y",
+        "TimeUsage": "1:0:0",
+        "MemUsage": "10000",
+        "CoreUsage": "1",
+    }
     for key, value in source.items():
         if value is None:
             options.pop(key, None)
         else:
             options[key] = value
-    config = {"ProjectTitle": "reliability", "Authors/Contributors": "SET AUTHOR", "ProjectDirectory": str(project),
-              "EmailAddress": "SET EMAIL ADDRESS", "SourceOptions": options,
-              "DICOMToBIDSOptions": {"DICOMDirectory": options["DropoffDirectory"]}, "BatchConfig": ""}
+    config = {
+        "ProjectTitle": "reliability",
+        "Authors/Contributors": "SET AUTHOR",
+        "ProjectDirectory": str(project),
+        "EmailAddress": "SET EMAIL ADDRESS",
+        "SourceOptions": options,
+        "DICOMToBIDSOptions": {"DICOMDirectory": options["DropoffDirectory"]},
+        "BatchConfig": "",
+    }
     path = folder / "clpipe_config.json"
     path.write_text(json.dumps(config, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
@@ -304,7 +337,8 @@ def calibrate(ctx: Ctx, kind: Kind) -> None:
 
 def kills(ctx: Ctx, kinds: list[Kind]) -> None:
     section = Section(
-        "Kills", [
+        "Kills",
+        [
             "Each kill: a real run in its own process group, `SIGKILL` to the whole group after a random delay "
             "(seeded: a quarter of them before the moment the reference run took the dropoff's lock, counted from the "
             "start; the rest counted from the moment the lock appears, spread over the rest of the reference run's time), "
@@ -312,9 +346,19 @@ def kills(ctx: Ctx, kinds: list[Kind]) -> None:
             "after the run had ended are not counted (attempts shows them). Files are judged against the clean reference "
             "run of the same source, which is itself checked against the source (see *Reference runs*).",
         ],
-        ["source", "kills (attempts)", "killed holding the lock", "corrupted files after a kill",
-         "partial hidden files after a kill", "re-fetched files that had landed whole", "final run exit statuses",
-         "lock problems", "after the final run: missing / corrupted", "internal errors"])
+        [
+            "source",
+            "kills (attempts)",
+            "killed holding the lock",
+            "corrupted files after a kill",
+            "partial hidden files after a kill",
+            "re-fetched files that had landed whole",
+            "final run exit statuses",
+            "lock problems",
+            "after the final run: missing / corrupted",
+            "internal errors",
+        ],
+    )
     for kind in kinds:
         wanted = ctx.mode["kills"][kind.name]
         if kind.problem:
@@ -333,8 +377,14 @@ def kills(ctx: Ctx, kinds: list[Kind]) -> None:
             # that a slower start (a loaded machine) does not move the kill out of the transfer
             delay = ctx.rng.uniform(0.05, t_lock) if early else ctx.rng.uniform(0.0, max(kind.t_end - t_lock, 0.05))
             folder, argv, env, dropoff = kind.trial(ctx, f"kill{attempts}")
-            killed, _ = rl.run_and_kill(argv, env, delay=delay, watch=dropoff / rl.STATE_DIR / "lock",
-                                        after_watch=not early and kind.t_lock is not None, limit=ctx.timeout)
+            killed, _ = rl.run_and_kill(
+                argv,
+                env,
+                delay=delay,
+                watch=dropoff / rl.STATE_DIR / "lock",
+                after_watch=not early and kind.t_lock is not None,
+                limit=ctx.timeout,
+            )
             ctx.record(f"kill {kind.name}", killed)
             if not killed.killed:
                 ctx.cleanup(folder)
@@ -367,29 +417,51 @@ def kills(ctx: Ctx, kinds: list[Kind]) -> None:
             ctx.cleanup(folder)
         if corrupted + bad_after:
             ctx.totals.corrupted.append(f"kills {kind.name}: {corrupted + bad_after}")
-        section.rows.append([
-            kind.name, f"{landed} ({attempts})", holding, corrupted, hidden,
-            f"{refetched}" + (f" ({refetch_unknown} final runs wrote no audit CSV)" if refetch_unknown else ""),
-            ", ".join(f"{k} x{v}" for k, v in sorted(statuses.items())), lock_problems,
-            f"{missing_after} / {bad_after}", internal])
+        section.rows.append(
+            [
+                kind.name,
+                f"{landed} ({attempts})",
+                holding,
+                corrupted,
+                hidden,
+                f"{refetched}" + (f" ({refetch_unknown} final runs wrote no audit CSV)" if refetch_unknown else ""),
+                ", ".join(f"{k} x{v}" for k, v in sorted(statuses.items())),
+                lock_problems,
+                f"{missing_after} / {bad_after}",
+                internal,
+            ]
+        )
         section.notes += [f"- {kind.name}: {e}" for e in examples[:6]]
     ctx.sections.append(section)
 
 
 def references(ctx: Ctx, kinds: list[Kind]) -> None:
-    section = Section("Reference runs", [
-        "One clean run per source into an empty dropoff; every other run of that source is judged "
-        "against its files. Checked against the source: Flywheel, the project's DICOM files as `fw sync` lays them out; "
-        "DICOM sources, each instance once as `<SOPInstanceUID>.dcm` with the generated data set (file meta aside). "
-        "The times of `fw://lab/kills/` are those of a second clean run with downloads slowed to 0.25 s each, as in the kills."],
-        ["source", "SourceURL", "exit", "files", "seconds", "lock taken after (s)", "matches the source"])
+    section = Section(
+        "Reference runs",
+        [
+            "One clean run per source into an empty dropoff; every other run of that source is judged "
+            "against its files. Checked against the source: Flywheel, the project's DICOM files as `fw sync` lays them out; "
+            "DICOM sources, each instance once as `<SOPInstanceUID>.dcm` with the generated data set (file meta aside). "
+            "The times of `fw://lab/kills/` are those of a second clean run with downloads slowed to 0.25 s each, as in the kills."
+        ],
+        ["source", "SourceURL", "exit", "files", "seconds", "lock taken after (s)", "matches the source"],
+    )
     for kind in kinds:
         if kind.ref_result is None:
             section.rows.append([kind.name, kind.url or "-", "-", "-", "-", "-", f"not run: {kind.problem}"])
             continue
         verdict = kind.problem or (kind.truth(kind.ref_dropoff) if kind.truth and kind.ref_dropoff else "") or "yes"
-        section.rows.append([kind.name, f"`{kind.url}`", kind.ref_result.status, len(kind.reference),
-                             f"{kind.t_end:.2f}", "-" if kind.t_lock is None else f"{kind.t_lock:.2f}", verdict])
+        section.rows.append(
+            [
+                kind.name,
+                f"`{kind.url}`",
+                kind.ref_result.status,
+                len(kind.reference),
+                f"{kind.t_end:.2f}",
+                "-" if kind.t_lock is None else f"{kind.t_lock:.2f}",
+                verdict,
+            ]
+        )
     ctx.sections.append(section)
 
 
@@ -397,12 +469,16 @@ def references(ctx: Ctx, kinds: list[Kind]) -> None:
 
 
 def faults(ctx: Ctx, small: Kind, srv: fwserver.FlywheelTestServer, dicomweb: Kind | None) -> None:
-    section = Section("Network faults", [
-        "Each row: a fresh dropoff, one fault switched on for the first 2 matching requests (transient), one run. "
-        "Flywheel: the test server's fault switches (`FlywheelTestServer.add_fault`) on file downloads "
-        f"(`{FILES}`) unless the row says otherwise; DICOMweb: `clpipe.testing.faultproxy.FaultProxy` between the "
-        f"run and Orthanc, on series retrievals (`{RETRIEVE}`) unless the row says otherwise. Expected: exit 0, every file identical."],
-        ["source", "fault", "requests hit", "exit", "identical files", "differing files", "missing files", "result"])
+    section = Section(
+        "Network faults",
+        [
+            "Each row: a fresh dropoff, one fault switched on for the first 2 matching requests (transient), one run. "
+            "Flywheel: the test server's fault switches (`FlywheelTestServer.add_fault`) on file downloads "
+            f"(`{FILES}`) unless the row says otherwise; DICOMweb: `clpipe.testing.faultproxy.FaultProxy` between the "
+            f"run and Orthanc, on series retrievals (`{RETRIEVE}`) unless the row says otherwise. Expected: exit 0, every file identical."
+        ],
+        ["source", "fault", "requests hit", "exit", "identical files", "differing files", "missing files", "result"],
+    )
     rows: list[tuple[str, str, str, dict[str, Any]]] = [
         ("HTTP 500", FILES, "status", dict(status=500)),
         ("HTTP 503 + Retry-After: 1", FILES, "status", dict(status=503, retry_after="1")),
@@ -427,9 +503,18 @@ def faults(ctx: Ctx, small: Kind, srv: fwserver.FlywheelTestServer, dicomweb: Ki
 
         def stall() -> None:
             try:
-                stall_row.extend(fault_row(ctx, stall_kind, stall_srv, f"stall {ctx.mode['stall']:.0f} s (longer than the "
-                                           "60 s read timeout)", FILES, "delay", dict(delay=ctx.mode["stall"]),
-                                           timeout=ctx.mode["stall"] * 3 + 60))
+                stall_row.extend(
+                    fault_row(
+                        ctx,
+                        stall_kind,
+                        stall_srv,
+                        f"stall {ctx.mode['stall']:.0f} s (longer than the 60 s read timeout)",
+                        FILES,
+                        "delay",
+                        dict(delay=ctx.mode["stall"]),
+                        timeout=ctx.mode["stall"] * 3 + 60,
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - reported in the row
                 stall_row.extend(["Flywheel native", "stall", "", "", "", "", "", f"harness error: {exc!r}"])
 
@@ -453,8 +538,18 @@ def faults(ctx: Ctx, small: Kind, srv: fwserver.FlywheelTestServer, dicomweb: Ki
     ctx.sections.append(section)
 
 
-def fault_row(ctx: Ctx, kind: Kind, srv, label: str, pattern: str, fault_kind: str, kw: dict,
-              timeout: float | None = None, source_name: str = "Flywheel native", counted: bool = True) -> list:
+def fault_row(
+    ctx: Ctx,
+    kind: Kind,
+    srv,
+    label: str,
+    pattern: str,
+    fault_kind: str,
+    kw: dict,
+    timeout: float | None = None,
+    source_name: str = "Flywheel native",
+    counted: bool = True,
+) -> list:
     srv.clear_faults()
     fault = srv.add_fault(pattern, fault_kind, count=2, method=None if "download/targets" in pattern else "GET", **kw)
     folder, argv, env, dropoff = kind.trial(ctx, f"fault-{fault_kind}")
@@ -478,32 +573,52 @@ def dicomweb_faults(ctx: Ctx, kind: Kind, section: Section) -> None:
     proxy = ctx.stack.enter_context(FaultProxy(ctx.dicom["CLPIPE_ORTHANC_HTTP"]))
     base = ctx.dicom["CLPIPE_ORTHANC_DICOMWEB"].removeprefix(ctx.dicom["CLPIPE_ORTHANC_HTTP"])
     proxied = Kind("DICOMweb", f"dicomweb+{proxy.base_url}{base}", "sync", source=kind.source, reference=kind.reference)
-    rows: list[tuple[str, str, str, dict[str, Any]]] = [("HTTP 500", RETRIEVE, "status", dict(status=500)),
-            ("HTTP 503 + Retry-After: 1", RETRIEVE, "status", dict(status=503, retry_after="1")),
-            ("HTTP 429", RETRIEVE, "status", dict(status=429)),
-            ("reset before headers (closed, no reply)", RETRIEVE, "drop", {}),
-            ("reset mid-body (TCP RST after half the body)", RETRIEVE, "reset", {}),
-            ("truncated body (half, then a clean close)", RETRIEVE, "truncate", {}),
-            ("HTTP 503 on the search (QIDO-RS)", QIDO, "status", dict(status=503)),
-            ("flipped bytes, same length (the multipart body's middle third; not in the totals: DICOMweb has no "
-             "checksum, so flipped pixels alone could not be caught)", RETRIEVE, "corrupt", {})]
+    rows: list[tuple[str, str, str, dict[str, Any]]] = [
+        ("HTTP 500", RETRIEVE, "status", dict(status=500)),
+        ("HTTP 503 + Retry-After: 1", RETRIEVE, "status", dict(status=503, retry_after="1")),
+        ("HTTP 429", RETRIEVE, "status", dict(status=429)),
+        ("reset before headers (closed, no reply)", RETRIEVE, "drop", {}),
+        ("reset mid-body (TCP RST after half the body)", RETRIEVE, "reset", {}),
+        ("truncated body (half, then a clean close)", RETRIEVE, "truncate", {}),
+        ("HTTP 503 on the search (QIDO-RS)", QIDO, "status", dict(status=503)),
+        (
+            "flipped bytes, same length (the multipart body's middle third; not in the totals: DICOMweb has no "
+            "checksum, so flipped pixels alone could not be caught)",
+            RETRIEVE,
+            "corrupt",
+            {},
+        ),
+    ]
     if ctx.args.quick:
         rows = [rows[1], rows[4]]
     for label, pattern, fault_kind, kw in rows:
-        section.rows.append(fault_row(ctx, proxied, proxy, label, pattern, fault_kind, kw, source_name="DICOMweb",
-                                      counted=fault_kind != "corrupt"))
+        section.rows.append(
+            fault_row(ctx, proxied, proxy, label, pattern, fault_kind, kw, source_name="DICOMweb", counted=fault_kind != "corrupt")
+        )
 
 
 # ------------------------------------------------------------------------------ scenario: full disks
 
 
 def disk_full(ctx: Ctx, kinds: list[Kind]) -> None:
-    section = Section("Full disk", [
-        "The dropoff (or the project's log folder) on a small tmpfs; then the same again after the filesystem "
-        "is grown (`mount -o remount,size=...`). Expected: a non-zero exit with one line naming the folder and "
-        "the bytes needed, nothing truncated under a final name, and the next run completing."],
-        ["source", "where", "size", "exit", "first line of stderr", "internal error", "truncated files under final names",
-         "next run with enough space completes"])
+    section = Section(
+        "Full disk",
+        [
+            "The dropoff (or the project's log folder) on a small tmpfs; then the same again after the filesystem "
+            "is grown (`mount -o remount,size=...`). Expected: a non-zero exit with one line naming the folder and "
+            "the bytes needed, nothing truncated under a final name, and the next run completing."
+        ],
+        [
+            "source",
+            "where",
+            "size",
+            "exit",
+            "first line of stderr",
+            "internal error",
+            "truncated files under final names",
+            "next run with enough space completes",
+        ],
+    )
     why = rl.can_mount()
     if why:
         section.rows.append(["(all)", "", "", "", f"not measured: {why}", "", "", ""])
@@ -562,8 +677,16 @@ def disk_row(ctx: Ctx, kind: Kind, where: str, size: str) -> list:
             ctx.totals.corrupted.append(f"disk full {kind.name} {size}, next run: {end.bad}")
         completes = second.code == 0 and not end.missing and not end.bad
         line = first.first_stderr or f"(stderr empty) {first.message()}"
-        return [kind.name, where, size, first.status, line, "yes" if first.internal else "no", got.bad,
-                "yes" if completes else f"no: exit {second.status}, {len(end.missing)} missing: {second.message()}"]
+        return [
+            kind.name,
+            where,
+            size,
+            first.status,
+            line,
+            "yes" if first.internal else "no",
+            got.bad,
+            "yes" if completes else f"no: exit {second.status}, {len(end.missing)} missing: {second.message()}",
+        ]
     finally:
         rl.umount(mnt)
         ctx.cleanup(folder)
@@ -583,19 +706,33 @@ def stale_lock(dropoff: Path, kind: str) -> None:
 
 
 def concurrent(ctx: Ctx, kind: Kind, srv: fwserver.FlywheelTestServer) -> None:
-    section = Section("Two runs on one dropoff", [
-        "Two runs started together on one dropoff (file downloads slowed to 0.25 s each, so a run lasts seconds), "
-        "with and without a stale lock left by a killed run (2 minutes old). Expected: exactly one proceeds (exit 0), "
-        "the other exits non-zero saying \"another sync is writing\"; a stale lock is broken; never an internal error."],
-        ["dropoff before", "pairs", "exit statuses (per pair)", "exactly one proceeded, the other said \"another sync is writing\"",
-         "internal errors", "dropoff complete afterwards", "first line of the refused run"])
+    section = Section(
+        "Two runs on one dropoff",
+        [
+            "Two runs started together on one dropoff (file downloads slowed to 0.25 s each, so a run lasts seconds), "
+            "with and without a stale lock left by a killed run (2 minutes old). Expected: exactly one proceeds (exit 0), "
+            'the other exits non-zero saying "another sync is writing"; a stale lock is broken; never an internal error.'
+        ],
+        [
+            "dropoff before",
+            "pairs",
+            "exit statuses (per pair)",
+            'exactly one proceeded, the other said "another sync is writing"',
+            "internal errors",
+            "dropoff complete afterwards",
+            "first line of the refused run",
+        ],
+    )
     if kind.problem:
         section.rows.append(["(all)", "", "", "", "", "", f"not measured: {kind.problem}"])
         ctx.sections.append(section)
         return
     srv.add_fault(FILES, "delay", delay=0.25, method="GET")
-    cases = [("empty", None), ("stale lock: an owner-less lock/ folder", "empty"),
-             ("stale lock: only .owner.json.<pid>.tmp in lock/", "tmp")]
+    cases = [
+        ("empty", None),
+        ("stale lock: an owner-less lock/ folder", "empty"),
+        ("stale lock: only .owner.json.<pid>.tmp in lock/", "tmp"),
+    ]
     try:
         for label, lock_kind in cases:
             statuses, good, internal, complete, refused = [], 0, 0, 0, ""
@@ -632,8 +769,9 @@ def concurrent(ctx: Ctx, kind: Kind, srv: fwserver.FlywheelTestServer) -> None:
                 complete += not got.missing and not got.bad
                 ctx.cleanup(folder)
             pairs = ctx.mode["pairs"]
-            section.rows.append([label, pairs, ", ".join(statuses), f"{good} of {pairs}", internal, f"{complete} of {pairs}",
-                                 refused or "-"])
+            section.rows.append(
+                [label, pairs, ", ".join(statuses), f"{good} of {pairs}", internal, f"{complete} of {pairs}", refused or "-"]
+            )
     finally:
         srv.clear_faults()
     ctx.sections.append(section)
@@ -643,10 +781,14 @@ def concurrent(ctx: Ctx, kind: Kind, srv: fwserver.FlywheelTestServer) -> None:
 
 
 def read_only(ctx: Ctx, kind: Kind) -> None:
-    section = Section("Read-only dropoff", [
-        "The dropoff is a read-only bind mount (root ignores chmod 555): empty, or holding a complete earlier sync. "
-        "Expected: a non-zero exit with one line saying the folder cannot be written (or, with nothing to do, a clean no-op)."],
-        ["dropoff", "exit", "first line", "internal error", "files lost silently"])
+    section = Section(
+        "Read-only dropoff",
+        [
+            "The dropoff is a read-only bind mount (root ignores chmod 555): empty, or holding a complete earlier sync. "
+            "Expected: a non-zero exit with one line saying the folder cannot be written (or, with nothing to do, a clean no-op)."
+        ],
+        ["dropoff", "exit", "first line", "internal error", "files lost silently"],
+    )
     why = rl.can_mount() or kind.problem
     if why:
         section.rows.append(["(all)", "", f"not measured: {why}", "", ""])
@@ -755,18 +897,25 @@ def bad_inputs(ctx: Ctx, srv: fwserver.FlywheelTestServer, tree_root: Path) -> l
         Bad("unknown scheme ftp://", source={"SourceURL": "ftp://127.0.0.1/x"}),
         Bad("dicomweb+http:// without a host", cmd="dicom", source={"SourceURL": "dicomweb+http:///dicom-web"}),
         Bad("dicomweb+http:// port not a number", cmd="dicom", source={"SourceURL": "dicomweb+http://127.0.0.1:80x/dicom-web"}),
-        Bad("dicomweb: user and password in the URL", cmd="dicom",
-            source={"SourceURL": orthanc.replace("http://", "dicomweb+http://alice:s3cret-pw@")}),
-        Bad("dicomweb: a token as the URL's user", cmd="dicom",
-            source={"SourceURL": orthanc.replace("http://", "dicomweb+http://tok3n@")}),
-        Bad("dicomweb: wrong path (HTTP 404)", cmd="dicom",
-            source={"SourceURL": "dicomweb+" + orthanc.replace("/dicom-web", "/no-dicom-web")}),
-        Bad("dicomweb: unreachable (closed port)", cmd="dicom",
-            source={"SourceURL": f"dicomweb+http://127.0.0.1:{closed}/dicom-web"}),
-        Bad("dicomweb: TOKEN and USER both set", cmd="dicom", source={"SourceURL": "dicomweb+" + orthanc},
-            env={"CLPIPE_DICOMWEB_TOKEN": "t", "CLPIPE_DICOMWEB_USER": "u", "CLPIPE_DICOMWEB_PASSWORD": "p"}),
-        Bad("dicomweb: USER without PASSWORD", cmd="dicom", source={"SourceURL": "dicomweb+" + orthanc},
-            env={"CLPIPE_DICOMWEB_USER": "u"}),
+        Bad(
+            "dicomweb: user and password in the URL",
+            cmd="dicom",
+            source={"SourceURL": orthanc.replace("http://", "dicomweb+http://alice:s3cret-pw@")},
+        ),
+        Bad("dicomweb: a token as the URL's user", cmd="dicom", source={"SourceURL": orthanc.replace("http://", "dicomweb+http://tok3n@")}),
+        Bad(
+            "dicomweb: wrong path (HTTP 404)",
+            cmd="dicom",
+            source={"SourceURL": "dicomweb+" + orthanc.replace("/dicom-web", "/no-dicom-web")},
+        ),
+        Bad("dicomweb: unreachable (closed port)", cmd="dicom", source={"SourceURL": f"dicomweb+http://127.0.0.1:{closed}/dicom-web"}),
+        Bad(
+            "dicomweb: TOKEN and USER both set",
+            cmd="dicom",
+            source={"SourceURL": "dicomweb+" + orthanc},
+            env={"CLPIPE_DICOMWEB_TOKEN": "t", "CLPIPE_DICOMWEB_USER": "u", "CLPIPE_DICOMWEB_PASSWORD": "p"},
+        ),
+        Bad("dicomweb: USER without PASSWORD", cmd="dicom", source={"SourceURL": "dicomweb+" + orthanc}, env={"CLPIPE_DICOMWEB_USER": "u"}),
         Bad("dimse:// without an AE title", cmd="dicom", source={"SourceURL": f"dimse://{dimse_host}"}),
         Bad("dimse:// AE title of 20 characters", cmd="dicom", source={"SourceURL": f"dimse://ABCDEFGHIJKLMNOPQRST@{dimse_host}"}),
         Bad("dimse:// port 0", cmd="dicom", source={"SourceURL": "dimse://ORTHANC@127.0.0.1:0"}),
@@ -774,11 +923,13 @@ def bad_inputs(ctx: Ctx, srv: fwserver.FlywheelTestServer, tree_root: Path) -> l
         Bad("dimse: unreachable (closed port)", cmd="dicom", source={"SourceURL": f"dimse://ORTHANC@127.0.0.1:{closed}"}),
         Bad("dimse: CallingAET of 17 characters", cmd="dicom", source={"SourceURL": f"dimse://{dimse}", "CallingAET": "A" * 17}),
         Bad("dimse: RetrieveMethod fetch", cmd="dicom", source={"SourceURL": f"dimse://{dimse}", "RetrieveMethod": "fetch"}),
-        Bad("dimse: RetrieveMethod move without MovePort", cmd="dicom", source={"SourceURL": f"dimse://{dimse}",
-                                                                            "RetrieveMethod": "move"}),
+        Bad("dimse: RetrieveMethod move without MovePort", cmd="dicom", source={"SourceURL": f"dimse://{dimse}", "RetrieveMethod": "move"}),
         Bad("dimse: MovePort 70000", cmd="dicom", source={"SourceURL": f"dimse://{dimse}", "MovePort": 70000}),
-        Bad("dimse: TLSCAFile that does not exist", cmd="dicom", source={"SourceURL": f"dimse://{dimse}",
-                                                                     "TLSCAFile": "/nonexistent/ca.pem"}),
+        Bad(
+            "dimse: TLSCAFile that does not exist",
+            cmd="dicom",
+            source={"SourceURL": f"dimse://{dimse}", "TLSCAFile": "/nonexistent/ca.pem"},
+        ),
         Bad("NetworkTimeout 0", cmd="dicom", source={"NetworkTimeout": 0}),
         Bad("file:// with a host", cmd="dicom", source={"SourceURL": "file://fileserver/share"}),
         Bad("file:// folder that does not exist", cmd="dicom", source={"SourceURL": "file:///nonexistent/export"}),
@@ -813,13 +964,17 @@ def bad_inputs(ctx: Ctx, srv: fwserver.FlywheelTestServer, tree_root: Path) -> l
 
 
 def bad_input(ctx: Ctx, srv: fwserver.FlywheelTestServer, tree_root: Path) -> None:
-    section = Section("Bad input", [
-        "Each row: one mistake a user can make, in a project that is otherwise right (Flywheel: `fw://lab/small/` on "
-        "the test server; `dicom sync`: the file:// tree), run with `-submit`. Expected: a non-zero exit and one line "
-        "on stderr that names what to fix; never exit 0, never an internal error or a traceback."],
-        ["#", "input", "exit", "first line of output", "flags"])
+    section = Section(
+        "Bad input",
+        [
+            "Each row: one mistake a user can make, in a project that is otherwise right (Flywheel: `fw://lab/small/` on "
+            "the test server; `dicom sync`: the file:// tree), run with `-submit`. Expected: a non-zero exit and one line "
+            "on stderr that names what to fix; never exit 0, never an internal error or a traceback."
+        ],
+        ["#", "input", "exit", "first line of output", "flags"],
+    )
     items = bad_inputs(ctx, srv, tree_root)
-    items = items[::ctx.mode["bad_every"]]
+    items = items[:: ctx.mode["bad_every"]]
     exit0 = internal = multi = 0
     for n, bad in enumerate(items, 1):
         result = run_bad(ctx, bad, srv, tree_root)
@@ -836,9 +991,11 @@ def bad_input(ctx: Ctx, srv: fwserver.FlywheelTestServer, tree_root: Path) -> No
         if not result.first_stderr:
             flags.append("nothing on stderr")
         section.rows.append([n, bad.label, result.status, result.message()[:200], ", ".join(flags)])
-    section.notes.append(f"Summary: {len(items)} bad inputs; exit 0: {exit0} (should be 0); internal errors: {internal}; "
-                         f"multi-line stderr or traceback: {multi}; with nothing on stderr: "
-                         f"{sum(1 for r in section.rows if 'nothing on stderr' in r[4])}.")
+    section.notes.append(
+        f"Summary: {len(items)} bad inputs; exit 0: {exit0} (should be 0); internal errors: {internal}; "
+        f"multi-line stderr or traceback: {multi}; with nothing on stderr: "
+        f"{sum(1 for r in section.rows if 'nothing on stderr' in r[4])}."
+    )
     ctx.sections.append(section)
 
 
@@ -918,26 +1075,58 @@ def hostile_projects() -> list[tuple[str, fwserver.Project]]:
     long_name = "n" * 260
     member = "m" * 300
     return [
-        ("labels and names that differ only by NFC/NFD", _project("nfc", {
-            nfc: {"ses-01": {"T1w": ["a.dcm", m_nfc, m_nfd]}}, nfd: {"ses-01": {"T1w": ["a.dcm"]}}})),
-        ("`a/../normal` vs `normal` (labels and names)", _project("dotdot", {
-            "sub-01": {"ses-01": {"a/../normal": ["x.dcm"], "normal": ["x.dcm", "b/../y.dcm", "y.dcm"]}}})),
-        ("surrounding spaces", _project("spaces", {
-            "sub-01": {" ses-01": {"T1w": ["a.dcm"]}, "ses-01 ": {"T1w": ["a.dcm"]},
-                       "ses-01": {"T1w": ["a.dcm", " f.dcm", "f.dcm", "f.dcm "]}}})),
-        ("control characters", _project("control", {
-            "sub-01": {"ses-01": {"T1\tw": ["a.dcm"], "T1\nw": ["a.dcm"], "T1w": ["a.dcm", "b\x01.dcm", "b.dcm"]}}})),
-        ("longer than 255 bytes, differing after that", _project("long", {
-            "sub-01": {"ses-01": {long_label + "1": ["a.dcm"], long_label + "2": ["a.dcm"],
-                                  "T1w": [long_name + "1.dcm", long_name + "2.dcm"]}}})),
-        ("a file named `..` (and `...`)", _project("dots", {
-            "sub-01": {"ses-01": {"T1w": ["..", "...", "x.dcm"]}}})),
-        ("zip members with 300-character names (and the same base name twice)", _project("zipnames", {
-            "sub-01": {"ses-01": {"T1w": [("series.dicom.zip", [f"a/{member}.dcm", f"b/{member}.dcm", "c/short.dcm"])]}}})),
-        ('`*:?"<>|\\` in labels and names', _project("windows", {
-            "sub*1": {"ses:1?": {'T1 "<>|"': ["a*b?.dcm", "c<d>.dcm", 'e|f".dcm', "g\\h.dcm"]}}})),
-        ("leading `.` or `-`", _project("leading", {
-            "-sub": {".ses": {"-rf": ["-x.dcm", ".y.dcm"], ".hidden": ["z.dcm"]}}})),
+        (
+            "labels and names that differ only by NFC/NFD",
+            _project("nfc", {nfc: {"ses-01": {"T1w": ["a.dcm", m_nfc, m_nfd]}}, nfd: {"ses-01": {"T1w": ["a.dcm"]}}}),
+        ),
+        (
+            "`a/../normal` vs `normal` (labels and names)",
+            _project("dotdot", {"sub-01": {"ses-01": {"a/../normal": ["x.dcm"], "normal": ["x.dcm", "b/../y.dcm", "y.dcm"]}}}),
+        ),
+        (
+            "surrounding spaces",
+            _project(
+                "spaces",
+                {
+                    "sub-01": {
+                        " ses-01": {"T1w": ["a.dcm"]},
+                        "ses-01 ": {"T1w": ["a.dcm"]},
+                        "ses-01": {"T1w": ["a.dcm", " f.dcm", "f.dcm", "f.dcm "]},
+                    }
+                },
+            ),
+        ),
+        (
+            "control characters",
+            _project("control", {"sub-01": {"ses-01": {"T1\tw": ["a.dcm"], "T1\nw": ["a.dcm"], "T1w": ["a.dcm", "b\x01.dcm", "b.dcm"]}}}),
+        ),
+        (
+            "longer than 255 bytes, differing after that",
+            _project(
+                "long",
+                {
+                    "sub-01": {
+                        "ses-01": {
+                            long_label + "1": ["a.dcm"],
+                            long_label + "2": ["a.dcm"],
+                            "T1w": [long_name + "1.dcm", long_name + "2.dcm"],
+                        }
+                    }
+                },
+            ),
+        ),
+        ("a file named `..` (and `...`)", _project("dots", {"sub-01": {"ses-01": {"T1w": ["..", "...", "x.dcm"]}}})),
+        (
+            "zip members with 300-character names (and the same base name twice)",
+            _project(
+                "zipnames", {"sub-01": {"ses-01": {"T1w": [("series.dicom.zip", [f"a/{member}.dcm", f"b/{member}.dcm", "c/short.dcm"])]}}}
+            ),
+        ),
+        (
+            '`*:?"<>|\\` in labels and names',
+            _project("windows", {"sub*1": {"ses:1?": {'T1 "<>|"': ["a*b?.dcm", "c<d>.dcm", 'e|f".dcm', "g\\h.dcm"]}}}),
+        ),
+        ("leading `.` or `-`", _project("leading", {"-sub": {".ses": {"-rf": ["-x.dcm", ".y.dcm"], ".hidden": ["z.dcm"]}}})),
     ]
 
 
@@ -954,15 +1143,28 @@ def remote_items(project: fwserver.Project) -> list[bytes]:
 
 
 def names(ctx: Ctx, kinds: list[Kind]) -> None:
-    section = Section("Hostile and colliding names", [
-        "Flywheel projects whose labels and file names collide or are hostile, each synced into an empty dropoff "
-        "with the default layout and with `LayoutTemplate` `{subject}/{session}/{acquisition}`; and the DICOM data set "
-        "(descriptions with `/`, `..`, `*`, `:`, `?`, `<>|`, tabs, non-ASCII) from the reference runs. Every remote file "
-        "has unique bytes, so a local file is matched to its remote file by content. Expected: one local file per remote "
-        "file, none differing, every name portable (ASCII, no spaces, none of `/\\:*?\"<>|`, no control characters, no "
-        "leading `.` or `-`, at most 255 bytes), and exit 0 only when every remote file has its own local file."],
-        ["project", "layout", "remote files", "distinct local files", "files whose bytes differ", "remote files without a local file",
-         "names not portable (e.g.)", "exit", "first line when not 0"])
+    section = Section(
+        "Hostile and colliding names",
+        [
+            "Flywheel projects whose labels and file names collide or are hostile, each synced into an empty dropoff "
+            "with the default layout and with `LayoutTemplate` `{subject}/{session}/{acquisition}`; and the DICOM data set "
+            "(descriptions with `/`, `..`, `*`, `:`, `?`, `<>|`, tabs, non-ASCII) from the reference runs. Every remote file "
+            "has unique bytes, so a local file is matched to its remote file by content. Expected: one local file per remote "
+            'file, none differing, every name portable (ASCII, no spaces, none of `/\\:*?"<>|`, no control characters, no '
+            "leading `.` or `-`, at most 255 bytes), and exit 0 only when every remote file has its own local file."
+        ],
+        [
+            "project",
+            "layout",
+            "remote files",
+            "distinct local files",
+            "files whose bytes differ",
+            "remote files without a local file",
+            "names not portable (e.g.)",
+            "exit",
+            "first line when not 0",
+        ],
+    )
     projects = hostile_projects()
     if ctx.mode["names"] == "few":
         projects = [projects[0], projects[4], projects[7]]
@@ -987,9 +1189,19 @@ def names(ctx: Ctx, kinds: list[Kind]) -> None:
             if result.code == 0 and lost:
                 ctx.totals.lost.append(f"names {project.label}: {lost}")
             example = "; ".join(f"`{rl.shown(n)}` ({why})" for n, why in list(bad.items())[:2])
-            section.rows.append([label, f"`{layout}`" if layout else "default", len(wanted), len(local), differ, lost,
-                                 f"{len(bad)}" + (f": {example}" if example else ""), result.status,
-                                 "" if result.code == 0 else result.message()])
+            section.rows.append(
+                [
+                    label,
+                    f"`{layout}`" if layout else "default",
+                    len(wanted),
+                    len(local),
+                    differ,
+                    lost,
+                    f"{len(bad)}" + (f": {example}" if example else ""),
+                    result.status,
+                    "" if result.code == 0 else result.message(),
+                ]
+            )
             ctx.cleanup(folder)
     for kind in kinds:
         if kind.name.startswith("Flywheel") or kind.problem or kind.ref_dropoff is None or kind.ref_result is None:
@@ -997,9 +1209,19 @@ def names(ctx: Ctx, kinds: list[Kind]) -> None:
         bad = rl.non_portable(kind.ref_dropoff)
         problem = kind.truth(kind.ref_dropoff) if kind.truth else ""
         example = "; ".join(f"`{rl.shown(n)}` ({why})" for n, why in list(bad.items())[:2])
-        section.rows.append([f"DICOM data set via {kind.name}", "default", len(kind.reference) if not problem else problem,
-                             len(kind.reference), 0 if not problem else "see reference runs", 0 if not problem else "?",
-                             f"{len(bad)}" + (f": {example}" if example else ""), kind.ref_result.status, ""])
+        section.rows.append(
+            [
+                f"DICOM data set via {kind.name}",
+                "default",
+                len(kind.reference) if not problem else problem,
+                len(kind.reference),
+                0 if not problem else "see reference runs",
+                0 if not problem else "?",
+                f"{len(bad)}" + (f": {example}" if example else ""),
+                kind.ref_result.status,
+                "",
+            ]
+        )
     ctx.sections.append(section)
 
 
@@ -1007,14 +1229,18 @@ def names(ctx: Ctx, kinds: list[Kind]) -> None:
 
 
 def secrets(ctx: Ctx, small: Kind, dicomweb: Kind | None) -> None:
-    section = Section("Secrets", [
-        "Runs with the Flywheel key (in `FLYWHEEL_API_KEY` or a saved `fw login`) and the DICOMweb login "
-        "(`CLPIPE_DICOMWEB_USER`/`PASSWORD`, `CLPIPE_DICOMWEB_TOKEN`) set to unique marker strings, each under "
-        "`strace -f -ff -e trace=execve -v` (every program started, with its argv and environment). Counted: markers in "
-        "(a) the argv of every process started, (b) the environment of every child that does not need them (all but "
-        "the sync job itself), (c) every file under the project, its dropoff, logs and HOME (the saved login itself "
-        "and the config file the user wrote excepted), (d) stdout and stderr. All must be 0."],
-        ["run", "exit", "(a) argv", "(b) env of children that do not need it", "(c) files", "(d) stdout/stderr", "where"])
+    section = Section(
+        "Secrets",
+        [
+            "Runs with the Flywheel key (in `FLYWHEEL_API_KEY` or a saved `fw login`) and the DICOMweb login "
+            "(`CLPIPE_DICOMWEB_USER`/`PASSWORD`, `CLPIPE_DICOMWEB_TOKEN`) set to unique marker strings, each under "
+            "`strace -f -ff -e trace=execve -v` (every program started, with its argv and environment). Counted: markers in "
+            "(a) the argv of every process started, (b) the environment of every child that does not need them (all but "
+            "the sync job itself), (c) every file under the project, its dropoff, logs and HOME (the saved login itself "
+            "and the config file the user wrote excepted), (d) stdout and stderr. All must be 0."
+        ],
+        ["run", "exit", "(a) argv", "(b) env of children that do not need it", "(c) files", "(d) stdout/stderr", "where"],
+    )
     if not shutil.which("strace"):
         section.rows.append(["(all)", "", "", "", "", "", "not measured: strace is not installed"])
         ctx.sections.append(section)
@@ -1024,28 +1250,63 @@ def secrets(ctx: Ctx, small: Kind, dicomweb: Kind | None) -> None:
     srv = ctx.server([fwserver.make_demo_project(**SMALL_PROJECT)], keys={m["fwenv"], m["fwsaved"]})
     site = f"127.0.0.1:{srv.port}:__force_insecure:"
     rows: list[dict] = [
-        dict(label="Flywheel, key in FLYWHEEL_API_KEY", cmd="flywheel_sync", url="fw://lab/small/", login=None,
-             env={"FLYWHEEL_API_KEY": site + m["fwenv"]}),
+        dict(
+            label="Flywheel, key in FLYWHEEL_API_KEY",
+            cmd="flywheel_sync",
+            url="fw://lab/small/",
+            login=None,
+            env={"FLYWHEEL_API_KEY": site + m["fwenv"]},
+        ),
         dict(label="Flywheel, saved fw login", cmd="flywheel_sync", url="fw://lab/small/", login=site + m["fwsaved"], env={}),
-        dict(label="Flywheel, a rejected key in FLYWHEEL_API_KEY", cmd="flywheel_sync", url="fw://lab/small/", login=None,
-             env={"FLYWHEEL_API_KEY": site + m["fwrejected"]}),
-        dict(label="Flywheel, downloads refused (HTTP 403), key in FLYWHEEL_API_KEY", cmd="flywheel_sync",
-             url="fw://lab/small/", login=None, env={"FLYWHEEL_API_KEY": site + m["fwenv"]}, fault=True),
+        dict(
+            label="Flywheel, a rejected key in FLYWHEEL_API_KEY",
+            cmd="flywheel_sync",
+            url="fw://lab/small/",
+            login=None,
+            env={"FLYWHEEL_API_KEY": site + m["fwrejected"]},
+        ),
+        dict(
+            label="Flywheel, downloads refused (HTTP 403), key in FLYWHEEL_API_KEY",
+            cmd="flywheel_sync",
+            url="fw://lab/small/",
+            login=None,
+            env={"FLYWHEEL_API_KEY": site + m["fwenv"]},
+            fault=True,
+        ),
     ]
     if dicomweb is not None and not dicomweb.problem:
         rows += [
-            dict(label="DICOMweb, CLPIPE_DICOMWEB_USER/PASSWORD", cmd="sync", url=dicomweb.url, login=None,
-                 env={"CLPIPE_DICOMWEB_USER": m["user"], "CLPIPE_DICOMWEB_PASSWORD": m["password"]}),
-            dict(label="DICOMweb, CLPIPE_DICOMWEB_TOKEN", cmd="sync", url=dicomweb.url, login=None,
-                 env={"CLPIPE_DICOMWEB_TOKEN": m["token"]}),
-            dict(label="DICOMweb, a password in SourceURL (refused)", cmd="sync",
-                 url=dicomweb.url.replace("+http://", f"+http://alice:{m['urlpw']}@"), login=None, env={}),
+            dict(
+                label="DICOMweb, CLPIPE_DICOMWEB_USER/PASSWORD",
+                cmd="sync",
+                url=dicomweb.url,
+                login=None,
+                env={"CLPIPE_DICOMWEB_USER": m["user"], "CLPIPE_DICOMWEB_PASSWORD": m["password"]},
+            ),
+            dict(
+                label="DICOMweb, CLPIPE_DICOMWEB_TOKEN", cmd="sync", url=dicomweb.url, login=None, env={"CLPIPE_DICOMWEB_TOKEN": m["token"]}
+            ),
+            dict(
+                label="DICOMweb, a password in SourceURL (refused)",
+                cmd="sync",
+                url=dicomweb.url.replace("+http://", f"+http://alice:{m['urlpw']}@"),
+                login=None,
+                env={},
+            ),
         ]
     elif dicomweb is not None:
         section.notes.append(f"- DICOMweb rows not measured: {dicomweb.problem}")
     if ctx.mode["secrets"] == "few":
-        rows = [r for r in rows if r["label"] in ("Flywheel, key in FLYWHEEL_API_KEY", "DICOMweb, CLPIPE_DICOMWEB_USER/PASSWORD",
-                                                   "DICOMweb, a password in SourceURL (refused)")]
+        rows = [
+            r
+            for r in rows
+            if r["label"]
+            in (
+                "Flywheel, key in FLYWHEEL_API_KEY",
+                "DICOMweb, CLPIPE_DICOMWEB_USER/PASSWORD",
+                "DICOMweb, a password in SourceURL (refused)",
+            )
+        ]
     markers = list(m.values())
     for row in rows:
         folder = ctx.folder(f"secrets-{row['label'][:20]}")
@@ -1087,8 +1348,9 @@ def secrets(ctx: Ctx, small: Kind, dicomweb: Kind | None) -> None:
         leaked = in_argv + in_env + sum(files.values()) + in_output
         if leaked:
             ctx.totals.leaked.append(f"secrets {row['label']}: {leaked}")
-        section.rows.append([row["label"], result.status, in_argv, in_env, sum(files.values()), in_output,
-                             "; ".join(dict.fromkeys(where)) or "-"])
+        section.rows.append(
+            [row["label"], result.status, in_argv, in_env, sum(files.values()), in_output, "; ".join(dict.fromkeys(where)) or "-"]
+        )
         ctx.cleanup(folder)
         ctx.cleanup(traces)
     ctx.sections.append(section)
@@ -1098,8 +1360,11 @@ def secrets(ctx: Ctx, small: Kind, dicomweb: Kind | None) -> None:
 
 
 def internal_errors(ctx: Ctx) -> Section:
-    section = Section("Internal errors", ["Every run of every scenario whose output says `internal error` or holds a traceback."],
-                      ["scenario", "exit", "line"])
+    section = Section(
+        "Internal errors",
+        ["Every run of every scenario whose output says `internal error` or holds a traceback."],
+        ["scenario", "exit", "line"],
+    )
     for scenario, result in ctx.runs:
         if result.internal:
             line = next((ln.strip() for ln in result.output.splitlines() if any(mk in ln for mk in rl.INTERNAL)), "")
@@ -1111,15 +1376,27 @@ def internal_errors(ctx: Ctx) -> Section:
 
 def totals_section(ctx: Ctx) -> tuple[Section, dict[str, int]]:
     internal = sum(1 for _, r in ctx.runs if r.internal)
-    values = {"corrupted files": Totals._sum(ctx.totals.corrupted), "silently lost files": Totals._sum(ctx.totals.lost),
-              "internal errors": internal, "leaked secrets": Totals._sum(ctx.totals.leaked)}
-    detail = {"corrupted files": ctx.totals.corrupted, "silently lost files": ctx.totals.lost,
-              "internal errors": [f"{s}" for s, r in ctx.runs if r.internal], "leaked secrets": ctx.totals.leaked}
-    section = Section("Totals (the done criteria: all 0)", [
-        "corrupted: files under a final name whose bytes are not the source's, after any kill, fault, full disk, "
-        "concurrent run or name collision; silently lost: files missing after a run that exited 0; internal errors: runs "
-        "that said `internal error` or printed a traceback; leaked secrets: marker occurrences in the Secrets table."],
-        ["criterion", "count", "where"])
+    values = {
+        "corrupted files": Totals._sum(ctx.totals.corrupted),
+        "silently lost files": Totals._sum(ctx.totals.lost),
+        "internal errors": internal,
+        "leaked secrets": Totals._sum(ctx.totals.leaked),
+    }
+    detail = {
+        "corrupted files": ctx.totals.corrupted,
+        "silently lost files": ctx.totals.lost,
+        "internal errors": [f"{s}" for s, r in ctx.runs if r.internal],
+        "leaked secrets": ctx.totals.leaked,
+    }
+    section = Section(
+        "Totals (the done criteria: all 0)",
+        [
+            "corrupted: files under a final name whose bytes are not the source's, after any kill, fault, full disk, "
+            "concurrent run or name collision; silently lost: files missing after a run that exited 0; internal errors: runs "
+            "that said `internal error` or printed a traceback; leaked secrets: marker occurrences in the Secrets table."
+        ],
+        ["criterion", "count", "where"],
+    )
     for name, value in values.items():
         where = detail[name]
         shown = "; ".join(dict.fromkeys(where))
@@ -1136,8 +1413,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work folder (every run's project and dropoff)")
     ap.add_argument("--only", help="comma-separated scenarios: kills,faults,disk,concurrent,readonly,bad,names,secrets")
     ap.add_argument("--output", type=Path, help=f"write the table here too (a full run always writes {RESULTS.relative_to(BENCH.parent)})")
-    ap.add_argument("--clpipe-src", type=Path, help="run the clpipe package in this folder (e.g. the src/ of a tree "
-                    "exported with `git archive`) instead of the installed one; nothing saved")
+    ap.add_argument(
+        "--clpipe-src",
+        type=Path,
+        help="run the clpipe package in this folder (e.g. the src/ of a tree "
+        "exported with `git archive`) instead of the installed one; nothing saved",
+    )
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     if args.clpipe_src:
@@ -1166,8 +1447,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 func()
             except Exception:  # noqa: BLE001 - a harness failure is reported as such, the rest still runs
-                ctx.sections.append(Section(f"{name}: harness error", [], ["traceback"],
-                                            [[traceback.format_exc().replace("\n", " / ")]]))
+                ctx.sections.append(Section(f"{name}: harness error", [], ["traceback"], [[traceback.format_exc().replace("\n", " / ")]]))
             print(f"[{time.monotonic() - started:6.1f} s] {name} done in {time.monotonic() - t0:.1f} s", flush=True)
 
         kill_srv = ctx.server([fwserver.make_demo_project(**KILL_PROJECT)])
@@ -1196,15 +1476,22 @@ def main(argv: list[str] | None = None) -> int:
         totals, values = totals_section(ctx)
         ctx.sections.append(totals)
         elapsed = time.monotonic() - started
-        header = [f"# Reliability{' (--quick)' if args.quick else ''}", "",
-                  f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}; load average at start "
-                  f"{os.getloadavg()[0]:.1f}",
-                  f"- {len(ctx.runs)} runs of `python -m clpipe dicom flywheel_sync|sync -submit` (local runs, no batch "
-                  f"system) in {elapsed:.0f} s; seed {args.seed}; every run bounded by {args.timeout:.0f} s; all servers on 127.0.0.1",
-                  f"- clpipe tree: {git_describe() if not args.clpipe_src else f'the clpipe package in {args.clpipe_src}'}", ""]
+        header = [
+            f"# Reliability{' (--quick)' if args.quick else ''}",
+            "",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}; load average at start {os.getloadavg()[0]:.1f}",
+            f"- {len(ctx.runs)} runs of `python -m clpipe dicom flywheel_sync|sync -submit` (local runs, no batch "
+            f"system) in {elapsed:.0f} s; seed {args.seed}; every run bounded by {args.timeout:.0f} s; all servers on 127.0.0.1",
+            f"- clpipe tree: {git_describe() if not args.clpipe_src else f'the clpipe package in {args.clpipe_src}'}",
+            "",
+        ]
         text = "\n".join(header) + "\n" + "\n".join(s.render() for s in ctx.sections)
-        text += ("\nTOTALS: " + ", ".join(f"{k} {v}" for k, v in values.items())
-                 + (" (all 0: done)" if not any(values.values()) else " (NOT all 0)") + "\n")
+        text += (
+            "\nTOTALS: "
+            + ", ".join(f"{k} {v}" for k, v in values.items())
+            + (" (all 0: done)" if not any(values.values()) else " (NOT all 0)")
+            + "\n"
+        )
         print("\n" + text, flush=True)
         if not args.quick and only is None and not args.clpipe_src:
             RESULTS.parent.mkdir(exist_ok=True)
@@ -1230,10 +1517,16 @@ def _retime(ctx: Ctx, kind: Kind) -> tuple[float | None, float]:
 
 def git_describe() -> str:
     try:
-        head = subprocess.run(["git", "-C", str(BENCH.parent), "log", "-1", "--format=%h %s"], capture_output=True,
-                              text=True, timeout=10, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(BENCH.parent), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(BENCH.parent), "log", "-1", "--format=%h %s"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(BENCH.parent), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head[:90]}" + (f" + uncommitted changes in {len(dirty.splitlines())} files" if dirty else "")

@@ -41,10 +41,12 @@ CLPIPE_PATH: str = ""
 def base_env(home: Path) -> dict[str, str]:
     """The environment of every run: an isolated HOME (so its own saved login), loopback
     never proxied, no secret inherited from the caller's shell, no warnings in the output."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.lower().endswith("_proxy") and k not in SECRET_VARS and not k.startswith("CLPIPE_TTY")}
-    env.update(HOME=str(home), FLYWHEEL_USER_HOME=str(home), PYTHONWARNINGS="ignore",
-               NO_PROXY="127.0.0.1,localhost", PYTHONDONTWRITEBYTECODE="1")
+    env = {
+        k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k not in SECRET_VARS and not k.startswith("CLPIPE_TTY")
+    }
+    env.update(
+        HOME=str(home), FLYWHEEL_USER_HOME=str(home), PYTHONWARNINGS="ignore", NO_PROXY="127.0.0.1,localhost", PYTHONDONTWRITEBYTECODE="1"
+    )
     if CLPIPE_PATH:
         env["PYTHONPATH"] = os.pathsep.join([CLPIPE_PATH, *filter(None, [env.get("PYTHONPATH")])])
     return env
@@ -131,8 +133,9 @@ def run(argv: list[str], env: dict, timeout: float, cwd: Path | None = None, pre
     whole process group is killed and ``code`` is None."""
     full = [*(prefix or []), *argv]
     start = time.monotonic()
-    proc = subprocess.Popen(full, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        full, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     _LIVE[proc.pid] = proc
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -173,8 +176,15 @@ def kill_everything_started() -> None:
         _LIVE.pop(pid, None)
 
 
-def run_and_kill(argv: list[str], env: dict, delay: float, cwd: Path | None = None, watch: Path | None = None,
-                 after_watch: bool = False, limit: float = 600.0) -> tuple[Result, float | None]:
+def run_and_kill(
+    argv: list[str],
+    env: dict,
+    delay: float,
+    cwd: Path | None = None,
+    watch: Path | None = None,
+    after_watch: bool = False,
+    limit: float = 600.0,
+) -> tuple[Result, float | None]:
     """Start ``argv`` in its own process group and SIGKILL the whole group ``delay`` seconds
     after the start, or (``after_watch``) ``delay`` seconds after the path ``watch`` (e.g.
     the dropoff's lock folder) first appeared; a run still going after ``limit`` seconds is
@@ -207,8 +217,14 @@ def run_and_kill(argv: list[str], env: dict, delay: float, cwd: Path | None = No
         seconds = time.monotonic() - start
         out.seek(0)
         err.seek(0)
-        result = Result(argv, None if killed else proc.returncode, out.read().decode(errors="replace"),
-                        err.read().decode(errors="replace"), seconds, killed=killed)
+        result = Result(
+            argv,
+            None if killed else proc.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+            seconds,
+            killed=killed,
+        )
     return result, seen
 
 
@@ -316,8 +332,7 @@ def fetched_paths(result: Result) -> set[str] | None:
     rows = audit_rows(result)
     if rows is None:
         return None
-    return {r["dest_path"] for r in rows
-            if r.get("status") == "completed" and not (r.get("action_taken") or "").startswith("Deleted")}
+    return {r["dest_path"] for r in rows if r.get("status") == "completed" and not (r.get("action_taken") or "").startswith("Deleted")}
 
 
 def summary_data(result: Result) -> dict:
@@ -348,7 +363,7 @@ def dataset_offset(data: bytes) -> int:
 
 def same_dataset(a: bytes, b: bytes) -> bool:
     """Same DICOM data set (file meta aside: servers write their own)."""
-    return a[dataset_offset(a):] == b[dataset_offset(b):]
+    return a[dataset_offset(a) :] == b[dataset_offset(b) :]
 
 
 # ------------------------------------------------------------------------------ names
@@ -393,7 +408,7 @@ def shown(name: str, width: int = 40) -> str:
     if unicodedata.normalize("NFC", name) != name:
         text += " (NFD)"
     text = text.replace("|", "\\|")
-    return text if len(text) <= width else f"{text[:width - 12]}...({len(name.encode())} B)"
+    return text if len(text) <= width else f"{text[: width - 12]}...({len(name.encode())} B)"
 
 
 # ------------------------------------------------------------------------------ strace
@@ -453,7 +468,7 @@ def parse_strace(text: str, pid: int = 0) -> list[Exec]:
     without ``-f``'s pid column)."""
     out = []
     for line in text.splitlines():
-        m = re.match(r'^(?:(\d+)\s+)?execve\(', line)
+        m = re.match(r"^(?:(\d+)\s+)?execve\(", line)
         if not m or not line.rstrip().endswith("= 0"):
             continue
         pos = m.end()
@@ -530,7 +545,7 @@ def umount_everything() -> None:
 
 
 def can_mount() -> str:
-    """"" when this process may mount tmpfs (root, not forbidden), else why not."""
+    """ "" when this process may mount tmpfs (root, not forbidden), else why not."""
     if os.geteuid() != 0:
         return "needs root (mount -t tmpfs)"
     import tempfile

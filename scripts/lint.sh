@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The guards CI runs before the tests (scripts/test.sh calls this; configured in pyproject.toml):
 #   ruff check     lint of src/, tests/, bench/ (rules and line length in [tool.ruff])
+#   ruff format    --check: the same files laid out as `ruff format` lays them out (run it to fix)
 #   mypy           types of src/clpipe (clpipe.testing aside; [tool.mypy])
 #   lint-imports   the import layering and no-cycle contracts ([tool.importlinter]);
 #                  docs/developer/architecture.md explains them
@@ -14,6 +15,8 @@ fi
 failed=()
 echo "[lint] ruff check"
 .venv/bin/ruff check src tests bench || failed+=(ruff)
+echo "[lint] ruff format --check"
+.venv/bin/ruff format --check src tests bench || failed+=(ruff-format)
 echo "[lint] mypy"
 .venv/bin/mypy || failed+=(mypy)
 echo "[lint] lint-imports"

@@ -88,11 +88,15 @@ def scheduler(request) -> str:
     name = request.param
     binary = PROFILES[name][0]
     if shutil.which(binary) is None:
-        pytest.fail(f"{binary} is not installed: the {name} tests need a real scheduler; run "
-                    f"`eval \"$(scripts/infra/schedulers-up.sh)\"` as root (scripts/test.sh does it)")
+        pytest.fail(
+            f"{binary} is not installed: the {name} tests need a real scheduler; run "
+            f'`eval "$(scripts/infra/schedulers-up.sh)"` as root (scripts/test.sh does it)'
+        )
     probe = _run("sinfo", "-h", "-o", "%T") if name == "slurm" else _run("qstat", "-f")
     if probe.returncode != 0:
-        pytest.fail(f"{binary} is installed but {name} is not answering ({probe.stderr.strip()}); start it with scripts/infra/schedulers-up.sh")
+        pytest.fail(
+            f"{binary} is installed but {name} is not answering ({probe.stderr.strip()}); start it with scripts/infra/schedulers-up.sh"
+        )
     return name
 
 
@@ -110,8 +114,10 @@ def dicom_env() -> dict[str, str]:
         env = {k: found[k] for k in DICOM_EXPORTS if k in found}
     missing = [k for k in DICOM_EXPORTS if k not in env]
     if missing:
-        pytest.fail(f"the DICOM test servers are not set up ({', '.join(missing)} not set): "
-                    f"run `{DICOM_START}` (as root; scripts/test.sh does it for you)")
+        pytest.fail(
+            f"the DICOM test servers are not set up ({', '.join(missing)} not set): "
+            f"run `{DICOM_START}` (as root; scripts/test.sh does it for you)"
+        )
     return env
 
 

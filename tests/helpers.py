@@ -80,7 +80,9 @@ def new_project(root: Path, source_url: str = "fw://lab/study/", **source) -> Pa
     """A clpipe project made by `clpipe project_setup`, with SourceOptions changes applied."""
     proc = subprocess.run(
         [sys.executable, "-m", "clpipe", "project_setup", "-project_title", "t", "-project_dir", str(root), "-source_url", source_url],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     config = root / "clpipe_config.json"
@@ -94,14 +96,26 @@ def new_project(root: Path, source_url: str = "fw://lab/study/", **source) -> Pa
 def files_under(root: Path) -> dict[str, bytes]:
     """Every synced file under ``root`` (the native engine's own bookkeeping in
     ``.clpipe-sync/`` is not a synced file)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not str(p.relative_to(root)).startswith(".clpipe-sync/")}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not str(p.relative_to(root)).startswith(".clpipe-sync/")
+    }
+
 
 # -------------------------------------------------------------------- the DICOM test servers
 
 DICOM_START = 'eval "$(scripts/infra/dicom-up.sh)"'
-DICOM_EXPORTS = ("CLPIPE_ORTHANC_HTTP", "CLPIPE_ORTHANC_DICOMWEB", "CLPIPE_ORTHANC_DIMSE", "CLPIPE_DCMQRSCP_DIMSE",
-                 "CLPIPE_QRSCP_DIMSE", "CLPIPE_MOVE_PORT", "CLPIPE_DICOM_DATA", "CLPIPE_DICOM_EXPECTED")
+DICOM_EXPORTS = (
+    "CLPIPE_ORTHANC_HTTP",
+    "CLPIPE_ORTHANC_DICOMWEB",
+    "CLPIPE_ORTHANC_DIMSE",
+    "CLPIPE_DCMQRSCP_DIMSE",
+    "CLPIPE_QRSCP_DIMSE",
+    "CLPIPE_MOVE_PORT",
+    "CLPIPE_DICOM_DATA",
+    "CLPIPE_DICOM_EXPECTED",
+)
 
 #  the native engine against the bundled Flywheel server (tests/integration/test_native_engine.py)
 
@@ -142,8 +156,9 @@ class SeriesSource:
     bytes)``), or the file source (``(SOPInstanceUID, Path)``); ``fail_after`` instances
     of a series, ``error`` is raised."""
 
-    def __init__(self, series: dict[str, list[tuple[str, bytes | Path]]], fail_after: int | None = None,
-                 error: BaseException | None = None):
+    def __init__(
+        self, series: dict[str, list[tuple[str, bytes | Path]]], fail_after: int | None = None, error: BaseException | None = None
+    ):
         self.series, self.fail_after, self.error, self.opened = series, fail_after, error, []
 
     @contextmanager
@@ -165,8 +180,7 @@ class SeriesSource:
 def series_entry(key: str, folder: str, count: int, version: str = "v1") -> RemoteEntry:
     from clpipe.sources.base import RemoteEntry
 
-    return RemoteEntry(key=key, path=folder, size=0, modified=0.0, checksum=None, unpack=True, count=count,
-                       version=version, series=True)
+    return RemoteEntry(key=key, path=folder, size=0, modified=0.0, checksum=None, unpack=True, count=count, version=version, series=True)
 
 
 def run_engine(source, dropoff: Path, entries: list, run_id: str = "run1", **options):
@@ -186,19 +200,23 @@ def run_engine(source, dropoff: Path, entries: list, run_id: str = "run1", **opt
 
 
 def landed_files(dropoff: Path) -> dict[str, bytes]:
-    return {p.relative_to(dropoff).as_posix(): p.read_bytes() for p in dropoff.rglob("*")
-            if p.is_file() and ".clpipe-sync" not in p.relative_to(dropoff).parts}
+    return {
+        p.relative_to(dropoff).as_posix(): p.read_bytes()
+        for p in dropoff.rglob("*")
+        if p.is_file() and ".clpipe-sync" not in p.relative_to(dropoff).parts
+    }
 
 
 def instances(prefix: str, n: int, size: int = 3000) -> list[tuple[str, bytes]]:
     return [(f"1.2.3.{prefix}.{i}", bytes([i % 251]) * (size + i)) for i in range(n)]
+
 
 # ------------------------------- the batch schedulers (tests/integration/test_schedulers.py)
 
 PROFILES = {"slurm": ("sbatch", "slurmUNCConfig.json"), "sge": ("qsub", "sgeDukeBIAC.json")}
 TERMINAL_SLURM = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 WAIT_SECONDS = 240
-WEIRD = "lab's $HOME \"quoted\" dir"
+WEIRD = 'lab\'s $HOME "quoted" dir'
 
 
 def _run(*argv, timeout=30) -> subprocess.CompletedProcess:
@@ -216,7 +234,13 @@ def wait_for(scheduler: str, job_id: str) -> dict:
             fields = dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
             if fields.get("JobState") in TERMINAL_SLURM:
                 code = int(fields["ExitCode"].split(":")[0])
-                return {"state": fields["JobState"], "exit": code, "start": fields["StartTime"], "end": fields["EndTime"], "raw": "\n".join(seen)}
+                return {
+                    "state": fields["JobState"],
+                    "exit": code,
+                    "start": fields["StartTime"],
+                    "end": fields["EndTime"],
+                    "raw": "\n".join(seen),
+                }
         else:
             queued = _run("qstat", "-j", job_id)
             seen.append(queued.stdout)
@@ -228,8 +252,13 @@ def wait_for(scheduler: str, job_id: str) -> dict:
                 if proc.returncode == 0:
                     fields = dict(re.findall(r"^(\w+)\s+(.*?)\s*$", proc.stdout, re.M))
                     code = int(fields["exit_status"].split()[0])
-                    return {"state": "COMPLETED" if code == 0 and fields["failed"].startswith("0") else "FAILED",
-                            "exit": code, "start": fields["start_time"], "end": fields["end_time"], "raw": "\n".join([*seen, proc.stdout])}
+                    return {
+                        "state": "COMPLETED" if code == 0 and fields["failed"].startswith("0") else "FAILED",
+                        "exit": code,
+                        "start": fields["start_time"],
+                        "end": fields["end_time"],
+                        "raw": "\n".join([*seen, proc.stdout]),
+                    }
         time.sleep(0.5)
     raise AssertionError(f"{scheduler} job {job_id} did not finish within {WAIT_SECONDS} s")
 
@@ -242,6 +271,7 @@ def project_for(tmp_path: Path, name: str = "p") -> Path:
     data["EmailAddress"] = "pi@lab.example.edu"
     config.write_text(json.dumps(data, indent=2))
     return config
+
 
 # ----------------- DICOMweb: what Orthanc stores (tests/integration/test_source_dicomweb.py)
 
@@ -275,7 +305,7 @@ def original(dicom_env, rec: dict) -> bytes:
 def assert_same_instance(dicom_env, rec: dict, data: bytes) -> None:
     """``data`` carries the generated instance: same data set bytes, same transfer syntax."""
     source_file = original(dicom_env, rec)
-    assert data[file_meta_end(data):] == source_file[file_meta_end(source_file):], rec["path"]
+    assert data[file_meta_end(data) :] == source_file[file_meta_end(source_file) :], rec["path"]
     assert transfer_syntax(data) == rec["TransferSyntaxUID"], rec["path"]
 
 
@@ -286,8 +316,8 @@ def stored_file(dicom_env, sop_uid: str) -> bytes:
     ident = next(f["ID"] for f in found if f["Type"] == "Instance")
     return httpx.get(f"{base}/instances/{ident}/file", timeout=TIMEOUT).raise_for_status().content
 
-# ----------------------- DIMSE: a received instance (tests/integration/test_source_dimse.py)
 
+# ----------------------- DIMSE: a received instance (tests/integration/test_source_dimse.py)
 
 
 def check_instance(uid: str, data: bytes, rec: dict, data_root: Path, converts: bool = False) -> None:

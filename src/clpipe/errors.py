@@ -99,8 +99,9 @@ class DiskFull(ClpipeError):
         self.folder = folder  # the folder named
 
     @classmethod
-    def at(cls, exc: OSError, folders: Sequence[tuple[Path, str]], *, needed: int | None = None, purpose: str = "",
-           outcome: object = None) -> DiskFull:
+    def at(
+        cls, exc: OSError, folders: Sequence[tuple[Path, str]], *, needed: int | None = None, purpose: str = "", outcome: object = None
+    ) -> DiskFull:
         """The error for ``exc`` (ENOSPC or EDQUOT). ``folders``: (folder, how to move it
         elsewhere, e.g. "set DropoffDirectory elsewhere", or "") for each folder the step
         writes to; the one named holds the file ``exc`` names, else it is the fullest.
@@ -116,9 +117,13 @@ class DiskFull(ClpipeError):
             facts.append(f"about {human_bytes(more)}{' more' if more != needed else ''} needed for {purpose}")
         elif purpose:
             facts.append(f"more needed for {purpose}")
-        return cls(f"{'disk quota exceeded' if quota else 'no space left'} on {folder}"
-                   f"{' (' + '; '.join(facts) + ')' if facts else ''}; free space{' or ' + move if move else ' there'}, "
-                   "then run again: finished files are kept", outcome, folder)
+        return cls(
+            f"{'disk quota exceeded' if quota else 'no space left'} on {folder}"
+            f"{' (' + '; '.join(facts) + ')' if facts else ''}; free space{' or ' + move if move else ' there'}, "
+            "then run again: finished files are kept",
+            outcome,
+            folder,
+        )
 
 
 def _where(exc: OSError, folders: Sequence[tuple[Path, str]]) -> tuple[Path, str]:
@@ -157,8 +162,10 @@ class Terminated(BaseException):
         self.signum = signum
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} (a batch time limit, scancel or a closed terminal); "
-                         "finished files are kept and recorded: run the sync again to fetch the rest")
+        super().__init__(
+            f"stopped by {name} (a batch time limit, scancel or a closed terminal); "
+            "finished files are kept and recorded: run the sync again to fetch the rest"
+        )
 
 
 def stop_on_signals() -> None:

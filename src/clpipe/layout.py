@@ -59,8 +59,13 @@ _EXT = re.compile(r"(\.(nii|tar|dicom|dcm))?\.[A-Za-z0-9]{1,8}$", re.IGNORECASE)
 
 
 def is_portable(text: str) -> bool:
-    return (len(text) <= NAME_MAX and text.isascii() and _PORTABLE.fullmatch(text) is not None
-            and not text.endswith(".") and _RESERVED.fullmatch(text) is None)
+    return (
+        len(text) <= NAME_MAX
+        and text.isascii()
+        and _PORTABLE.fullmatch(text) is not None
+        and not text.endswith(".")
+        and _RESERVED.fullmatch(text) is None
+    )
 
 
 @lru_cache(maxsize=65536)  # folder names repeat across thousands of files
@@ -93,7 +98,7 @@ def safe_part(text: str) -> str:
 def _cut(text: str, limit: int) -> str:
     """``text`` cut to at most ``limit`` UTF-8 bytes, on a character boundary."""
     data = text.encode("utf-8", "surrogatepass")
-    return text if len(data) <= limit else data[:max(limit, 0)].decode("utf-8", "ignore")
+    return text if len(data) <= limit else data[: max(limit, 0)].decode("utf-8", "ignore")
 
 
 def fit_name(name: str, suffix: str = "", folder: bool = False) -> str:
@@ -102,7 +107,7 @@ def fit_name(name: str, suffix: str = "", folder: bool = False) -> str:
     and the suffix are kept whole."""
     found = None if folder else _EXT.search(name)
     ext = found.group(0) if found else ""
-    stem = name[:len(name) - len(ext)]
+    stem = name[: len(name) - len(ext)]
     if len(ext.encode()) + len(suffix.encode()) >= NAME_MAX:  # no room for an extension that long
         stem, ext = name, ""
     stem = _cut(stem, NAME_MAX - len(ext.encode()) - len(suffix.encode()))
@@ -141,7 +146,7 @@ def bids_label(text: str, field: str = "") -> str:
     text = anyascii(unicodedata.normalize("NFC", str(text)))
     prefix = _BIDS_PREFIX.get(field)
     if prefix and text.lower().startswith(prefix):
-        text = text[len(prefix):]
+        text = text[len(prefix) :]
     label = re.sub(r"[^A-Za-z0-9]", "", text)
     return label or "unknown"
 
@@ -163,8 +168,9 @@ def check_template(template: str, fields=FIELDS, need_field: bool = False) -> li
     if template.startswith("/") or ".." in PurePosixPath(template).parts:
         raise ValueError(f"{template!r} must be a relative path without '..'")
     if need_field and not used:
-        raise ValueError(f"{template!r} uses no field, so every series would land in one folder; use e.g. "
-                         f"{{subject}}/{{session}}/{{series}}")
+        raise ValueError(
+            f"{template!r} uses no field, so every series would land in one folder; use e.g. {{subject}}/{{session}}/{{series}}"
+        )
     return used
 
 

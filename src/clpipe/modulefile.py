@@ -59,8 +59,9 @@ def installed_version(prefix: Path) -> str:
         return __version__
     command = prefix / "bin" / "clpipe"
     try:
-        proc = subprocess.run([str(command), "--version"], capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=VERSION_TIMEOUT)
+        proc = subprocess.run(
+            [str(command), "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=VERSION_TIMEOUT
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ConfigError(f"-prefix: cannot ask {command} for its version ({exc.__class__.__name__}); pass -version") from None
     match = re.search(r"version\s+(\S+)", proc.stdout)
@@ -99,7 +100,7 @@ def check_version(version: str) -> str:
 def check_fw_module(name: str) -> str:
     name = name.strip()
     if name and (not MODULE_RE.fullmatch(name) or ".." in name.split("/")):
-        raise ConfigError(f"-fw_module: {name!r} is not a module name (e.g. flywheel or flywheel/18.5.1); \"\" loads none")
+        raise ConfigError(f'-fw_module: {name!r} is not a module name (e.g. flywheel or flywheel/18.5.1); "" loads none')
     return name
 
 
@@ -109,8 +110,9 @@ def render_modulefile(prefix: Path, version: str, fw_module: str = DEFAULT_FW_MO
         raise ConfigError(f"-fw_missing: expected one of {', '.join(FW_MISSING)}")
     bin_dir = str(Path(prefix) / "bin")
     written = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    regenerate = shlex.join(["clpipe", "modulefile", "-prefix", str(prefix), "-version", version,
-                             "-fw_module", fw_module, "-fw_missing", fw_missing])
+    regenerate = shlex.join(
+        ["clpipe", "modulefile", "-prefix", str(prefix), "-version", version, "-fw_module", fw_module, "-fw_missing", fw_missing]
+    )
     loads = f" and loads the module {fw_module}, which provides the Flywheel CLI (fw)" if fw_module else ""
     help_text = (
         f"clpipe {version}: the DICOM sync step of the clpipe MRI pipeline (clpipe dicom flywheel_sync).\n"
@@ -128,25 +130,32 @@ def render_modulefile(prefix: Path, version: str, fw_module: str = DEFAULT_FW_MO
         'whatis("Description: the DICOM sync step of the clpipe MRI pipeline: Flywheel to the cluster, as a batch job")',
         f"whatis({lua_string('Prefix: ' + str(prefix))})",
         "",
-        f"prepend_path(\"PATH\", {lua_string(bin_dir)})",
+        f'prepend_path("PATH", {lua_string(bin_dir)})',
     ]
     if fw_module:
-        missing = (f"the module {fw_module}, which should provide the Flywheel CLI (fw), does not exist here "
-                   f"(module avail {fw_module} finds nothing), ")
-        fix = (f"Admins: install a module named {fw_module} that puts fw on PATH, or write this file again with "
-               f"clpipe modulefile -fw_module <the module that provides fw> (\"\" for none).")
+        missing = (
+            f"the module {fw_module}, which should provide the Flywheel CLI (fw), does not exist here "
+            f"(module avail {fw_module} finds nothing), "
+        )
+        fix = (
+            f"Admins: install a module named {fw_module} that puts fw on PATH, or write this file again with "
+            f'clpipe modulefile -fw_module <the module that provides fw> ("" for none).'
+        )
         if fw_missing == "error":
             call, parts = "LmodError", ["clpipe: " + missing + "so clpipe was not loaded. ", fix]
         else:
             # LmodMessage, not LmodWarning: a warning makes `module load` exit 1, which would
             # stop job scripts run with `set -e` although clpipe itself was loaded.
-            call, parts = "LmodMessage", [
-                "clpipe: warning: " + missing + "so fw is not on PATH. ",
-                "clpipe's default native engine needs no fw; for the fw-cli engine (Engine: fw-cli), install the Flywheel CLI "
-                "(python3 -m venv ~/fw-cli && ~/fw-cli/bin/pip install flywheel-cli) "
-                "and add ~/fw-cli/bin to PATH. ",
-                fix,
-            ]
+            call, parts = (
+                "LmodMessage",
+                [
+                    "clpipe: warning: " + missing + "so fw is not on PATH. ",
+                    "clpipe's default native engine needs no fw; for the fw-cli engine (Engine: fw-cli), install the Flywheel CLI "
+                    "(python3 -m venv ~/fw-cli && ~/fw-cli/bin/pip install flywheel-cli) "
+                    "and add ~/fw-cli/bin to PATH. ",
+                    fix,
+                ],
+            )
         lines += [
             "",
             "-- The Flywheel CLI (fw) comes from its own module. depends_on() loads it with clpipe and",

@@ -163,13 +163,15 @@ def parse_commandline_opts(text: str, where: str, engine: str = "fw-cli") -> Syn
         spelled = {action.dest: "/".join(action.option_strings) for action in parser._actions}
         for name, value in vars(ns).items():
             if name not in DICOM_ALLOWED and value != defaults[name]:
-                raise ConfigError(f"{where}: {spelled[name]} is an fw sync option for Flywheel projects; "
-                                  "a DICOM source takes only -j/--jobs, -n/--dry-run, -l/--list-only, -v, --delete, "
-                                  "--quiet, --debug, -y and --ca-certs; filter with the Query block instead")
+                raise ConfigError(
+                    f"{where}: {spelled[name]} is an fw sync option for Flywheel projects; "
+                    "a DICOM source takes only -j/--jobs, -n/--dry-run, -l/--list-only, -v, --delete, "
+                    "--quiet, --debug, -y and --ca-certs; filter with the Query block instead"
+                )
     elif engine == "native":
         for name, what in NATIVE_MEANINGLESS.items():
             if getattr(ns, name) not in (None, False):
-                raise ConfigError(f"{where}: {what} means nothing to the native engine; remove it, or use Engine \"fw-cli\"")
+                raise ConfigError(f'{where}: {what} means nothing to the native engine; remove it, or use Engine "fw-cli"')
     elif ns.delete and ns.unpack:
         raise ConfigError(
             f"{where}: --delete together with unpacking is refused: fw sync compares the zip names with the "
@@ -181,9 +183,9 @@ def parse_commandline_opts(text: str, where: str, engine: str = "fw-cli") -> Syn
             try:
                 tags = json.loads(option)
             except ValueError:
-                raise ConfigError(f"{where}: container tags must be JSON such as '{{\"subject\": [\"tag\"]}}'") from None
+                raise ConfigError(f'{where}: container tags must be JSON such as \'{{"subject": ["tag"]}}\'') from None
             if not isinstance(tags, dict):
-                raise ConfigError(f"{where}: container tags must be a JSON object such as '{{\"subject\": [\"tag\"]}}'")
+                raise ConfigError(f'{where}: container tags must be a JSON object such as \'{{"subject": ["tag"]}}\'')
             container_filters += [{"tags": {sign: v}, "type": k} for k, v in tags.items()]
     mlset = None
     if ns.include_mlset:
@@ -323,8 +325,9 @@ def make_plan(config: ProjectConfig, run_id: str | None = None) -> SyncPlan:
     """Build the run plan from a validated config (no network, no files written)."""
     source = config.source
     flywheel = source.is_flywheel
-    options = parse_commandline_opts(source.commandline_opts, f"{config.path}: {config.key('commandline_opts')}",
-                                     source.engine if flywheel else "dicom")
+    options = parse_commandline_opts(
+        source.commandline_opts, f"{config.path}: {config.key('commandline_opts')}", source.engine if flywheel else "dicom"
+    )
     run_id = run_id or new_run_id()
     logs = config.sync_logs
     job_name = "flywheel_sync" if flywheel else "dicom_sync"
@@ -333,21 +336,38 @@ def make_plan(config: ProjectConfig, run_id: str | None = None) -> SyncPlan:
     settings: dict[str, Any] = {}
     if not flywheel:
         if options.ca_certs and isinstance(source.url, SourceURL) and source.url.scheme == "dimse":
-            raise ConfigError(f"{config.path}: {config.key('commandline_opts')}: --ca-certs is for https sources; "
-                              "for DICOM over TLS set TLSCAFile (and TLSCertFile/TLSKeyFile if the PACS asks for them)")
+            raise ConfigError(
+                f"{config.path}: {config.key('commandline_opts')}: --ca-certs is for https sources; "
+                "for DICOM over TLS set TLSCAFile (and TLSCertFile/TLSKeyFile if the PACS asks for them)"
+            )
         query = asdict(source.query)
-        settings = {"calling_aet": source.calling_aet, "retrieve": source.retrieve_method, "move_port": source.move_port,
-                    "tls_ca": source.tls_ca_file or (options.ca_certs or ""), "tls_cert": source.tls_cert_file,
-                    "tls_key": source.tls_key_file, "jobs": options.jobs, "timeout": source.network_timeout}
-    argv: tuple[str, ...] = () if source.engine == "native" else (
-        "fw", "sync",
-        "--include", "dicom",
-        "--tmp-path", str(source.temp_directory),
-        "-y",
-        "--save-audit-logs", str(audit_csv),
-        *(a for a in options.args if a not in ("-y", "--yes")),  # clpipe always passes -y
-        str(source.url),
-        str(source.dropoff_directory),
+        settings = {
+            "calling_aet": source.calling_aet,
+            "retrieve": source.retrieve_method,
+            "move_port": source.move_port,
+            "tls_ca": source.tls_ca_file or (options.ca_certs or ""),
+            "tls_cert": source.tls_cert_file,
+            "tls_key": source.tls_key_file,
+            "jobs": options.jobs,
+            "timeout": source.network_timeout,
+        }
+    argv: tuple[str, ...] = (
+        ()
+        if source.engine == "native"
+        else (
+            "fw",
+            "sync",
+            "--include",
+            "dicom",
+            "--tmp-path",
+            str(source.temp_directory),
+            "-y",
+            "--save-audit-logs",
+            str(audit_csv),
+            *(a for a in options.args if a not in ("-y", "--yes")),  # clpipe always passes -y
+            str(source.url),
+            str(source.dropoff_directory),
+        )
     )
     return SyncPlan(
         run_id=run_id,

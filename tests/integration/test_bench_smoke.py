@@ -26,7 +26,10 @@ def test_benchmark_quick_mode_runs_every_peer(tmp_path):
     before = results.read_bytes() if results.exists() else None
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "flywheel_sync.py"), "--quick", "--fw", str(fw), "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ") and "|" in line[2:]}
@@ -40,7 +43,10 @@ def test_dicomweb_benchmark_quick_mode_runs_every_peer(tmp_path, dicom_env):
     before = results.read_bytes() if results.exists() else None
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "dicom_sources.py"), "--quick", "--only", "dicomweb", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, **dicom_env, PYTHONWARNINGS="ignore"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, **dicom_env, PYTHONWARNINGS="ignore"),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ") and "|" in line[2:]}
@@ -60,16 +66,34 @@ def test_reliability_quick_mode_prints_every_table_and_meets_the_done_criteria(t
     before = results.read_bytes() if results.exists() else None
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "reliability.py"), "--quick", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, **dicom_env, PYTHONWARNINGS="ignore"), check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, **dicom_env, PYTHONWARNINGS="ignore"),
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for section in ("Reference runs", "Kills", "Network faults", "Full disk", "Two runs on one dropoff", "Read-only dropoff",
-                    "Bad input", "Hostile and colliding names", "Secrets", "Totals"):
+    for section in (
+        "Reference runs",
+        "Kills",
+        "Network faults",
+        "Full disk",
+        "Two runs on one dropoff",
+        "Read-only dropoff",
+        "Bad input",
+        "Hostile and colliding names",
+        "Secrets",
+        "Totals",
+    ):
         assert f"\n## {section}" in out, f"no {section!r} table"
     assert "harness error" not in out and "not measured" not in out, out[-6000:]
-    totals = re.search(r"^TOTALS: corrupted files (\d+), silently lost files (\d+), internal errors (\d+), "
-                       r"leaked secrets (\d+)", out, re.MULTILINE)
+    totals = re.search(
+        r"^TOTALS: corrupted files (\d+), silently lost files (\d+), internal errors (\d+), "
+        r"leaked secrets (\d+)",
+        out,
+        re.MULTILINE,
+    )
     assert totals, out[-3000:]
-    assert [int(n) for n in totals.groups()] == [0, 0, 0, 0], out[out.find("## Totals"):]
+    assert [int(n) for n in totals.groups()] == [0, 0, 0, 0], out[out.find("## Totals") :]
     assert (results.read_bytes() if results.exists() else None) == before  # --quick never overwrites the saved table

@@ -35,7 +35,6 @@ SERVERS = ("orthanc", "dcmqrscp", "qrscp")
 # ------------------------------------------------------------------ the servers' environment
 
 
-
 @pytest.fixture(scope="module")
 def expected(dicom_expected) -> dict:
     return dicom_expected
@@ -66,11 +65,9 @@ def associate(target: Dimse, contexts, *, roles=(), handlers=()):
             ae.add_requested_context(*ctx)
         else:
             ae.add_requested_context(ctx)
-    assoc = ae.associate(target.host, target.port, ae_title=target.aet, ext_neg=list(roles),
-                         evt_handlers=list(handlers))
+    assoc = ae.associate(target.host, target.port, ae_title=target.aet, ext_neg=list(roles), evt_handlers=list(handlers))
     if not assoc.is_established:
-        pytest.fail(f"{target.aet}@{target.host}:{target.port} refused or did not answer an association "
-                    f"(is it running? `{START}`)")
+        pytest.fail(f"{target.aet}@{target.host}:{target.port} refused or did not answer an association (is it running? `{START}`)")
     return assoc
 
 
@@ -98,6 +95,7 @@ def by_uid(table: list[dict], key: str) -> dict[str, dict]:
 
 # ------------------------------------------------------------------ Orthanc: HTTP and DICOMweb
 
+
 def test_exports_point_at_the_data_set(dicom_env, expected):
     data = Path(dicom_env["CLPIPE_DICOM_DATA"])
     assert expected["format"] == dicomdata.FORMAT
@@ -117,7 +115,11 @@ def test_orthanc_rest_counts(dicom_env, expected):
     stats = r.json()
     c = expected["counts"]
     assert (stats["CountPatients"], stats["CountStudies"], stats["CountSeries"], stats["CountInstances"]) == (
-        c["patients"], c["studies"], c["series"], c["instances"])
+        c["patients"],
+        c["studies"],
+        c["series"],
+        c["instances"],
+    )
 
 
 def _first(tag: dict | None):
@@ -170,6 +172,7 @@ def test_orthanc_wado_rs_gives_the_multiframe_instance_as_stored(dicom_env, expe
 
 
 # ------------------------------------------------------------------ DIMSE: all three servers
+
 
 @pytest.mark.parametrize("server", SERVERS)
 def test_c_echo(dicom_env, server):
@@ -232,9 +235,12 @@ def test_c_get_series_from_orthanc(dicom_env, expected, odd):
         return 0x0000
 
     contexts = _get_contexts(expected)
-    assoc = associate(dimse(dicom_env, "orthanc"), [StudyRootQueryRetrieveInformationModelGet, *contexts],
-                      roles=[build_role(cls, scp_role=True) for cls in expected["sop_classes"]],
-                      handlers=[(evt.EVT_C_STORE, on_store)])
+    assoc = associate(
+        dimse(dicom_env, "orthanc"),
+        [StudyRootQueryRetrieveInformationModelGet, *contexts],
+        roles=[build_role(cls, scp_role=True) for cls in expected["sop_classes"]],
+        handlers=[(evt.EVT_C_STORE, on_store)],
+    )
     try:
         query = Dataset()
         query.QueryRetrieveLevel = "SERIES"
@@ -278,8 +284,7 @@ def test_c_move_to_the_clpipe_destination(dicom_env, expected, server):
     scp.acse_timeout = scp.dimse_timeout = scp.network_timeout = TIMEOUT
     for cls in expected["sop_classes"]:
         scp.add_supported_context(cls, expected["transfer_syntaxes"])
-    listener = scp.start_server(("127.0.0.1", int(dicom_env["CLPIPE_MOVE_PORT"])), block=False,
-                                evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    listener = scp.start_server(("127.0.0.1", int(dicom_env["CLPIPE_MOVE_PORT"])), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     finals = []
     try:
         assoc = associate(dimse(dicom_env, server), [StudyRootQueryRetrieveInformationModelMove])
@@ -305,14 +310,14 @@ def test_c_move_to_the_clpipe_destination(dicom_env, expected, server):
 
 # ------------------------------------------------------------------ the data set generator
 
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> dict:
     return dicomdata.make_dataset(tmp_path_factory.mktemp("small") / "data", rows=16, cols=16)
 
 
 def test_dataset_shape(small):
-    assert small["counts"] | {"bytes": 0} == {"patients": 3, "studies": 4, "series": 13, "instances": 139,
-                                              "frames": 146, "bytes": 0}
+    assert small["counts"] | {"bytes": 0} == {"patients": 3, "studies": 4, "series": 13, "instances": 139, "frames": 146, "bytes": 0}
     studies_per_patient = {p["PatientID"]: p["studies"] for p in small["patients"]}
     assert studies_per_patient == {"SUB01": 2, "SUB02": 1, "SUB 03/x": 1}
     assert all(s["instances"] >= 1 for s in small["series"])
@@ -338,8 +343,7 @@ def test_dataset_files_match_their_description(small):
         ds = pydicom.dcmread(io.BytesIO(blob))
         assert ds.file_meta.TransferSyntaxUID == rec["TransferSyntaxUID"]
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID == rec["SOPInstanceUID"]
-        for key in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID", "Modality", "AccessionNumber",
-                    "SOPClassUID"):
+        for key in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID", "Modality", "AccessionNumber", "SOPClassUID"):
             assert ds.get(key) == rec[key], key
         assert str(ds.PatientName) == rec["PatientName"]
         assert ds.get("StudyDate") == rec["StudyDate"]
@@ -380,11 +384,14 @@ def test_rle_series_decodes_to_12_bit_pixels(small):
     assert max(buf[1::2]) <= 0x0F and len(set(buf)) > 4  # 12 bits stored, and not blank
 
 
-@pytest.mark.parametrize("pixels", [
-    bytes(range(256)) * 2,                                           # literals only
-    b"\x00\x01" * 256,                                               # one long run per byte plane
-    bytes([7] * 300 + [1, 2] + [9] * 3 + list(range(100)) + [5] * 107),  # runs > 128, short runs
-])
+@pytest.mark.parametrize(
+    "pixels",
+    [
+        bytes(range(256)) * 2,  # literals only
+        b"\x00\x01" * 256,  # one long run per byte plane
+        bytes([7] * 300 + [1, 2] + [9] * 3 + list(range(100)) + [5] * 107),  # runs > 128, short runs
+    ],
+)
 def test_rle_encoder_round_trips(pixels):
     """The generator's own RLE encoder, decoded by pydicom's."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -445,8 +452,12 @@ def test_file_tree(tmp_path):
 
 
 def test_cli_writes_data_and_description(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "clpipe.testing.dicomdata", str(tmp_path / "out"), "--size", "8"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clpipe.testing.dicomdata", str(tmp_path / "out"), "--size", "8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     desc = json.loads((tmp_path / "out.expected.json").read_text(encoding="utf-8"))
     assert desc["counts"]["instances"] == 139 and "139 instances" in proc.stderr

@@ -48,8 +48,14 @@ CLPIPE = Path(sys.executable).parent / "clpipe"  # the installed command, not `p
 def clpipe(*args, timeout: float = TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
     if not CLPIPE.is_file():
         pytest.fail(f"the clpipe command is not installed at {CLPIPE}: `pip install -e .` in the venv")
-    return subprocess.run([str(CLPIPE), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})), stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [str(CLPIPE), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 # ----------------------------------------------------------------------------- the schemes
@@ -67,11 +73,12 @@ class Case:
 CASES = {
     "dicomweb-orthanc": Case("dicomweb+{CLPIPE_ORTHANC_DICOMWEB}", "orthanc-web", {"Query": QUERY}),
     "dimse-get-orthanc": Case("dimse://{CLPIPE_ORTHANC_DIMSE}", "orthanc-dimse", {"Query": QUERY}),
-    "dimse-get-dcmqrscp": Case("dimse://{CLPIPE_DCMQRSCP_DIMSE}", "converts", {}, ("-patient_id", "SUB*"),
-                               answers_description=False),
-    "dimse-move-orthanc": Case("dimse://{CLPIPE_ORTHANC_DIMSE}", "orthanc-dimse",
-                               {"Query": QUERY, "RetrieveMethod": "move", "CallingAET": "{MOVE_AET}",
-                                "MovePort": "{MOVE_PORT}"}),
+    "dimse-get-dcmqrscp": Case("dimse://{CLPIPE_DCMQRSCP_DIMSE}", "converts", {}, ("-patient_id", "SUB*"), answers_description=False),
+    "dimse-move-orthanc": Case(
+        "dimse://{CLPIPE_ORTHANC_DIMSE}",
+        "orthanc-dimse",
+        {"Query": QUERY, "RetrieveMethod": "move", "CallingAET": "{MOVE_AET}", "MovePort": "{MOVE_PORT}"},
+    ),
     "file-tree": Case("file://{TREE}", "tree"),
 }
 
@@ -127,10 +134,14 @@ def expected_layout(desc: dict, answers_description: bool = True) -> dict[str, d
     out = {}
     for rec in desc["instances"]:
         se, st = series[rec["SeriesInstanceUID"]], studies[rec["StudyInstanceUID"]]
-        attrs = {"PatientID": rec["PatientID"], "PatientName": rec["PatientName"], "StudyDate": st["StudyDate"] or "",
-                 "SeriesNumber": "" if se["SeriesNumber"] is None else str(se["SeriesNumber"]),
-                 "SeriesDescription": (se["SeriesDescription"] or "") if answers_description else "",
-                 "Modality": se["Modality"]}
+        attrs = {
+            "PatientID": rec["PatientID"],
+            "PatientName": rec["PatientName"],
+            "StudyDate": st["StudyDate"] or "",
+            "SeriesNumber": "" if se["SeriesNumber"] is None else str(se["SeriesNumber"]),
+            "SeriesDescription": (se["SeriesDescription"] or "") if answers_description else "",
+            "Modality": se["Modality"],
+        }
         out[f"{series_folder(DEFAULT_TEMPLATE, attrs)}/{rec['SOPInstanceUID']}.dcm"] = rec
     return out
 
@@ -138,10 +149,19 @@ def expected_layout(desc: dict, answers_description: bool = True) -> dict[str, d
 #: folders the default layout must make of the data set's odd series (spelled out here, not
 #: computed, so a change in the layout rules shows)
 ODD_FOLDERS = {
-    True: {"SUB01/20240115/001-T1w_MPRAGE", "SUB01/20240115/002-rs-fMRI_run_1", "SUB01/20240115/003-.._.._etc",
-           "SUB01/20240115/004-T2_RLE", "SUB01/nodate/NA-MR", "SUB01/nodate/002-DWI_b=1000_x",
-           "SUB02/20240220/001-sequence_localizer_e", "SUB02/20240220/002-T1w", "SUB02/20240220/003-T1w",
-           "SUB03x/20240305/001-Serie_1_a_b_c_d", "SUB03x/20240305/002-leading_spaces"},
+    True: {
+        "SUB01/20240115/001-T1w_MPRAGE",
+        "SUB01/20240115/002-rs-fMRI_run_1",
+        "SUB01/20240115/003-.._.._etc",
+        "SUB01/20240115/004-T2_RLE",
+        "SUB01/nodate/NA-MR",
+        "SUB01/nodate/002-DWI_b=1000_x",
+        "SUB02/20240220/001-sequence_localizer_e",
+        "SUB02/20240220/002-T1w",
+        "SUB02/20240220/003-T1w",
+        "SUB03x/20240305/001-Serie_1_a_b_c_d",
+        "SUB03x/20240305/002-leading_spaces",
+    },
     False: {"SUB01/20240115/004-MR", "SUB01/nodate/NA-MR", "SUB02/20240220/001-MR", "SUB03x/20240305/003-MR"},
 }
 
@@ -301,8 +321,7 @@ def batch_submit(config: Path, scheduler_name: str, env: dict | None = None) -> 
     return match.group(1)
 
 
-@pytest.mark.parametrize("scheduler, name", [("slurm", "dicomweb-orthanc"), ("sge", "dimse-get-orthanc")],
-                         indirect=["scheduler"])
+@pytest.mark.parametrize("scheduler, name", [("slurm", "dicomweb-orthanc"), ("sge", "dimse-get-orthanc")], indirect=["scheduler"])
 def test_submit_through_the_scheduler_completes_with_every_instance(scheduler, name, request, tmp_path, dicom_env):  # noqa: F811
     case = CASES[name]
     url, options, desc = resolve(case, request)
@@ -335,8 +354,7 @@ def test_a_dicomweb_login_reaches_the_batch_job_through_a_private_file(scheduler
     in the script, the submit command (no qsub -v, whose values `qstat -j` shows), the job
     record or the logs."""
     user, password = "clpipe-test-user", "s3cret-value-9f2c"
-    config = batch_project(tmp_path, f"dicomweb+{dicom_env['CLPIPE_ORTHANC_DICOMWEB']}",
-                           Query={"PatientID": "SUB01"})
+    config = batch_project(tmp_path, f"dicomweb+{dicom_env['CLPIPE_ORTHANC_DICOMWEB']}", Query={"PatientID": "SUB01"})
     env = {"CLPIPE_DICOMWEB_USER": user, "CLPIPE_DICOMWEB_PASSWORD": password}
     job_id = batch_submit(config, scheduler, env=env)
     logs = config.parent / "logs" / "sync_logs"
@@ -346,8 +364,7 @@ def test_a_dicomweb_login_reaches_the_batch_job_through_a_private_file(scheduler
     result = wait_for(scheduler, job_id)
     assert (result["state"], result["exit"]) == ("COMPLETED", 0), result["raw"]
     output = (logs / f"Output-dicom_sync-jobid-{job_id}.out").read_text()
-    assert ("credentials: the user name and password in CLPIPE_DICOMWEB_USER/CLPIPE_DICOMWEB_PASSWORD"
-            in output), output
+    assert "credentials: the user name and password in CLPIPE_DICOMWEB_USER/CLPIPE_DICOMWEB_PASSWORD" in output, output
     assert "CLPIPE_DICOMWEB_USER, CLPIPE_DICOMWEB_PASSWORD reach the job in a file only you can read" in script.read_text()
     assert not handoff.exists(), "the job did not delete its hand-off file"
     record = json.loads((logs / "dicom_sync-latest.job.json").read_text())
@@ -426,14 +443,16 @@ def test_busy_move_port_is_named_and_fails_the_run(dicom_env, tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        configure(config, f"dimse://{dicom_env['CLPIPE_ORTHANC_DIMSE']}", RetrieveMethod="move", MovePort=port,
-                  Query={"PatientID": "SUB02"})
+        configure(
+            config, f"dimse://{dicom_env['CLPIPE_ORTHANC_DIMSE']}", RetrieveMethod="move", MovePort=port, Query={"PatientID": "SUB02"}
+        )
         proc = clpipe("dicom", "sync", "-config_file", config, "-submit")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     failed = [line for line in out.splitlines() if line.startswith("[clpipe] FAILED ")]
-    assert len(failed) == 3 and all(f"cannot receive C-MOVE images on 127.0.0.1:{port}" in line and "MovePort" in line
-                                    for line in failed), out
+    assert len(failed) == 3 and all(
+        f"cannot receive C-MOVE images on 127.0.0.1:{port}" in line and "MovePort" in line for line in failed
+    ), out
     assert "Sync summary: 0 created, 0 updated, 0 skipped, 3 failed;" in out and "sync FAILED" in out
     assert "Traceback" not in out and "internal error" not in out
     assert not files_under(config.parent / "data_DICOMs")
@@ -456,8 +475,14 @@ def test_what_the_job_would_stop_on_is_found_before_it_is_queued(tmp_path):
 
 def test_dicomweb_login_set_twice_and_ca_certs_for_dimse_are_refused_at_submit(tmp_path, dicom_env):
     config = new_project(tmp_path, source_url=f"dicomweb+{dicom_env['CLPIPE_ORTHANC_DICOMWEB']}")
-    proc = clpipe("dicom", "sync", "-config_file", config, "-submit",
-                  env={"CLPIPE_DICOMWEB_TOKEN": "t", "CLPIPE_DICOMWEB_USER": "u", "CLPIPE_DICOMWEB_PASSWORD": "p"})
+    proc = clpipe(
+        "dicom",
+        "sync",
+        "-config_file",
+        config,
+        "-submit",
+        env={"CLPIPE_DICOMWEB_TOKEN": "t", "CLPIPE_DICOMWEB_USER": "u", "CLPIPE_DICOMWEB_PASSWORD": "p"},
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "set either CLPIPE_DICOMWEB_TOKEN (a Bearer token) or CLPIPE_DICOMWEB_USER and" in proc.stderr
     assert not list((config.parent / "data_DICOMs").rglob("*.dcm"))

@@ -30,9 +30,24 @@ def site(tmp_path_factory) -> Path:
     except ImportError as exc:
         pytest.fail(f"the docs extras are not installed ({exc}); run scripts/setup.sh (it installs .[test,docs])")
     proc = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "-d", str(out / "doctrees"),
-         str(ROOT / "docs"), str(out / "html")],
-        capture_output=True, text=True, timeout=BUILD_TIMEOUT, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            "-d",
+            str(out / "doctrees"),
+            str(ROOT / "docs"),
+            str(out / "html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, f"sphinx-build -W failed:\n{proc.stdout}\n{proc.stderr}"
     assert proc.stderr.strip() == "", proc.stderr  # -q: only warnings and errors would be printed
@@ -67,8 +82,22 @@ def visible_commands(group: click.Group, prefix: str = "clpipe"):
 
 def test_flywheel_sync_page_documents_every_option_of_the_command(site):
     documented = option_signatures(site / "flywheel-sync.html")
-    assert {"-config_file", "-c", "--config-file", "-submit", "-s", "--submit", "-engine", "--engine",
-            "-batch_config", "-after", "-source_url", "-dropoff_dir", "-temp_dir", "-debug"} <= documented
+    assert {
+        "-config_file",
+        "-c",
+        "--config-file",
+        "-submit",
+        "-s",
+        "--submit",
+        "-engine",
+        "--engine",
+        "-batch_config",
+        "-after",
+        "-source_url",
+        "-dropoff_dir",
+        "-temp_dir",
+        "-debug",
+    } <= documented
     assert option_names(flywheel_sync_cli) <= documented
     text = page_text(site / "flywheel-sync.html")
     assert ".. click::" not in text and ".. option::" not in text  # the directive ran as reST, not as text
@@ -94,8 +123,18 @@ def test_modulefile_and_project_setup_pages_document_their_options(site):
 
 def test_every_page_is_in_the_toctree_and_the_design_notes_are_kept(site):
     index = (site / "index.html").read_text(encoding="utf-8")
-    for page in ("install", "project-setup", "flywheel-sync", "engines", "other-sources", "batch",
-                 "troubleshooting", "cli", "cluster-module", "developer/sync-engine"):
+    for page in (
+        "install",
+        "project-setup",
+        "flywheel-sync",
+        "engines",
+        "other-sources",
+        "batch",
+        "troubleshooting",
+        "cli",
+        "cluster-module",
+        "developer/sync-engine",
+    ):
         assert (site / f"{page}.html").is_file(), page
         assert f'href="{page}.html"' in index, page
 
@@ -118,35 +157,47 @@ NOT_PRINTED = {
 # quotes are not escaped) and on the page; `{...}` names a value filled in at run time.
 EXTRA_PHRASES = {
     "sources/dimse/association.py": [
-        "the host name", "is not known; check the SourceURL",
+        "the host name",
+        "is not known; check the SourceURL",
         "check the host and port in the SourceURL and that the PACS is running",
         "check the host and port, and that a firewall lets this machine through",
-        "check the host, the port and the network", "no reason given",
+        "check the host, the port and the network",
+        "no reason given",
     ],
     "sources/dimse/pdu.py": [
-        "temporary congestion", "local limit exceeded", "application context not supported",
+        "temporary congestion",
+        "local limit exceeded",
+        "application context not supported",
         "protocol version not supported",
     ],
     "sources/dimse/source.py": [
         "and that a firewall lets it connect there",
         "the PACS may hold a SOP class or transfer syntax clpipe did not offer",
-        "instances arrived, ", "sub-operations failed; ",
+        "instances arrived, ",
+        "sub-operations failed; ",
     ],
     "sources/dicomweb.py": [
-        "connection refused", "unknown host name", "the token in", "no credentials",
-        "the user name and password in", "answered HTTP",
+        "connection refused",
+        "unknown host name",
+        "the token in",
+        "no credentials",
+        "the user name and password in",
+        "answered HTTP",
     ],
     "config/loader.py": [
         'is "move": set ',
         "to the port on which this machine receives the images (the PACS must know our AE title at that port)",
         "the fw-cli engine syncs only from Flywheel (fw://); remove ",
         'expected an object such as {{"PatientID": "SUBJ*"}}, found ',
-        "expected a whole number of studies (0: no limit)", "expected text (DICOM wildcards * and ? allowed)",
+        "expected a whole number of studies (0: no limit)",
+        "expected text (DICOM wildcards * and ? allowed)",
     ],
     "config/options.py": [  # the checks declared with each SourceOptions key
         "expected an AE title of 1-16 ASCII characters without a backslash",
         'expected "get" (C-GET) or "move" (C-MOVE, which needs MovePort)',
-        "expected a TCP port number (1-65535), or 0 for none", "no such file", "expected a file path as text",
+        "expected a TCP port number (1-65535), or 0 for none",
+        "no such file",
+        "expected a file path as text",
     ],
     "layout.py": ["uses no field, so every series would land in one folder; use e.g. {{subject}}/{{session}}/{{series}}"],
     "plan.py": [
@@ -154,36 +205,54 @@ EXTRA_PHRASES = {
         "-l/--list-only, -v, --delete, --quiet, --debug, -y and --ca-certs; filter with the Query block instead",
     ],
     "cli/__init__.py": [
-        "flywheel_sync syncs Flywheel projects (fw://group/project/); use `clpipe dicom sync` for DICOMweb, "
-        "DIMSE and file:// sources",
+        "flywheel_sync syncs Flywheel projects (fw://group/project/); use `clpipe dicom sync` for DICOMweb, DIMSE and file:// sources",
         "the query flags (-patient_id, -study_date, ...) are for DICOM sources; filter a Flywheel project with "
         "CommandLineOpts (e.g. --include-container-tags)",
     ],
     "sync/engine.py": [
-        "of the series' ", "the series has no instances to retrieve",
+        "of the series' ",
+        "the series has no instances to retrieve",
         "--delete: the source listed nothing, so all ",
         "files synced before would be removed; nothing was deleted (check the source, e.g. that its share is mounted)",
-        "still to sync", "the journal of this run (the dropoff's .clpipe-sync folder)", "set DropoffDirectory elsewhere", "set TempDirectory elsewhere",
+        "still to sync",
+        "the journal of this run (the dropoff's .clpipe-sync folder)",
+        "set DropoffDirectory elsewhere",
+        "set TempDirectory elsewhere",
         # local names (issue 11)
         "renamed: their names collided with another's or were not portable (see 'Local names' in docs/engines.md)",
-        "files synced under earlier names ", "renamed in place (nothing downloaded)",
+        "files synced under earlier names ",
+        "renamed in place (nothing downloaded)",
     ],
     "sync/reports.py": ["the audit log ", " and the summary "],
     # a full disk, in any step (issue 11): the one line and its parts
     "errors.py": ["no space left", "disk quota exceeded", "then run again: finished files are kept", "free space", "needed for "],
-    "engines/native.py": ["this sync's bookkeeping (the dropoff's .clpipe-sync folder)",
-                    "the manifest of the synced files (the dropoff's .clpipe-sync folder)", "the sync's lock"],
-    "batch/local.py": ["the rest of this run's log", "misses the end of this run's output", "the console has it all",
-                       "the run goes on without it", "the clpipe installation was probably moved or removed: install it again"],
+    "engines/native.py": [
+        "this sync's bookkeeping (the dropoff's .clpipe-sync folder)",
+        "the manifest of the synced files (the dropoff's .clpipe-sync folder)",
+        "the sync's lock",
+    ],
+    "batch/local.py": [
+        "the rest of this run's log",
+        "misses the end of this run's output",
+        "the console has it all",
+        "the run goes on without it",
+        "the clpipe installation was probably moved or removed: install it again",
+    ],
 }
 
 
 def _shared_tuples(trees: list[ast.Module]) -> dict[str, ast.Tuple]:
     """Module-level tuples of constants (``DICOMWEB_CREDENTIALS = ("...", ...)``), by name,
     for modules that unpack one imported from another."""
-    return {node.targets[0].id: node.value for tree in trees for node in tree.body
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-            and isinstance(node.value, ast.Tuple)}
+    return {
+        node.targets[0].id: node.value
+        for tree in trees
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name)
+        and isinstance(node.value, ast.Tuple)
+    }
 
 
 def _module_words(tree: ast.Module, shared: dict[str, ast.Tuple] | None = None) -> dict[str, str]:
@@ -198,11 +267,19 @@ def _module_words(tree: ast.Module, shared: dict[str, ast.Tuple] | None = None) 
         target, value = node.targets[0], node.value
         if isinstance(value, ast.Name) and value.id in (shared or {}):
             value = shared[value.id]
-        pairs = (zip(target.elts, value.elts, strict=False) if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
-                 else [(target, value)])
+        pairs = (
+            zip(target.elts, value.elts, strict=False)
+            if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
+            else [(target, value)]
+        )
         for name, item in pairs:
-            if (isinstance(name, ast.Name) and isinstance(item, ast.Constant) and isinstance(item.value, str)
-                    and item.value and " " not in item.value):
+            if (
+                isinstance(name, ast.Name)
+                and isinstance(item, ast.Constant)
+                and isinstance(item.value, str)
+                and item.value
+                and " " not in item.value
+            ):
                 known[name.id] = item.value
     return known
 
@@ -252,16 +329,20 @@ def source_messages() -> dict[str, list[list[str]]]:
     ConfigError/PreflightError/PermanentError/TransientError(...) (raised or returned) and
     of every note appended to a note list."""
     found: dict[str, list[list[str]]] = {}
-    trees = {path: ast.parse(path.read_text(encoding="utf-8"))
-             for path in sorted([*SOURCES.glob("*.py"), *SOURCES.glob("*/*.py")])}
+    trees = {path: ast.parse(path.read_text(encoding="utf-8")) for path in sorted([*SOURCES.glob("*.py"), *SOURCES.glob("*/*.py")])}
     shared = _shared_tuples(list(trees.values()))
     for path, tree in trees.items():
         known = _module_words(tree, shared)
         messages: list[list[str]] = []
         for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
-            local = {n.targets[0].id: n.value for n in ast.walk(function)
-                     if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
-                     and isinstance(n.value, (ast.JoinedStr, ast.Constant))}
+            local = {
+                n.targets[0].id: n.value
+                for n in ast.walk(function)
+                if isinstance(n, ast.Assign)
+                and len(n.targets) == 1
+                and isinstance(n.targets[0], ast.Name)
+                and isinstance(n.value, (ast.JoinedStr, ast.Constant))
+            }
             for call in ast.walk(function):
                 if not (isinstance(call, ast.Call) and call.args):
                     continue
@@ -290,12 +371,12 @@ def test_troubleshooting_lists_every_message_of_the_sources():
     # the extraction itself works: many messages from every source, read whole where
     # they are built from constants and from local variables
     assert sum(len(m) for m in found.values()) > 100, found
-    for name in ("dicom.py", "dicomweb.py", "dimse/association.py", "dimse/source.py", "dimse/wire.py", "localdir.py",
-                 "flywheel.py"):
+    for name in ("dicom.py", "dicomweb.py", "dimse/association.py", "dimse/source.py", "dimse/wire.py", "localdir.py", "flywheel.py"):
         assert len(found[name]) >= 5, (name, found[name])
     flat = {p for messages in found.values() for m in messages for p in m}
-    assert ("set either CLPIPE_DICOMWEB_TOKEN (a Bearer token) or CLPIPE_DICOMWEB_USER and "
-            "CLPIPE_DICOMWEB_PASSWORD, not both") in flat  # module constants read through
+    assert (
+        "set either CLPIPE_DICOMWEB_TOKEN (a Bearer token) or CLPIPE_DICOMWEB_USER and CLPIPE_DICOMWEB_PASSWORD, not both"
+    ) in flat  # module constants read through
     assert "the DICOMweb server at" in flat and "series gone (deleted from the server since it was listed?" in flat
     assert "skipped" not in flat and "clpipe dropoff folders inside the source (e.g" in flat  # notes, split at counts
     missing, unused = [], dict(NOT_PRINTED)
@@ -326,8 +407,13 @@ def test_troubleshooting_lists_the_dicom_messages_of_config_cli_and_engine():
 
 def test_the_dicom_troubleshooting_sections_are_on_the_built_page(site):
     text = page_text(site / "troubleshooting.html")
-    for heading in ("DICOM sources (clpipe dicom sync)", "DICOM sources (PACS, DICOMweb, folders)", "PACS (dimse://)",
-                    "Folders (file://)", "Notes after a DICOM sync"):
+    for heading in (
+        "DICOM sources (clpipe dicom sync)",
+        "DICOM sources (PACS, DICOMweb, folders)",
+        "PACS (dimse://)",
+        "Folders (file://)",
+        "Notes after a DICOM sync",
+    ):
         assert heading in text, heading
     assert 'href="#dicom-sources-clpipe-dicom-sync"' in (site / "troubleshooting.html").read_text(encoding="utf-8")
 
@@ -339,7 +425,8 @@ def test_the_dicom_troubleshooting_sections_are_on_the_built_page(site):
 
 DOCS = ROOT / "docs"
 GENERATED_TABLE = re.compile(
-    r"<!-- generated: python -m clpipe\.config\.options (\w+) [^>]*-->\n(.*?)<!-- end of the generated table -->", re.DOTALL)
+    r"<!-- generated: python -m clpipe\.config\.options (\w+) [^>]*-->\n(.*?)<!-- end of the generated table -->", re.DOTALL
+)
 
 
 def _definition_terms(text: str) -> list[tuple[str, str]]:
@@ -349,7 +436,7 @@ def _definition_terms(text: str) -> list[tuple[str, str]]:
     for i, line in enumerate(lines[:-1]):
         if line.strip() and lines[i + 1].startswith(": "):
             body = [lines[i + 1][2:]]
-            for more in lines[i + 2:]:
+            for more in lines[i + 2 :]:
                 if not more.startswith("  "):
                     break
                 body.append(more.strip())
@@ -366,7 +453,8 @@ def test_the_option_tables_in_the_docs_are_generated_from_the_declarations():
             found[which] = page.name
             assert table == markdown_table(which), (
                 f"docs/{page.name}: the {which} table is not what src/clpipe/config/options.py declares; replace it "
-                f"with the output of `python -m clpipe.config.options {which}`")
+                f"with the output of `python -m clpipe.config.options {which}`"
+            )
     assert found == {"source": "flywheel-sync.md", "query": "other-sources.md"}
     # one row per declared key, in both spellings
     for which, options in (("source", SOURCE_OPTIONS), ("query", QUERY_OPTIONS)):
@@ -398,8 +486,11 @@ def test_the_prose_names_every_declared_key_with_its_spelling_and_default():
                 expected = DEFAULT_TEMPLATE if (option.snake, name) == ("layout_template", "other-sources.md") else str(option.default)
                 if shown != expected:
                     problems.append(f"docs/{name}: {keys[0]} defaults to {expected!r}, not {shown!r}")
-    problems += [f"{o.legacy} is not explained in docs/flywheel-sync.md or docs/other-sources.md"
-                 for o in SOURCE_OPTIONS if o.legacy not in explained]
+    problems += [
+        f"{o.legacy} is not explained in docs/flywheel-sync.md or docs/other-sources.md"
+        for o in SOURCE_OPTIONS
+        if o.legacy not in explained
+    ]
     for term, _ in _definition_terms((DOCS / "troubleshooting.md").read_text(encoding="utf-8")):
         named = re.match(r"((?:`[A-Z][A-Za-z]+`(?:, )?)+): `", term)
         for key in re.findall(r"`([A-Za-z]+)`", named.group(1)) if named else []:
@@ -420,10 +511,14 @@ def test_the_prose_names_every_declared_key_with_its_spelling_and_default():
 def test_the_flags_that_override_a_key_say_which_and_name_only_declared_keys():
     from clpipe.config.options import QUERY_OPTIONS, SOURCE_OPTIONS, TOP_KEYS
 
-    keys = ({o.legacy for o in SOURCE_OPTIONS} | {f"Query.{o.legacy}" for o in QUERY_OPTIONS}
-            | {legacy for legacy, _ in TOP_KEYS.values()})
-    options = [(path, p) for path, command in visible_commands(cli) if path.startswith("clpipe dicom ")
-               for p in command.params if isinstance(p, click.Option) and not p.hidden]
+    keys = {o.legacy for o in SOURCE_OPTIONS} | {f"Query.{o.legacy}" for o in QUERY_OPTIONS} | {legacy for legacy, _ in TOP_KEYS.values()}
+    options = [
+        (path, p)
+        for path, command in visible_commands(cli)
+        if path.startswith("clpipe dicom ")
+        for p in command.params
+        if isinstance(p, click.Option) and not p.hidden
+    ]
     problems = []
     for path, option in options:
         for key in re.findall(r"overrides ([A-Za-z.]+)", option.help or ""):
@@ -434,6 +529,9 @@ def test_the_flags_that_override_a_key_say_which_and_name_only_declared_keys():
         flags = [(path, o) for path, o in options if declared.flag in o.opts]
         if not flags:
             problems.append(f"{declared.flag} ({key}) is on no command")
-        problems += [f"{path} {declared.flag}: its help does not say it overrides {key}"
-                     for path, o in flags if f"overrides {key})" not in (o.help or "") and f"overrides {key}." not in (o.help or "")]
+        problems += [
+            f"{path} {declared.flag}: its help does not say it overrides {key}"
+            for path, o in flags
+            if f"overrides {key})" not in (o.help or "") and f"overrides {key}." not in (o.help or "")
+        ]
     assert not problems, "\n".join(problems)

@@ -24,9 +24,11 @@ from helpers import KEY, SUMMARY_RE, Env, file_gets, files_under, login, need_to
 pytestmark = pytest.mark.fw
 
 MOUNT_TIMEOUT = 30
-FULL_RE = re.compile(r"^clpipe: error: no space left on (?P<folder>\S+) \((?P<free>[\d.]+ [KMG]?B) free; "
-                     r"about (?P<needed>[\d.]+ [KMG]?B)(?P<more> more)? needed for (?P<what>[^)]+)\); "
-                     r"free space (or set (?P<key>\w+) elsewhere|there), then run again: finished files are kept$")
+FULL_RE = re.compile(
+    r"^clpipe: error: no space left on (?P<folder>\S+) \((?P<free>[\d.]+ [KMG]?B) free; "
+    r"about (?P<needed>[\d.]+ [KMG]?B)(?P<more> more)? needed for (?P<what>[^)]+)\); "
+    r"free space (or set (?P<key>\w+) elsewhere|there), then run again: finished files are kept$"
+)
 DICOMWEB_PASSWORD = "dw-pass-7Qx2"
 
 
@@ -40,8 +42,7 @@ def small_disk():
         if os.geteuid() != 0:
             pytest.fail("the full-disk tests mount small tmpfs filesystems: run them as root (scripts/test.sh does in CI)")
         folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
-                       check=True, timeout=MOUNT_TIMEOUT)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)], check=True, timeout=MOUNT_TIMEOUT)
         mounted.append(folder)
         return folder
 
@@ -161,8 +162,7 @@ def test_a_full_log_folder_is_one_line_and_leaves_no_half_report(nenv, server, d
     config = new_project(tmp_path / "p")
     logs = small_disk(config.parent / "logs" / "sync_logs", "100k")
     filler = logs / "filler"
-    pages = int(subprocess.run(["df", "--output=size", "-B4096", str(logs)], capture_output=True, text=True,
-                               check=True).stdout.split()[-1])
+    pages = int(subprocess.run(["df", "--output=size", "-B4096", str(logs)], capture_output=True, text=True, check=True).stdout.split()[-1])
     filler.write_bytes(b"x" * 4096 * (pages - free_pages))
     code, out, err, _ = run(nenv, config)
     assert code == 1, out + err
@@ -213,17 +213,21 @@ def test_debug_reaches_the_job_that_runs_the_sync(nenv, server, tmp_path):
 # ----------------------------------------------------------------------------- 6: secrets
 
 
-@pytest.mark.parametrize("where, url", [
-    ("config", f"dicomweb+http://alice:{DICOMWEB_PASSWORD}@127.0.0.1:8042/dicom-web"),
-    ("flag", f"dicomweb+http://alice:{DICOMWEB_PASSWORD}@127.0.0.1:notaport/dicom-web"),
-    ("flag", f"https://alice:{DICOMWEB_PASSWORD}@127.0.0.1/dicom-web"),
-    ("config", f"dicomweb+http://alice:{DICOMWEB_PASSWORD[:4]}/{DICOMWEB_PASSWORD[4:]}@127.0.0.1/dicom-web"),
-])
+@pytest.mark.parametrize(
+    "where, url",
+    [
+        ("config", f"dicomweb+http://alice:{DICOMWEB_PASSWORD}@127.0.0.1:8042/dicom-web"),
+        ("flag", f"dicomweb+http://alice:{DICOMWEB_PASSWORD}@127.0.0.1:notaport/dicom-web"),
+        ("flag", f"https://alice:{DICOMWEB_PASSWORD}@127.0.0.1/dicom-web"),
+        ("config", f"dicomweb+http://alice:{DICOMWEB_PASSWORD[:4]}/{DICOMWEB_PASSWORD[4:]}@127.0.0.1/dicom-web"),
+    ],
+)
 def test_a_password_in_the_source_url_is_refused_and_never_shown(tmp_path, where, url):
     config = new_project(tmp_path / "p", **({"SourceURL": url} if where == "config" else {}))
     extra = ["-source_url", url] if where == "flag" else []
-    proc = subprocess.run([sys.executable, "-m", "clpipe", "dicom", "sync", "-c", str(config), *extra],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clpipe", "dicom", "sync", "-c", str(config), *extra], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert DICOMWEB_PASSWORD not in proc.stdout + proc.stderr and DICOMWEB_PASSWORD[4:] not in proc.stderr
     assert "alice:***@" in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
@@ -250,21 +254,42 @@ def test_no_child_gets_a_login_it_does_not_need(nenv, server, demo_project, tmp_
     nenv.vars.update(FLYWHEEL_API_KEY=api_key, CLPIPE_DICOMWEB_PASSWORD=DICOMWEB_PASSWORD)
     config = new_project(tmp_path / "p")
     trace = tmp_path / "execve.txt"
-    proc = nenv.run(strace, "-f", "-v", "-s", "65536", "-e", "trace=execve", "-o", trace,
-                    sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", config, "-submit", timeout=300)
+    proc = nenv.run(
+        strace,
+        "-f",
+        "-v",
+        "-s",
+        "65536",
+        "-e",
+        "trace=execve",
+        "-o",
+        trace,
+        sys.executable,
+        "-m",
+        "clpipe",
+        "dicom",
+        "flywheel_sync",
+        "-c",
+        config,
+        "-submit",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     execs = traced_execs(trace)[1:]  # the first is the command itself, started by this test with everything
     assert len(execs) == 1 and "_run_plan" in execs[0][1], [program for program, _ in execs]
-    (_, job), = execs
+    ((_, job),) = execs
     assert f"FLYWHEEL_API_KEY={api_key}" in job and DICOMWEB_PASSWORD not in job
     assert landed(config.parent / "data_DICOMs") == demo_project.expected_dicom_paths(strip_root=True)
     assert "sync complete" in the_log(config) and api_key not in the_log(config)
 
 
-@pytest.mark.parametrize("url, handed", [
-    ("dicomweb+http://127.0.0.1:9/dicom-web", ("CLPIPE_DICOMWEB_USER", "CLPIPE_DICOMWEB_PASSWORD")),
-    ("fw://lab/study/", ("FLYWHEEL_API_KEY",)),
-])
+@pytest.mark.parametrize(
+    "url, handed",
+    [
+        ("dicomweb+http://127.0.0.1:9/dicom-web", ("CLPIPE_DICOMWEB_USER", "CLPIPE_DICOMWEB_PASSWORD")),
+        ("fw://lab/study/", ("FLYWHEEL_API_KEY",)),
+    ],
+)
 def test_the_batch_submit_command_gets_no_login(nenv, tmp_path, url, handed):
     """The submit command (sbatch copies its environment into the job, where the scheduler
     keeps it) runs without any login variable; the job gets the logins its source needs,
@@ -277,8 +302,11 @@ def test_the_batch_submit_command_gets_no_login(nenv, tmp_path, url, handed):
     batch = tmp_path / "batch.json"
     batch.write_text(json.dumps({"SubmissionHead": str(submit), "MemoryCommand": "", "TimeCommandActive": False}))
     config = new_project(tmp_path / "p", SourceURL=url)
-    logins = {"CLPIPE_DICOMWEB_USER": "alice", "CLPIPE_DICOMWEB_PASSWORD": DICOMWEB_PASSWORD,
-              "FLYWHEEL_API_KEY": "site.example:k3y-not-for-the-submitter"}
+    logins = {
+        "CLPIPE_DICOMWEB_USER": "alice",
+        "CLPIPE_DICOMWEB_PASSWORD": DICOMWEB_PASSWORD,
+        "FLYWHEEL_API_KEY": "site.example:k3y-not-for-the-submitter",
+    }
     nenv.vars.update(logins)
     proc = nenv.clpipe("dicom", "sync", "-c", config, "-batch_config", batch, "-submit", timeout=60)
     assert proc.returncode == 0 and "Submitted batch job 4242" in proc.stdout, proc.stdout + proc.stderr
@@ -300,8 +328,26 @@ def test_fw_gets_no_login_variable(fw_env, server, tmp_path):
     fw_env.vars.update(FLYWHEEL_API_KEY=server.login_key(KEY), CLPIPE_DICOMWEB_PASSWORD=DICOMWEB_PASSWORD)
     config = new_project(tmp_path / "p", Engine="fw-cli")
     trace = tmp_path / "execve.txt"
-    proc = fw_env.run(strace, "-f", "-v", "-s", "65536", "-e", "trace=execve", "-o", trace,
-                      sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", config, "-submit", timeout=300)
+    proc = fw_env.run(
+        strace,
+        "-f",
+        "-v",
+        "-s",
+        "65536",
+        "-e",
+        "trace=execve",
+        "-o",
+        trace,
+        sys.executable,
+        "-m",
+        "clpipe",
+        "dicom",
+        "flywheel_sync",
+        "-c",
+        config,
+        "-submit",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     fws = [line for program, line in traced_execs(trace) if '"sync", "--include"' in line]
     assert fws, "fw sync was not traced"
@@ -312,19 +358,26 @@ def test_fw_gets_no_login_variable(fw_env, server, tmp_path):
 # ----------------------------------------------------------------------------- 7: dates
 
 
-@pytest.mark.parametrize("value, flag, key", [
-    ("20241345", False, "SourceOptions.Query.StudyDate"),
-    ("20240230-", False, "SourceOptions.Query.StudyDate"),
-    ("-20230229", False, "SourceOptions.Query.StudyDate"),
-    ("2024/13/45", True, "-study_date"),
-    ("20240101-20240931", True, "-study_date"),
-])
+@pytest.mark.parametrize(
+    "value, flag, key",
+    [
+        ("20241345", False, "SourceOptions.Query.StudyDate"),
+        ("20240230-", False, "SourceOptions.Query.StudyDate"),
+        ("-20230229", False, "SourceOptions.Query.StudyDate"),
+        ("2024/13/45", True, "-study_date"),
+        ("20240101-20240931", True, "-study_date"),
+    ],
+)
 def test_an_impossible_date_is_refused_naming_the_key(tmp_path, value, flag, key):
     source = tmp_path / "export"
     source.mkdir()
     config = new_project(tmp_path / "p", SourceURL=f"file://{source}", **({} if flag else {"Query": {"StudyDate": value}}))
-    proc = subprocess.run([sys.executable, "-m", "clpipe", "dicom", "sync", "-c", str(config),
-                           *(["-study_date", value] if flag else [])], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clpipe", "dicom", "sync", "-c", str(config), *(["-study_date", value] if flag else [])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     (line,) = proc.stderr.splitlines()
     assert line.startswith("clpipe: error: ") and key in line and "is not a day of the calendar" in line, line
@@ -334,8 +387,12 @@ def test_real_dates_including_a_leap_day_are_accepted(tmp_path):
     source = tmp_path / "export"
     source.mkdir()
     config = new_project(tmp_path / "p", SourceURL=f"file://{source}", Query={"StudyDate": "20240229-20241231"})
-    proc = subprocess.run([sys.executable, "-m", "clpipe", "dicom", "sync", "-c", str(config), "-study_date", "-20000229"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clpipe", "dicom", "sync", "-c", str(config), "-study_date", "-20000229"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and "study_date='-20000229'" in proc.stdout, proc.stdout + proc.stderr
 
 

@@ -95,8 +95,14 @@ def test_changed_file_is_updated(fw_env, server, demo_project, tmp_path):
     project = tmp_path / "proj"
     config = new_project(project)
     assert sync(fw_env, config)[0] == 0
-    single = next(f for s in demo_project.subjects for ss in s.sessions for a in ss.acquisitions for f in a.files
-                  if f.type == "dicom" and not f.name.endswith(".zip"))
+    single = next(
+        f
+        for s in demo_project.subjects
+        for ss in s.sessions
+        for a in ss.acquisitions
+        for f in a.files
+        if f.type == "dicom" and not f.name.endswith(".zip")
+    )
     single.replace_content(single.content + b"\0" * 128)  # a re-upload: new bytes, version, time
     code, out = sync(fw_env, config)
     assert code == 0, out
@@ -107,8 +113,14 @@ def test_changed_file_is_updated(fw_env, server, demo_project, tmp_path):
 @pytest.mark.fwcli
 def test_one_file_404_fails_although_fw_exits_0(fw_env, server, demo_project, tmp_path):
     fw_env.fw_login(server.login_key(KEY))
-    single = next(f for s in demo_project.subjects for ss in s.sessions for a in ss.acquisitions for f in a.files
-                  if f.type == "dicom" and not f.name.endswith(".zip"))
+    single = next(
+        f
+        for s in demo_project.subjects
+        for ss in s.sessions
+        for a in ss.acquisitions
+        for f in a.files
+        if f.type == "dicom" and not f.name.endswith(".zip")
+    )
     server.add_fault(re.escape("/files/" + single.name) + "$", "status", status=404)
     project = tmp_path / "proj"
     config = new_project(project)
@@ -174,11 +186,30 @@ def test_api_key_never_leaves_the_login_file(fw_env, server, tmp_path):
     project = tmp_path / "proj"
     config = new_project(project)
     trace = tmp_path / "execve.txt"
-    proc = fw_env.run(strace, "-f", "-v", "-s", "65536", "-e", "trace=execve", "-o", trace,
-                      sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", config, "-submit", "--debug", timeout=300)
+    proc = fw_env.run(
+        strace,
+        "-f",
+        "-v",
+        "-s",
+        "65536",
+        "-e",
+        "trace=execve",
+        "-o",
+        trace,
+        sys.executable,
+        "-m",
+        "clpipe",
+        "dicom",
+        "flywheel_sync",
+        "-c",
+        config,
+        "-submit",
+        "--debug",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     execs = [line for line in trace.read_text().splitlines() if "execve(" in line]
-    assert any('"fw", "sync"' in line or "/fw\", \"sync\"" in line for line in execs), "fw sync was not traced"
+    assert any('"fw", "sync"' in line or '/fw", "sync"' in line for line in execs), "fw sync was not traced"
     assert len(execs) > 3
     assert not [line for line in execs if KEY in line]
     assert KEY not in proc.stdout + proc.stderr
@@ -230,8 +261,13 @@ def test_readme_demo_command(tmp_path):
     """The README's first command: a real sync from the bundled server with the real fw."""
     need_tool(FW_NEW, "flywheel-cli 18.5.1 (the demo's setup installs it)")
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([str(root / "scripts" / "demo.sh")], env=dict(os.environ, DEMO_DIR=str(tmp_path / "demo")),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [str(root / "scripts" / "demo.sh")],
+        env=dict(os.environ, DEMO_DIR=str(tmp_path / "demo")),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sync complete: every listed file is in the dropoff" in proc.stdout
     assert "Sync summary: 14 created, 0 updated, 0 skipped, 0 failed" in proc.stdout

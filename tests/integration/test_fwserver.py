@@ -61,8 +61,7 @@ def srv(project):
 
 @pytest.fixture
 def api(srv):
-    with httpx.Client(base_url=srv.base_url + "/api", timeout=TIMEOUT,
-                      headers={"Authorization": f"scitran-user {KEY}"}) as client:
+    with httpx.Client(base_url=srv.base_url + "/api", timeout=TIMEOUT, headers={"Authorization": f"scitran-user {KEY}"}) as client:
         yield client
 
 
@@ -86,8 +85,7 @@ def zip_file(project: Project) -> tuple[Acquisition, FwFile]:
 
 def test_demo_project_is_deterministic_real_dicom(demo):
     again = make_demo_project(subjects=2, sessions=1, acquisitions=2, slices=3)
-    assert [(f.name, f.content) for _, f in again.iter_files()] == \
-        [(f.name, f.content) for _, f in demo.iter_files()]
+    assert [(f.name, f.content) for _, f in again.iter_files()] == [(f.name, f.content) for _, f in demo.iter_files()]
     other = make_demo_project(subjects=2, sessions=1, acquisitions=2, slices=3, seed=1)
     assert other.expected_dicom_paths(strip_root=True).keys() != demo.expected_dicom_paths(True).keys()
 
@@ -117,8 +115,7 @@ def test_demo_project_is_deterministic_real_dicom(demo):
 
 
 def test_demo_project_options():
-    p = make_demo_project(subjects=1, sessions=2, acquisitions=3, slices=2,
-                          single_dicoms=False, non_dicom=False)
+    p = make_demo_project(subjects=1, sessions=2, acquisitions=3, slices=2, single_dicoms=False, non_dicom=False)
     assert [s.label for s in p.subjects[0].sessions] == ["ses-01", "ses-02"]
     files = [f for _, f in p.iter_files()]
     assert len(files) == 6 and all(f.type == "dicom" and f.name.endswith(".dicom.zip") for f in files)
@@ -134,8 +131,7 @@ def test_expected_paths(demo):
     assert len(stripped) == 2 * (2 * 3 + 1)  # subjects * (acquisitions * slices + localizer)
     assert {"study/" + k: v for k, v in stripped.items()} == rooted
     acq, zf = zip_file(demo)
-    folder = ("SUBJECTS/sub-01/SESSIONS/ses-01/ACQUISITIONS/T1w/FILES/"
-              + zf.name[: -len(".dicom.zip")])
+    folder = "SUBJECTS/sub-01/SESSIONS/ses-01/ACQUISITIONS/T1w/FILES/" + zf.name[: -len(".dicom.zip")]
     with zipfile.ZipFile(io.BytesIO(zf.content)) as z:
         assert stripped[f"{folder}/IM0002.dcm"] == z.read(f"{zf.name[:-10]}/IM0002.dcm")
     packed = demo.expected_dicom_paths(strip_root=True, unpack=False)
@@ -157,14 +153,17 @@ def test_ids_unique_ordered_and_assigned_to_new_containers(srv, api, project):
 
 
 def test_hand_built_project_next_to_demo(project):
-    mine = Project("other", "pilot", [Subject("s1", [Session("baseline", [
-        Acquisition("scan", [FwFile("a.dcm", b"A" * 10), FwFile("notes.txt", b"hi", "text")])])])])
+    mine = Project(
+        "other",
+        "pilot",
+        [Subject("s1", [Session("baseline", [Acquisition("scan", [FwFile("a.dcm", b"A" * 10), FwFile("notes.txt", b"hi", "text")])])])],
+    )
     assert {n.obj.id for n in mine.walk()}.isdisjoint({n.obj.id for n in project.walk()})
-    assert mine.expected_dicom_paths(strip_root=False) == {
-        "pilot/SUBJECTS/s1/SESSIONS/baseline/ACQUISITIONS/scan/FILES/a.dcm": b"A" * 10}
-    with FlywheelTestServer([project, mine], api_keys={KEY}) as srv, \
-            httpx.Client(base_url=srv.base_url + "/api", timeout=TIMEOUT,
-                         headers={"Authorization": f"scitran-user {KEY}"}) as api:
+    assert mine.expected_dicom_paths(strip_root=False) == {"pilot/SUBJECTS/s1/SESSIONS/baseline/ACQUISITIONS/scan/FILES/a.dcm": b"A" * 10}
+    with (
+        FlywheelTestServer([project, mine], api_keys={KEY}) as srv,
+        httpx.Client(base_url=srv.base_url + "/api", timeout=TIMEOUT, headers={"Authorization": f"scitran-user {KEY}"}) as api,
+    ):
         found = api.post("/lookup", json={"path": ["other", "pilot"]}).json()
         assert found["_id"] == mine.id and srv.project("pilot", group="other") is mine
         listed = api.get("/projects").json()
@@ -189,8 +188,7 @@ def test_auth(srv, api):
     # Keys can be revoked while running.
     srv.api_keys.discard(KEY)
     assert api.get("/auth/status").status_code == 401
-    assert [r["auth_ok"] for r in srv.requests if r["path"] == "/api/auth/status"] == \
-        [False, False, True, False]
+    assert [r["auth_ok"] for r in srv.requests if r["path"] == "/api/auth/status"] == [False, False, True, False]
     assert KEY not in repr(srv.requests)
 
 
@@ -288,19 +286,16 @@ def test_download_targets_filters(api, project):
     both = targets(api, [{"types": {"+": ["dicom", "qa"]}}, {"types": {"-": ["qa"]}}])
     assert {t["filetype"] for t in both} == {"dicom"}
     # Tag filters are accepted (and ignored).
-    tagged = targets(api, [{"types": {"+": ["dicom"]}}],
-                     container_filters=[{"tags": {"plus": ["x"]}, "type": "subject"}])
+    tagged = targets(api, [{"types": {"+": ["dicom"]}}], container_filters=[{"tags": {"plus": ["x"]}, "type": "subject"}])
     assert len(tagged) == len(dicom)
     unknown = api.post("/download/targets", json={"nodes": [{"level": "project", "_id": "0" * 24}]})
     assert unknown.status_code == 404 and "message" in unknown.json()
     for t in dicom:
         assert t["download_type"] == "file"
-        assert re.fullmatch(r"/study/SUBJECTS/sub-0\d/SESSIONS/ses-01/ACQUISITIONS/T[12]w/FILES/.+",
-                            t["dst_path"])
+        assert re.fullmatch(r"/study/SUBJECTS/sub-0\d/SESSIONS/ses-01/ACQUISITIONS/T[12]w/FILES/.+", t["dst_path"])
         assert t["dst_path"].endswith("/" + t["filename"])
         assert datetime.fromisoformat(t["modified"]).utcoffset() is not None
-        acq = next(a for n in project.walk() if n.kind == "acquisition" for a in [n.obj]
-                   if a.id == t["container_id"])
+        acq = next(a for n in project.walk() if n.kind == "acquisition" for a in [n.obj] if a.id == t["container_id"])
         assert t["size"] == next(f.size for f in acq.files if f.name == t["filename"])
 
 
@@ -314,11 +309,9 @@ def test_file_download_info_and_member(api, project):
     assert sdk_style.content == zf.content
     info = api.get(f"/containers/{acq.id}/files/{zf.name}", params={"info": "true"}).json()
     with zipfile.ZipFile(io.BytesIO(zf.content)) as z:
-        assert [(m["path"], m["size"]) for m in info["members"]] == \
-            [(i.filename, i.file_size) for i in z.infolist()]
+        assert [(m["path"], m["size"]) for m in info["members"]] == [(i.filename, i.file_size) for i in z.infolist()]
         member = z.infolist()[1].filename
-        assert api.get(f"/acquisitions/{acq.id}/files/{zf.name}",
-                       params={"member": member}).content == z.read(member)
+        assert api.get(f"/acquisitions/{acq.id}/files/{zf.name}", params={"member": member}).content == z.read(member)
     assert all(datetime.fromisoformat(m["timestamp"]) for m in info["members"])
     not_zip = api.get(f"/containers/{acq.id}/files/localizer.dcm", params={"info": "true"})
     assert not_zip.status_code == 400 and "message" in not_zip.json()
@@ -340,8 +333,7 @@ def test_mutations_are_served(srv, api, project):
 
 
 def test_upload(srv, api, project):
-    r = api.post(f"/projects/{project.id}/files", data={"metadata": "{}"},
-                 files={"file": ("sync_log.csv", b"a,b\r\n1,2\r\n", "text/csv")})
+    r = api.post(f"/projects/{project.id}/files", data={"metadata": "{}"}, files={"file": ("sync_log.csv", b"a,b\r\n1,2\r\n", "text/csv")})
     assert r.status_code == 200 and r.json()[0]["name"] == "sync_log.csv"
     assert srv.uploads == [("sync_log.csv", b"a,b\r\n1,2\r\n")]
 
@@ -392,7 +384,7 @@ def test_fault_truncate(srv, api, project):
 
 
 def test_fault_reset_mid_body(srv, api, project):
-    """"reset": the headers and half the body, then a TCP reset (not a clean close)."""
+    """ "reset": the headers and half the body, then a TCP reset (not a clean close)."""
     acq, zf = zip_file(project)
     srv.add_fault(r"\.dicom\.zip$", "reset", count=1)
     received = bytearray()
@@ -458,9 +450,27 @@ def test_stop_closes_keep_alive_connections(project):
 def test_main_serves_until_sigterm(tmp_path):
     url_file = tmp_path / "login.txt"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clpipe.testing.fwserver", "--port", "0", "--key", "cli-key",
-         "--subjects", "1", "--acquisitions", "1", "--slices", "2", "--url-file", str(url_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "clpipe.testing.fwserver",
+            "--port",
+            "0",
+            "--key",
+            "cli-key",
+            "--subjects",
+            "1",
+            "--acquisitions",
+            "1",
+            "--slices",
+            "2",
+            "--url-file",
+            str(url_file),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not url_file.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -469,10 +479,8 @@ def test_main_serves_until_sigterm(tmp_path):
         host, port, _, key = login.split(":")
         assert (host, key) == ("127.0.0.1", "cli-key")
         headers = {"Authorization": f"scitran-user {key}"}
-        p = httpx.post(f"http://{host}:{port}/api/lookup", json={"path": ["lab", "study"]},
-                       headers=headers, timeout=TIMEOUT).json()
-        subjects = httpx.get(f"http://{host}:{port}/api/projects/{p['_id']}/subjects",
-                             headers=headers, timeout=TIMEOUT).json()
+        p = httpx.post(f"http://{host}:{port}/api/lookup", json={"path": ["lab", "study"]}, headers=headers, timeout=TIMEOUT).json()
+        subjects = httpx.get(f"http://{host}:{port}/api/projects/{p['_id']}/subjects", headers=headers, timeout=TIMEOUT).json()
         assert [s["label"] for s in subjects] == ["sub-01"]
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -528,12 +536,18 @@ def test_sdk_get_container_gives_file_hashes(srv, project, tmp_path):
     session = project.subjects[0].sessions[0]
     acqs = [a for s in project.subjects for ses in s.sessions for a in ses.acquisitions]
     env = dict(os.environ, HOME=str(tmp_path), FLYWHEEL_USER_HOME=str(tmp_path), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([SDK_PYTHON, str(script), srv.login_key(KEY), session.id, *(a.id for a in acqs)],
-                          capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.run(
+        [SDK_PYTHON, str(script), srv.login_key(KEY), session.id, *(a.id for a in acqs)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
-    assert [(r["id"], r["how"]) for r in result] == [(c, how) for c in [session.id, *(a.id for a in acqs)]
-                                                      for how in ("get_container", "get")]
+    assert [(r["id"], r["how"]) for r in result] == [
+        (c, how) for c in [session.id, *(a.id for a in acqs)] for how in ("get_container", "get")
+    ]
     assert {r["type"] for r in result if r["id"] == session.id} == {"SessionOutput"}
     assert {r["label"] for r in result if r["id"] == session.id} == {session.label}
     for acq in acqs:
@@ -541,8 +555,11 @@ def test_sdk_get_container_gives_file_hashes(srv, project, tmp_path):
         assert {r["type"] for r in got} == {"AcquisitionOutput"} and {r["label"] for r in got} == {acq.label}
         for r in got:
             assert r["files"] == [[f.name, f.hash, f.size] for f in acq.files]
-    assert all(r["path"].startswith("/api/containers/") and r["status"] == 200
-               for r in srv.requests if r["path"] not in ("/api/config", "/api/version", "/api/auth/status"))
+    assert all(
+        r["path"].startswith("/api/containers/") and r["status"] == 200
+        for r in srv.requests
+        if r["path"] not in ("/api/config", "/api/version", "/api/auth/status")
+    )
 
 
 def test_sdk_walk_and_download(srv, project, tmp_path):
@@ -552,8 +569,7 @@ def test_sdk_walk_and_download(srv, project, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, HOME=str(tmp_path), FLYWHEEL_USER_HOME=str(tmp_path), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([SDK_PYTHON, str(script), srv.login_key(KEY), str(out)],
-                          capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.run([SDK_PYTHON, str(script), srv.login_key(KEY), str(out)], capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["project"] == project.id

@@ -81,8 +81,19 @@ def takes_and_releases(dropoff: Path) -> None:
 # rmdir, scandir, ...), for n = 1, 2, ... until it gets through: a kill between every two
 # steps, whatever the steps are.
 
-AUDITED = ("open", "os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.scandir", "os.listdir", "shutil.rmtree",
-           "os.utime", "os.chmod", "os.kill")
+AUDITED = (
+    "open",
+    "os.mkdir",
+    "os.rename",
+    "os.remove",
+    "os.rmdir",
+    "os.scandir",
+    "os.listdir",
+    "shutil.rmtree",
+    "os.utime",
+    "os.chmod",
+    "os.kill",
+)
 _armed = {"left": 0}
 
 
@@ -165,9 +176,12 @@ def test_a_kill_at_the_worst_moment_of_the_old_scheme(tmp_path):
     for how long; after it, the lock is stale and taken."""
     empty = tmp_path / "empty"
     lock_dir(empty).mkdir(parents=True)
-    with pytest.raises(PreflightError, match=rf"^another sync is writing to {re.escape(str(empty))} \(its lock .* has "
-                       rf"no owner yet\); wait for it: a lock without owner is stale after {LOCK_GRACE:.0f} s, so if no "
-                       r"sync is running run again in \d+ s$"):
+    with pytest.raises(
+        PreflightError,
+        match=rf"^another sync is writing to {re.escape(str(empty))} \(its lock .* has "
+        rf"no owner yet\); wait for it: a lock without owner is stale after {LOCK_GRACE:.0f} s, so if no "
+        r"sync is running run again in \d+ s$",
+    ):
         SyncState(empty, "next").acquire()
     assert lock_names(empty) == ["lock"]  # left as it was (its own staging removed)
     make_old(lock_dir(empty))
@@ -195,9 +209,12 @@ def test_a_live_holder_is_honoured_and_named(tmp_path):
         lock.mkdir(parents=True)
         (lock / "owner.json").write_text(json.dumps({"host": HOST, "pid": holder.pid, "since": "2024-01-01 10:00:00"}))
         make_old(lock)
-        with pytest.raises(PreflightError, match=rf"^another sync is writing to {re.escape(str(tmp_path))} \(host "
-                           rf"{re.escape(HOST)}, pid {holder.pid}, since 2024-01-01 10:00:00\); wait for it, or if it is "
-                           rf"no longer running remove {re.escape(str(lock))}$"):
+        with pytest.raises(
+            PreflightError,
+            match=rf"^another sync is writing to {re.escape(str(tmp_path))} \(host "
+            rf"{re.escape(HOST)}, pid {holder.pid}, since 2024-01-01 10:00:00\); wait for it, or if it is "
+            rf"no longer running remove {re.escape(str(lock))}$",
+        ):
             SyncState(tmp_path, "next").acquire()
         assert owner(tmp_path)["pid"] == holder.pid
         # the same pid, but a process that started at another time: a later process given a dead holder's pid
@@ -362,8 +379,15 @@ def test_real_runs_killed_at_many_points_the_next_run_always_completes(no_fw_env
     # when to kill: as the state folder appears, while the lock is taken (its staged folder
     # there, or just renamed), at random small delays after that (mid-transfer), after files
     # landed, and at random times from the start
-    triggers = [("state folder", 0.0), ("lock being taken", 0.0), ("lock taken", 0.0), ("lock being taken", 0.001),
-                ("lock taken", 0.002), ("files landed", 1), ("files landed", 4)]
+    triggers = [
+        ("state folder", 0.0),
+        ("lock being taken", 0.0),
+        ("lock taken", 0.0),
+        ("lock being taken", 0.001),
+        ("lock taken", 0.002),
+        ("files landed", 1),
+        ("files landed", 4),
+    ]
     triggers += [("lock being taken", round(rng.uniform(0, 0.01), 4)) for _ in range(3)]
     triggers += [("lock taken", round(rng.uniform(0.01, 0.5), 3)) for _ in range(4)]
     triggers += [("after", round(rng.uniform(0.2, 1.0), 3)) for _ in range(4)]
@@ -378,13 +402,19 @@ def test_real_runs_killed_at_many_points_the_next_run_always_completes(no_fw_env
                 for path in dropoff.iterdir():
                     if path.name != STATE_DIR:
                         subprocess.run(["rm", "-rf", str(path)], check=True, timeout=60)
-            proc = subprocess.Popen([sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config),
-                                     "-engine", "native", "-submit"], env=no_fw_env.vars, start_new_session=True,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-engine", "native", "-submit"],
+                env=no_fw_env.vars,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             kill_when(proc, dropoff, trigger, value)
             killed += proc.returncode == -signal.SIGKILL
-            print(f"kill at {trigger} {value}: exit {proc.returncode}, {len(data_files(dropoff))} files, "
-                  f"left {lock_names(dropoff) if (dropoff / STATE_DIR).exists() else '-'}")
+            print(
+                f"kill at {trigger} {value}: exit {proc.returncode}, {len(data_files(dropoff))} files, "
+                f"left {lock_names(dropoff) if (dropoff / STATE_DIR).exists() else '-'}"
+            )
             for path, data in data_files(dropoff).items():  # whatever the kill hit, every file is whole
                 assert expected[path] == data, f"seed {seed}, kill {trigger} {value}: partial file {path}"
             done = no_fw_env.clpipe("dicom", "flywheel_sync", "-c", config, "-engine", "native", "-submit", timeout=180)
@@ -407,9 +437,14 @@ def test_a_sigterm_releases_the_lock_and_the_next_run_resumes(no_fw_env, tmp_pat
         login(no_fw_env, server)
         config = new_project(tmp_path / "p", CommandLineOpts="-y -j 2")
         dropoff = config.parent / "data_DICOMs"
-        proc = subprocess.Popen([sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config),
-                                 "-engine", "native", "-submit"], env=no_fw_env.vars, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-engine", "native", "-submit"],
+            env=no_fw_env.vars,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         started = time.monotonic()
         while not data_files(dropoff) and proc.poll() is None and time.monotonic() - started < 60:
             time.sleep(0.01)

@@ -57,8 +57,9 @@ def login_shell(tmp_path: Path, modules: Path, script: str) -> subprocess.Comple
     init = lmod_init()
     setup = f"type module >/dev/null 2>&1 || . {init}\n"
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "MODULEPATH": str(modules), "USER": "clpipe-test", "LOGNAME": "clpipe-test"}
-    return subprocess.run(["bash", "-l", "-c", setup + script], env=env, capture_output=True, text=True,
-                          timeout=SHELL_TIMEOUT, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        ["bash", "-l", "-c", setup + script], env=env, capture_output=True, text=True, timeout=SHELL_TIMEOUT, stdin=subprocess.DEVNULL
+    )
 
 
 def values(proc: subprocess.CompletedProcess) -> dict[str, str]:
@@ -74,7 +75,10 @@ def values(proc: subprocess.CompletedProcess) -> dict[str, str]:
 def test_module_load_puts_clpipe_and_fw_on_path_and_unload_removes_them(tmp_path):
     modules = write_modules(tmp_path)
     assert (modules / "clpipe" / f"{__version__}.lua").is_file()
-    proc = login_shell(tmp_path, modules, """
+    proc = login_shell(
+        tmp_path,
+        modules,
+        """
         echo "BEFORE_CLPIPE=$(command -v clpipe)"
         echo "BEFORE_FW=$(command -v fw)"
         module load clpipe; echo "LOAD_RC=$?"
@@ -86,7 +90,8 @@ def test_module_load_puts_clpipe_and_fw_on_path_and_unload_removes_them(tmp_path
         command -v clpipe >/dev/null; echo "AFTER_CLPIPE_RC=$?"
         command -v fw >/dev/null; echo "AFTER_FW_RC=$?"
         echo "AFTER_LOADED=$(module -t list 2>&1 | tr '\\n' ' ')"
-    """)
+    """,
+    )
     got = values(proc)
     assert got.get("LOAD_RC") == "0", proc.stdout + proc.stderr
     assert got["BEFORE_CLPIPE"] == "" and got["BEFORE_FW"] == ""
@@ -103,11 +108,15 @@ def test_module_load_puts_clpipe_and_fw_on_path_and_unload_removes_them(tmp_path
 
 def test_fw_module_loaded_before_clpipe_stays_after_unload(tmp_path):
     modules = write_modules(tmp_path)
-    proc = login_shell(tmp_path, modules, """
+    proc = login_shell(
+        tmp_path,
+        modules,
+        """
         module load flywheel clpipe && module unload clpipe
         command -v clpipe >/dev/null; echo "CLPIPE_RC=$?"
         echo "FW=$(command -v fw)"
-    """)
+    """,
+    )
     got = values(proc)
     assert got.get("CLPIPE_RC") not in (None, "0"), proc.stdout + proc.stderr
     assert got["FW"] == str(FW_NEW.parent / "fw")
@@ -115,11 +124,15 @@ def test_fw_module_loaded_before_clpipe_stays_after_unload(tmp_path):
 
 def test_fw_module_name_is_configurable(tmp_path):
     modules = write_modules(tmp_path, "-fw_module", "fw-cli/18.5.1", fw_module="fw-cli/18.5.1")
-    proc = login_shell(tmp_path, modules, """
+    proc = login_shell(
+        tmp_path,
+        modules,
+        """
         module load clpipe; echo "LOAD_RC=$?"
         echo "FW=$(command -v fw)"
         echo "LOADED=$(module -t list 2>&1 | tr '\\n' ' ')"
-    """)
+    """,
+    )
     got = values(proc)
     assert got.get("LOAD_RC") == "0", proc.stdout + proc.stderr
     assert got["FW"] == str(FW_NEW.parent / "fw")
@@ -128,11 +141,15 @@ def test_fw_module_name_is_configurable(tmp_path):
 
 def test_missing_fw_module_loads_clpipe_with_a_clear_message(tmp_path):
     modules = write_modules(tmp_path, fw_module=None)
-    proc = login_shell(tmp_path, modules, """
+    proc = login_shell(
+        tmp_path,
+        modules,
+        """
         module load clpipe; echo "LOAD_RC=$?"
         echo "CLPIPE_VERSION=$(clpipe --version)"
         command -v fw >/dev/null; echo "FW_RC=$?"
-    """)
+    """,
+    )
     got = values(proc)
     assert got.get("LOAD_RC") == "0", proc.stdout + proc.stderr  # job scripts with set -e keep going
     assert got["CLPIPE_VERSION"] == f"clpipe, version {__version__}"
@@ -145,10 +162,14 @@ def test_missing_fw_module_loads_clpipe_with_a_clear_message(tmp_path):
 
 def test_missing_fw_module_in_error_mode_refuses_to_load(tmp_path):
     modules = write_modules(tmp_path, "-fw_missing", "error", fw_module=None)
-    proc = login_shell(tmp_path, modules, """
+    proc = login_shell(
+        tmp_path,
+        modules,
+        """
         module load clpipe; echo "LOAD_RC=$?"
         command -v clpipe >/dev/null; echo "CLPIPE_RC=$?"
-    """)
+    """,
+    )
     got = values(proc)
     assert got.get("LOAD_RC") not in (None, "0"), proc.stdout + proc.stderr
     assert got["CLPIPE_RC"] != "0"
@@ -168,11 +189,15 @@ def test_other_prefix_with_awkward_path_and_its_own_version(tmp_path):
     modules = write_modules(tmp_path, "-prefix", str(prefix), "-fw_module", "", fw_module=None)
     assert (modules / "clpipe" / "9.8.7.lua").is_file()
     assert "isAvail" not in (modules / "clpipe" / "9.8.7.lua").read_text()  # -fw_module "": no fw module
-    proc = login_shell(tmp_path, modules, """
+    proc = login_shell(
+        tmp_path,
+        modules,
+        """
         module load clpipe/9.8.7; echo "LOAD_RC=$?"
         echo "CLPIPE_PATH=$(command -v clpipe)"
         echo "CLPIPE_VERSION=$(clpipe --version)"
-    """)
+    """,
+    )
     got = values(proc)
     assert got.get("LOAD_RC") == "0", proc.stdout + proc.stderr
     assert got["CLPIPE_PATH"] == str(fake)
@@ -193,12 +218,15 @@ def test_prints_the_modulefile_by_default():
     assert re.search(r"^\s+modulefile\s+Write an Lmod modulefile", clpipe("--help").stdout, re.MULTILINE)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-prefix", "/nonexistent/prefix"], "-prefix: /nonexistent/prefix/bin/clpipe does not exist or is not executable"),
-    (["-version", "../1.0"], "-version: '../1.0' cannot be a module version"),
-    (["-fw_module", 'fly"wheel'], "-fw_module: 'fly\"wheel' is not a module name"),
-    (["-fw_missing", "ignore"], "'ignore' is not one of 'warn', 'error'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-prefix", "/nonexistent/prefix"], "-prefix: /nonexistent/prefix/bin/clpipe does not exist or is not executable"),
+        (["-version", "../1.0"], "-version: '../1.0' cannot be a module version"),
+        (["-fw_module", 'fly"wheel'], "-fw_module: 'fly\"wheel' is not a module name"),
+        (["-fw_missing", "ignore"], "'ignore' is not one of 'warn', 'error'"),
+    ],
+)
 def test_bad_arguments_are_one_clear_line(args, message):
     proc = clpipe("modulefile", *args)
     assert proc.returncode == 2

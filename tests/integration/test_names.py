@@ -49,15 +49,29 @@ def suffix(identity: str) -> str:
 # ----------------------------------------------------------------------------- names
 
 
-@pytest.mark.parametrize("text, name", [
-    ("003-DWI *b1000*", "003-DWI_b1000"),
-    ("001-localizer: 3-plane", "001-localizer_3-plane"),
-    ("003-Séquence T2* coronal  Jörg", "003-Sequence_T2_coronal_Jorg"),
-    ("Straße", "Strasse"), (NFD, "Jose"), (NFC, "Jose"), (" normal ", "normal"), ("a/../normal", "a_.._normal"),
-    ("ctl\x07name.dcm", "ctl_name.dcm"), ("..", "_"), (".hidden", "_hidden"), ("-rf", "_rf"), ("", "_"),
-    ('a\\b:c*d?e"f<g>h|i', "a_b_c_d_e_f_g_h_i"), ("trailing.", "trailing"), ("NUL.txt", "NUL_.txt"),
-    ("1.2.840.10008.5.1.4.dcm", "1.2.840.10008.5.1.4.dcm"), ("sub-01_T1w.nii.gz", "sub-01_T1w.nii.gz"),
-])
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        ("003-DWI *b1000*", "003-DWI_b1000"),
+        ("001-localizer: 3-plane", "001-localizer_3-plane"),
+        ("003-Séquence T2* coronal  Jörg", "003-Sequence_T2_coronal_Jorg"),
+        ("Straße", "Strasse"),
+        (NFD, "Jose"),
+        (NFC, "Jose"),
+        (" normal ", "normal"),
+        ("a/../normal", "a_.._normal"),
+        ("ctl\x07name.dcm", "ctl_name.dcm"),
+        ("..", "_"),
+        (".hidden", "_hidden"),
+        ("-rf", "_rf"),
+        ("", "_"),
+        ('a\\b:c*d?e"f<g>h|i', "a_b_c_d_e_f_g_h_i"),
+        ("trailing.", "trailing"),
+        ("NUL.txt", "NUL_.txt"),
+        ("1.2.840.10008.5.1.4.dcm", "1.2.840.10008.5.1.4.dcm"),
+        ("sub-01_T1w.nii.gz", "sub-01_T1w.nii.gz"),
+    ],
+)
 def test_portable_names(text, name):
     assert layout.portable_name(text) == name
     assert_portable(layout.portable_name(text))
@@ -75,8 +89,11 @@ def test_long_names_keep_their_extension_and_fit_with_a_suffix():
 
 def test_the_issues_dicom_folders_are_portable():
     attrs = {"PatientID": "P1", "StudyDate": "20240115"}
-    for number, description, folder in [(3, "DWI *b1000*", "003-DWI_b1000"), (1, "localizer: 3-plane", "001-localizer_3-plane"),
-                                        (3, "Séquence T2* coronal  Jörg", "003-Sequence_T2_coronal_Jorg")]:
+    for number, description, folder in [
+        (3, "DWI *b1000*", "003-DWI_b1000"),
+        (1, "localizer: 3-plane", "001-localizer_3-plane"),
+        (3, "Séquence T2* coronal  Jörg", "003-Sequence_T2_coronal_Jorg"),
+    ]:
         path = series_folder("{subject}/{session}/{series}", dict(attrs, SeriesNumber=str(number), SeriesDescription=description))
         assert path == f"P1/20240115/{folder}"
 
@@ -95,8 +112,10 @@ def resolve(items: list[tuple[tuple[tuple[str, str], ...], str, str, bool]]) -> 
 def test_the_resolver_is_the_same_in_any_order_and_the_unchanged_name_wins():
     sub = lambda label: (("SUBJECTS", "SUBJECTS"), (label, layout.portable_name(label)))  # noqa: E731
     items = [
-        (sub(NFC), "c1/a.dcm", "a.dcm", True), (sub(NFD), "c2/a.dcm", "a.dcm", True),  # two subjects, one name
-        (sub("P"), "c3/sp.dcm", "sp.dcm", True), (sub("P"), "c3/ sp.dcm", "sp.dcm", False),  # unchanged wins
+        (sub(NFC), "c1/a.dcm", "a.dcm", True),
+        (sub(NFD), "c2/a.dcm", "a.dcm", True),  # two subjects, one name
+        (sub("P"), "c3/sp.dcm", "sp.dcm", True),
+        (sub("P"), "c3/ sp.dcm", "sp.dcm", False),  # unchanged wins
         (sub("P"), "c4/sp.dcm", "sp.dcm", True),  # the same name in another container: key order
         (sub("P"), "c5/SP.dcm", "SP.dcm", True),  # differs only in case: apart on SMB/NTFS too
     ]
@@ -150,27 +169,49 @@ def test_claims_keep_files_and_folders_apart():
 def hostile_project() -> tuple[Project, dict[bytes, str]]:
     """16 files whose names collide in every way the issue found (one of them listed twice),
     and where each file's bytes must land: the names that needed no change keep them."""
+
     def f(name: str, tag: str) -> FwFile:
         return FwFile(name, f"{tag}:".encode() * 7)  # same size for all: only the bytes tell them apart
 
     twice = f("twice.dcm", "twice")
     long1, long2 = "L" * 300 + "1.dcm", "L" * 300 + "2.dcm"
-    project = Project("lab", "hostile", [
-        Subject(NFC, [Session("s1", [Acquisition("T1", [f("a.dcm", "nfc-subject")])])]),
-        Subject(NFD, [Session("s1", [Acquisition("T1", [f("a.dcm", "nfd-subject")])])]),
-        Subject("P1", [
-            Session("a/../normal", [Acquisition("x", [f("b.dcm", "dotdot-session")])]),
-            Session("normal", [Acquisition("x", [f("b.dcm", "normal-session")])]),
-            Session("s2", [Acquisition(" x ", [f("c.dcm", "spaced-acq")]), Acquisition("x", [f("c.dcm", "plain-acq")])]),
-            Session("s3", [Acquisition("files", [
-                f("ctl\x07.dcm", "bell"), f("ctl\x1b.dcm", "escape"), f("ctl_.dcm", "underscore"),
-                f(" sp.dcm", "lead-space"), f("sp.dcm", "no-space"),
-                f(long1, "long1"), f(long2, "long2"),
-                f(unicodedata.normalize("NFC", "é.dcm"), "nfc-file"), f(unicodedata.normalize("NFD", "é.dcm"), "nfd-file"),
-                twice, twice,  # the server lists the same file twice: one local file
-            ])]),
-        ]),
-    ])
+    project = Project(
+        "lab",
+        "hostile",
+        [
+            Subject(NFC, [Session("s1", [Acquisition("T1", [f("a.dcm", "nfc-subject")])])]),
+            Subject(NFD, [Session("s1", [Acquisition("T1", [f("a.dcm", "nfd-subject")])])]),
+            Subject(
+                "P1",
+                [
+                    Session("a/../normal", [Acquisition("x", [f("b.dcm", "dotdot-session")])]),
+                    Session("normal", [Acquisition("x", [f("b.dcm", "normal-session")])]),
+                    Session("s2", [Acquisition(" x ", [f("c.dcm", "spaced-acq")]), Acquisition("x", [f("c.dcm", "plain-acq")])]),
+                    Session(
+                        "s3",
+                        [
+                            Acquisition(
+                                "files",
+                                [
+                                    f("ctl\x07.dcm", "bell"),
+                                    f("ctl\x1b.dcm", "escape"),
+                                    f("ctl_.dcm", "underscore"),
+                                    f(" sp.dcm", "lead-space"),
+                                    f("sp.dcm", "no-space"),
+                                    f(long1, "long1"),
+                                    f(long2, "long2"),
+                                    f(unicodedata.normalize("NFC", "é.dcm"), "nfc-file"),
+                                    f(unicodedata.normalize("NFD", "é.dcm"), "nfd-file"),
+                                    twice,
+                                    twice,  # the server lists the same file twice: one local file
+                                ],
+                            )
+                        ],
+                    ),
+                ],
+            ),
+        ],
+    )
     plain = {  # bytes -> the path of the one that keeps the plain name
         b"normal-session:" * 7: "SUBJECTS/P1/SESSIONS/normal/ACQUISITIONS/x/FILES/b.dcm",
         b"plain-acq:" * 7: "SUBJECTS/P1/SESSIONS/s2/ACQUISITIONS/x/FILES/c.dcm",
@@ -240,8 +281,9 @@ def _zip(members: dict[str, bytes]) -> bytes:
 
 def test_zip_members_with_300_character_names_all_land(nenv, tmp_path):
     members = {f"d{n}/" + "M" * 300 + ".dcm": bytes([n]) * (100 + n) for n in (1, 2, 3)}
-    project = Project("lab", "zips", [Subject("P1", [Session("s1", [Acquisition("DWI *b1000*", [
-        FwFile("1.2.3 series.dicom.zip", _zip(members))])])])])
+    project = Project(
+        "lab", "zips", [Subject("P1", [Session("s1", [Acquisition("DWI *b1000*", [FwFile("1.2.3 series.dicom.zip", _zip(members))])])])]
+    )
     with FlywheelTestServer(projects=[project], api_keys={KEY}) as server:
         login(nenv, server)
         config = new_project(tmp_path / "p", "fw://lab/zips/")
@@ -290,12 +332,34 @@ def old_name(text: str) -> str:
 
 def test_a_dropoff_synced_under_the_earlier_names_is_renamed_in_place(nenv, tmp_path):
     members = {"s/IM 1.dcm": b"one" * 30, "s/IM2.dcm": b"two" * 30}
-    project = Project("lab", "old", [Subject("Jörg", [Session("ses 1", [Acquisition("T2* coronal", [
-        FwFile("a b.dcm", b"ab" * 40), FwFile("ok.dcm", b"ok" * 40), FwFile("series.dicom.zip", _zip(members))])])])])
+    project = Project(
+        "lab",
+        "old",
+        [
+            Subject(
+                "Jörg",
+                [
+                    Session(
+                        "ses 1",
+                        [
+                            Acquisition(
+                                "T2* coronal",
+                                [FwFile("a b.dcm", b"ab" * 40), FwFile("ok.dcm", b"ok" * 40), FwFile("series.dicom.zip", _zip(members))],
+                            )
+                        ],
+                    )
+                ],
+            )
+        ],
+    )
     new = "SUBJECTS/Jorg/SESSIONS/ses_1/ACQUISITIONS/T2_coronal/FILES"
     old = f"SUBJECTS/{old_name('Jörg')}/SESSIONS/{old_name('ses 1')}/ACQUISITIONS/{old_name('T2* coronal')}/FILES"
-    expected = {f"{new}/a_b.dcm": b"ab" * 40, f"{new}/ok.dcm": b"ok" * 40,
-                f"{new}/series/IM_1.dcm": b"one" * 30, f"{new}/series/IM2.dcm": b"two" * 30}
+    expected = {
+        f"{new}/a_b.dcm": b"ab" * 40,
+        f"{new}/ok.dcm": b"ok" * 40,
+        f"{new}/series/IM_1.dcm": b"one" * 30,
+        f"{new}/series/IM2.dcm": b"two" * 30,
+    }
     with FlywheelTestServer(projects=[project], api_keys={KEY}) as server:
         login(nenv, server)
         config = new_project(tmp_path / "p", "fw://lab/old/")
@@ -359,8 +423,12 @@ def test_dicom_folders_are_portable_and_two_series_on_one_name_are_told_apart(ne
 
     export = tmp_path / "export"
     export.mkdir()
-    series = [("1.2.826.0.1.9.1", 3, "DWI *b1000*"), ("1.2.826.0.1.9.2", 3, "DWI *b1000*"),
-              ("1.2.826.0.1.9.3", 1, "localizer: 3-plane"), ("1.2.826.0.1.9.4", 3, "Séquence T2* coronal  Jörg")]
+    series = [
+        ("1.2.826.0.1.9.1", 3, "DWI *b1000*"),
+        ("1.2.826.0.1.9.2", 3, "DWI *b1000*"),
+        ("1.2.826.0.1.9.3", 1, "localizer: 3-plane"),
+        ("1.2.826.0.1.9.4", 3, "Séquence T2* coronal  Jörg"),
+    ]
     written = {}
     for uid, number, description in series:
         for n in (1, 2):
@@ -382,7 +450,11 @@ def test_dicom_folders_are_portable_and_two_series_on_one_name_are_told_apart(ne
     assert proc.returncode == 0, out
     landed = dicoms(config.parent / "data_DICOMs")
     folders = {path.rsplit("/", 1)[0] for path in landed}
-    assert folders == {"P1/20240115/003-DWI_b1000", f"P1/20240115/003-DWI_b1000{suffix('series/1.2.826.0.1.9.2')}",
-                       "P1/20240115/001-localizer_3-plane", "P1/20240115/003-Sequence_T2_coronal_Jorg"}
+    assert folders == {
+        "P1/20240115/003-DWI_b1000",
+        f"P1/20240115/003-DWI_b1000{suffix('series/1.2.826.0.1.9.2')}",
+        "P1/20240115/001-localizer_3-plane",
+        "P1/20240115/003-Sequence_T2_coronal_Jorg",
+    }
     assert {path.rsplit("/", 1)[1]: data for path, data in landed.items()} == {f"{k}.dcm": v for k, v in written.items()}
     assert "4 series folders renamed" in out

@@ -39,6 +39,7 @@ from helpers import (
 
 pytestmark = pytest.mark.fw
 
+
 def listings(server, since: int = 0) -> int:
     return sum(1 for r in server.requests[since:] if r["path"] == "/api/download/targets")
 
@@ -102,9 +103,13 @@ def test_kill_9_then_resume(nenv, tmp_path):
         config = new_project(tmp_path / "p", CommandLineOpts="-y -j 2")
         dropoff = config.parent / "data_DICOMs"
         for threshold in (2, 9, 20):
-            proc = subprocess.Popen([sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config),
-                                     "-engine", "native", "-submit"], env=nenv.vars, start_new_session=True,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-engine", "native", "-submit"],
+                env=nenv.vars,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             deadline = time.monotonic() + 60
             while len(dicoms(dropoff)) < threshold and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -120,7 +125,11 @@ def test_kill_9_then_resume(nenv, tmp_path):
             if f.type != "dicom":
                 continue
             stem = re.sub(r"(\.(dcm|dicom))?\.zip$", "", f.name)
-            mine = [p for p in expected if p.endswith("/" + f.name) or f"/{stem}/" in p] if f.is_zip else [p for p in expected if p.endswith("/" + f.name)]
+            mine = (
+                [p for p in expected if p.endswith("/" + f.name) or f"/{stem}/" in p]
+                if f.is_zip
+                else [p for p in expected if p.endswith("/" + f.name)]
+            )
             if all(p in landed for p in mine):
                 finished.add(f.name)
         assert finished
@@ -195,10 +204,35 @@ def _zip(members: dict[str, bytes]) -> bytes:
 
 
 def test_hostile_names_cannot_write_outside_the_dropoff(nenv, tmp_path):
-    evil_zip = _zip({"../../escape_zip.dcm": b"A" * 10, "/abs_member.dcm": b"B" * 10, "d1/IM1.dcm": b"C" * 10,
-                     "d2/IM1.dcm": b"D" * 10, "ctl\x07name.dcm": b"E" * 10})
-    project = Project("lab", "study", [Subject("../../..", [Session("/etc", [Acquisition("a\x1bb/..", [
-        FwFile("series.dicom.zip", evil_zip), FwFile("...", b"F" * 10), FwFile("x\nname.dcm", b"G" * 10)])])])])
+    evil_zip = _zip(
+        {
+            "../../escape_zip.dcm": b"A" * 10,
+            "/abs_member.dcm": b"B" * 10,
+            "d1/IM1.dcm": b"C" * 10,
+            "d2/IM1.dcm": b"D" * 10,
+            "ctl\x07name.dcm": b"E" * 10,
+        }
+    )
+    project = Project(
+        "lab",
+        "study",
+        [
+            Subject(
+                "../../..",
+                [
+                    Session(
+                        "/etc",
+                        [
+                            Acquisition(
+                                "a\x1bb/..",
+                                [FwFile("series.dicom.zip", evil_zip), FwFile("...", b"F" * 10), FwFile("x\nname.dcm", b"G" * 10)],
+                            )
+                        ],
+                    )
+                ],
+            )
+        ],
+    )
     with FlywheelTestServer(projects=[project], api_keys={KEY}) as server:
         login(nenv, server)
         config = new_project(tmp_path / "p")
@@ -206,8 +240,13 @@ def test_hostile_names_cannot_write_outside_the_dropoff(nenv, tmp_path):
     assert code == 0, out
     dropoff = (config.parent / "data_DICOMs").resolve()
     everything = [p for p in tmp_path.rglob("*") if p.is_file()]
-    outside = [p for p in everything if not str(p.resolve()).startswith(str(dropoff) + "/")
-               and "logs" not in p.parts and p.name not in ("clpipe_config.json", "conversion_config.json", "user.json")]
+    outside = [
+        p
+        for p in everything
+        if not str(p.resolve()).startswith(str(dropoff) + "/")
+        and "logs" not in p.parts
+        and p.name not in ("clpipe_config.json", "conversion_config.json", "user.json")
+    ]
     assert outside == []
     landed = dicoms(dropoff)
     contents = sorted(landed.values())
@@ -298,20 +337,13 @@ def test_retry_after_is_honoured(nenv, server, demo_project, tmp_path):
 # ----------------------------------------------------------------------------- DICOM series
 
 
-
-
-
-
-
-
 def staged_files(dropoff: Path) -> list[str]:
     """What is staged, in .clpipe-sync/tmp/ or (never) hidden in the data folders."""
-    return sorted(str(p.relative_to(dropoff)) for p in dropoff.rglob("*") if p.is_file()
-                  and (p.relative_to(dropoff).parts[:2] == (".clpipe-sync", "tmp") or p.name.startswith(".")))
-
-
-
-
+    return sorted(
+        str(p.relative_to(dropoff))
+        for p in dropoff.rglob("*")
+        if p.is_file() and (p.relative_to(dropoff).parts[:2] == (".clpipe-sync", "tmp") or p.name.startswith("."))
+    )
 
 
 def test_a_series_lands_whole_each_instance_once_nothing_staged_left(tmp_path):

@@ -16,6 +16,8 @@ import pytest
 from helpers import PROFILES, files_under, project_for, wait_for
 
 KEY = "test-key-s3cr3t"
+
+
 def when(scheduler: str, text: str) -> datetime:
     return datetime.fromisoformat(text) if scheduler == "slurm" else datetime.strptime(text, "%a %b %d %H:%M:%S %Y")
 

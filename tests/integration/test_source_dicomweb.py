@@ -65,8 +65,7 @@ def no_credentials(monkeypatch):
 
 @pytest.fixture
 def source(dicom_env, no_credentials):
-    src = DicomWebSource(parse_source_url("dicomweb+" + dicom_env["CLPIPE_ORTHANC_DICOMWEB"]),
-                         SourceSettings(jobs=4, timeout=TIMEOUT))
+    src = DicomWebSource(parse_source_url("dicomweb+" + dicom_env["CLPIPE_ORTHANC_DICOMWEB"]), SourceSettings(jobs=4, timeout=TIMEOUT))
     yield src
     src.close()
 
@@ -95,10 +94,14 @@ def test_lists_exactly_the_expected_series_with_counts_and_attributes(source, ex
         got, st = by_uid[se["SeriesInstanceUID"]], studies[se["StudyInstanceUID"]]
         assert got.count == se["instances"], se["SeriesDescription"]
         want = {
-            "PatientID": se["PatientID"], "PatientName": patients[se["PatientID"]]["PatientName"],
-            "StudyInstanceUID": se["StudyInstanceUID"], "StudyDate": st["StudyDate"] or "",
-            "StudyDescription": st["StudyDescription"] or "", "AccessionNumber": st["AccessionNumber"] or "",
-            "SeriesInstanceUID": se["SeriesInstanceUID"], "Modality": se["Modality"],
+            "PatientID": se["PatientID"],
+            "PatientName": patients[se["PatientID"]]["PatientName"],
+            "StudyInstanceUID": se["StudyInstanceUID"],
+            "StudyDate": st["StudyDate"] or "",
+            "StudyDescription": st["StudyDescription"] or "",
+            "AccessionNumber": st["AccessionNumber"] or "",
+            "SeriesInstanceUID": se["SeriesInstanceUID"],
+            "Modality": se["Modality"],
             "SeriesNumber": "" if se["SeriesNumber"] is None else str(se["SeriesNumber"]),
             "SeriesDescription": se["SeriesDescription"] or "",
         }
@@ -123,7 +126,10 @@ FILTERS = [
     (DicomQuery(patient_id="sub01"), lambda se, st: se["PatientID"] == "SUB01"),
     (DicomQuery(patient_name="müller^josé"), lambda se, st: se["PatientID"] == "SUB02"),
     (DicomQuery(patient_name="O'Brien*"), lambda se, st: se["PatientID"] == "SUB 03/x"),
-    (DicomQuery(study_date="20240101-20240228"), lambda se, st: (st["StudyDate"] or "0") >= "20240101" and (st["StudyDate"] or "9") <= "20240228"),
+    (
+        DicomQuery(study_date="20240101-20240228"),
+        lambda se, st: (st["StudyDate"] or "0") >= "20240101" and (st["StudyDate"] or "9") <= "20240228",
+    ),
     (DicomQuery(study_date="20240301-"), lambda se, st: (st["StudyDate"] or "0") >= "20240301"),
     (DicomQuery(study_date="-20240131"), lambda se, st: (st["StudyDate"] or "9") <= "20240131"),
     (DicomQuery(study_date="20240220"), lambda se, st: st["StudyDate"] == "20240220"),
@@ -136,8 +142,10 @@ FILTERS = [
     (DicomQuery(series_description="séquence*"), lambda se, st: (se["SeriesDescription"] or "").startswith("séquence")),
     (DicomQuery(accession_number="ACC 0003/b"), lambda se, st: st["AccessionNumber"] == "ACC 0003/b"),
     (DicomQuery(accession_number="ACC000?"), lambda se, st: st["AccessionNumber"] in ("ACC0001", "ACC0002")),
-    (DicomQuery(patient_id="SUB01", series_description="*RLE*", study_date="20240115"),
-     lambda se, st: se["SeriesDescription"] == "T2 RLE*"),
+    (
+        DicomQuery(patient_id="SUB01", series_description="*RLE*", study_date="20240115"),
+        lambda se, st: se["SeriesDescription"] == "T2 RLE*",
+    ),
 ]
 
 
@@ -184,8 +192,6 @@ def test_listing_retrieves_no_instance(dicom_env, no_credentials, expected):
 
 
 # ----------------------------------------------------------------------------- retrieval
-
-
 
 
 def retrieve(src: DicomWebSource, series: Series) -> dict[str, bytes]:
@@ -241,8 +247,9 @@ def test_a_series_gone_from_the_server_is_a_permanent_error(source, expected):
 # ----------------------------------------------------------------------------- multipart parser
 
 
-def multipart(parts: list[bytes], boundary: bytes = b"b0undary", preamble: bytes = b"", epilogue: bytes = b"",
-              padding: bytes = b"") -> bytes:
+def multipart(
+    parts: list[bytes], boundary: bytes = b"b0undary", preamble: bytes = b"", epilogue: bytes = b"", padding: bytes = b""
+) -> bytes:
     out = preamble + (b"\r\n" if preamble else b"")
     for part in parts:
         out += b"--" + boundary + padding + b"\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
@@ -250,7 +257,7 @@ def multipart(parts: list[bytes], boundary: bytes = b"b0undary", preamble: bytes
 
 
 def chunked(data: bytes, size: int) -> list[bytes]:
-    return [data[i:i + size] for i in range(0, len(data), size)]
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 PARTS = [b"first", b"\r\n--b0undar not the boundary\r\n--", b"", bytes(range(256)) * 40, b"--b0undary"[:-1] + b"X"]
@@ -278,9 +285,13 @@ def test_truncated_multipart_is_transient(cut):
 
 def test_content_type_parameters():
     assert content_type_params('multipart/related; type="application/dicom"; boundary="a;b=c \\"q\\""') == (
-        "multipart/related", {"type": "application/dicom", "boundary": 'a;b=c "q"'})
+        "multipart/related",
+        {"type": "application/dicom", "boundary": 'a;b=c "q"'},
+    )
     assert content_type_params("Multipart/Related;boundary=abc-123;type=application/dicom") == (
-        "multipart/related", {"boundary": "abc-123", "type": "application/dicom"})
+        "multipart/related",
+        {"boundary": "abc-123", "type": "application/dicom"},
+    )
     assert content_type_params("application/dicom") == ("application/dicom", {})
 
 
@@ -351,8 +362,9 @@ def mock_source(handler, **settings) -> DicomWebSource:
 
 def series_answer(parts: list[bytes], status: int = 200, cut: int = 0) -> httpx.Response:
     body = multipart(parts, boundary=b"abc")
-    return httpx.Response(status, content=body[:len(body) - cut],
-                          headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary="abc"'})
+    return httpx.Response(
+        status, content=body[: len(body) - cut], headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary="abc"'}
+    )
 
 
 def test_credentials_from_the_environment(monkeypatch, no_credentials):
@@ -362,8 +374,11 @@ def test_credentials_from_the_environment(monkeypatch, no_credentials):
         seen.append(request.headers.get("Authorization"))
         return httpx.Response(200, json=[])
 
-    for env, want in (({}, None), ({"CLPIPE_DICOMWEB_TOKEN": "t0ken"}, "Bearer t0ken"),
-                      ({"CLPIPE_DICOMWEB_USER": "ann", "CLPIPE_DICOMWEB_PASSWORD": "pw:1"}, "Basic YW5uOnB3OjE=")):
+    for env, want in (
+        ({}, None),
+        ({"CLPIPE_DICOMWEB_TOKEN": "t0ken"}, "Bearer t0ken"),
+        ({"CLPIPE_DICOMWEB_USER": "ann", "CLPIPE_DICOMWEB_PASSWORD": "pw:1"}, "Basic YW5uOnB3OjE="),
+    ):
         for var in AUTH_VARS:
             monkeypatch.delenv(var, raising=False)
         for var, value in env.items():
@@ -415,9 +430,11 @@ def test_retrieve_transport_faults_are_transient(no_credentials):
     def reset(request):
         raise httpx.RemoteProtocolError("peer closed connection", request=request)
 
-    for handler, words in ((timeout, "did not answer in time"), (reset, "broke"),
-                           (lambda request: series_answer([instance_bytes("1.2.3.4.1"), instance_bytes("1.2.3.4.2")], cut=9),
-                            "broke off")):
+    for handler, words in (
+        (timeout, "did not answer in time"),
+        (reset, "broke"),
+        (lambda request: series_answer([instance_bytes("1.2.3.4.1"), instance_bytes("1.2.3.4.2")], cut=9), "broke off"),
+    ):
         with mock_source(handler) as src:
             with pytest.raises(TransientError, match=words):
                 with src.instances(SERIES) as items:
@@ -437,8 +454,7 @@ def test_a_server_refusing_transfer_syntax_star_gets_its_default(no_credentials)
         for _ in range(2):
             with src.instances(SERIES) as items:
                 assert [uid for uid, _ in items] == ["1.2.3.4.1", "1.2.3.4.2"]
-        assert accepts == [ACCEPT_AS_STORED, 'multipart/related; type="application/dicom"',
-                           'multipart/related; type="application/dicom"']
+        assert accepts == [ACCEPT_AS_STORED, 'multipart/related; type="application/dicom"', 'multipart/related; type="application/dicom"']
         assert src.notes and "406" in src.notes[0]
 
 
@@ -467,10 +483,12 @@ def test_listing_retries_transient_answers_then_says_what_is_wrong(monkeypatch, 
     assert (found.uid, found.count, found.attrs["PatientID"]) == ("1.2.3.4", 3, "P1")
 
     monkeypatch.setenv("CLPIPE_DICOMWEB_TOKEN", "s3cr3t-t0ken")
-    for answer, words in ((httpx.Response(401), "refused access .*CLPIPE_DICOMWEB_TOKEN"),
-                          (httpx.Response(503), "did not answer the query /studies after 4 attempts"),
-                          (httpx.Response(404), "no QIDO-RS service at http://pacs.example.org/dicom-web/studies"),
-                          (httpx.Response(200, text="<html>login</html>"), "not DICOM JSON")):
+    for answer, words in (
+        (httpx.Response(401), "refused access .*CLPIPE_DICOMWEB_TOKEN"),
+        (httpx.Response(503), "did not answer the query /studies after 4 attempts"),
+        (httpx.Response(404), "no QIDO-RS service at http://pacs.example.org/dicom-web/studies"),
+        (httpx.Response(200, text="<html>login</html>"), "not DICOM JSON"),
+    ):
         with mock_source(lambda request, a=answer: a) as src:
             with pytest.raises(PreflightError, match=words) as info:
                 list(src.series(DicomQuery()))
@@ -558,9 +576,29 @@ def https_qido(tmp_path):
     import threading
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                           "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                          capture_output=True, text=True, timeout=60)
+    made = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert made.returncode == 0, made.stderr
 
     class Empty(http.server.BaseHTTPRequestHandler):
@@ -592,8 +630,11 @@ def test_https_with_an_untrusted_certificate_says_to_set_the_ca(https_qido, no_c
     url, cert = https_qido
     src = DicomWebSource(parse_source_url(url), SourceSettings(timeout=10))
     try:
-        with pytest.raises(PreflightError, match="its TLS certificate is not trusted here "
-                                                 r"\(certificate verify failed: self.signed certificate\); set TLSCAFile"):
+        with pytest.raises(
+            PreflightError,
+            match="its TLS certificate is not trusted here "
+            r"\(certificate verify failed: self.signed certificate\); set TLSCAFile",
+        ):
             listed(src)
     finally:
         src.close()

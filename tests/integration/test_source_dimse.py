@@ -76,11 +76,17 @@ def expected_series(expected: dict) -> dict[str, dict]:
     for se in expected["series"]:
         st = studies[se["StudyInstanceUID"]]
         out[se["SeriesInstanceUID"]] = {
-            "PatientID": st["PatientID"], "PatientName": st["PatientName"], "StudyInstanceUID": st["StudyInstanceUID"],
-            "StudyDate": st["StudyDate"] or "", "StudyDescription": st["StudyDescription"] or "",
-            "AccessionNumber": st["AccessionNumber"] or "", "SeriesInstanceUID": se["SeriesInstanceUID"],
+            "PatientID": st["PatientID"],
+            "PatientName": st["PatientName"],
+            "StudyInstanceUID": st["StudyInstanceUID"],
+            "StudyDate": st["StudyDate"] or "",
+            "StudyDescription": st["StudyDescription"] or "",
+            "AccessionNumber": st["AccessionNumber"] or "",
+            "SeriesInstanceUID": se["SeriesInstanceUID"],
             "SeriesNumber": "" if se["SeriesNumber"] is None else str(se["SeriesNumber"]),
-            "SeriesDescription": se["SeriesDescription"] or "", "Modality": se["Modality"], "count": se["instances"],
+            "SeriesDescription": se["SeriesDescription"] or "",
+            "Modality": se["Modality"],
+            "count": se["instances"],
         }
     return out
 
@@ -121,8 +127,7 @@ def test_qrscp_answers_once_per_instance_and_the_listing_once_per_series(dicom_e
         sub01 = [s for s in expected["studies"] if s["PatientID"] == "SUB01"]
         assert len(matches) == sum(s["instances"] for s in sub01) > len(sub01)
         found = listing(source, DicomQuery(patient_id="SUB01"))
-        assert sorted(s.uid for s in found) == sorted(
-            se["SeriesInstanceUID"] for se in expected["series"] if se["PatientID"] == "SUB01")
+        assert sorted(s.uid for s in found) == sorted(se["SeriesInstanceUID"] for se in expected["series"] if se["PatientID"] == "SUB01")
     finally:
         source.close()
 
@@ -154,8 +159,7 @@ def test_filters(dicom_env, expected, server, name):
             with pytest.raises(PermanentError, match="does not return SeriesDescription.*cannot be applied"):
                 listing(source, query)
         return
-    want = {uid for uid, attrs in expected_series(expected).items()
-            if query.study_matches(attrs) and query.series_matches(attrs)}
+    want = {uid for uid, attrs in expected_series(expected).items() if query.study_matches(attrs) and query.series_matches(attrs)}
     with open_source(dicom_env, server) as source:
         got = {s.uid for s in listing(source, query)}
     assert got == want
@@ -244,8 +248,11 @@ def test_odd_series_arrive_as_stored(dicom_env, expected):
     data_root = Path(dicom_env["CLPIPE_DICOM_DATA"])
     with open_source(dicom_env, "orthanc") as source:
         found = {s.uid: s for s in listing(source)}
-        for key, syntax in (("rle_series", dicomdata.RLE_LOSSLESS), ("implicit_vr_series", dicomdata.IMPLICIT_LE),
-                            ("multiframe_series", dicomdata.EXPLICIT_LE)):
+        for key, syntax in (
+            ("rle_series", dicomdata.RLE_LOSSLESS),
+            ("implicit_vr_series", dicomdata.IMPLICIT_LE),
+            ("multiframe_series", dicomdata.EXPLICIT_LE),
+        ):
             with source.instances(found[odd[key]]) as items:
                 received = dict(items)
             want = instances_of(expected, odd[key])
@@ -343,8 +350,11 @@ def silent_port():
 def test_a_pacs_that_never_answers_times_out_in_words(silent_port):
     port, _ = silent_port
     source = DimseSource(parse_source_url(f"dimse://PACS@127.0.0.1:{port}"), SourceSettings(timeout=1.0))
-    with pytest.raises(TransientError, match=rf"^listing the PACS PACS@127.0.0.1:{port} failed 3 times: no answer from "
-                                             rf"the PACS PACS@127.0.0.1:{port} within 1 s \(NetworkTimeout\)$"):
+    with pytest.raises(
+        TransientError,
+        match=rf"^listing the PACS PACS@127.0.0.1:{port} failed 3 times: no answer from "
+        rf"the PACS PACS@127.0.0.1:{port} within 1 s \(NetworkTimeout\)$",
+    ):
         list(source.series(DicomQuery()))  # tried three times, and the message no longer promises another try
     source.close()
 
@@ -446,9 +456,29 @@ def test_settings_are_checked():
 def make_certificate(folder: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and localhost, and its key (openssl)."""
     cert, key = folder / "cert.pem", folder / "key.pem"
-    proc = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                           "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return cert, key
 
@@ -514,8 +544,18 @@ def tls_pacs(certificate, expected, dicom_env):
         for ds in stored if level == "IMAGE" else stored[:1]:
             answer = pydicom.Dataset()
             answer.QueryRetrieveLevel = level
-            for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "StudyTime", "Modality",
-                            "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "SOPInstanceUID"):
+            for keyword in (
+                "PatientID",
+                "PatientName",
+                "StudyInstanceUID",
+                "StudyDate",
+                "StudyTime",
+                "Modality",
+                "SeriesInstanceUID",
+                "SeriesNumber",
+                "SeriesDescription",
+                "SOPInstanceUID",
+            ):
                 if keyword in ds and keyword in event.identifier:
                     setattr(answer, keyword, ds.data_element(keyword).value)
             yield 0xFF00, answer
@@ -533,8 +573,9 @@ def tls_pacs(certificate, expected, dicom_env):
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(str(cert), str(key))
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=context,
-                             evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)])
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, ssl_context=context, evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)]
+    )
     yield f"TLSPACS@127.0.0.1:{port}", series_uid
     server.shutdown()
 
@@ -596,8 +637,9 @@ def run_engine(source, dropoff: Path, jobs: int = 4):
     state.acquire()
     try:
         state.load()
-        outcome = Engine(source, state, Options(dropoff=dropoff, zip_tmp=dropoff.parent / "ziptmp", jobs=jobs,
-                                                retries=1, backoff=0.1)).run(entries(source, DicomQuery()))
+        outcome = Engine(source, state, Options(dropoff=dropoff, zip_tmp=dropoff.parent / "ziptmp", jobs=jobs, retries=1, backoff=0.1)).run(
+            entries(source, DicomQuery())
+        )
         state.save()
     finally:
         state.release()
@@ -623,8 +665,7 @@ class Counting:
 
 
 @pytest.mark.parametrize("server,retrieve", [("orthanc", "get"), ("dcmqrscp", "move"), ("qrscp", "get")])
-def test_engine_run_lands_every_instance_once_and_a_second_run_retrieves_nothing(dicom_env, expected, tmp_path, server,
-                                                                                  retrieve):
+def test_engine_run_lands_every_instance_once_and_a_second_run_retrieves_nothing(dicom_env, expected, tmp_path, server, retrieve):
     dropoff = tmp_path / "dropoff"
     dropoff.mkdir()
     source = Counting(open_source(dicom_env, server, retrieve))
@@ -637,10 +678,13 @@ def test_engine_run_lands_every_instance_once_and_a_second_run_retrieves_nothing
         want = set()
         for se in expected["series"]:
             st = studies[se["StudyInstanceUID"]]
-            attrs = {"PatientID": se["PatientID"], "StudyDate": st["StudyDate"] or "",
-                     "SeriesNumber": "" if se["SeriesNumber"] is None else str(se["SeriesNumber"]),
-                     "SeriesDescription": "" if "SeriesDescription" in NOT_ANSWERED[server] else se["SeriesDescription"] or "",
-                     "Modality": se["Modality"]}
+            attrs = {
+                "PatientID": se["PatientID"],
+                "StudyDate": st["StudyDate"] or "",
+                "SeriesNumber": "" if se["SeriesNumber"] is None else str(se["SeriesNumber"]),
+                "SeriesDescription": "" if "SeriesDescription" in NOT_ANSWERED[server] else se["SeriesDescription"] or "",
+                "Modality": se["Modality"],
+            }
             folder = series_folder(DEFAULT_TEMPLATE, attrs)
             want |= {f"{folder}/{uid}.dcm" for uid in instances_of(expected, se["SeriesInstanceUID"])}
         got = {str(p.relative_to(dropoff)) for p in dropoff.rglob("*.dcm") if ".clpipe" not in p.parts[0]}
@@ -665,13 +709,26 @@ def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
     root = Path(__file__).resolve().parents[2]
     results = root / "bench" / "results" / "dicom_dimse.md"
     before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run([sys.executable, str(root / "bench" / "dicom_dimse.py"), "--quick", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "dicom_dimse.py"), "--quick", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ") and "|" in line[2:]}
-    for name in ("getscu, per patient", "getscu, per patient, 3 at once", "native C-GET, 4 jobs",
-                 "native C-GET, 4 jobs, no-op re-sync", "native C-GET, 1 job", "native C-GET, 4 jobs, new association per series",
-                 "native C-MOVE, 4 jobs", "pynetdicom C-GET, per patient", "pynetdicom C-GET, per patient, 3 at once"):
+    for name in (
+        "getscu, per patient",
+        "getscu, per patient, 3 at once",
+        "native C-GET, 4 jobs",
+        "native C-GET, 4 jobs, no-op re-sync",
+        "native C-GET, 1 job",
+        "native C-GET, 4 jobs, new association per series",
+        "native C-MOVE, 4 jobs",
+        "pynetdicom C-GET, per patient",
+        "pynetdicom C-GET, per patient, 3 at once",
+    ):
         assert name in rows and rows[name].rstrip().split("|")[-2].strip().startswith("ok"), rows.get(name, f"no row {name!r}")
     assert (results.read_bytes() if results.exists() else None) == before
 
@@ -705,8 +762,13 @@ def test_c_get_brings_the_non_image_objects_of_mr_and_pet_studies(dicom_env):
 
     from clpipe.sources.dimse import OTHER_STORAGE
 
-    classes = ["1.2.840.10008.5.1.4.1.1.88.67", "1.2.840.10008.5.1.4.1.1.88.59", "1.2.840.10008.5.1.4.1.1.88.11",
-               "1.2.840.10008.5.1.4.1.1.66.4", "1.3.12.2.1107.5.9.1"]
+    classes = [
+        "1.2.840.10008.5.1.4.1.1.88.67",
+        "1.2.840.10008.5.1.4.1.1.88.59",
+        "1.2.840.10008.5.1.4.1.1.88.11",
+        "1.2.840.10008.5.1.4.1.1.66.4",
+        "1.3.12.2.1107.5.9.1",
+    ]
     assert set(classes) <= set(OTHER_STORAGE)
     patient, study = f"BENCHSOP{os.getpid()}", generate_uid()
     series = {sop_class: generate_uid() for sop_class in classes}
@@ -723,7 +785,7 @@ def test_c_get_brings_the_non_image_objects_of_mr_and_pet_studies(dicom_env):
                 assert set(found) == set(series.values())
                 for series_uid, data in sent.items():
                     with source.instances(found[series_uid]) as items:
-                        (uid, got), = list(items)
+                        ((uid, got),) = list(items)
                     assert pydicom.dcmread(io.BytesIO(got)) == pydicom.dcmread(io.BytesIO(data))
             finally:
                 source.close()

@@ -345,8 +345,7 @@ def test_files_that_only_look_like_dicom_are_not_instances(tmp_path):
     source = source_for(tmp_path)
     found = listed(source)
     assert [s.count for s in found] == [1]
-    assert sorted(Path(p).name for p in source.stats.not_dicom) == ["DICOMDIR", "group8-garbage", "no-series.dcm",
-                                                                    "preamble-garbage.dcm"]
+    assert sorted(Path(p).name for p in source.stats.not_dicom) == ["DICOMDIR", "group8-garbage", "no-series.dcm", "preamble-garbage.dcm"]
 
 
 def test_hidden_files_symlinked_folders_and_dropoffs_are_not_walked(tmp_path):
@@ -451,8 +450,7 @@ def test_a_changed_or_added_file_copies_only_its_series_again(own_tree, tmp_path
     assert outcome.updated == by_uid[instance["SeriesInstanceUID"]]["instances"] and outcome.created == 0
 
     # a series that gains an instance (another file, another SOPInstanceUID) is copied again, whole
-    ds = pydicom.dcmread(root / next(i["path"] for i in desc["instances"]
-                                     if i["SeriesInstanceUID"] == desc["odd"]["implicit_vr_series"]))
+    ds = pydicom.dcmread(root / next(i["path"] for i in desc["instances"] if i["SeriesInstanceUID"] == desc["odd"]["implicit_vr_series"]))
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.save_as(root / "late arrival.dcm", enforce_file_format=True)
     counting.calls.clear()
@@ -477,8 +475,7 @@ def test_a_file_vanished_mid_run_is_retried_then_reported(own_tree, tmp_path, ca
     state.acquire()
     try:
         state.load()
-        outcome = Engine(source, state, Options(dropoff=dropoff, zip_tmp=tmp_path / "z", jobs=4, retries=1,
-                                                backoff=0.01)).run(listing)
+        outcome = Engine(source, state, Options(dropoff=dropoff, zip_tmp=tmp_path / "z", jobs=4, retries=1, backoff=0.01)).run(listing)
         state.save()
     finally:
         state.release()
@@ -526,8 +523,9 @@ def test_kill_9_mid_series_then_resume(own_tree, tmp_path):
     state_dir = dropoff / ".clpipe-sync"
 
     def staging() -> bool:  # an instance staged and not yet placed, wherever it is staged
-        return (any(p.is_file() for p in (state_dir / "tmp").rglob("*"))
-                or any(p.name.startswith(".") for p in dropoff.rglob("*") if ".clpipe-sync" not in p.parts))
+        return any(p.is_file() for p in (state_dir / "tmp").rglob("*")) or any(
+            p.name.startswith(".") for p in dropoff.rglob("*") if ".clpipe-sync" not in p.parts
+        )
 
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(root), str(dropoff)], start_new_session=True)
     try:
@@ -544,8 +542,7 @@ def test_kill_9_mid_series_then_resume(own_tree, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
     source = source_for(root)
     folders = {e.ref.uid: e.path for e in entries(source, DicomQuery())}
-    want = {f"{folders[i['SeriesInstanceUID']]}/{i['SOPInstanceUID']}.dcm": (root / i["path"]).read_bytes()
-            for i in desc["instances"]}
+    want = {f"{folders[i['SeriesInstanceUID']]}/{i['SOPInstanceUID']}.dcm": (root / i["path"]).read_bytes() for i in desc["instances"]}
     landed = dropoff_files(dropoff)
     assert landed and set(landed) <= set(want), sorted(set(landed) - set(want))[:3]  # no name but the final ones
     assert all(want[k] == v for k, v in landed.items())  # and every file under a final name is whole
@@ -598,8 +595,7 @@ def test_unreadable_files_and_broken_links_are_noted(own_tree, monkeypatch):
     source = source_for(root)
     found = listed(source)
     assert sum(s.count for s in found) == desc["counts"]["instances"] - 1
-    assert set(source.stats.unreadable) == {f"{root / 'dangling.dcm'}: a broken symbolic link",
-                                            f"{victim}: Permission denied"}
+    assert set(source.stats.unreadable) == {f"{root / 'dangling.dcm'}: a broken symbolic link", f"{victim}: Permission denied"}
     assert any(n.startswith("could not read 2 files, so the run fails") for n in source.notes)
     assert sorted(source.problems) == sorted(source.stats.unreadable)
 
@@ -607,6 +603,7 @@ def test_unreadable_files_and_broken_links_are_noted(own_tree, monkeypatch):
 def test_a_full_dropoff_is_not_blamed_on_the_source(own_tree, tmp_path, monkeypatch):
     """The engine's copy names the source file in its ENOSPC error (as shutil.copyfile
     does); that must stay a dropoff problem, not become 'the source file cannot be read'."""
+
     def full(*args):
         raise OSError(28, "No space left on device")
 
@@ -627,13 +624,13 @@ def test_benchmark_quick_mode_runs_every_peer(tmp_path):
     bench = Path(__file__).resolve().parents[2] / "bench"
     results = bench / "results" / "dicom_folder.md"
     before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run([sys.executable, str(bench / "dicom_folder.py"), "--quick", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(bench / "dicom_folder.py"), "--quick", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| quick | 1 |")]
     names = [row.split("|")[3].strip() for row in rows]
-    assert names == ["cp -r full", "native full", "native no-op", "native jobs=1 full",
-                     "clpipe dicom sync full", "clpipe dicom sync no-op"]
+    assert names == ["cp -r full", "native full", "native no-op", "native jobs=1 full", "clpipe dicom sync full", "clpipe dicom sync no-op"]
     assert all(row.rstrip().endswith("| ok |") for row in rows), rows
     assert (results.read_bytes() if results.exists() else None) == before
 
@@ -690,6 +687,7 @@ def test_a_file_that_becomes_unreadable_keeps_its_synced_copy_even_with_delete(o
 def test_a_copy_that_breaks_half_way_names_both_ends(own_tree, tmp_path, monkeypatch):
     """An I/O error in the middle of a copy (both files open) may be the share's or the
     dropoff's: the failure names both and blames neither."""
+
     def broken(*args):
         raise OSError(errno.EIO, "Input/output error")
 
@@ -698,6 +696,9 @@ def test_a_copy_that_breaks_half_way_names_both_ends(own_tree, tmp_path, monkeyp
     root, desc = own_tree
     outcome = sync(source_for(root), tmp_path / "dropoff", "run1", retries=0)
     assert outcome.failed == len(desc["series"])
-    assert all("failed (Input/output error); check the share the folder is on and the dropoff's filesystem" in f
-               and "though it was there when the folder was listed" not in f for f in outcome.failures), outcome.failures[:2]
+    assert all(
+        "failed (Input/output error); check the share the folder is on and the dropoff's filesystem" in f
+        and "though it was there when the folder was listed" not in f
+        for f in outcome.failures
+    ), outcome.failures[:2]
     assert not dropoff_files(tmp_path / "dropoff")

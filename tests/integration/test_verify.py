@@ -53,8 +53,7 @@ def dicoms(config: Path) -> dict[str, bytes]:
 
 def container_gets(server, since: int = 0) -> list[str]:
     """Ids of the containers asked for (``GET containers/{id}``) since request ``since``."""
-    return [m.group(1) for r in server.requests[since:] if r["method"] == "GET"
-            for m in [CONTAINER_RE.match(r["path"])] if m]
+    return [m.group(1) for r in server.requests[since:] if r["method"] == "GET" for m in [CONTAINER_RE.match(r["path"])] if m]
 
 
 def file_gets(server, name: str, since: int = 0) -> list[dict]:
@@ -76,8 +75,9 @@ def engine_sync(server, dropoff: Path, entries=None, jobs: int = 4, retries: int
         state.acquire()
         try:
             state.load()
-            outcome = Engine(source, state, Options(dropoff=dropoff, zip_tmp=dropoff.parent / "ziptmp", jobs=jobs,
-                                                    retries=retries, backoff=0.01)).run(listing)
+            outcome = Engine(
+                source, state, Options(dropoff=dropoff, zip_tmp=dropoff.parent / "ziptmp", jobs=jobs, retries=retries, backoff=0.01)
+            ).run(listing)
             state.save()
         finally:
             state.release()
@@ -111,8 +111,9 @@ def test_a_persistent_corruption_fails_naming_the_file_and_lands_nothing(server,
     outcome = engine_sync(server, dropoff, retries=2)
     localizers = [path for path in demo_project.expected_dicom_paths(strip_root=True) if path.endswith("localizer.dcm")]
     assert outcome.failed == len(localizers) == 2
-    assert all("localizer.dcm" in f and "checksum mismatch" in f and "gave up after 3 attempts" in f
-               for f in outcome.failures), outcome.failures
+    assert all("localizer.dcm" in f and "checksum mismatch" in f and "gave up after 3 attempts" in f for f in outcome.failures), (
+        outcome.failures
+    )
     assert len(file_gets(server, "localizer.dcm")) == 3 * len(localizers)
     for path in localizers:
         assert not (dropoff / path).exists()
@@ -161,8 +162,7 @@ def test_a_listing_with_hashes_needs_no_container_request(server, demo_project, 
 def test_parallel_workers_ask_for_each_container_once(tmp_path):
     """Eight single DICOM files of one acquisition, downloaded by eight workers at once,
     while the container's answer is slow: one request, every file checked (a flip caught)."""
-    project = make_demo_project(subjects=1, acquisitions=1, slices=8, zipped=False, single_dicoms=False,
-                                non_dicom=False)
+    project = make_demo_project(subjects=1, acquisitions=1, slices=8, zipped=False, single_dicoms=False, non_dicom=False)
     with FlywheelTestServer([project], api_keys={KEY}) as server:
         server.add_fault(CONTAINER_RE.pattern, "delay", delay=0.3)
         server.add_fault(r"/files/IM0005\.dcm$", "corrupt", count=1)
@@ -238,8 +238,7 @@ def test_a_damaged_zip_header_on_disk_is_retried(server, demo_project, tmp_path,
     monkeypatch.setattr(engine_module, "IN_MEMORY_ZIP", 0)
     server.file_hashes = False
     zip_file = next(f for _, f in demo_project.iter_files() if f.is_zip)
-    server.add_fault(re.escape(zip_file.name) + "$", "corrupt", count=1,
-                     span=_zip_header_field(zip_file.content, "cd_offset"))
+    server.add_fault(re.escape(zip_file.name) + "$", "corrupt", count=1, span=_zip_header_field(zip_file.content, "cd_offset"))
     outcome = engine_sync(server, tmp_path / "dropoff", retries=1)
     assert outcome.failed == 0, outcome.failures
     assert "damaged zip ([Errno 22]" in capsys.readouterr().out
@@ -255,34 +254,45 @@ def test_files_named_dot_and_dotdot_fetch_their_own_bytes(tmp_path):
     list: each path segment is quoted, the dots percent-encoded, so each file's own bytes
     come back and match the server's hash. (Where such names land in the dropoff is the
     layout's business: here they are given plain local paths.)"""
-    acq = Acquisition("acq", [FwFile("..", b"the file named two dots\n"), FwFile(".", b"the file named one dot\n"),
-                              FwFile("plain.dcm", b"plain\n")])
+    acq = Acquisition(
+        "acq", [FwFile("..", b"the file named two dots\n"), FwFile(".", b"the file named one dot\n"), FwFile("plain.dcm", b"plain\n")]
+    )
     project = Project("lab", "study", [Subject("sub", [Session("ses", [acq])])])
     with FlywheelTestServer([project], api_keys={KEY}) as server:
-        entries = [RemoteEntry(key=f"{acq.id}/{f.name}", path=f"files/{local}", size=f.size, modified=0.0,
-                               checksum=None, unpack=False, name=f.name)
-                   for f, local in zip(acq.files, ["dotdot", "dot", "plain.dcm"], strict=False)]
+        entries = [
+            RemoteEntry(
+                key=f"{acq.id}/{f.name}", path=f"files/{local}", size=f.size, modified=0.0, checksum=None, unpack=False, name=f.name
+            )
+            for f, local in zip(acq.files, ["dotdot", "dot", "plain.dcm"], strict=False)
+        ]
         outcome = engine_sync(server, tmp_path / "dropoff", entries=entries)
         assert outcome.failed == 0 and outcome.created == 3, outcome.failures
         gets = {r["path"]: r["status"] for r in server.requests if r["method"] == "GET"}
-        assert gets == {f"/api/containers/{acq.id}": 200, f"/api/containers/{acq.id}/files/..": 200,
-                        f"/api/containers/{acq.id}/files/.": 200, f"/api/containers/{acq.id}/files/plain.dcm": 200}
+        assert gets == {
+            f"/api/containers/{acq.id}": 200,
+            f"/api/containers/{acq.id}/files/..": 200,
+            f"/api/containers/{acq.id}/files/.": 200,
+            f"/api/containers/{acq.id}/files/plain.dcm": 200,
+        }
         assert not outcome.notes  # each matched its hash
-    assert files_under(tmp_path / "dropoff") == {"files/dotdot": acq.files[0].content, "files/dot": acq.files[1].content,
-                                                 "files/plain.dcm": b"plain\n"}
+    assert files_under(tmp_path / "dropoff") == {
+        "files/dotdot": acq.files[0].content,
+        "files/dot": acq.files[1].content,
+        "files/plain.dcm": b"plain\n",
+    }
 
 
 def test_a_listed_project_with_dot_names_syncs_each_file_whole(tmp_path):
     """The same through the project listing: wherever the layout puts ``..`` and ``.``, the
     bytes that land are those of each file, fetched by its own name, each request once."""
-    files = [FwFile("..", b"the file named two dots\n"), FwFile(".", b"the file named one dot\n"),
-             FwFile("plain.dcm", b"plain\n")]
+    files = [FwFile("..", b"the file named two dots\n"), FwFile(".", b"the file named one dot\n"), FwFile("plain.dcm", b"plain\n")]
     acq = Acquisition("acq", files)
     project = Project("lab", "study", [Subject("sub", [Session("ses", [acq])])])
     with FlywheelTestServer([project], api_keys={KEY}) as server:
         outcome = engine_sync(server, tmp_path / "dropoff")
         assert outcome.failed == 0 and outcome.created == 3, outcome.failures
         assert sorted(r["path"] for r in server.requests if r["method"] == "GET" and "/files/" in r["path"]) == sorted(
-            f"/api/containers/{acq.id}/files/{f.name}" for f in files)
+            f"/api/containers/{acq.id}/files/{f.name}" for f in files
+        )
         assert all(r["status"] == 200 for r in server.requests)
     assert sorted(files_under(tmp_path / "dropoff").values()) == sorted(f.content for f in files)

@@ -16,7 +16,7 @@ from clpipe.batch.job import Job, Resources
 from clpipe.batch.scheduler import memory_value, parse_job_id, render
 from clpipe.errors import ConfigError
 
-WEIRD = "lab's $HOME \"quoted\" dir"
+WEIRD = 'lab\'s $HOME "quoted" dir'
 
 
 def job(tmp_path: Path, **kw) -> Job:
@@ -33,8 +33,12 @@ def job(tmp_path: Path, **kw) -> Job:
 
 def test_builtin_profiles_load_with_their_scheduler():
     kinds = {name: load_batch_config(name, Path("/nonexistent")).scheduler for name in builtin_profiles()}
-    assert kinds == {"pittWorkstation.json": "generic", "sgeDukeBIAC.json": "sge",
-                     "slurmUNCConfig.json": "slurm", "slurmUVAConfig.json": "slurm"}
+    assert kinds == {
+        "pittWorkstation.json": "generic",
+        "sgeDukeBIAC.json": "sge",
+        "slurmUNCConfig.json": "slurm",
+        "slurmUVAConfig.json": "slurm",
+    }
     assert load_batch_config("slurmUNCConfig", Path("/x")).name == "slurmUNCConfig"  # .json optional
     for local in (None, "", "local"):
         assert load_batch_config(local, Path("/x")) is None
@@ -54,9 +58,13 @@ def write(tmp_path: Path, data: dict) -> str:
 
 
 def test_custom_file_in_either_spelling(tmp_path):
-    legacy = load_batch_config(write(tmp_path, {"SubmissionHead": "sbatch", "MemoryCommand": "--mem=", "TimeCommandActive": False}), tmp_path)
+    legacy = load_batch_config(
+        write(tmp_path, {"SubmissionHead": "sbatch", "MemoryCommand": "--mem=", "TimeCommandActive": False}), tmp_path
+    )
     assert legacy.scheduler == "slurm" and legacy.memory_command == "--mem="
-    snake = load_batch_config(write(tmp_path, {"submission_head": "qsub", "memory_command": "-l h_vmem={mem}G", "output_command_Active": True}), tmp_path)
+    snake = load_batch_config(
+        write(tmp_path, {"submission_head": "qsub", "memory_command": "-l h_vmem={mem}G", "output_command_Active": True}), tmp_path
+    )
     assert snake.scheduler == "sge" and snake.output_command_active is True
     relative = load_batch_config("batch.json", tmp_path)  # relative to the project directory
     assert relative.scheduler == "sge"
@@ -65,7 +73,10 @@ def test_custom_file_in_either_spelling(tmp_path):
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"SubmissionHead": "sbatch", "MemoryComand": "--mem="}, r"unknown batch configuration key 'MemoryComand'; did you mean 'MemoryCommand'\?"),
+        (
+            {"SubmissionHead": "sbatch", "MemoryComand": "--mem="},
+            r"unknown batch configuration key 'MemoryComand'; did you mean 'MemoryCommand'\?",
+        ),
         ({"SubmissionHead": "sbatch", "TimeCommandActive": "yes"}, r"TimeCommandActive: expected true or false"),
         ({"SubmissionHead": "sbatch", "SubmissionOptions": [{"command": "-n"}]}, r"SubmissionOptions: each entry must be"),
         ({"MemoryCommand": "--mem="}, r"SubmissionHead \(or submission_head\) is missing"),
@@ -86,8 +97,14 @@ def test_bad_json_batch_file(tmp_path):
 
 @pytest.mark.parametrize(
     "template, scheduler, expected",
-    [("--mem={mem}", "slurm", "10000"), ("--mem=", "slurm", "10000"), ("-l h_vmem={mem}G", "sge", "10"),
-     ("-l h_vmem={mem}", "sge", "10000M"), ("-l h_vmem={mem}M", "sge", "10000"), ("--mem={mem}G", "slurm", "10")],
+    [
+        ("--mem={mem}", "slurm", "10000"),
+        ("--mem=", "slurm", "10000"),
+        ("-l h_vmem={mem}G", "sge", "10"),
+        ("-l h_vmem={mem}", "sge", "10000M"),
+        ("-l h_vmem={mem}M", "sge", "10000"),
+        ("--mem={mem}G", "slurm", "10"),
+    ],
 )
 def test_memory_units_follow_template_and_scheduler(template, scheduler, expected):
     assert memory_value(template, 10000, scheduler) == expected
@@ -100,8 +117,12 @@ def test_slurm_script_directives_and_quoting(tmp_path):
     assert lines[0] == "#!/bin/bash"
     directives = [line for line in lines if line.startswith("#SBATCH")]
     assert directives == [
-        "#SBATCH -n 1", "#SBATCH --mem=10000", "#SBATCH --time=1:30:00", "#SBATCH --cpus-per-task=2",
-        "#SBATCH --job-name=flywheel_sync", "#SBATCH --mail-user=pi@lab.edu --mail-type=FAIL",
+        "#SBATCH -n 1",
+        "#SBATCH --mem=10000",
+        "#SBATCH --time=1:30:00",
+        "#SBATCH --cpus-per-task=2",
+        "#SBATCH --job-name=flywheel_sync",
+        "#SBATCH --mail-user=pi@lab.edu --mail-type=FAIL",
         "#SBATCH --output=Output-flywheel_sync-jobid-%j.out",
     ]
     assert "set -euo pipefail" in lines
@@ -110,7 +131,9 @@ def test_slurm_script_directives_and_quoting(tmp_path):
     # the script's command survives a shell: bash parses it back into the same argv
     exec_line = next(line for line in lines if line.startswith("exec "))
     assert shlex.split(exec_line)[1:] == list(job(tmp_path).argv)
-    out = subprocess.run(["bash", "-c", exec_line.replace("exec ", "printf '%s\\n' ", 1)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bash", "-c", exec_line.replace("exec ", "printf '%s\\n' ", 1)], capture_output=True, text=True, check=True
+    ).stdout
     assert out.splitlines() == list(job(tmp_path).argv)
     assert "export PATH='/opt/fw bin:/usr/bin'" in lines
 
@@ -124,8 +147,13 @@ def test_sge_script_converts_memory_and_waits_with_hold_jid(tmp_path):
     # Grid Engine would expand the `$HOME` in this path: the script logs for itself instead
     redirect = next(line for line in sub.script.splitlines() if line.startswith("exec >>"))
     logs = tmp_path / WEIRD / "logs" / "sync_logs"
-    out = subprocess.run(["bash", "-c", redirect.replace("exec >>", "printf '%s' ", 1).replace(" 2>&1", "")],
-                         env={"JOB_ID": "77"}, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bash", "-c", redirect.replace("exec >>", "printf '%s' ", 1).replace(" 2>&1", "")],
+        env={"JOB_ID": "77"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out == f"{logs}/Output-flywheel_sync-jobid-77.out"
     assert not any("h_rt" in d for d in directives)  # the profile has no time option
     assert sub.argv[:4] == ("qsub", "-terse", "-hold_jid", "77")
@@ -154,7 +182,9 @@ def test_cli_prints_script_and_submit_command(tmp_path):
     config = new_project(tmp_path / WEIRD)
     proc = subprocess.run(
         [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-batch_config", "slurmUNCConfig.json"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert "would run as a slurm batch job (slurmUNCConfig.json)" in proc.stdout
@@ -166,7 +196,9 @@ def test_cli_prints_script_and_submit_command(tmp_path):
     assert not list((tmp_path / WEIRD / "logs" / "sync_logs").iterdir())  # printing writes nothing
     proc = subprocess.run(
         [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-after", "5"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2 and "needs a batch system" in proc.stderr
 

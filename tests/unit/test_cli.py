@@ -19,7 +19,11 @@ def clpipe(*args, cwd=None, env=None):
     """Run the real console entry point in a subprocess; return (code, stdout, stderr)."""
     proc = subprocess.run(
         [sys.executable, "-m", "clpipe", *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -81,8 +85,21 @@ def test_without_submit_prints_the_job_and_touches_nothing(project):
 
 def test_clpipe_style_and_gnu_style_options_are_aliases(project):
     cfg = project / "clpipe_config.json"
-    a = clpipe("dicom", "flywheel_sync", "-config_file", cfg, "-source_url", "fw://g/p", "-dropoff_dir", project / "d", "-temp_dir", project / "t")
-    b = clpipe("dicom", "flywheel_sync", "--config-file", cfg, "--source-url", "fw://g/p", "--dropoff-dir", project / "d", "--temp-dir", project / "t")
+    a = clpipe(
+        "dicom", "flywheel_sync", "-config_file", cfg, "-source_url", "fw://g/p", "-dropoff_dir", project / "d", "-temp_dir", project / "t"
+    )
+    b = clpipe(
+        "dicom",
+        "flywheel_sync",
+        "--config-file",
+        cfg,
+        "--source-url",
+        "fw://g/p",
+        "--dropoff-dir",
+        project / "d",
+        "--temp-dir",
+        project / "t",
+    )
     assert a[0] == b[0] == 0
     strip = lambda out: [l for l in out.splitlines() if l.startswith(("Source", "Dropoff", "Temp"))]  # noqa: E731, E741
     assert strip(a[1]) == strip(b[1])
@@ -134,7 +151,7 @@ def test_bad_commandline_opts(project, opts, expected):
 
 
 def test_commandline_opts_parsed_like_fw():
-    opts = parse_commandline_opts("-y -z --delete -e nifti -j 8 --include-container-tags '{\"subject\": [\"ok\"]}' -n", "x")
+    opts = parse_commandline_opts('-y -z --delete -e nifti -j 8 --include-container-tags \'{"subject": ["ok"]}\' -n', "x")
     assert not opts.unpack and not opts.transfers
     assert opts.include == ("dicom",) and opts.exclude == ("nifti",)
     assert opts.container_filters == ({"tags": {"plus": ["ok"]}, "type": "subject"},)
@@ -145,7 +162,7 @@ def test_commandline_opts_parsed_like_fw():
 def test_user_options_come_before_positionals(project):
     cfg = project / "clpipe_config.json"
     data = json.loads(cfg.read_text())
-    data["SourceOptions"].update(CommandLineOpts="-y -j 2 --exclude-container-tags '{\"session\": [\"bad scan\"]}'", Engine="fw-cli")
+    data["SourceOptions"].update(CommandLineOpts='-y -j 2 --exclude-container-tags \'{"session": ["bad scan"]}\'', Engine="fw-cli")
     cfg.write_text(json.dumps(data))
     plan = make_plan(load_project_config(cfg))
     argv = list(plan.fw_argv)
@@ -166,7 +183,10 @@ def test_audit_csv_with_commas_in_names(tmp_path):
     )
     rows = read_audit_csv(csv)
     assert [(r.dest_path, r.status) for r in rows] == [
-        ("SUBJECTS/a,b/FILES/x.dcm", "completed"), ("S/one.dcm", "skipped"), ("S/two.dcm", "canceled"), ("S/old.dcm", "completed"),
+        ("SUBJECTS/a,b/FILES/x.dcm", "completed"),
+        ("S/one.dcm", "skipped"),
+        ("S/two.dcm", "canceled"),
+        ("S/old.dcm", "completed"),
     ]
     assert rows[0].existing == "False" and rows[0].action_taken == "Created file on destination"
     assert rows[3].src_path == "" and rows[3].action_taken == "Deleted from destination"
@@ -179,13 +199,16 @@ def test_version_and_help():
     assert code == 0 and "-config_file" in out and "-submit" in out and "-temp_dir" in out
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["dicom", "sync", "-sourceurl", "file:///x"], "no such option: -sourceurl; did you mean -source_url?"),
-    (["dicom", "sync", "-limit", "-3"], "-3 is not in the range x>=0"),
-    (["dicom", "flywheel_sync", "-confg_file", "x"], "no such option: -confg_file; did you mean -config_file?"),
-    (["dicom", "flywheel_sync", "-engine", "turbo"], "'turbo' is not one of 'fw-cli', 'native'"),
-    (["dicom", "sync", "-c", "."], "is a directory"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["dicom", "sync", "-sourceurl", "file:///x"], "no such option: -sourceurl; did you mean -source_url?"),
+        (["dicom", "sync", "-limit", "-3"], "-3 is not in the range x>=0"),
+        (["dicom", "flywheel_sync", "-confg_file", "x"], "no such option: -confg_file; did you mean -config_file?"),
+        (["dicom", "flywheel_sync", "-engine", "turbo"], "'turbo' is not one of 'fw-cli', 'native'"),
+        (["dicom", "sync", "-c", "."], "is a directory"),
+    ],
+)
 def test_a_mistyped_command_line_is_one_line_naming_the_fix(tmp_path, args, expected):
     """click's usage errors print a usage block and a hint on three lines, and name a
     mistyped single-dash word by one of its letters (-o): one line, like every other error."""

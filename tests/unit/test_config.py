@@ -24,19 +24,40 @@ def write_legacy(tmp_path: Path, **source) -> Path:
         "CoreUsage": "1",
     }
     block.update(source)
-    data = {"ProjectTitle": "t", "ProjectDirectory": str(tmp_path), "EmailAddress": "a@b.edu", "SourceOptions": block,
-            "DICOMToBIDSOptions": {"DICOMDirectory": ""}, "BatchConfig": "", "RunLog": []}
+    data = {
+        "ProjectTitle": "t",
+        "ProjectDirectory": str(tmp_path),
+        "EmailAddress": "a@b.edu",
+        "SourceOptions": block,
+        "DICOMToBIDSOptions": {"DICOMDirectory": ""},
+        "BatchConfig": "",
+        "RunLog": [],
+    }
     path = tmp_path / "clpipe_config.json"
     path.write_text(json.dumps(data))
     return path
 
 
 def write_snake(tmp_path: Path, suffix=".json", **source) -> Path:
-    block = {"source_url": "fw://lab/study", "dropoff_directory": "", "temp_directory": "",
-             "commandline_opts": "-y", "time_usage": "1:0:0", "mem_usage": "10G", "core_usage": "2"}
+    block = {
+        "source_url": "fw://lab/study",
+        "dropoff_directory": "",
+        "temp_directory": "",
+        "commandline_opts": "-y",
+        "time_usage": "1:0:0",
+        "mem_usage": "10G",
+        "core_usage": "2",
+    }
     block.update(source)
-    data = {"clpipe_version": "1.9.1", "project_title": "t", "project_directory": "", "email_address": "SET EMAIL ADDRESS",
-            "source": block, "convert2bids": {}, "batch_config_path": ""}
+    data = {
+        "clpipe_version": "1.9.1",
+        "project_title": "t",
+        "project_directory": "",
+        "email_address": "SET EMAIL ADDRESS",
+        "source": block,
+        "convert2bids": {},
+        "batch_config_path": "",
+    }
     path = tmp_path / f"clpipe_config{suffix}"
     path.write_text(json.dumps(data) if suffix == ".json" else yaml.safe_dump(data))
     return path
@@ -76,7 +97,10 @@ def test_flags_override_file(tmp_path):
     "source, expected",
     [
         ({"SourceURL": "fw://"}, "SourceOptions.SourceURL: 'fw://' is not valid: it does not name a project"),
-        ({"SourceURL": "https://lab/study"}, "SourceOptions.SourceURL: 'https://lab/study' is not valid: 'https://lab/study' is not a source URL clpipe knows; use fw://group/project/"),
+        (
+            {"SourceURL": "https://lab/study"},
+            "SourceOptions.SourceURL: 'https://lab/study' is not valid: 'https://lab/study' is not a source URL clpipe knows; use fw://group/project/",
+        ),
         ({"SourceURL": "fw://lab/study/subj"}, "points below a project"),
         ({"SourceURL": "fw://Lab Group/study"}, "is not a Flywheel group id"),
         ({"TimeUsage": "25:99:00"}, "SourceOptions.TimeUsage: '25:99:00' is not valid: minutes must be below 60"),
@@ -161,7 +185,16 @@ def test_dropoff_that_cannot_be_written(tmp_path):
 
 @pytest.mark.parametrize(
     "text, seconds",
-    [("1:0:0", 3600), ("90", 5400), ("90:30", 5430), ("1-12", 129600), ("2-0:30", 174600), ("1-0:0:1", 86401), (45, 2700), ("48:00:00", 172800)],
+    [
+        ("1:0:0", 3600),
+        ("90", 5400),
+        ("90:30", 5430),
+        ("1-12", 129600),
+        ("2-0:30", 174600),
+        ("1-0:0:1", 86401),
+        (45, 2700),
+        ("48:00:00", 172800),
+    ],
 )
 def test_time_forms(text, seconds):
     assert parse_time(text) == seconds
@@ -174,7 +207,20 @@ def test_time_round_trip_and_bad_forms():
             parse_time(bad)
 
 
-@pytest.mark.parametrize("text, mb", [("10000", 10000), (10000, 10000), ("10G", 10240), ("10gb", 10240), ("500M", 500), ("1.5G", 1536), ("2T", 2097152), ("512K", 1), ("4GiB", 4096)])
+@pytest.mark.parametrize(
+    "text, mb",
+    [
+        ("10000", 10000),
+        (10000, 10000),
+        ("10G", 10240),
+        ("10gb", 10240),
+        ("500M", 500),
+        ("1.5G", 1536),
+        ("2T", 2097152),
+        ("512K", 1),
+        ("4GiB", 4096),
+    ],
+)
 def test_memory_forms(text, mb):
     assert parse_mem_mb(text) == mb
 

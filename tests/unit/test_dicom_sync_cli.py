@@ -17,8 +17,7 @@ from clpipe.sources.dicom import DicomQuery, labels, parse_source_url, series_fo
 
 
 def clpipe(*args, cwd=None):
-    proc = subprocess.run([sys.executable, "-m", "clpipe", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "clpipe", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=60)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -33,12 +32,15 @@ def project(tmp_path: Path, url: str, **source) -> Path:
     return config
 
 
-@pytest.mark.parametrize("url, kind, detail", [
-    ("dicomweb+http://127.0.0.1:8042/dicom-web", "dicomweb", "http://127.0.0.1:8042/dicom-web"),
-    ("dicomweb+https://pacs.example.org/wado/", "dicomweb", "https://pacs.example.org/wado"),
-    ("dimse://ORTHANC@127.0.0.1:4242", "dimse", ("ORTHANC", "127.0.0.1", 4242)),
-    ("file:///mnt/scanner/export", "file", "/mnt/scanner/export"),
-])
+@pytest.mark.parametrize(
+    "url, kind, detail",
+    [
+        ("dicomweb+http://127.0.0.1:8042/dicom-web", "dicomweb", "http://127.0.0.1:8042/dicom-web"),
+        ("dicomweb+https://pacs.example.org/wado/", "dicomweb", "https://pacs.example.org/wado"),
+        ("dimse://ORTHANC@127.0.0.1:4242", "dimse", ("ORTHANC", "127.0.0.1", 4242)),
+        ("file:///mnt/scanner/export", "file", "/mnt/scanner/export"),
+    ],
+)
 def test_source_urls(url, kind, detail):
     parsed = parse_source_url(url)
     assert parsed.scheme == kind and str(parsed) == url
@@ -46,15 +48,18 @@ def test_source_urls(url, kind, detail):
     assert got == detail
 
 
-@pytest.mark.parametrize("url, words", [
-    ("http://host/dicom-web", "is not a source URL clpipe knows"),
-    ("dicomweb+http:///dicom-web", "has no host"),
-    ("dicomweb+https://user:secret@host/dicom-web", "CLPIPE_DICOMWEB_TOKEN"),
-    ("dimse://127.0.0.1:4242", "dimse://CALLED_AET@host:port"),
-    ("dimse://THIS_AE_TITLE_IS_TOO_LONG@host:104", "1-16 ASCII characters"),
-    ("dimse://PACS@host:70000", "is not a TCP port"),
-    ("file://server/share", "three slashes"),
-])
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("http://host/dicom-web", "is not a source URL clpipe knows"),
+        ("dicomweb+http:///dicom-web", "has no host"),
+        ("dicomweb+https://user:secret@host/dicom-web", "CLPIPE_DICOMWEB_TOKEN"),
+        ("dimse://127.0.0.1:4242", "dimse://CALLED_AET@host:port"),
+        ("dimse://THIS_AE_TITLE_IS_TOO_LONG@host:104", "1-16 ASCII characters"),
+        ("dimse://PACS@host:70000", "is not a TCP port"),
+        ("file://server/share", "three slashes"),
+    ],
+)
 def test_bad_source_urls_say_what_to_write(url, words):
     with pytest.raises(ConfigError) as info:
         parse_source_url(url)
@@ -63,8 +68,9 @@ def test_bad_source_urls_say_what_to_write(url, words):
 
 
 def test_query_block_and_flags(tmp_path):
-    config = project(tmp_path, "file:///mnt/export",
-                     Query={"PatientID": "SUBJ*", "StudyDate": "20240101-20241231", "Modality": "MR", "Limit": 5})
+    config = project(
+        tmp_path, "file:///mnt/export", Query={"PatientID": "SUBJ*", "StudyDate": "20240101-20241231", "Modality": "MR", "Limit": 5}
+    )
     cfg = load_project_config(config, query={"modality": "CT", "series_description": None})
     assert cfg.source.query == DicomQuery(patient_id="SUBJ*", study_date="20240101-20241231", modality="CT", limit=5)
     assert cfg.source.engine == "native"
@@ -72,22 +78,25 @@ def test_query_block_and_flags(tmp_path):
     assert plan.job_name == "dicom_sync" and plan.query["patient_id"] == "SUBJ*" and plan.settings["calling_aet"] == "CLPIPE"
 
 
-@pytest.mark.parametrize("source, words", [
-    ({"Query": {"PatientId": "x"}}, "unknown key 'PatientId' in SourceOptions.Query; did you mean 'PatientID'?"),
-    ({"Query": {"StudyDate": "2024-01-01"}}, "is not a date range"),
-    ({"Query": {"StudyDate": "20241231-20240101"}}, "ends before it starts"),
-    ({"Query": {"Limit": -1}}, "expected a whole number of studies"),
-    ({"Query": "PatientID=1"}, "expected an object"),
-    ({"RetrieveMethod": "push"}, "expected \"get\" (C-GET) or \"move\""),
-    ({"RetrieveMethod": "move"}, "set MovePort"),
-    ({"CallingAET": "A" * 17}, "1-16 ASCII characters"),
-    ({"TLSCAFile": "/no/such/ca.pem"}, "no such file"),
-    ({"Engine": "fw-cli"}, "the fw-cli engine syncs only from Flywheel"),
-    ({"NetworkTimeout": 0}, "expected a number of seconds from 1 to 86400"),
-    ({"NetworkTimeout": "soon"}, "expected a number of seconds from 1 to 86400"),
-    ({"LayoutTemplate": "{subject}/{acquisition}"}, "unknown field {acquisition}"),
-    ({"CommandLineOpts": "--include-container-tags '{\"subject\": [\"x\"]}'"}, "filter with the Query block instead"),
-])
+@pytest.mark.parametrize(
+    "source, words",
+    [
+        ({"Query": {"PatientId": "x"}}, "unknown key 'PatientId' in SourceOptions.Query; did you mean 'PatientID'?"),
+        ({"Query": {"StudyDate": "2024-01-01"}}, "is not a date range"),
+        ({"Query": {"StudyDate": "20241231-20240101"}}, "ends before it starts"),
+        ({"Query": {"Limit": -1}}, "expected a whole number of studies"),
+        ({"Query": "PatientID=1"}, "expected an object"),
+        ({"RetrieveMethod": "push"}, 'expected "get" (C-GET) or "move"'),
+        ({"RetrieveMethod": "move"}, "set MovePort"),
+        ({"CallingAET": "A" * 17}, "1-16 ASCII characters"),
+        ({"TLSCAFile": "/no/such/ca.pem"}, "no such file"),
+        ({"Engine": "fw-cli"}, "the fw-cli engine syncs only from Flywheel"),
+        ({"NetworkTimeout": 0}, "expected a number of seconds from 1 to 86400"),
+        ({"NetworkTimeout": "soon"}, "expected a number of seconds from 1 to 86400"),
+        ({"LayoutTemplate": "{subject}/{acquisition}"}, "unknown field {acquisition}"),
+        ({"CommandLineOpts": '--include-container-tags \'{"subject": ["x"]}\''}, "filter with the Query block instead"),
+    ],
+)
 def test_bad_dicom_options_name_the_key(tmp_path, source, words):
     config = project(tmp_path, "dimse://PACS@127.0.0.1:104", **source)
     code, out, err = clpipe("dicom", "sync", "-c", config)
@@ -114,17 +123,25 @@ def test_flywheel_sync_refuses_other_sources_and_dicom_sync_takes_fw(tmp_path):
 
 
 def test_layout_rules_for_missing_and_odd_attributes():
-    odd = {"PatientID": "sub-01/../x", "StudyDate": "20240131", "SeriesNumber": "7",
-           "SeriesDescription": "T1w MPRAGE / *é*\x01", "SeriesInstanceUID": "1.2.3"}
-    assert series_folder("{subject}/{session}/{series}", odd) == "01x/20240131/007-T1w_MPRAGE_e"  # portable: tests/integration/test_names.py
+    odd = {
+        "PatientID": "sub-01/../x",
+        "StudyDate": "20240131",
+        "SeriesNumber": "7",
+        "SeriesDescription": "T1w MPRAGE / *é*\x01",
+        "SeriesInstanceUID": "1.2.3",
+    }
+    assert (
+        series_folder("{subject}/{session}/{series}", odd) == "01x/20240131/007-T1w_MPRAGE_e"
+    )  # portable: tests/integration/test_names.py
     bare = {"SeriesInstanceUID": "1.2.4", "Modality": "MR"}
     assert labels(bare)["subject"] == "unknown" and labels(bare)["session"] == "nodate" and labels(bare)["series"] == "NA-MR"
     assert series_folder("{subject}/{session}/{series}", {}) == "unknown/nodate/NA-series"
 
 
 def test_project_setup_takes_a_dicom_source(tmp_path):
-    code, _, err = clpipe("project_setup", "-project_title", "t", "-project_dir", tmp_path / "p",
-                          "-source_url", "dimse://ORTHANC@127.0.0.1:4242")
+    code, _, err = clpipe(
+        "project_setup", "-project_title", "t", "-project_dir", tmp_path / "p", "-source_url", "dimse://ORTHANC@127.0.0.1:4242"
+    )
     assert code == 0, err
     config = json.loads((tmp_path / "p" / "clpipe_config.json").read_text())
     assert config["SourceOptions"]["SourceURL"] == "dimse://ORTHANC@127.0.0.1:4242"

@@ -27,7 +27,7 @@ class _Upstream(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             for start in range(0, len(BODY), 4096):
-                piece = BODY[start:start + 4096]
+                piece = BODY[start : start + 4096]
                 self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
             self.wfile.write(b"0\r\n\r\n")
             return
@@ -62,7 +62,10 @@ def test_passes_requests_and_answers_unchanged(proxy):
         chunked = client.get("/chunked")
         assert chunked.content == BODY and chunked.headers["content-length"] == str(len(BODY))
     assert [(q["path"], q["status"], q["fault"]) for q in proxy.requests] == [
-        ("/studies/1/series/2", 200, None), ("/missing", 404, None), ("/chunked", 200, None)]
+        ("/studies/1/series/2", 200, None),
+        ("/missing", 404, None),
+        ("/chunked", 200, None),
+    ]
 
 
 def test_status_fault_with_retry_after_hits_count_matching_requests(proxy):
@@ -81,11 +84,12 @@ def test_corrupt_keeps_the_length_and_changes_the_bytes(proxy):
     with httpx.Client(base_url=proxy.base_url, timeout=10) as client:
         r = client.get("/x")
     assert len(r.content) == len(BODY) and r.content != BODY
-    assert r.content[:len(BODY) // 3] == BODY[:len(BODY) // 3]
+    assert r.content[: len(BODY) // 3] == BODY[: len(BODY) // 3]
 
 
-@pytest.mark.parametrize("kind,error", [("truncate", httpx.RemoteProtocolError), ("reset", httpx.ReadError),
-                                        ("drop", httpx.RemoteProtocolError)])
+@pytest.mark.parametrize(
+    "kind,error", [("truncate", httpx.RemoteProtocolError), ("reset", httpx.ReadError), ("drop", httpx.RemoteProtocolError)]
+)
 def test_broken_connections(proxy, kind, error):
     proxy.add_fault(r"/x$", kind, count=1)
     with httpx.Client(base_url=proxy.base_url, timeout=10) as client:

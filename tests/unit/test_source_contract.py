@@ -40,11 +40,23 @@ def test_each_source_has_the_abilities_the_engine_asks_for(tmp_path):
         for source in (flywheel, folder):
             assert isinstance(source, Source)
         # Flywheel: files (and zips) to open, their members, hashes looked up
-        assert [isinstance(flywheel, p) for p in (HasFiles, HasMembers, HasChecksum, HasInstances, HasMaxJobs,
-                                                  HasProblems)] == [True, True, True, False, False, False]
+        assert [isinstance(flywheel, p) for p in (HasFiles, HasMembers, HasChecksum, HasInstances, HasMaxJobs, HasProblems)] == [
+            True,
+            True,
+            True,
+            False,
+            False,
+            False,
+        ]
         # a folder: series, how many copies are worth running at once, what it could not read, notes
-        assert [isinstance(folder, p) for p in (HasInstances, HasMaxJobs, HasProblems, HasNotes, HasFiles,
-                                                HasChecksum)] == [True, True, True, True, False, False]
+        assert [isinstance(folder, p) for p in (HasInstances, HasMaxJobs, HasProblems, HasNotes, HasFiles, HasChecksum)] == [
+            True,
+            True,
+            True,
+            True,
+            False,
+            False,
+        ]
         assert folder.max_jobs == 3 and list(folder.problems) == []
     finally:
         flywheel.close()

@@ -36,25 +36,31 @@ def test_every_url_scheme_has_a_source_class():
 
 
 def test_a_source_module_is_imported_only_when_used():
-    done = _run("import sys; from clpipe.sources import registry, dicom; "
-                "print(sorted(m for m in sys.modules if m.startswith(('clpipe.sources.', 'pynetdicom', 'pydicom')))); "
-                "registry.source_class('dimse'); print('clpipe.sources.dimse' in sys.modules)")
+    done = _run(
+        "import sys; from clpipe.sources import registry, dicom; "
+        "print(sorted(m for m in sys.modules if m.startswith(('clpipe.sources.', 'pynetdicom', 'pydicom')))); "
+        "registry.source_class('dimse'); print('clpipe.sources.dimse' in sys.modules)"
+    )
     assert done.returncode == 0, done.stderr
     first, second = done.stdout.splitlines()
     assert first == "['clpipe.sources.dicom', 'clpipe.sources.registry']" and second == "True"
 
 
 def test_a_missing_package_is_one_line_naming_it():
-    done = _run("import sys; sys.modules['pynetdicom'] = None\n"
-                "from clpipe.errors import ConfigError\n"
-                "from clpipe.sources.dicom import SourceSettings, check_before_submit, parse_source_url\n"
-                "try:\n"
-                "    check_before_submit(parse_source_url('dimse://PACS@127.0.0.1:104'), SourceSettings())\n"
-                "except ConfigError as exc:\n"
-                "    print(exc.exit_code, exc)\n")
+    done = _run(
+        "import sys; sys.modules['pynetdicom'] = None\n"
+        "from clpipe.errors import ConfigError\n"
+        "from clpipe.sources.dicom import SourceSettings, check_before_submit, parse_source_url\n"
+        "try:\n"
+        "    check_before_submit(parse_source_url('dimse://PACS@127.0.0.1:104'), SourceSettings())\n"
+        "except ConfigError as exc:\n"
+        "    print(exc.exit_code, exc)\n"
+    )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == ("2 dimse:// sources need the Python package 'pynetdicom', which is not installed; "
-                                   "install it (pip install pynetdicom) in the environment that runs clpipe")
+    assert done.stdout.strip() == (
+        "2 dimse:// sources need the Python package 'pynetdicom', which is not installed; "
+        "install it (pip install pynetdicom) in the environment that runs clpipe"
+    )
 
 
 def test_check_before_submit_goes_through_each_source_class(tmp_path):
@@ -88,8 +94,11 @@ def test_the_sources_import_nothing_above_them_and_dicom_no_source():
     for path in sorted(SOURCES_DIR.rglob("*.py")):
         above = {n for n in _imports(path) if n.startswith(("clpipe.sync", "clpipe.engines", "clpipe.cli", "clpipe.batch"))}
         assert not above, f"{path.name} imports {above}"
-    concrete = {n for n in _imports(SOURCES_DIR / "dicom.py")
-                if n.startswith(("clpipe.sources.dicomweb", "clpipe.sources.dimse", "clpipe.sources.localdir"))}
+    concrete = {
+        n
+        for n in _imports(SOURCES_DIR / "dicom.py")
+        if n.startswith(("clpipe.sources.dicomweb", "clpipe.sources.dimse", "clpipe.sources.localdir"))
+    }
     assert not concrete
 
 

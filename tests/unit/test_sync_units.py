@@ -13,7 +13,9 @@ from clpipe.sync.layout import bids_label, check_template, dicom_format_string, 
 from clpipe.sync.manifest import Record, SyncState
 
 
-@pytest.mark.parametrize("text, safe", [("..", "_"), (".", "_"), ("", "_"), ("a/b", "a_b"), ("a\x00b\x1f", "a_b"), (" x ", "x"), ("ok.dcm", "ok.dcm")])
+@pytest.mark.parametrize(
+    "text, safe", [("..", "_"), (".", "_"), ("", "_"), ("a/b", "a_b"), ("a\x00b\x1f", "a_b"), (" x ", "x"), ("ok.dcm", "ok.dcm")]
+)
 def test_safe_part(text, safe):
     assert safe_part(text) == safe
 
@@ -44,7 +46,13 @@ def test_bids_labels_and_templates():
 def test_flatten_members_never_overwrites():
     names = flatten_members(["c/IM1.dcm", "a/IM1.dcm", "b/IM1.dcm", "IM2.dcm", "../../x.dcm"])
     # the smallest path keeps the name; the others get ~ and hex digits of their path (tests/integration/test_names.py)
-    assert names == {"a/IM1.dcm": "IM1.dcm", "b/IM1.dcm": "IM1~c56d7c.dcm", "c/IM1.dcm": "IM1~c782e6.dcm", "IM2.dcm": "IM2.dcm", "../../x.dcm": "x.dcm"}
+    assert names == {
+        "a/IM1.dcm": "IM1.dcm",
+        "b/IM1.dcm": "IM1~c56d7c.dcm",
+        "c/IM1.dcm": "IM1~c782e6.dcm",
+        "IM2.dcm": "IM2.dcm",
+        "../../x.dcm": "x.dcm",
+    }
 
 
 def test_hash_forms():

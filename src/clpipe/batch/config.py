@@ -82,12 +82,26 @@ class BatchConfig:
 
 def _defaults() -> dict:
     return {
-        "submission_options": [], "sub_options_equal": [], "n_threads_command": "", "n_threads": "",
-        "memory_command": "", "memory_default": "", "time_command": "", "time_default": "",
-        "job_id_command": "", "output_command": "", "command_wrapper": "", "email_address": "",
-        "email_command": "", "fmriprep_batch_commands": "", "no_quotes": False,
-        "time_command_active": False, "thread_command_active": False, "job_id_command_active": False,
-        "output_command_active": False, "singularity_bind_paths": "",
+        "submission_options": [],
+        "sub_options_equal": [],
+        "n_threads_command": "",
+        "n_threads": "",
+        "memory_command": "",
+        "memory_default": "",
+        "time_command": "",
+        "time_default": "",
+        "job_id_command": "",
+        "output_command": "",
+        "command_wrapper": "",
+        "email_address": "",
+        "email_command": "",
+        "fmriprep_batch_commands": "",
+        "no_quotes": False,
+        "time_command_active": False,
+        "thread_command_active": False,
+        "job_id_command_active": False,
+        "output_command_active": False,
+        "singularity_bind_paths": "",
     }
 
 
@@ -110,19 +124,20 @@ def _validate(data: Any, source: str, name: str) -> BatchConfig:
         if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, expected):
-            what = {str: "text", list: "a list of {\"command\": ..., \"args\": ...} objects", bool: "true or false"}[expected]
+            what = {str: "text", list: 'a list of {"command": ..., "args": ...} objects', bool: "true or false"}[expected]
             raise ConfigError(f"{source}: {key}: expected {what}, found {json.dumps(value)}")
         if isinstance(value, list):
             for item in value:
                 if not (isinstance(item, dict) and set(item) == {"command", "args"} and all(isinstance(v, str) for v in item.values())):
-                    raise ConfigError(f"{source}: {key}: each entry must be {{\"command\": \"...\", \"args\": \"...\"}} "
-                                      f"with text values, found {json.dumps(item)}")
+                    raise ConfigError(
+                        f'{source}: {key}: each entry must be {{"command": "...", "args": "..."}} '
+                        f"with text values, found {json.dumps(item)}"
+                    )
         values[found] = value
     for canonical in REQUIRED:
         if not values.get(canonical, "").strip():
             legacy, snake, _ = KEYS[canonical]
-            raise ConfigError(f"{source}: {legacy} (or {snake}) is missing or empty; "
-                              "expected the submit command, e.g. \"sbatch\" or \"qsub\"")
+            raise ConfigError(f'{source}: {legacy} (or {snake}) is missing or empty; expected the submit command, e.g. "sbatch" or "qsub"')
     try:
         shlex.split(values["submission_head"])
     except ValueError as exc:
@@ -158,7 +173,7 @@ def load_batch_config(value: str | None, project_dir: Path) -> BatchConfig | Non
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
             f"batch configuration {value!r} is neither a file (looked at {path}) nor a built-in profile "
-            f"({', '.join(profiles)}){hint}; use \"\" to run without a batch system"
+            f'({", ".join(profiles)}){hint}; use "" to run without a batch system'
         )
     try:
         data = json.loads(text)

@@ -46,8 +46,10 @@ def take_handoff(allowed: tuple[str, ...]) -> list[str]:
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PreflightError(f"the login handed to this job is gone ({path}): each submission's hand-off file is read "
-                             "once and deleted when its job starts; submit the job again") from None
+        raise PreflightError(
+            f"the login handed to this job is gone ({path}): each submission's hand-off file is read "
+            "once and deleted when its job starts; submit the job again"
+        ) from None
     except (OSError, ValueError) as exc:
         raise PreflightError(f"cannot read the login handed to this job ({path}: {exc}); submit the job again") from None
     finally:

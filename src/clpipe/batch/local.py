@@ -54,8 +54,9 @@ def run_local(job: Job) -> int:
     except OSError as exc:
         os.dup2(saved_stdin, 0)
         os.chdir(saved_cwd)
-        raise PreflightError(f"cannot start {job.argv[0]}: {exc.strerror}; the clpipe installation was probably "
-                             "moved or removed: install it again") from None
+        raise PreflightError(
+            f"cannot start {job.argv[0]}: {exc.strerror}; the clpipe installation was probably moved or removed: install it again"
+        ) from None
     raise AssertionError("unreachable: exec returned")  # pragma: no cover
 
 
@@ -88,7 +89,7 @@ class _Log:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 class _Tee(io.RawIOBase):
@@ -129,15 +130,17 @@ def start_job_log() -> None:
     try:
         log = _Log(path)
     except OSError as exc:
-        print(f"clpipe: error: cannot write the log {path}: {exc.strerror}; the run goes on without it",
-              file=sys.stderr, flush=True)
+        print(f"clpipe: error: cannot write the log {path}: {exc.strerror}; the run goes on without it", file=sys.stderr, flush=True)
         return
     _LOG = log
     for name, fd in (("stdout", 1), ("stderr", 2)):
         stream = getattr(sys, name)
         stream.flush()
-        setattr(sys, name, io.TextIOWrapper(io.BufferedWriter(_Tee(fd, log)), encoding=stream.encoding,
-                                            errors=stream.errors, line_buffering=True))
+        setattr(
+            sys,
+            name,
+            io.TextIOWrapper(io.BufferedWriter(_Tee(fd, log)), encoding=stream.encoding, errors=stream.errors, line_buffering=True),
+        )
 
 
 def finish_job(code: int, error: BaseException | None = None) -> int:
@@ -160,8 +163,11 @@ def finish_job(code: int, error: BaseException | None = None) -> int:
         said = isinstance(error, DiskFull) and error.folder is not None and _same_filesystem(error.folder, folder)
         if said:
             return code or 1
-        line = str(DiskFull.at(problem, [(Path(folder), "")], needed=_LOG.missing,
-                               purpose=f"the rest of this run's log {os.path.basename(_LOG.path)}"))
+        line = str(
+            DiskFull.at(
+                problem, [(Path(folder), "")], needed=_LOG.missing, purpose=f"the rest of this run's log {os.path.basename(_LOG.path)}"
+            )
+        )
     else:
         line = f"the log {_LOG.path} misses the end of this run's output ({problem.strerror}); the console has it all"
     try:

@@ -154,10 +154,12 @@ def render(job: Job, batch: BatchConfig, email: str | None, script_path: Path, a
     lines += [
         f"# Written by clpipe {__version__} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC "
         f"from batch configuration {json.dumps(batch.name)} ({scheduler}).",
-        "# It holds no credentials: " + (
-            f"{', '.join(job.pass_env)} reach the job in a file only you can read ($CLPIPE_HANDOFF_FILE), "
-            "deleted when it starts." if job.pass_env
-            else "a Flywheel job reads the saved `fw login` when it runs."),
+        "# It holds no credentials: "
+        + (
+            f"{', '.join(job.pass_env)} reach the job in a file only you can read ($CLPIPE_HANDOFF_FILE), deleted when it starts."
+            if job.pass_env
+            else "a Flywheel job reads the saved `fw login` when it runs."
+        ),
         "set -euo pipefail",
         *(f"export {name}={shlex.quote(value)}" for name, value in sorted(job.env.items())),
         *([_self_log_line(job, output_pattern)] if dialect is not None and dialect.self_logging else []),
@@ -198,8 +200,10 @@ def submit(submission: Submission) -> str:
     """Write the script, run the submit command, and return the job id."""
     command = submission.argv[0]
     if shutil.which(command) is None:
-        raise ClpipeError(f"{command} was not found on PATH: this machine cannot submit to the batch system in the batch "
-                          "configuration; run clpipe on a login node, or set BatchConfig to \"\" to run here")
+        raise ClpipeError(
+            f"{command} was not found on PATH: this machine cannot submit to the batch system in the batch "
+            'configuration; run clpipe on a login node, or set BatchConfig to "" to run here'
+        )
     submission.script_path.parent.mkdir(parents=True, exist_ok=True)
     temp = submission.script_path.with_name(submission.script_path.name + ".tmp")
     temp.write_text(submission.script)
@@ -209,12 +213,18 @@ def submit(submission: Submission) -> str:
         # no login in the submit command's environment: sbatch would copy it into the job's
         # (kept by the scheduler); a job gets the logins it needs in a private file (handoff.py)
         proc = subprocess.run(
-            list(submission.argv), cwd=submission.cwd, capture_output=True, text=True,
-            stdin=subprocess.DEVNULL, timeout=SUBMIT_TIMEOUT, env=without_secrets(os.environ),
+            list(submission.argv),
+            cwd=submission.cwd,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=SUBMIT_TIMEOUT,
+            env=without_secrets(os.environ),
         )
     except subprocess.TimeoutExpired:
-        raise ClpipeError(f"{command} did not answer within {SUBMIT_TIMEOUT} s; the scheduler may be down "
-                          "(the job may or may not have been queued)") from None
+        raise ClpipeError(
+            f"{command} did not answer within {SUBMIT_TIMEOUT} s; the scheduler may be down (the job may or may not have been queued)"
+        ) from None
     if proc.returncode != 0:
         reason = (proc.stderr.strip() or proc.stdout.strip() or "no message").splitlines()[-1]
         raise ClpipeError(f"{command} refused the job (exit {proc.returncode}): {reason}")

@@ -40,29 +40,33 @@ def _find_config(config_file: str | None) -> str:
     raise ConfigError("no config file given and no clpipe_config.json here; pass -config_file PATH")
 
 
-_BATCH_HELP = "Batch configuration: a built-in profile (e.g. slurmUNCConfig.json), a file, or \"\" to run here (overrides BatchConfig)."
+_BATCH_HELP = 'Batch configuration: a built-in profile (e.g. slurmUNCConfig.json), a file, or "" to run here (overrides BatchConfig).'
 _AFTER_HELP = "Start the sync only after this batch job has completed successfully."
 
 
 def _common_options(func):
-    for option in reversed([
-        click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP),
-        click.option("-dropoff_dir", "--dropoff-dir", "dropoff_dir", help=flag_help("dropoff_directory")),
-        click.option("-temp_dir", "--temp-dir", "temp_dir", help=flag_help("temp_directory")),
-        click.option("-batch_config", "--batch-config", "batch_config", help=_BATCH_HELP),
-        click.option("-after", "--after", "after", metavar="JOBID", help=_AFTER_HELP),
-        click.option("-submit", "-s", "--submit", "submit", is_flag=True, help=SUBMIT_HELP),
-    ]):
+    for option in reversed(
+        [
+            click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP),
+            click.option("-dropoff_dir", "--dropoff-dir", "dropoff_dir", help=flag_help("dropoff_directory")),
+            click.option("-temp_dir", "--temp-dir", "temp_dir", help=flag_help("temp_directory")),
+            click.option("-batch_config", "--batch-config", "batch_config", help=_BATCH_HELP),
+            click.option("-after", "--after", "after", metavar="JOBID", help=_AFTER_HELP),
+            click.option("-submit", "-s", "--submit", "submit", is_flag=True, help=SUBMIT_HELP),
+        ]
+    ):
         func = option(func)
     return func
 
 
 @dicom.command("flywheel_sync")
-@click.option("-source_url", "--source-url", "source_url",
-              help=flag_help("source_url", "Flywheel project to sync, fw://<group>/<project>/ (overrides {key}). "
-                                           "`fw ls` browses projects."))
-@click.option("-engine", "--engine", "engine", type=click.Choice(ENGINES),
-              help=flag_help("engine"))
+@click.option(
+    "-source_url",
+    "--source-url",
+    "source_url",
+    help=flag_help("source_url", "Flywheel project to sync, fw://<group>/<project>/ (overrides {key}). `fw ls` browses projects."),
+)
+@click.option("-engine", "--engine", "engine", type=click.Choice(ENGINES), help=flag_help("engine"))
 @_common_options
 @debug_option
 def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, batch_config, after, submit) -> int:
@@ -73,31 +77,60 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, ba
     """
     from ..config import load_project_config
 
-    config = load_project_config(_find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir,
-                                 engine=engine)
+    config = load_project_config(
+        _find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir, engine=engine
+    )
     if not config.source.is_flywheel:
-        raise ConfigError(f"{config.key('source_url')} is {config.source.url}: "
-                          "flywheel_sync syncs Flywheel projects (fw://group/project/); "
-                          "use `clpipe dicom sync` for DICOMweb, DIMSE and file:// sources")
+        raise ConfigError(
+            f"{config.key('source_url')} is {config.source.url}: "
+            "flywheel_sync syncs Flywheel projects (fw://group/project/); "
+            "use `clpipe dicom sync` for DICOMweb, DIMSE and file:// sources"
+        )
     return _sync_job(config, batch_config, after, submit)
 
 
 @dicom.command("sync")
-@click.option("-source_url", "--source-url", "source_url",
-              help=flag_help("source_url", "What to sync (overrides {key}): fw://group/project/, dicomweb+http(s)://host:port/path, "
-                                           "dimse://CALLED_AET@host:port or file:///folder."))
+@click.option(
+    "-source_url",
+    "--source-url",
+    "source_url",
+    help=flag_help(
+        "source_url",
+        "What to sync (overrides {key}): fw://group/project/, dicomweb+http(s)://host:port/path, "
+        "dimse://CALLED_AET@host:port or file:///folder.",
+    ),
+)
 @click.option("-patient_id", "--patient-id", "patient_id", help=flag_help("patient_id"))
 @click.option("-patient_name", "--patient-name", "patient_name", help=flag_help("patient_name"))
 @click.option("-study_date", "--study-date", "study_date", help=flag_help("study_date"))
 @click.option("-modality", "--modality", "modality", help=flag_help("modality"))
 @click.option("-series_description", "--series-description", "series_description", help=flag_help("series_description"))
 @click.option("-accession_number", "--accession-number", "accession_number", help=flag_help("accession_number"))
-@click.option("-limit", "--limit", "limit", type=click.IntRange(min=0),
-              help=flag_help("limit", "At most this many studies (0: all; overrides {key})."))
+@click.option(
+    "-limit",
+    "--limit",
+    "limit",
+    type=click.IntRange(min=0),
+    help=flag_help("limit", "At most this many studies (0: all; overrides {key})."),
+)
 @_common_options
 @debug_option
-def dicom_sync_cli(config_file, source_url, patient_id, patient_name, study_date, modality, series_description,
-                   accession_number, limit, dropoff_dir, temp_dir, batch_config, after, submit) -> int:
+def dicom_sync_cli(
+    config_file,
+    source_url,
+    patient_id,
+    patient_name,
+    study_date,
+    modality,
+    series_description,
+    accession_number,
+    limit,
+    dropoff_dir,
+    temp_dir,
+    batch_config,
+    after,
+    submit,
+) -> int:
     """Sync DICOM data from any source into the dropoff folder: a Flywheel project, a
     DICOMweb server, a PACS over DIMSE, or a mounted folder.
 
@@ -107,13 +140,21 @@ def dicom_sync_cli(config_file, source_url, patient_id, patient_name, study_date
     """
     from ..config import load_project_config
 
-    query = {"patient_id": patient_id, "patient_name": patient_name, "study_date": study_date, "modality": modality,
-             "series_description": series_description, "accession_number": accession_number, "limit": limit}
-    config = load_project_config(_find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir,
-                                 temp_dir=temp_dir, query=query)
+    query = {
+        "patient_id": patient_id,
+        "patient_name": patient_name,
+        "study_date": study_date,
+        "modality": modality,
+        "series_description": series_description,
+        "accession_number": accession_number,
+        "limit": limit,
+    }
+    config = load_project_config(_find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir, query=query)
     if config.source.is_flywheel and any(v is not None for v in query.values()):
-        raise ConfigError("the query flags (-patient_id, -study_date, ...) are for DICOM sources; filter a Flywheel "
-                          "project with CommandLineOpts (e.g. --include-container-tags)")
+        raise ConfigError(
+            "the query flags (-patient_id, -study_date, ...) are for DICOM sources; filter a Flywheel "
+            "project with CommandLineOpts (e.g. --include-container-tags)"
+        )
     return _sync_job(config, batch_config, after, submit)
 
 
@@ -141,11 +182,18 @@ def run_plan_cli(plan_file) -> int:
 
 @cli.command("project_setup")
 @click.option("-project_title", "--project-title", "project_title", required=True, help="The project's name.")
-@click.option("-project_dir", "--project-dir", "project_dir", required=True, type=click.Path(file_okay=False),
-              help="Where to create the project.")
+@click.option(
+    "-project_dir", "--project-dir", "project_dir", required=True, type=click.Path(file_okay=False), help="Where to create the project."
+)
 @click.option("-source_url", "--source-url", "source_url", help="The Flywheel project to sync from, fw://<group>/<project>/.")
-@click.option("-profile", "--profile", "profile", default="local", show_default=True,
-              help="Batch configuration to start from: local (no batch system) or a built-in profile such as slurmUNCConfig.json.")
+@click.option(
+    "-profile",
+    "--profile",
+    "profile",
+    default="local",
+    show_default=True,
+    help="Batch configuration to start from: local (no batch system) or a built-in profile such as slurmUNCConfig.json.",
+)
 @debug_option
 def project_setup_cli(project_title, project_dir, source_url, profile) -> int:
     """Create a clpipe project: clpipe_config.json, data_DICOMs/, logs/sync_logs/, ..."""

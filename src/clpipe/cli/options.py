@@ -26,5 +26,6 @@ def debug_option(func: F) -> F:
             STATE["debug"] = True
         return value
 
-    return click.option("-debug", "-d", "--debug", "debug", is_flag=True, help=DEBUG_HELP,
-                        callback=remember, expose_value=False, is_eager=True)(func)
+    return click.option(
+        "-debug", "-d", "--debug", "debug", is_flag=True, help=DEBUG_HELP, callback=remember, expose_value=False, is_eager=True
+    )(func)

@@ -76,9 +76,7 @@ def _detect_style(data: dict[str, Any], path: Path) -> Style:
     legacy_hits = {k for k in data if k in {v[0] for v in TOP_KEYS.values()} | {SOURCE_SECTION[0]}}
     snake_hits = {k for k in data if k in {v[1] for v in TOP_KEYS.values()} | {SOURCE_SECTION[1], "clpipe_version"}}
     if SOURCE_SECTION[0] in data and SOURCE_SECTION[1] in data:
-        raise ConfigError(
-            f"{path}: has both SourceOptions (legacy) and source (clpipe 1.9) blocks; keep one of them"
-        )
+        raise ConfigError(f"{path}: has both SourceOptions (legacy) and source (clpipe 1.9) blocks; keep one of them")
     if snake_hits and not legacy_hits:
         return "snake"
     if legacy_hits and not snake_hits:
@@ -195,8 +193,10 @@ def load_project_config(
     engine_given = "engine" in from_flag or key_name("engine", style) in (data.get(section) or {})
     if not flywheel:
         if engine_given and checked["engine"] != "native":
-            raise ConfigError(f"{path}: {where('engine')}: the fw-cli engine syncs only from Flywheel (fw://); "
-                              f"remove {key_name('engine', style)} or set it to \"native\" for {url}")
+            raise ConfigError(
+                f"{path}: {where('engine')}: the fw-cli engine syncs only from Flywheel (fw://); "
+                f'remove {key_name("engine", style)} or set it to "native" for {url}'
+            )
         engine_value = "native"
     layout_template: str = checked["layout_template"]
     if layout_template:
@@ -212,12 +212,16 @@ def load_project_config(
         except ValueError as exc:
             raise ConfigError(f"{path}: {where('layout_template')}: {exc}") from None
         if engine_value != "native":
-            raise ConfigError(f"{path}: {section}.{key_name('layout_template', style)}: a layout template needs the native engine; "
-                              f"set {key_name('engine', style)} to \"native\" (fw sync always uses Flywheel's layout)")
+            raise ConfigError(
+                f"{path}: {section}.{key_name('layout_template', style)}: a layout template needs the native engine; "
+                f'set {key_name("engine", style)} to "native" (fw sync always uses Flywheel\'s layout)'
+            )
     dicom_query = None if flywheel else _query(checked["query"], query or {}, style, path, f"{section}.{key_name('query', style)}")
     if not flywheel and checked["retrieve_method"] == "move" and not checked["move_port"]:
-        raise ConfigError(f"{path}: {where('retrieve_method')} is \"move\": set {key_name('move_port', style)} to the port on which "
-                          "this machine receives the images (the PACS must know our AE title at that port)")
+        raise ConfigError(
+            f'{path}: {where("retrieve_method")} is "move": set {key_name("move_port", style)} to the port on which '
+            "this machine receives the images (the PACS must know our AE title at that port)"
+        )
 
     dropoff_value: str = checked["dropoff_directory"]
     temp_value: str = checked["temp_directory"]
@@ -280,7 +284,7 @@ def _query(block: Any, flags: dict[str, Any], style: Style, path: Path, where: s
     if block is None:
         block = {}
     if not isinstance(block, dict):
-        raise ConfigError(f"{path}: {where}: expected an object such as {{\"PatientID\": \"SUBJ*\"}}, found {type(block).__name__}")
+        raise ConfigError(f'{path}: {where}: expected an object such as {{"PatientID": "SUBJ*"}}, found {type(block).__name__}')
     by_name = {key_name(c, style, QUERY_KEYS): c for c in QUERY_KEYS}
     values: dict[str, Any] = {}
     shown: dict[str, str] = {}

@@ -115,7 +115,7 @@ def _calling_aet(value: Any) -> str:
 def _retrieve_method(value: Any) -> str:
     text = str(value or "").strip().lower().removeprefix("c-")
     if text not in RETRIEVE_METHODS:
-        raise ValueError("expected \"get\" (C-GET) or \"move\" (C-MOVE, which needs MovePort)")
+        raise ValueError('expected "get" (C-GET) or "move" (C-MOVE, which needs MovePort)')
     return text
 
 
@@ -141,8 +141,9 @@ def _seconds(value: Any) -> float:
     except ValueError:
         seconds = -1.0
     if isinstance(value, bool) or not 1 <= seconds <= 86400:
-        raise ValueError("expected a number of seconds from 1 to 86400 (a PACS that fetches from slow "
-                         "archive storage may need 600 or more)")
+        raise ValueError(
+            "expected a number of seconds from 1 to 86400 (a PACS that fetches from slow archive storage may need 600 or more)"
+        )
     return seconds
 
 
@@ -151,67 +152,211 @@ def _seconds(value: Any) -> float:
 # The Query block of a DICOM source. Its values are checked by the loader (a StudyDate
 # message names the flag or the key it came from), so these declare no check.
 QUERY_OPTIONS: tuple[Option, ...] = (
-    Option("PatientID", "patient_id", str, None, "Only these patients: a PatientID or pattern with * and ?",
-           flag="-patient_id", value="pattern", default_doc="any"),
-    Option("PatientName", "patient_name", str, None, "Only these patients: a PatientName pattern, e.g. 'DOE^*'",
-           flag="-patient_name", value="pattern", default_doc="any"),
-    Option("StudyDate", "study_date", str, None,
-           "Only studies in this date range: YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD",
-           flag="-study_date", value="date range", default_doc="any"),
-    Option("Modality", "modality", str, None, "Only series of this modality, e.g. MR",
-           flag="-modality", default_doc="any"),
-    Option("SeriesDescription", "series_description", str, None, "Only series whose description matches this pattern",
-           flag="-series_description", value="pattern", default_doc="any"),
-    Option("AccessionNumber", "accession_number", str, None, "Only the study with this accession number or pattern",
-           flag="-accession_number", value="pattern", default_doc="any"),
-    Option("Limit", "limit", int, None, "At most this many studies (0: all)",
-           flag="-limit", value="whole number", default_doc="0 (all)"),
+    Option(
+        "PatientID",
+        "patient_id",
+        str,
+        None,
+        "Only these patients: a PatientID or pattern with * and ?",
+        flag="-patient_id",
+        value="pattern",
+        default_doc="any",
+    ),
+    Option(
+        "PatientName",
+        "patient_name",
+        str,
+        None,
+        "Only these patients: a PatientName pattern, e.g. 'DOE^*'",
+        flag="-patient_name",
+        value="pattern",
+        default_doc="any",
+    ),
+    Option(
+        "StudyDate",
+        "study_date",
+        str,
+        None,
+        "Only studies in this date range: YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD",
+        flag="-study_date",
+        value="date range",
+        default_doc="any",
+    ),
+    Option("Modality", "modality", str, None, "Only series of this modality, e.g. MR", flag="-modality", default_doc="any"),
+    Option(
+        "SeriesDescription",
+        "series_description",
+        str,
+        None,
+        "Only series whose description matches this pattern",
+        flag="-series_description",
+        value="pattern",
+        default_doc="any",
+    ),
+    Option(
+        "AccessionNumber",
+        "accession_number",
+        str,
+        None,
+        "Only the study with this accession number or pattern",
+        flag="-accession_number",
+        value="pattern",
+        default_doc="any",
+    ),
+    Option("Limit", "limit", int, None, "At most this many studies (0: all)", flag="-limit", value="whole number", default_doc="0 (all)"),
 )
 
 SOURCE_OPTIONS: tuple[Option, ...] = (
-    Option("SourceURL", "source_url", Any, "fw://",
-           "What to sync: fw://group/project/ (Flywheel), dicomweb+http(s)://host:port/path, "
-           "dimse://CALLED_AET@host:port or file:///folder",
-           _source_url, flag="-source_url", value="URL", default_doc="none: it must be set"),
-    Option("DropoffDirectory", "dropoff_directory", str, "", "Where synced DICOMs go",
-           _text, flag="-dropoff_dir", value="folder", default_doc="`<project>/data_DICOMs`"),
-    Option("TempDirectory", "temp_directory", str, "", "Where temporary files go",
-           _text, flag="-temp_dir", value="folder", default_doc="`<project>/flywheel_tmp`"),
-    Option("CommandLineOpts", "commandline_opts", str, "-y",
-           "Extra `fw sync` options, split as a shell would (a DICOM source takes a few of them)",
-           _text, value="options"),
-    Option("TimeUsage", "time_usage", int, "1:0:0", "The batch job's time limit: H:M:S, minutes, M:S or D-H:M:S",
-           parse_time, value="time"),
-    Option("MemUsage", "mem_usage", int, "10G", "The batch job's memory: megabytes (10000) or a size (500M, 10G)",
-           parse_mem_mb, value="memory"),
-    Option("CoreUsage", "core_usage", int, "1", "Cores for the batch job",
-           parse_cores, value="whole number"),
-    Option("Engine", "engine", str, "native",
-           "native: clpipe's own engine, no fw needed (the default); fw-cli: run the Flywheel CLI's fw sync",
-           _engine, flag="-engine", value=" or ".join(ENGINES), sources="fw://"),
-    Option("LayoutTemplate", "layout_template", str, "",
-           "Native engine: the folders the files land in, e.g. {subject}/{session}/{acquisition}",
-           _layout_template, value="template",
-           default_doc="empty: Flywheel's layout, or for DICOM sources the one in {doc}`other-sources`"),
-    Option("MaxDelete", "max_delete", int, 1000, "Native engine: the most files `--delete` may remove in one run",
-           _max_delete, value="whole number"),
-    Option("Query", "query", Any, None,
-           "Which studies and series, a block of " + ", ".join(q.legacy for q in QUERY_OPTIONS),
-           value="object", default_doc="everything", sources="DICOM"),
-    Option("CallingAET", "calling_aet", str, "CLPIPE", "Our AE title, which the PACS must know",
-           _calling_aet, value="AE title", sources="dimse://"),
-    Option("RetrieveMethod", "retrieve_method", str, "get", "get (C-GET) or move (C-MOVE, which needs MovePort)",
-           _retrieve_method, value=" or ".join(RETRIEVE_METHODS), sources="dimse://"),
-    Option("MovePort", "move_port", int, 0, "With move: the TCP port clpipe receives the images on",
-           _port, value="port", sources="dimse://"),
-    Option("TLSCAFile", "tls_ca_file", str, "", "TLS: the CA certificates that signed the server's certificate (PEM)",
-           _file, value="file", sources="dimse://, dicomweb+https://"),
-    Option("TLSCertFile", "tls_cert_file", str, "", "TLS: our certificate, when the server asks for one (PEM)",
-           _file, value="file", sources="dimse://, dicomweb+https://"),
-    Option("TLSKeyFile", "tls_key_file", str, "", "TLS: the key of TLSCertFile (PEM)",
-           _file, value="file", sources="dimse://, dicomweb+https://"),
-    Option("NetworkTimeout", "network_timeout", float, 60, "Seconds every read and answer from the server may take",
-           _seconds, value="seconds", sources="dimse://, dicomweb"),
+    Option(
+        "SourceURL",
+        "source_url",
+        Any,
+        "fw://",
+        "What to sync: fw://group/project/ (Flywheel), dicomweb+http(s)://host:port/path, dimse://CALLED_AET@host:port or file:///folder",
+        _source_url,
+        flag="-source_url",
+        value="URL",
+        default_doc="none: it must be set",
+    ),
+    Option(
+        "DropoffDirectory",
+        "dropoff_directory",
+        str,
+        "",
+        "Where synced DICOMs go",
+        _text,
+        flag="-dropoff_dir",
+        value="folder",
+        default_doc="`<project>/data_DICOMs`",
+    ),
+    Option(
+        "TempDirectory",
+        "temp_directory",
+        str,
+        "",
+        "Where temporary files go",
+        _text,
+        flag="-temp_dir",
+        value="folder",
+        default_doc="`<project>/flywheel_tmp`",
+    ),
+    Option(
+        "CommandLineOpts",
+        "commandline_opts",
+        str,
+        "-y",
+        "Extra `fw sync` options, split as a shell would (a DICOM source takes a few of them)",
+        _text,
+        value="options",
+    ),
+    Option("TimeUsage", "time_usage", int, "1:0:0", "The batch job's time limit: H:M:S, minutes, M:S or D-H:M:S", parse_time, value="time"),
+    Option(
+        "MemUsage", "mem_usage", int, "10G", "The batch job's memory: megabytes (10000) or a size (500M, 10G)", parse_mem_mb, value="memory"
+    ),
+    Option("CoreUsage", "core_usage", int, "1", "Cores for the batch job", parse_cores, value="whole number"),
+    Option(
+        "Engine",
+        "engine",
+        str,
+        "native",
+        "native: clpipe's own engine, no fw needed (the default); fw-cli: run the Flywheel CLI's fw sync",
+        _engine,
+        flag="-engine",
+        value=" or ".join(ENGINES),
+        sources="fw://",
+    ),
+    Option(
+        "LayoutTemplate",
+        "layout_template",
+        str,
+        "",
+        "Native engine: the folders the files land in, e.g. {subject}/{session}/{acquisition}",
+        _layout_template,
+        value="template",
+        default_doc="empty: Flywheel's layout, or for DICOM sources the one in {doc}`other-sources`",
+    ),
+    Option(
+        "MaxDelete",
+        "max_delete",
+        int,
+        1000,
+        "Native engine: the most files `--delete` may remove in one run",
+        _max_delete,
+        value="whole number",
+    ),
+    Option(
+        "Query",
+        "query",
+        Any,
+        None,
+        "Which studies and series, a block of " + ", ".join(q.legacy for q in QUERY_OPTIONS),
+        value="object",
+        default_doc="everything",
+        sources="DICOM",
+    ),
+    Option(
+        "CallingAET",
+        "calling_aet",
+        str,
+        "CLPIPE",
+        "Our AE title, which the PACS must know",
+        _calling_aet,
+        value="AE title",
+        sources="dimse://",
+    ),
+    Option(
+        "RetrieveMethod",
+        "retrieve_method",
+        str,
+        "get",
+        "get (C-GET) or move (C-MOVE, which needs MovePort)",
+        _retrieve_method,
+        value=" or ".join(RETRIEVE_METHODS),
+        sources="dimse://",
+    ),
+    Option(
+        "MovePort", "move_port", int, 0, "With move: the TCP port clpipe receives the images on", _port, value="port", sources="dimse://"
+    ),
+    Option(
+        "TLSCAFile",
+        "tls_ca_file",
+        str,
+        "",
+        "TLS: the CA certificates that signed the server's certificate (PEM)",
+        _file,
+        value="file",
+        sources="dimse://, dicomweb+https://",
+    ),
+    Option(
+        "TLSCertFile",
+        "tls_cert_file",
+        str,
+        "",
+        "TLS: our certificate, when the server asks for one (PEM)",
+        _file,
+        value="file",
+        sources="dimse://, dicomweb+https://",
+    ),
+    Option(
+        "TLSKeyFile",
+        "tls_key_file",
+        str,
+        "",
+        "TLS: the key of TLSCertFile (PEM)",
+        _file,
+        value="file",
+        sources="dimse://, dicomweb+https://",
+    ),
+    Option(
+        "NetworkTimeout",
+        "network_timeout",
+        float,
+        60,
+        "Seconds every read and answer from the server may take",
+        _seconds,
+        value="seconds",
+        sources="dimse://, dicomweb",
+    ),
 )
 
 SOURCE_OPTION: dict[str, Option] = {o.snake: o for o in SOURCE_OPTIONS}
@@ -234,16 +379,42 @@ TOP_KEYS: dict[str, tuple[str, str]] = {
 
 # Top-level keys owned by other clpipe steps (any version): accepted and left alone.
 OTHER_TOP_LEGACY = {
-    "ConfigTitle", "Authors/Contributors", "TempDirectory", "DICOMToBIDSOptions",
-    "BIDSValidationOptions", "FMRIPrepOptions", "PostProcessingOptions",
-    "PostProcessingOptions2", "PostProcessingMemoryUsage", "ProcessingStreams",
-    "BetaSeriesOptions", "SUSANOptions", "ROIExtractionOptions", "ReHoExtraction",
-    "T2StarExtraction", "GLMSetupOptions", "RunLog", "StatusCache", "version",
+    "ConfigTitle",
+    "Authors/Contributors",
+    "TempDirectory",
+    "DICOMToBIDSOptions",
+    "BIDSValidationOptions",
+    "FMRIPrepOptions",
+    "PostProcessingOptions",
+    "PostProcessingOptions2",
+    "PostProcessingMemoryUsage",
+    "ProcessingStreams",
+    "BetaSeriesOptions",
+    "SUSANOptions",
+    "ROIExtractionOptions",
+    "ReHoExtraction",
+    "T2StarExtraction",
+    "GLMSetupOptions",
+    "RunLog",
+    "StatusCache",
+    "version",
 }
 OTHER_TOP_SNAKE = {
-    "clpipe_version", "version", "contributors", "convert2bids", "bids_validation",
-    "fmriprep", "postprocessing", "processing_streams", "beta_series", "roi_extraction",
-    "reho_extraction", "t2star_extraction", "glm_setup", "status_cache", "run_log",
+    "clpipe_version",
+    "version",
+    "contributors",
+    "convert2bids",
+    "bids_validation",
+    "fmriprep",
+    "postprocessing",
+    "processing_streams",
+    "beta_series",
+    "roi_extraction",
+    "reho_extraction",
+    "t2star_extraction",
+    "glm_setup",
+    "status_cache",
+    "run_log",
 }
 
 
@@ -287,8 +458,14 @@ def markdown_table(which: str) -> str:
     header = ["key (legacy / clpipe 1.9)", "value", "default", *(["for"] if with_sources else []), "flag", "meaning"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for o in TABLES[which]:
-        cells = [f"`{o.legacy}` / `{o.snake}`", o.value, _default_doc(o), *([o.sources] if with_sources else []),
-                 f"`{o.flag}`" if o.flag else "", o.help + "."]
+        cells = [
+            f"`{o.legacy}` / `{o.snake}`",
+            o.value,
+            _default_doc(o),
+            *([o.sources] if with_sources else []),
+            f"`{o.flag}`" if o.flag else "",
+            o.help + ".",
+        ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

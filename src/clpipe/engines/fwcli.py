@@ -77,8 +77,8 @@ def read_audit_csv(path: Path) -> list[AuditRow]:
             continue
         paths = match.group("paths")
         half = (len(paths) - 1) // 2
-        if len(paths) % 2 == 1 and paths[half] == "," and paths[:half] == paths[half + 1:]:
-            src, dest = paths[:half], paths[half + 1:]
+        if len(paths) % 2 == 1 and paths[half] == "," and paths[:half] == paths[half + 1 :]:
+            src, dest = paths[:half], paths[half + 1 :]
         elif paths.startswith(","):
             src, dest = "", paths[1:]
         else:
@@ -192,7 +192,7 @@ class _Streamer:
             if not match:
                 break
             segment, sep = self._pending[: match.start()], match.group()
-            self._pending = self._pending[match.end():]
+            self._pending = self._pending[match.end() :]
             self._segment(segment, progress=(sep == "\r"))
 
     def close(self) -> None:
@@ -244,8 +244,12 @@ def run(plan: SyncPlan) -> int:
     env = dict(without_secrets(os.environ), PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     streamer = _Streamer(sys.stdout, credentials.key, interactive=sys.stdout.isatty())
     proc = subprocess.Popen(
-        argv, cwd=plan.temp_dir, env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        argv,
+        cwd=plan.temp_dir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     assert proc.stdout is not None
     reader = os.fdopen(proc.stdout.fileno(), "rb", buffering=0, closefd=False)
@@ -288,4 +292,3 @@ def run(plan: SyncPlan) -> int:
     say(outcome.summary())
     say(f"audit log: {audit}" if audit.exists() else "no audit log was written")
     return close(bool(outcome.failed) or returncode != 0, code=returncode if returncode != 0 else 1)
-

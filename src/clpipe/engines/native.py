@@ -37,8 +37,12 @@ def run_native(plan: SyncPlan) -> int:
     source, project = source_class("fw").open_project(url, jobs=opts.jobs, verify=opts.ca_certs or True)
     try:
         say(f"native engine; logged in to {source.credentials.api_url}; project {url.group}/{url.project} found")
-        return _sync(plan, source, lambda: source.entries(project["_id"], url, *opts.listing_request(), unpack=opts.unpack,
-                                                          template=plan.layout_template or None), started)
+        return _sync(
+            plan,
+            source,
+            lambda: source.entries(project["_id"], url, *opts.listing_request(), unpack=opts.unpack, template=plan.layout_template or None),
+            started,
+        )
     finally:
         source.close()
 
@@ -91,10 +95,19 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
     try:
         try:
             state.load()
-            engine = Engine(source, state, Options(
-                dropoff=dropoff, zip_tmp=temp, jobs=opts.jobs, dry_run=opts.dry_run, delete=opts.delete,
-                max_delete=plan.max_delete, interactive=watched() and not opts.quiet,
-            ))
+            engine = Engine(
+                source,
+                state,
+                Options(
+                    dropoff=dropoff,
+                    zip_tmp=temp,
+                    jobs=opts.jobs,
+                    dry_run=opts.dry_run,
+                    delete=opts.delete,
+                    max_delete=plan.max_delete,
+                    interactive=watched() and not opts.quiet,
+                ),
+            )
             try:
                 outcome = engine.run(listing())  # checks each entry as the listing streams in
             except DiskFull as exc:  # the engine stopped at a full disk, with what it did
@@ -116,8 +129,12 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
                 if not is_disk_full(exc):
                     raise
                 if full is None:
-                    full = DiskFull.at(exc, folders, needed=_manifest_bytes(state),
-                                       purpose="the manifest of the synced files (the dropoff's .clpipe-sync folder)")
+                    full = DiskFull.at(
+                        exc,
+                        folders,
+                        needed=_manifest_bytes(state),
+                        purpose="the manifest of the synced files (the dropoff's .clpipe-sync folder)",
+                    )
     finally:
         state.release()
     outcome.seconds = time.monotonic() - started
@@ -127,8 +144,9 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
         outcome.failures.append(str(full))
     reported = True
     try:
-        write_reports(outcome, audit, summary, {"engine": "native", "source": plan.source_url, "dropoff": plan.dropoff,
-                                                "run_id": plan.run_id}, state)
+        write_reports(
+            outcome, audit, summary, {"engine": "native", "source": plan.source_url, "dropoff": plan.dropoff, "run_id": plan.run_id}, state
+        )
     except DiskFull as exc:
         full, reported = full or exc, False
     say_failed(failures, "failures", f" (all in {summary if reported else 'the summary, not written'})")

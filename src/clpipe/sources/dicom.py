@@ -30,8 +30,7 @@ from ..errors import ConfigError
 from ..layout import NameResolver, PlannedFolder, bids_label, check_template, portable_name, template_parts
 
 SCHEMES = ("dicomweb+http", "dicomweb+https", "dimse", "file")
-URL_FORMS = ("dicomweb+http://host:port/path, dicomweb+https://host/path, "
-             "dimse://CALLED_AET@host:port, file:///path/to/folder")
+URL_FORMS = "dicomweb+http://host:port/path, dicomweb+https://host/path, dimse://CALLED_AET@host:port, file:///path/to/folder"
 
 # Fields a DICOM layout template can use, and what they are made from.
 DICOM_FIELDS = {
@@ -96,8 +95,9 @@ def parse_source_url(value: str, where: str = "SourceURL") -> SourceURL:
     shown = redact_url(text)
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
     if scheme not in SCHEMES:
-        raise ConfigError(f"{where}: {shown!r} is not a source URL clpipe knows; use fw://group/project/ "
-                          f"(clpipe dicom flywheel_sync) or {URL_FORMS}")
+        raise ConfigError(
+            f"{where}: {shown!r} is not a source URL clpipe knows; use fw://group/project/ (clpipe dicom flywheel_sync) or {URL_FORMS}"
+        )
     parts = urlsplit(text)
     if scheme.startswith("dicomweb"):
         if not parts.hostname:
@@ -107,26 +107,32 @@ def parse_source_url(value: str, where: str = "SourceURL") -> SourceURL:
         except ValueError:
             raise ConfigError(f"{where}: {shown!r} has a port that is not a number") from None
         if parts.username or parts.password:
-            raise ConfigError(f"{where}: put no user name or password in the URL (it would reach logs); "
-                              f"set {DICOMWEB_CREDENTIALS[1]} and {DICOMWEB_CREDENTIALS[2]}, or {DICOMWEB_CREDENTIALS[0]}")
+            raise ConfigError(
+                f"{where}: put no user name or password in the URL (it would reach logs); "
+                f"set {DICOMWEB_CREDENTIALS[1]} and {DICOMWEB_CREDENTIALS[2]}, or {DICOMWEB_CREDENTIALS[0]}"
+            )
         base = f"{scheme.split('+', 1)[1]}://{parts.netloc}{parts.path.rstrip('/')}"
         return SourceURL("dicomweb", text, base_url=base)
     if scheme == "dimse":
         match = re.fullmatch(r"dimse://([^@/]+)@([^:/]+|\[[^\]]+\]):(\d+)/?", text, flags=re.IGNORECASE)
         if not match:
-            raise ConfigError(f"{where}: {shown!r} is not a DIMSE address; write it as dimse://CALLED_AET@host:port, "
-                              "e.g. dimse://ORTHANC@pacs.example.org:4242")
+            raise ConfigError(
+                f"{where}: {shown!r} is not a DIMSE address; write it as dimse://CALLED_AET@host:port, "
+                "e.g. dimse://ORTHANC@pacs.example.org:4242"
+            )
         aet, host, port = unquote(match.group(1)), match.group(2).strip("[]"), int(match.group(3))
         if not is_ae_title(aet):
-            raise ConfigError(f"{where}: the called AE title {aet!r} must be 1-16 ASCII characters without a backslash "
-                              "or leading/trailing spaces")
+            raise ConfigError(
+                f"{where}: the called AE title {aet!r} must be 1-16 ASCII characters without a backslash or leading/trailing spaces"
+            )
         if not 0 < port < 65536:
             raise ConfigError(f"{where}: port {port} is not a TCP port (1-65535)")
         return SourceURL("dimse", text, called_aet=aet, host=host, port=port)
     if parts.netloc not in ("", "localhost"):
-        raise ConfigError(f"{where}: {shown!r}: a file:// URL names a folder on this machine, file:///path "
-                          "(three slashes); mount a network share first")
-    path = unquote(text[len("file://"):].removeprefix("localhost"))  # the whole rest: '#' and '?' are part of folder names
+        raise ConfigError(
+            f"{where}: {shown!r}: a file:// URL names a folder on this machine, file:///path (three slashes); mount a network share first"
+        )
+    path = unquote(text[len("file://") :].removeprefix("localhost"))  # the whole rest: '#' and '?' are part of folder names
     if not path.startswith("/"):
         raise ConfigError(f"{where}: {shown!r} needs an absolute path: file:///path/to/folder")
     return SourceURL("file", text, path=path)
@@ -159,8 +165,11 @@ class DicomQuery:
             return False
         if first and date < first or last and date > last:
             return False
-        return (_matches(self.patient_id, attrs.get("PatientID")) and _matches(self.patient_name, attrs.get("PatientName"))
-                and _matches(self.accession_number, attrs.get("AccessionNumber")))
+        return (
+            _matches(self.patient_id, attrs.get("PatientID"))
+            and _matches(self.patient_name, attrs.get("PatientName"))
+            and _matches(self.accession_number, attrs.get("AccessionNumber"))
+        )
 
     def series_matches(self, attrs: dict) -> bool:
         return _matches(self.modality, attrs.get("Modality")) and _matches(self.series_description, attrs.get("SeriesDescription"))
@@ -183,8 +192,10 @@ def check_study_date(value: str, where: str) -> str:
             if day:
                 datetime.strptime(day, "%Y%m%d")
         except ValueError:
-            raise ConfigError(f"{where}: {value!r}: {day} is not a day of the calendar "
-                              f"(year {day[:4]}, month {day[4:6]}, day {day[6:]}); write dates as YYYYMMDD") from None
+            raise ConfigError(
+                f"{where}: {value!r}: {day} is not a day of the calendar "
+                f"(year {day[:4]}, month {day[4:6]}, day {day[6:]}); write dates as YYYYMMDD"
+            ) from None
     if first and last and first > last:
         raise ConfigError(f"{where}: {value!r} ends before it starts")
     return value

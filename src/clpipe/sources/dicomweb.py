@@ -51,10 +51,8 @@ PAGE = 500  # QIDO results asked for per request
 LISTING_ATTEMPTS = 4  # a listing request that meets a 429/5xx/timeout is tried this often
 RETRY_AFTER_CAP = 60.0
 
-STUDY_KEYWORDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "StudyTime",
-                  "StudyDescription", "AccessionNumber")
-SERIES_KEYWORDS = ("SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality",
-                   "NumberOfSeriesRelatedInstances")
+STUDY_KEYWORDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "StudyTime", "StudyDescription", "AccessionNumber")
+SERIES_KEYWORDS = ("SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality", "NumberOfSeriesRelatedInstances")
 # characters a query value may carry as they are: every server reads these the same way
 _PLAIN = re.compile(r"[A-Za-z0-9\-._~*?/:@]")
 
@@ -222,8 +220,7 @@ def sop_instance_uid(part: bytes) -> str:
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(BytesIO(part), stop_before_pixels=True, force=True,
-                             specific_tags=[pydicom.tag.Tag("SOPInstanceUID")])
+        ds = pydicom.dcmread(BytesIO(part), stop_before_pixels=True, force=True, specific_tags=[pydicom.tag.Tag("SOPInstanceUID")])
         uid = ds.get("SOPInstanceUID")
     except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, AttributeError, TypeError) as exc:
         raise TransientError(f"a part of the server's answer is not a DICOM file ({exc.__class__.__name__})") from None
@@ -274,8 +271,10 @@ def _tls(url: SourceURL, settings: SourceSettings) -> ssl.SSLContext | bool:
     try:
         return load_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
     except TLSFileError as exc:
-        raise ConfigError(f"cannot load the TLS files ({settings.tls_ca or ''} {settings.tls_cert or ''}".rstrip()
-                          + f"): {getattr(exc.error, 'strerror', None) or exc.error}") from None
+        raise ConfigError(
+            f"cannot load the TLS files ({settings.tls_ca or ''} {settings.tls_cert or ''}".rstrip()
+            + f"): {getattr(exc.error, 'strerror', None) or exc.error}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- the source
@@ -335,11 +334,15 @@ class DicomWebSource:
                 response = self._client.get(url, headers={"Accept": "application/dicom+json, application/json"})
             except httpx.ConnectError as exc:
                 if _untrusted(exc):
-                    raise PreflightError(f"cannot connect to {where}: its TLS certificate is not trusted here "
-                                         f"({_connect_reason(exc)}); set TLSCAFile (or --ca-certs in CommandLineOpts) "
-                                         "to the PEM file of the CA that signed it") from None
-                raise PreflightError(f"cannot connect to {where} ({_connect_reason(exc)}); check the SourceURL "
-                                     f"{self.url} and that the server is running and reachable from this node") from None
+                    raise PreflightError(
+                        f"cannot connect to {where}: its TLS certificate is not trusted here "
+                        f"({_connect_reason(exc)}); set TLSCAFile (or --ca-certs in CommandLineOpts) "
+                        "to the PEM file of the CA that signed it"
+                    ) from None
+                raise PreflightError(
+                    f"cannot connect to {where} ({_connect_reason(exc)}); check the SourceURL "
+                    f"{self.url} and that the server is running and reachable from this node"
+                ) from None
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 problem = f"{exc.__class__.__name__}"
             else:
@@ -348,12 +351,15 @@ class DicomWebSource:
                     try:
                         data = response.json() if response.content.strip() else []
                     except ValueError:
-                        raise PreflightError(f"{where} answered {path} with something that is not DICOM JSON "
-                                             f"({response.headers.get('content-type', 'no content type')}); "
-                                             "check the SourceURL's path (e.g. /dicom-web)") from None
+                        raise PreflightError(
+                            f"{where} answered {path} with something that is not DICOM JSON "
+                            f"({response.headers.get('content-type', 'no content type')}); "
+                            "check the SourceURL's path (e.g. /dicom-web)"
+                        ) from None
                     if not isinstance(data, list):
-                        raise PreflightError(f"{where} answered {path} with JSON that is not a list of results; "
-                                             "check the SourceURL's path (e.g. /dicom-web)")
+                        raise PreflightError(
+                            f"{where} answered {path} with JSON that is not a list of results; check the SourceURL's path (e.g. /dicom-web)"
+                        )
                     more = "warning" in response.headers and bool(data)  # e.g. '299 ...: additional results'
                     return data, more
                 if status == 204:
@@ -365,19 +371,19 @@ class DicomWebSource:
                     asked = retry_after(response)
                     wait = wait if asked is None else asked
                 elif status == 404 and path == "/studies":
-                    raise PreflightError(f"{where} has no QIDO-RS service at {self.base}/studies (HTTP 404); "
-                                         "check the SourceURL's path (e.g. dicomweb+http://host:8042/dicom-web)")
+                    raise PreflightError(
+                        f"{where} has no QIDO-RS service at {self.base}/studies (HTTP 404); "
+                        "check the SourceURL's path (e.g. dicomweb+http://host:8042/dicom-web)"
+                    )
                 elif status == 404:
                     return [], False  # a study deleted while listing: nothing to list there
                 else:
                     raise PreflightError(f"{where} rejected the query {path} (HTTP {status}{_reason(response)})")
             if attempt < LISTING_ATTEMPTS:
                 time.sleep(wait)
-        raise PreflightError(f"{where} did not answer the query {path} after {LISTING_ATTEMPTS} attempts ({problem}); "
-                             "try again later")
+        raise PreflightError(f"{where} did not answer the query {path} after {LISTING_ATTEMPTS} attempts ({problem}); try again later")
 
-    def _results(self, path: str, params: list[tuple[str, str]], key: str, page: int = PAGE,
-                 exhaustive: bool = True) -> Iterator[dict]:
+    def _results(self, path: str, params: list[tuple[str, str]], key: str, page: int = PAGE, exhaustive: bool = True) -> Iterator[dict]:
         """Every result of a query, each once (by ``key``, a DICOM JSON tag), asked for in
         pages. ``exhaustive``: keep asking until a page comes back empty (a server may cap
         its answers without saying so); else stop at a page shorter than asked for,
@@ -400,9 +406,16 @@ class DicomWebSource:
                 return
 
     def _studies(self, query: DicomQuery) -> Iterator[dict[str, str]]:
-        params = [(keyword, widen(value)) for keyword, value in (
-            ("PatientID", query.patient_id), ("PatientName", query.patient_name),
-            ("AccessionNumber", query.accession_number), ("ModalitiesInStudy", query.modality)) if value]
+        params = [
+            (keyword, widen(value))
+            for keyword, value in (
+                ("PatientID", query.patient_id),
+                ("PatientName", query.patient_name),
+                ("AccessionNumber", query.accession_number),
+                ("ModalitiesInStudy", query.modality),
+            )
+            if value
+        ]
         if query.study_date:
             params.append(("StudyDate", query.study_date))  # YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD-, -YYYYMMDD
         params += [("includefield", _tag(k)) for k in STUDY_KEYWORDS]
@@ -413,8 +426,11 @@ class DicomWebSource:
                 yield attrs
 
     def _series_in(self, study: dict[str, str], query: DicomQuery) -> Iterator[Series]:
-        params = [(keyword, widen(value)) for keyword, value in (
-            ("Modality", query.modality), ("SeriesDescription", query.series_description)) if value]
+        params = [
+            (keyword, widen(value))
+            for keyword, value in (("Modality", query.modality), ("SeriesDescription", query.series_description))
+            if value
+        ]
         params += [("includefield", _tag(k)) for k in SERIES_KEYWORDS]
         path = f"/studies/{quote(study['StudyInstanceUID'], safe='')}/series"
         for item in self._results(path, params, _tag("SeriesInstanceUID"), exhaustive=False):
@@ -430,8 +446,7 @@ class DicomWebSource:
 
     def _count_instances(self, attrs: dict[str, str]) -> int:
         """For a server that does not say NumberOfSeriesRelatedInstances: count them."""
-        path = (f"/studies/{quote(attrs['StudyInstanceUID'], safe='')}"
-                f"/series/{quote(attrs['SeriesInstanceUID'], safe='')}/instances")
+        path = f"/studies/{quote(attrs['StudyInstanceUID'], safe='')}/series/{quote(attrs['SeriesInstanceUID'], safe='')}/instances"
         key = _tag("SOPInstanceUID")
         return sum(1 for _ in self._results(path, [("includefield", key)], key))
 
@@ -485,8 +500,10 @@ class DicomWebSource:
         with self._lock:
             if self._accept != ACCEPT_DEFAULT:
                 self._accept = ACCEPT_DEFAULT
-                self.notes.append(f"the DICOMweb server at {self.base} refused to send instances as stored "
-                                  "(transfer-syntax=*, HTTP 406): they arrive in its default transfer syntax")
+                self.notes.append(
+                    f"the DICOMweb server at {self.base} refused to send instances as stored "
+                    "(transfer-syntax=*, HTTP 406): they arrive in its default transfer syntax"
+                )
         with self._client.stream("GET", url, headers={"Accept": ACCEPT_DEFAULT}) as response:
             self._check_retrieve(response, what)
             yield response
@@ -504,14 +521,11 @@ class DicomWebSource:
             with self._retrieve(url, what) as response:
                 yield self._parts(response, what)
         except httpx.TimeoutException as exc:
-            raise TransientError(f"{what}: the DICOMweb server at {self.base} did not answer in time "
-                                 f"({exc.__class__.__name__})") from None
+            raise TransientError(f"{what}: the DICOMweb server at {self.base} did not answer in time ({exc.__class__.__name__})") from None
         except httpx.ConnectError as exc:
-            raise TransientError(f"{what}: cannot connect to the DICOMweb server at {self.base} "
-                                 f"({_connect_reason(exc)})") from None
+            raise TransientError(f"{what}: cannot connect to the DICOMweb server at {self.base} ({_connect_reason(exc)})") from None
         except httpx.TransportError as exc:
-            raise TransientError(f"{what}: the connection to the DICOMweb server at {self.base} broke "
-                                 f"({exc.__class__.__name__})") from None
+            raise TransientError(f"{what}: the connection to the DICOMweb server at {self.base} broke ({exc.__class__.__name__})") from None
 
     def _parts(self, response: httpx.Response, what: str) -> Iterator[tuple[str, bytes]]:
         media_type, params = content_type_params(response.headers.get("content-type", ""))
@@ -520,8 +534,10 @@ class DicomWebSource:
             yield sop_instance_uid(body), body
             return
         if not media_type.startswith("multipart/"):
-            raise PermanentError(f"{what}: the DICOMweb server at {self.base} answered {media_type or 'without a content type'}, "
-                                 "not multipart/related DICOM; check the SourceURL's path (e.g. /dicom-web)")
+            raise PermanentError(
+                f"{what}: the DICOMweb server at {self.base} answered {media_type or 'without a content type'}, "
+                "not multipart/related DICOM; check the SourceURL's path (e.g. /dicom-web)"
+            )
         if not params.get("boundary"):
             raise PermanentError(f"{what}: the DICOMweb server at {self.base} sent a multipart answer without a boundary")
         for _headers, body in read_multipart(response.iter_bytes(), params["boundary"]):

@@ -51,7 +51,7 @@ def parse_fw_url(value: str) -> FlywheelURL:
     """Parse and validate a SourceURL; raise ``ValueError`` saying what is expected."""
     if not isinstance(value, str) or not value.startswith("fw://"):
         raise ValueError(URL_EXPECTED)
-    rest = value[len("fw://"):]
+    rest = value[len("fw://") :]
     trailing = rest.endswith("/")
     parts = rest.rstrip("/").split("/") if rest.strip("/") else []
     if len(parts) < 2 or any(not p.strip() for p in parts):
@@ -95,18 +95,14 @@ def credentials_from_api_key(api_key: str, where: str | None = None) -> Credenti
     """
     parts = api_key.split(":")
     if len(parts) < 2 or not parts[-1]:
-        raise PreflightError(
-            f"the Flywheel API key in {where or user_config_path()} is not of the form <site>:<key>; {LOGIN_HINT}"
-        )
+        raise PreflightError(f"the Flywheel API key in {where or user_config_path()} is not of the form <site>:<key>; {LOGIN_HINT}")
     insecure = "__force_insecure" in parts
     parts = [p for p in parts if p != "__force_insecure"]
     key = parts[-1]
     host = parts[0]
     port = parts[1] if len(parts) > 2 else "443"
     if not host or not port.isdigit():
-        raise PreflightError(
-            f"the Flywheel API key in {where or user_config_path()} does not name a site; {LOGIN_HINT}"
-        )
+        raise PreflightError(f"the Flywheel API key in {where or user_config_path()} does not name a site; {LOGIN_HINT}")
     scheme = "http" if insecure else "https"
     return Credentials(api_url=f"{scheme}://{host}:{port}/api", key=key)
 
@@ -198,8 +194,7 @@ class FlywheelAPI:
         response = self._request("POST", "/lookup", json={"path": [url.group, url.project]})
         if response.status_code in (403, 404):
             raise PreflightError(
-                f"Flywheel project {url.group}/{url.project} was not found or you have no access to it; "
-                f"check SourceURL ({URL_EXPECTED})"
+                f"Flywheel project {url.group}/{url.project} was not found or you have no access to it; check SourceURL ({URL_EXPECTED})"
             )
         if response.status_code != 200:
             raise PreflightError(
@@ -210,8 +205,7 @@ class FlywheelAPI:
             raise PreflightError(f"{url} is a {body.get('container_type')}, not a project; {URL_EXPECTED}")
         return body
 
-    def download_targets(self, project_id: str, body_filters: dict, params: dict,
-                         attempts: int = LISTING_ATTEMPTS) -> Iterator[dict]:
+    def download_targets(self, project_id: str, body_filters: dict, params: dict, attempts: int = LISTING_ATTEMPTS) -> Iterator[dict]:
         """``POST download/targets``: every file of the project in one NDJSON response.
 
         A transient fault before the first line (429, 5xx, a dropped or refused connection,
@@ -244,8 +238,10 @@ class FlywheelAPI:
                         return
             except httpx.TransportError as exc:
                 if started or last:
-                    raise PreflightError(f"the file listing from Flywheel at {site} broke off ({exc.__class__.__name__}); "
-                                         "check the site is reachable from this node, then run again") from None
+                    raise PreflightError(
+                        f"the file listing from Flywheel at {site} broke off ({exc.__class__.__name__}); "
+                        "check the site is reachable from this node, then run again"
+                    ) from None
             delay = wait if wait is not None else float(2 ** (attempt - 1))
             print(f"[retry] the project listing: transient fault; attempt {attempt + 1} of {attempts} in {delay:.1f} s", flush=True)
             time.sleep(delay)
@@ -257,9 +253,12 @@ class FlywheelAPI:
 
 # the folder part of a dst_path; a label may hold "/" (so: lazy groups, and the structure
 # words around them), a container level may be missing (files of a project, subject, ...)
-_DST_HEAD = re.compile(r"/?(?P<project>.+?)(?:/SUBJECTS/(?P<subject>.+?)(?:/SESSIONS/(?P<session>.+?)"
-                       r"(?:/ACQUISITIONS/(?P<acquisition>.+?))?)?)?(?:/ANALYSES/(?P<analysis>.+?))?"
-                       r"/(?P<kind>FILES|INPUT|OUTPUT)", re.DOTALL)
+_DST_HEAD = re.compile(
+    r"/?(?P<project>.+?)(?:/SUBJECTS/(?P<subject>.+?)(?:/SESSIONS/(?P<session>.+?)"
+    r"(?:/ACQUISITIONS/(?P<acquisition>.+?))?)?)?(?:/ANALYSES/(?P<analysis>.+?))?"
+    r"/(?P<kind>FILES|INPUT|OUTPUT)",
+    re.DOTALL,
+)
 _LEVELS = (("SUBJECTS", "subject"), ("SESSIONS", "session"), ("ACQUISITIONS", "acquisition"), ("ANALYSES", "analysis"))
 _ZIP_SUFFIX = re.compile(r"(\.(dcm|dicom))?\.zip$", re.IGNORECASE)
 CHUNK = 1 << 20
@@ -356,8 +355,9 @@ class FlywheelSource:
     def close(self) -> None:
         self._client.close()
 
-    def entries(self, project_id: str, url: FlywheelURL, body_filters: dict, params: dict,
-                unpack: bool = True, template: str | None = None) -> Iterator:
+    def entries(
+        self, project_id: str, url: FlywheelURL, body_filters: dict, params: dict, unpack: bool = True, template: str | None = None
+    ) -> Iterator:
         """The project's files as :class:`RemoteEntry` items, each with its own portable
         local path (clpipe/layout.py): the whole listing is read first, so that which of two
         files whose names collide keeps the plain name does not depend on the listing's
@@ -403,9 +403,18 @@ class FlywheelSource:
             if not resolver.add(folder, key, name, name == leaf, is_zip):
                 continue  # the server may list a file twice (fw skips repeats too)
             inline = json.dumps(target.get("metadata")).encode() if sidecar else None
-            planned.append((folder, key, filename, len(inline) if inline is not None else int(target.get("size") or 0),
-                            _epoch(target["modified"]) if target.get("modified") else 0.0, parse_hash(target.get("hash")),
-                            is_zip, inline))
+            planned.append(
+                (
+                    folder,
+                    key,
+                    filename,
+                    len(inline) if inline is not None else int(target.get("size") or 0),
+                    _epoch(target["modified"]) if target.get("modified") else 0.0,
+                    parse_hash(target.get("hash")),
+                    is_zip,
+                    inline,
+                )
+            )
         resolver.resolve()
         planned.reverse()  # popped in the listing's order, each forgotten once yielded
         while planned:
@@ -447,8 +456,7 @@ class FlywheelSource:
         """The members of a zipped series (``?info=true``), to adopt an unpacked folder."""
         container_id, filename = entry.key.split("/", 1)
         try:
-            response = self._client.get(f"/containers/{url_segment(container_id)}/files/{url_segment(filename)}",
-                                        params={"info": "true"})
+            response = self._client.get(f"/containers/{url_segment(container_id)}/files/{url_segment(filename)}", params={"info": "true"})
         except httpx.HTTPError:
             return None
         if response.status_code != 200:

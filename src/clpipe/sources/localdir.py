@@ -287,14 +287,20 @@ class FolderStats:
         if self.not_dicom:
             out.append(f"skipped {len(self.not_dicom)} files that are not DICOM instances (e.g. {eg(self.not_dicom)})")
         if self.duplicates:
-            out.append(f"ignored {len(self.duplicates)} files that repeat an instance found in another file "
-                       f"(same SOPInstanceUID; e.g. {eg(self.duplicates)})")
+            out.append(
+                f"ignored {len(self.duplicates)} files that repeat an instance found in another file "
+                f"(same SOPInstanceUID; e.g. {eg(self.duplicates)})"
+            )
         if self.unreadable:
-            out.append(f"could not read {len(self.unreadable)} files, so the run fails: they may be DICOM; give the "
-                       f"user running the sync read permission, or move them out of the folder (e.g. {eg(self.unreadable)})")
+            out.append(
+                f"could not read {len(self.unreadable)} files, so the run fails: they may be DICOM; give the "
+                f"user running the sync read permission, or move them out of the folder (e.g. {eg(self.unreadable)})"
+            )
         if self.linked_folders:
-            out.append(f"did not follow {len(self.linked_folders)} symlinked folders (e.g. {eg(self.linked_folders)}); "
-                       "point SourceURL at the real folder to include them")
+            out.append(
+                f"did not follow {len(self.linked_folders)} symlinked folders (e.g. {eg(self.linked_folders)}); "
+                "point SourceURL at the real folder to include them"
+            )
         if self.dropoffs:
             out.append(f"skipped {len(self.dropoffs)} clpipe dropoff folders inside the source (e.g. {eg(self.dropoffs)})")
         return out
@@ -305,26 +311,36 @@ def _check_folder(root: Path) -> None:
     try:
         st = os.stat(root)
     except FileNotFoundError:
-        raise PreflightError(f"the source folder {root} does not exist; if it is a network share, mount it "
-                             "(and check the path in SourceURL, file:///path/to/folder)") from None
+        raise PreflightError(
+            f"the source folder {root} does not exist; if it is a network share, mount it "
+            "(and check the path in SourceURL, file:///path/to/folder)"
+        ) from None
     except PermissionError:
-        raise PreflightError(f"cannot reach the source folder {root}: permission denied on a folder above it; "
-                             "ask for read and execute (x) permission on every folder of the path") from None
+        raise PreflightError(
+            f"cannot reach the source folder {root}: permission denied on a folder above it; "
+            "ask for read and execute (x) permission on every folder of the path"
+        ) from None
     except OSError as exc:
-        raise PreflightError(f"cannot reach the source folder {root}: {exc.strerror}; is the share mounted and "
-                             "the server reachable?") from None
+        raise PreflightError(
+            f"cannot reach the source folder {root}: {exc.strerror}; is the share mounted and the server reachable?"
+        ) from None
     if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"SourceURL: {root} is a file, not a folder; file:// must name the folder that holds "
-                          "the DICOM files (it is searched with its subfolders)")
+        raise ConfigError(
+            f"SourceURL: {root} is a file, not a folder; file:// must name the folder that holds "
+            "the DICOM files (it is searched with its subfolders)"
+        )
     try:
         with os.scandir(root):
             pass
     except PermissionError:
-        raise PreflightError(f"cannot list the source folder {root}: permission denied; the user running the sync "
-                             "needs read and execute (r-x) permission on it and its subfolders") from None
+        raise PreflightError(
+            f"cannot list the source folder {root}: permission denied; the user running the sync "
+            "needs read and execute (r-x) permission on it and its subfolders"
+        ) from None
     except OSError as exc:
-        raise PreflightError(f"cannot list the source folder {root}: {exc.strerror}; is the share mounted and "
-                             "the server reachable?") from None
+        raise PreflightError(
+            f"cannot list the source folder {root}: {exc.strerror}; is the share mounted and the server reachable?"
+        ) from None
 
 
 def walk_files(root: str, stats: FolderStats) -> list[str]:
@@ -411,8 +427,9 @@ def _cpus() -> int:
 
 def _vanished(path: str, exc: OSError) -> TransientError:
     reason = "it is gone" if isinstance(exc, FileNotFoundError) else f"it cannot be read ({exc.strerror or exc})"
-    return TransientError(f"{path}: {reason}, though it was there when the folder was listed; "
-                          "was it moved or deleted, or the share unmounted?")
+    return TransientError(
+        f"{path}: {reason}, though it was there when the folder was listed; was it moved or deleted, or the share unmounted?"
+    )
 
 
 # ----------------------------------------------------------------------------- the source
@@ -497,9 +514,12 @@ class FolderSource:
                 if query.limit and len(studies) >= query.limit:
                     continue
                 studies.add(study)
-            yield Series(dict(attrs), count=len(group.instances),
-                         ref=[(sop, path) for sop, (path, _, _) in group.instances.items()],
-                         version=fingerprint(group.instances))
+            yield Series(
+                dict(attrs),
+                count=len(group.instances),
+                ref=[(sop, path) for sop, (path, _, _) in group.instances.items()],
+                version=fingerprint(group.instances),
+            )
 
     @contextmanager
     def instances(self, entry) -> Iterator[Iterator[tuple[str, Path]]]:
@@ -521,12 +541,17 @@ class FolderSource:
         try:
             yield files()
         except OSError as exc:  # the engine copying a file
-            if (not current[0] or os.fspath(exc.filename or "") != current[0]
-                    or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)):
+            if (
+                not current[0]
+                or os.fspath(exc.filename or "") != current[0]
+                or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+            ):
                 raise  # the dropoff's side (full, read-only): the engine reports it as it is
             if exc.filename2:  # opened both ends, then the copy broke: either side may be the cause
-                raise TransientError(f"copying {current[0]} to {exc.filename2} failed ({exc.strerror or exc}); "
-                                     "check the share the folder is on and the dropoff's filesystem") from None
+                raise TransientError(
+                    f"copying {current[0]} to {exc.filename2} failed ({exc.strerror or exc}); "
+                    "check the share the folder is on and the dropoff's filesystem"
+                ) from None
             raise _vanished(current[0], exc) from None
 
     def close(self) -> None:

@@ -87,7 +87,7 @@ class Window:
 
     def read(self, pos: int, n: int) -> bytes:
         data, off = self.at(pos, n)
-        return data[off:off + n]
+        return data[off : off + n]
 
 
 def _element(win: Window, pos: int, explicit: bool, last: int = 0xFFFFFFFF) -> tuple[int, int, int, bytes]:
@@ -199,7 +199,7 @@ def walk(win: Window, pos: int, explicit: bool, last: int, wanted: Iterable[int]
 
 def looks_explicit(win: Window, pos: int) -> bool:
     data, off = win.at(pos, 6)
-    return data[off + 4:off + 6] in VRS
+    return data[off + 4 : off + 6] in VRS
 
 
 def meta_sop_instance_uid(part: bytes) -> str:
@@ -249,8 +249,9 @@ def element(tag: int, vr: bytes, value: bytes) -> bytes:
 @lru_cache(maxsize=1)
 def _implementation() -> bytes:
     """The file meta elements that name the writer (clpipe): the same for every file."""
-    return (element(IMPLEMENTATION_CLASS_UID, b"UI", padded(IMPLEMENTATION_UID, b"\x00"))
-            + element(IMPLEMENTATION_VERSION_NAME, b"SH", padded(IMPLEMENTATION_VERSION, b" ")))
+    return element(IMPLEMENTATION_CLASS_UID, b"UI", padded(IMPLEMENTATION_UID, b"\x00")) + element(
+        IMPLEMENTATION_VERSION_NAME, b"SH", padded(IMPLEMENTATION_VERSION, b" ")
+    )
 
 
 _VERSION = element(META_VERSION, b"OB", b"\x00\x01")  # version 00\01
@@ -259,13 +260,14 @@ _VERSION = element(META_VERSION, b"OB", b"\x00\x01")  # version 00\01
 def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str, source_aet: str = "") -> bytes:
     """Preamble, ``DICM`` and the File Meta Information for a dataset received over the
     network (the dataset's bytes follow it unchanged)."""
-    body = b"".join((
-        _VERSION,
-        element(MEDIA_SOP_CLASS_UID, b"UI", padded(sop_class, b"\x00")),
-        element(MEDIA_SOP_INSTANCE_UID, b"UI", padded(sop_instance, b"\x00")),
-        element(TRANSFER_SYNTAX_UID, b"UI", padded(transfer_syntax, b"\x00")),
-        _implementation(),
-        (element(SOURCE_APPLICATION_ENTITY_TITLE, b"AE", padded(source_aet.strip()[:16], b" "))
-         if source_aet.strip() else b""),
-    ))
+    body = b"".join(
+        (
+            _VERSION,
+            element(MEDIA_SOP_CLASS_UID, b"UI", padded(sop_class, b"\x00")),
+            element(MEDIA_SOP_INSTANCE_UID, b"UI", padded(sop_instance, b"\x00")),
+            element(TRANSFER_SYNTAX_UID, b"UI", padded(transfer_syntax, b"\x00")),
+            _implementation(),
+            (element(SOURCE_APPLICATION_ENTITY_TITLE, b"AE", padded(source_aet.strip()[:16], b" ")) if source_aet.strip() else b""),
+        )
+    )
     return PREAMBLE + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body

@@ -52,8 +52,7 @@ def registration(scheme: str) -> Registration:
     try:
         return SOURCES[scheme.lower()]
     except KeyError:
-        raise ConfigError(f"no clpipe source serves {scheme}:// URLs (known: "
-                          f"{', '.join(s + '://' for s in SOURCES)})") from None
+        raise ConfigError(f"no clpipe source serves {scheme}:// URLs (known: {', '.join(s + '://' for s in SOURCES)})") from None
 
 
 def source_class(scheme: str) -> Any:
@@ -68,6 +67,8 @@ def source_class(scheme: str) -> Any:
         if not missing or missing == "clpipe":
             raise
         package = next((p for p in entry.packages if p.lower() == missing.lower()), missing)
-        raise ConfigError(f"{scheme}:// sources need the Python package {package!r}, which is not installed; "
-                          f"install it (pip install {package}) in the environment that runs clpipe") from None
+        raise ConfigError(
+            f"{scheme}:// sources need the Python package {package!r}, which is not installed; "
+            f"install it (pip install {package}) in the environment that runs clpipe"
+        ) from None
     return getattr(module, class_name)

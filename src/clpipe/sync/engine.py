@@ -60,9 +60,24 @@ from .transfer import RetryPolicy, Stopped, hasher
 
 # the names other modules imported from here before the engine was split: still here
 __all__ = [
-    "CHUNK", "IN_MEMORY_ZIP", "PROGRESS_EVERY", "Engine", "FileResult", "Options", "Outcome", "PermanentError",
-    "Progress", "RemoteEntry", "Source", "TransientError", "VerifyError", "copy_file", "watched", "write_all",
-    "write_new", "write_reports",
+    "CHUNK",
+    "IN_MEMORY_ZIP",
+    "PROGRESS_EVERY",
+    "Engine",
+    "FileResult",
+    "Options",
+    "Outcome",
+    "PermanentError",
+    "Progress",
+    "RemoteEntry",
+    "Source",
+    "TransientError",
+    "VerifyError",
+    "copy_file",
+    "watched",
+    "write_all",
+    "write_new",
+    "write_reports",
 ]
 
 IN_MEMORY_ZIP = 64 << 20  # zips up to this size are unpacked from memory, larger ones from TempDirectory
@@ -80,7 +95,6 @@ class Options:
     backoff: float = 0.5
     backoff_cap: float = 30.0
     interactive: bool = False
-
 
 
 class Engine:
@@ -180,7 +194,7 @@ class Engine:
                 return None
             return [] if files[0][0] == entry.path else [(files[0][0], entry.path, files[0][1])]
         prefix = entry.path + "/"
-        if all(f[0].startswith(prefix) and is_portable(f[0][len(prefix):]) for f in files):
+        if all(f[0].startswith(prefix) and is_portable(f[0][len(prefix) :]) for f in files):
             return []
         names = flatten_members([f[0] for f in files])
         return [(f[0], prefix + names[f[0]], f[1]) for f in files if f[0] != prefix + names[f[0]]]
@@ -236,11 +250,14 @@ class Engine:
         files, series = self._renamed[False], self._renamed[True]
         if files or series:
             what = " and ".join(f"{n} {unit}" for n, unit in ((files, "files"), (series, "series folders")) if n)
-            outcome.notes.append(f"{what} renamed: their names collided with another's or were not portable "
-                                 "(see 'Local names' in docs/engines.md)")
+            outcome.notes.append(
+                f"{what} renamed: their names collided with another's or were not portable (see 'Local names' in docs/engines.md)"
+            )
         if outcome.moved:
-            outcome.notes.append(f"{outcome.moved} files synced under earlier names "
-                                 f"{'would be' if self.options.dry_run else 'were'} renamed in place (nothing downloaded)")
+            outcome.notes.append(
+                f"{outcome.moved} files synced under earlier names "
+                f"{'would be' if self.options.dry_run else 'were'} renamed in place (nothing downloaded)"
+            )
 
     # -- transfer ----------------------------------------------------------------------
 
@@ -258,7 +275,7 @@ class Engine:
             raise PermanentError(f"{type(self.source).__name__} has no files to open (it is not a HasFiles source)")
         received = 0
         try:
-            with (open(target, "wb") if isinstance(target, Path) else nullcontext(target)) as out, self._files.open(entry) as chunks:
+            with open(target, "wb") if isinstance(target, Path) else nullcontext(target) as out, self._files.open(entry) as chunks:
                 for chunk in chunks:
                     if self._stop.is_set():  # the run is stopping: this transfer is not finished
                         raise Stopped()
@@ -458,8 +475,14 @@ class Engine:
 
         if self.options.dry_run:
             for entry, existing in todo:
-                outcome.files.append(FileResult(entry.path + ("/" if entry.unpack else ""), "would-transfer", existing,
-                                                "Would update" if existing else "Would create"))
+                outcome.files.append(
+                    FileResult(
+                        entry.path + ("/" if entry.unpack else ""),
+                        "would-transfer",
+                        existing,
+                        "Would update" if existing else "Would create",
+                    )
+                )
             size = human_bytes(sum(e.size for e, _ in todo))
             outcome.notes.append(f"dry run: {len(todo)} remote files would be transferred ({size}); nothing was written")
             outcome.seconds = time.monotonic() - started
@@ -524,8 +547,14 @@ class Engine:
                                 outcome.updated += 1
                             else:
                                 outcome.created += 1
-                            outcome.files.append(FileResult(path, "completed", existing,
-                                                            "Updated file on destination" if existing else "Created file on destination"))
+                            outcome.files.append(
+                                FileResult(
+                                    path,
+                                    "completed",
+                                    existing,
+                                    "Updated file on destination" if existing else "Created file on destination",
+                                )
+                            )
                         progress.advance(0, 1)
                 except BaseException:  # SIGTERM (Terminated), Ctrl-C: start nothing more, end what runs
                     self._stop.set()
@@ -535,8 +564,9 @@ class Engine:
             progress.close()
 
         if self._unverified:  # said once, never implied by "verified"
-            outcome.notes.append(f"content not verified: {self._unverified} files (the server gave no hash for them; "
-                                 "only their size was checked)")
+            outcome.notes.append(
+                f"content not verified: {self._unverified} files (the server gave no hash for them; only their size was checked)"
+            )
         if full is not None:
             outcome.failed += len(unsynced)
             outcome.seconds = time.monotonic() - started
@@ -566,8 +596,11 @@ class Engine:
         needed = sum(e.size or int(e.count * per_file) for e in unsynced)
         series = bool(unsynced) and all(e.series for e in unsynced)
         folders = [(self.options.dropoff, "set DropoffDirectory elsewhere"), (self.options.zip_tmp, "set TempDirectory elsewhere")]
-        what = f"the {len(unsynced)} {'series' if series else 'files'} still to sync" if unsynced else \
-            "the journal of this run (the dropoff's .clpipe-sync folder)"  # every file arrived, not every record
+        what = (
+            f"the {len(unsynced)} {'series' if series else 'files'} still to sync"
+            if unsynced
+            else "the journal of this run (the dropoff's .clpipe-sync folder)"
+        )  # every file arrived, not every record
         return DiskFull.at(exc, folders, needed=needed or None, purpose=what, outcome=outcome)
 
     def _source_problems(self) -> list[str]:
@@ -585,13 +618,16 @@ class Engine:
         count = sum(len(r.files) for r in gone)
         if gone and not listed:  # an unmounted share or an emptied query looks exactly like this
             outcome.failed += 1
-            outcome.failures.append(f"--delete: the source listed nothing, so all {count} files synced before would be "
-                                    "removed; nothing was deleted (check the source, e.g. that its share is mounted)")
+            outcome.failures.append(
+                f"--delete: the source listed nothing, so all {count} files synced before would be "
+                "removed; nothing was deleted (check the source, e.g. that its share is mounted)"
+            )
             return
         if count > self.options.max_delete:
             outcome.failed += 1
-            outcome.failures.append(f"--delete would remove {count} files, more than the limit of {self.options.max_delete}; "
-                                    "nothing was deleted")
+            outcome.failures.append(
+                f"--delete would remove {count} files, more than the limit of {self.options.max_delete}; nothing was deleted"
+            )
             return
         for record in gone:
             for path, *_ in record.files:

@@ -30,14 +30,14 @@ _READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 _MAX_COUNT = 1 << 30  # bytes asked of one copy_file_range / sendfile call
 # copy_file_range fails this way where it cannot work (another filesystem on an older
 # kernel, a filesystem without it, seccomp filters): sendfile is tried, then read/write
-_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP,
-                             errno.EBADF, errno.ETXTBSY, errno.EPERM})
+_NO_KERNEL_COPY = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.ETXTBSY, errno.EPERM}
+)
 _NO_COPY_RANGE: set[int] = set()  # st_dev of source filesystems where copy_file_range failed so
 # what zipfile raises for damaged bytes, in the header as in the data (a flipped version
 # field: NotImplementedError "zip file version ..."; a flipped offset: ValueError "negative
 # seek value"; a flipped flag: RuntimeError "... is encrypted")
-_ZIP_DAMAGE = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError, struct.error,
-               ValueError, RuntimeError)
+_ZIP_DAMAGE = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError, struct.error, ValueError, RuntimeError)
 
 
 def write_new(path: str, data: bytes) -> int:

@@ -149,8 +149,9 @@ class SyncState:
                         continue
                     except OSError as exc:
                         if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-                            raise PreflightError(f"cannot take the lock {lock} ({exc.strerror}); "
-                                                 f"check that {self.dropoff} is writable") from None
+                            raise PreflightError(
+                                f"cannot take the lock {lock} ({exc.strerror}); check that {self.dropoff} is writable"
+                            ) from None
                     else:
                         staged = None
                         break
@@ -170,8 +171,14 @@ class SyncState:
         token = uuid.uuid4().hex[:16]
         host = socket.gethostname()
         staged = lock.with_name(f"{LOCK}.new.{token}.{os.getpid()}.{host}")
-        owner = {"host": host, "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"), "run": self.run_id,
-                 "start": _process_start(os.getpid()), "token": token}
+        owner = {
+            "host": host,
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "run": self.run_id,
+            "start": _process_start(os.getpid()),
+            "token": token,
+        }
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             staged.mkdir()
@@ -242,13 +249,13 @@ class SyncState:
         if owner or breaking:
             what = f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, since {owner.get('since', '?')}"
             if breaking:
-                what = (f"host {owner['host']}, pid {owner.get('pid', '?')}, " if owner.get("host") else "") + \
-                    "taking over a stale lock"
-            return (f"another sync is writing to {self.dropoff} ({what}); "
-                    f"wait for it, or if it is no longer running remove {lock}")
+                what = (f"host {owner['host']}, pid {owner.get('pid', '?')}, " if owner.get("host") else "") + "taking over a stale lock"
+            return f"another sync is writing to {self.dropoff} ({what}); wait for it, or if it is no longer running remove {lock}"
         wait = f"{max(1, round(LOCK_GRACE - age))} s" if age is not None else f"{LOCK_GRACE:.0f} s"
-        return (f"another sync is writing to {self.dropoff} (its lock {lock} has no owner yet); wait for it: "
-                f"a lock without owner is stale after {LOCK_GRACE:.0f} s, so if no sync is running run again in {wait}")
+        return (
+            f"another sync is writing to {self.dropoff} (its lock {lock} has no owner yet); wait for it: "
+            f"a lock without owner is stale after {LOCK_GRACE:.0f} s, so if no sync is running run again in {wait}"
+        )
 
     def _sweep_lock_leftovers(self) -> None:
         """Remove what killed runs left beside the lock: locks moved away to be removed

@@ -48,8 +48,14 @@ class Progress:
             )
             from rich.progress import Progress as Bar
 
-            self._bar = Bar("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            TimeRemainingColumn(), console=Console(file=_terminal(), stderr=False))
+            self._bar = Bar(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=_terminal(), stderr=False),
+            )
             self._task = self._bar.add_task(f"syncing {total_files} files", total=total_bytes or None)
             self._bar.start()
 
@@ -62,8 +68,11 @@ class Progress:
             elif time.monotonic() - self._last >= PROGRESS_EVERY:
                 self._last = time.monotonic()
                 rate = self.done_bytes / max(self._last - self.started, 1e-6) / 1e6
-                print(f"[progress {time.strftime('%H:%M:%S')}] {self.done_files}/{self.total_files} files, "
-                      f"{self.done_bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB, {rate:.1f} MB/s", flush=True)
+                print(
+                    f"[progress {time.strftime('%H:%M:%S')}] {self.done_files}/{self.total_files} files, "
+                    f"{self.done_bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB, {rate:.1f} MB/s",
+                    flush=True,
+                )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -65,11 +65,19 @@ def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: 
 
     data = {
         **extra,
-        "created": outcome.created, "updated": outcome.updated, "skipped": outcome.skipped,
-        "adopted": outcome.adopted, "deleted": outcome.deleted, "failed": outcome.failed,
-        "renamed": outcome.renamed, "renamed_in_place": outcome.moved,
-        "bytes": outcome.bytes, "seconds": round(outcome.seconds, 3),
-        "failures": outcome.failures, "notes": outcome.notes, "audit_csv": str(audit_csv),
+        "created": outcome.created,
+        "updated": outcome.updated,
+        "skipped": outcome.skipped,
+        "adopted": outcome.adopted,
+        "deleted": outcome.deleted,
+        "failed": outcome.failed,
+        "renamed": outcome.renamed,
+        "renamed_in_place": outcome.moved,
+        "bytes": outcome.bytes,
+        "seconds": round(outcome.seconds, 3),
+        "failures": outcome.failures,
+        "notes": outcome.notes,
+        "audit_csv": str(audit_csv),
     }
     summary = json.dumps(data, indent=2) + "\n"
     try:
@@ -82,8 +90,12 @@ def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: 
         counter = _Counter()
         audit(counter)
         needed = counter.bytes + len(summary.encode())
-        raise DiskFull.at(exc, [(audit_csv.parent, ""), (summary_json.parent, "")], needed=needed,
-                          purpose=f"the audit log {audit_csv.name} and the summary {summary_json.name}") from exc
+        raise DiskFull.at(
+            exc,
+            [(audit_csv.parent, ""), (summary_json.parent, "")],
+            needed=needed,
+            purpose=f"the audit log {audit_csv.name} and the summary {summary_json.name}",
+        ) from exc
 
 
 def _recorded(state: SyncState, key: str) -> list:

@@ -100,38 +100,90 @@ def _plan(scale: int) -> list[_Patient]:
     """The data set's hierarchy; ``scale`` multiplies the instances of single-frame series."""
     n = lambda k: k * scale  # noqa: E731
     return [
-        _Patient("SUB01", "Doe^Jane", None, "19800101", "F", [
-            _Study("20240115", "093000", "Brain^Research", "ACC0001", [
-                _Series(1, "T1w MPRAGE", n(16)),
-                _Series(2, "rs-fMRI/run 1", n(20), odd=["slash in SeriesDescription"]),
-                _Series(3, "../../etc", n(8), odd=["'..' and '/' in SeriesDescription"]),
-                _Series(4, "T2 RLE*", n(8), RLE_LOSSLESS,
-                        odd=["RLE Lossless transfer syntax", "'*' in SeriesDescription"]),
-            ]),
-            _Study(None, "101500", "Follow up", "", [
-                _Series(None, None, n(10), odd=["no SeriesNumber", "no SeriesDescription"]),
-                _Series(2, "DWI\tb=1000  x", n(10),
-                        odd=["control character (TAB) in SeriesDescription", "double space"]),
-                _Series(3, "Enhanced MR multiframe", 1, frames=8,
-                        odd=["multi-frame (Enhanced MR Image Storage, 8 frames)"]),
-            ], odd=["no StudyDate", "empty AccessionNumber"]),
-        ]),
-        _Patient("SUB02", "Müller^José", "ISO_IR 192", "19751231", "M", [
-            _Study("20240220", "140000", "Kopf Übersicht", "ACC0002", [
-                _Series(1, "séquence localizer é", n(12), IMPLICIT_LE,
-                        odd=["Implicit VR Little Endian", "non-ASCII SeriesDescription (UTF-8)"]),
-                _Series(2, "T1w", n(12)),
-                _Series(3, "T1w", n(12), odd=["same SeriesDescription as series 2"]),
-            ]),
-        ], odd=["non-ASCII PatientName (ISO_IR 192, UTF-8)"]),
-        _Patient("SUB 03/x", "O'Brien^Sam-Lee", "ISO_IR 100", "20000229", "O", [
-            _Study("20240305", "080000", "Étude", "ACC 0003/b", [
-                _Series(1, "Série 1: a?b<c>|d", n(10),
-                        odd=["non-ASCII SeriesDescription (Latin-1)", "':?<>|' in SeriesDescription"]),
-                _Series(2, "  leading spaces", n(10), odd=["leading spaces in SeriesDescription"]),
-                _Series(3, "x" * 64, n(10), odd=["64-character SeriesDescription"]),
-            ], odd=["' ' and '/' in AccessionNumber"]),
-        ], odd=["' ' and '/' in PatientID", "apostrophe in PatientName"]),
+        _Patient(
+            "SUB01",
+            "Doe^Jane",
+            None,
+            "19800101",
+            "F",
+            [
+                _Study(
+                    "20240115",
+                    "093000",
+                    "Brain^Research",
+                    "ACC0001",
+                    [
+                        _Series(1, "T1w MPRAGE", n(16)),
+                        _Series(2, "rs-fMRI/run 1", n(20), odd=["slash in SeriesDescription"]),
+                        _Series(3, "../../etc", n(8), odd=["'..' and '/' in SeriesDescription"]),
+                        _Series(4, "T2 RLE*", n(8), RLE_LOSSLESS, odd=["RLE Lossless transfer syntax", "'*' in SeriesDescription"]),
+                    ],
+                ),
+                _Study(
+                    None,
+                    "101500",
+                    "Follow up",
+                    "",
+                    [
+                        _Series(None, None, n(10), odd=["no SeriesNumber", "no SeriesDescription"]),
+                        _Series(2, "DWI\tb=1000  x", n(10), odd=["control character (TAB) in SeriesDescription", "double space"]),
+                        _Series(3, "Enhanced MR multiframe", 1, frames=8, odd=["multi-frame (Enhanced MR Image Storage, 8 frames)"]),
+                    ],
+                    odd=["no StudyDate", "empty AccessionNumber"],
+                ),
+            ],
+        ),
+        _Patient(
+            "SUB02",
+            "Müller^José",
+            "ISO_IR 192",
+            "19751231",
+            "M",
+            [
+                _Study(
+                    "20240220",
+                    "140000",
+                    "Kopf Übersicht",
+                    "ACC0002",
+                    [
+                        _Series(
+                            1,
+                            "séquence localizer é",
+                            n(12),
+                            IMPLICIT_LE,
+                            odd=["Implicit VR Little Endian", "non-ASCII SeriesDescription (UTF-8)"],
+                        ),
+                        _Series(2, "T1w", n(12)),
+                        _Series(3, "T1w", n(12), odd=["same SeriesDescription as series 2"]),
+                    ],
+                ),
+            ],
+            odd=["non-ASCII PatientName (ISO_IR 192, UTF-8)"],
+        ),
+        _Patient(
+            "SUB 03/x",
+            "O'Brien^Sam-Lee",
+            "ISO_IR 100",
+            "20000229",
+            "O",
+            [
+                _Study(
+                    "20240305",
+                    "080000",
+                    "Étude",
+                    "ACC 0003/b",
+                    [
+                        _Series(
+                            1, "Série 1: a?b<c>|d", n(10), odd=["non-ASCII SeriesDescription (Latin-1)", "':?<>|' in SeriesDescription"]
+                        ),
+                        _Series(2, "  leading spaces", n(10), odd=["leading spaces in SeriesDescription"]),
+                        _Series(3, "x" * 64, n(10), odd=["64-character SeriesDescription"]),
+                    ],
+                    odd=["' ' and '/' in AccessionNumber"],
+                ),
+            ],
+            odd=["' ' and '/' in PatientID", "apostrophe in PatientName"],
+        ),
     ]
 
 
@@ -154,10 +206,11 @@ def _pattern(rows: int, cols: int, seed: object) -> bytes:
 def _frame(pattern: bytes, rows: int, cols: int, offset: int) -> bytes:
     size = 2 * rows * cols
     start = 2 * (offset % (rows * cols))
-    return pattern[start:start + size]
+    return pattern[start : start + size]
 
 
 # -- RLE Lossless (DICOM PS3.5 Annex G), without numpy ------------------------------------
+
 
 def _packbits(row: bytes) -> bytes:
     """One row as PackBits: runs of 3+ equal bytes as (1-n, byte), the rest as literals."""
@@ -167,7 +220,7 @@ def _packbits(row: bytes) -> bytes:
 
     def flush() -> None:
         for k in range(0, len(literal), 128):
-            chunk = literal[k:k + 128]
+            chunk = literal[k : k + 128]
             out.append(len(chunk) - 1)
             out.extend(chunk)
         literal.clear()
@@ -193,7 +246,7 @@ def _rle_frame(pixels: bytes, rows: int, cols: int) -> bytes:
     segments = []
     for byte in (1, 0):  # most significant byte first
         plane = pixels[byte::2]
-        seg = b"".join(_packbits(plane[r * cols:(r + 1) * cols]) for r in range(rows))
+        seg = b"".join(_packbits(plane[r * cols : (r + 1) * cols]) for r in range(rows))
         segments.append(seg + b"\0" * (len(seg) % 2))
     offsets, pos = [], 64
     for seg in segments:
@@ -205,8 +258,10 @@ def _rle_frame(pixels: bytes, rows: int, cols: int) -> bytes:
 
 # -- datasets -------------------------------------------------------------------------------
 
-def _base_dataset(pat: _Patient, st: _Study, se: _Series, *, study_uid: str, series_uid: str,
-                  sop_uid: str, sop_class: str, number: int, for_uid: str):
+
+def _base_dataset(
+    pat: _Patient, st: _Study, se: _Series, *, study_uid: str, series_uid: str, sop_uid: str, sop_class: str, number: int, for_uid: str
+):
     from pydicom.dataset import Dataset, FileMetaDataset
 
     meta = FileMetaDataset()
@@ -269,8 +324,7 @@ def _enhanced_mr(ds, rows: int, cols: int, frames: list[bytes], seed: object) ->
     ds.ContentQualification, ds.ResonantNucleus = "RESEARCH", "1H"
     ds.MRAcquisitionType, ds.MagneticFieldStrength = "3D", 3
     ds.AcquisitionDateTime = f"{ds.get('StudyDate', '20240101')}101500"
-    ds.PixelPresentation, ds.VolumetricProperties, ds.VolumeBasedCalculationTechnique = (
-        "MONOCHROME", "VOLUME", "NONE")
+    ds.PixelPresentation, ds.VolumetricProperties, ds.VolumeBasedCalculationTechnique = ("MONOCHROME", "VOLUME", "NONE")
     ds.ComplexImageComponent, ds.AcquisitionContrast = "MAGNITUDE", "T1"
     ds.BurnedInAnnotation, ds.LossyImageCompression = "NO", "00"
     measures, orient = Dataset(), Dataset()
@@ -364,8 +418,17 @@ def _generate(scale: int, rows: int, cols: int, seed: object):
                 for i in range(1, count + 1):
                     sop_uid = _uid(key, p, s, k, i)
                     sop_class = ENHANCED_MR_IMAGE if se.frames else MR_IMAGE
-                    ds = _base_dataset(pat, st, se, study_uid=study_uid, series_uid=series_uid,
-                                       sop_uid=sop_uid, sop_class=sop_class, number=i, for_uid=for_uid)
+                    ds = _base_dataset(
+                        pat,
+                        st,
+                        se,
+                        study_uid=study_uid,
+                        series_uid=series_uid,
+                        sop_uid=sop_uid,
+                        sop_class=sop_class,
+                        number=i,
+                        for_uid=for_uid,
+                    )
                     offset = 977 * (p * 10000 + s * 1000 + k * 100) + 131 * i
                     if se.frames:
                         frames = [_frame(pattern, rows, cols, offset + 257 * f) for f in range(se.frames)]
@@ -399,8 +462,7 @@ def _record(ds, pat: _Patient, st: _Study, se: _Series, path: str, data: bytes) 
     }
 
 
-def describe(entries: list[tuple[dict, _Patient, _Study, _Series]], *, root: Path, scale: int,
-             rows: int, cols: int, seed: str) -> dict:
+def describe(entries: list[tuple[dict, _Patient, _Study, _Series]], *, root: Path, scale: int, rows: int, cols: int, seed: str) -> dict:
     """The expected-content description (the JSON written next to the data) of the instances
     in ``entries``: (instance record, its patient, study and series in the plan)."""
     instances = [rec for rec, *_ in entries]
@@ -411,25 +473,46 @@ def describe(entries: list[tuple[dict, _Patient, _Study, _Series]], *, root: Pat
         pr = patients.get(rec["PatientID"])
         if pr is None:
             pr = patients[rec["PatientID"]] = {
-                "PatientID": pat.patient_id, "PatientName": pat.name, "SpecificCharacterSet": pat.charset,
-                "studies": 0, "series": 0, "instances": 0, "odd": pat.odd}
+                "PatientID": pat.patient_id,
+                "PatientName": pat.name,
+                "SpecificCharacterSet": pat.charset,
+                "studies": 0,
+                "series": 0,
+                "instances": 0,
+                "odd": pat.odd,
+            }
         sr = studies.get(rec["StudyInstanceUID"])
         if sr is None:
             pr["studies"] += 1
             sr = studies[rec["StudyInstanceUID"]] = {
-                "StudyInstanceUID": rec["StudyInstanceUID"], "PatientID": pat.patient_id,
-                "PatientName": pat.name, "StudyDate": st.date, "StudyDescription": st.description,
-                "AccessionNumber": st.accession, "series": 0, "instances": 0, "odd": st.odd}
+                "StudyInstanceUID": rec["StudyInstanceUID"],
+                "PatientID": pat.patient_id,
+                "PatientName": pat.name,
+                "StudyDate": st.date,
+                "StudyDescription": st.description,
+                "AccessionNumber": st.accession,
+                "series": 0,
+                "instances": 0,
+                "odd": st.odd,
+            }
         er = series.get(rec["SeriesInstanceUID"])
         if er is None:
             pr["series"] += 1
             sr["series"] += 1
             er = series[rec["SeriesInstanceUID"]] = {
-                "SeriesInstanceUID": rec["SeriesInstanceUID"], "StudyInstanceUID": rec["StudyInstanceUID"],
-                "PatientID": pat.patient_id, "Modality": "MR", "SeriesNumber": se.number,
-                "SeriesDescription": se.description, "SOPClassUID": rec["SOPClassUID"],
-                "TransferSyntaxUID": se.transfer_syntax, "instances": 0, "frames": 0, "bytes": 0,
-                "odd": se.odd}
+                "SeriesInstanceUID": rec["SeriesInstanceUID"],
+                "StudyInstanceUID": rec["StudyInstanceUID"],
+                "PatientID": pat.patient_id,
+                "Modality": "MR",
+                "SeriesNumber": se.number,
+                "SeriesDescription": se.description,
+                "SOPClassUID": rec["SOPClassUID"],
+                "TransferSyntaxUID": se.transfer_syntax,
+                "instances": 0,
+                "frames": 0,
+                "bytes": 0,
+                "odd": se.odd,
+            }
         pr["instances"] += 1
         sr["instances"] += 1
         er["instances"] += 1
@@ -452,9 +535,14 @@ def describe(entries: list[tuple[dict, _Patient, _Study, _Series]], *, root: Pat
         "format": FORMAT,
         "root": str(root),
         "generator": {"module": __name__, "scale": scale, "rows": rows, "columns": cols, "seed": seed},
-        "counts": {"patients": len(patients), "studies": len(studies), "series": len(series),
-                   "instances": len(instances), "frames": sum(r["NumberOfFrames"] for r in instances),
-                   "bytes": sum(r["size"] for r in instances)},
+        "counts": {
+            "patients": len(patients),
+            "studies": len(studies),
+            "series": len(series),
+            "instances": len(instances),
+            "frames": sum(r["NumberOfFrames"] for r in instances),
+            "bytes": sum(r["size"] for r in instances),
+        },
         "sop_classes": sorted({r["SOPClassUID"] for r in instances}),
         "transfer_syntaxes": sorted({r["TransferSyntaxUID"] for r in instances}),
         "odd": odd,
@@ -469,8 +557,9 @@ def _find(table: dict, pred) -> str:
     return next(uid for uid, rec in table.items() if pred(rec))
 
 
-def make_dataset(folder: str | os.PathLike, *, scale: int = 1, rows: int = 64, cols: int = 64,
-                 seed: str = "0", expected: str | os.PathLike | None = None) -> dict:
+def make_dataset(
+    folder: str | os.PathLike, *, scale: int = 1, rows: int = 64, cols: int = 64, seed: str = "0", expected: str | os.PathLike | None = None
+) -> dict:
     """Write the data set under ``folder`` as ``PAT<p>/STUDY<s>/SERIES<k>/<SOPInstanceUID>.dcm``
     (only DICOM files, ``folder`` is emptied of earlier ones first) and return its description;
     ``expected``: also write the description there as JSON. Paths in it are relative to ``folder``."""
@@ -519,8 +608,9 @@ def _folder_name(text: str | None, fallback: str) -> str:
 _EXTENSIONS = [".dcm", "", ".DCM", ".ima", ".dcm", "", ".dicom", ".dcm", "", ".dcm"]
 
 
-def make_file_tree(folder: str | os.PathLike, *, scale: int = 1, rows: int = 64, cols: int = 64,
-                   seed: str = "0", expected: str | os.PathLike | None = None) -> dict:
+def make_file_tree(
+    folder: str | os.PathLike, *, scale: int = 1, rows: int = 64, cols: int = 64, seed: str = "0", expected: str | os.PathLike | None = None
+) -> dict:
     """Write the same instances as :func:`make_dataset` as an untidy export tree, for
     ``file://`` sources, and return the description with the tree's paths plus a ``tree`` key.
 
@@ -547,8 +637,7 @@ def make_file_tree(folder: str | os.PathLike, *, scale: int = 1, rows: int = 64,
     duplicates, no_preamble = [], []
     first_of_series: dict[tuple, tuple[str, bytes]] = {}
     for (p, s, k, i), (pat, st, se), ds in _generate(scale, rows, cols, seed):
-        parts = [_folder_name(pat.name, f"patient{p + 1}"),
-                 _folder_name(f"{st.date or 'nodate'} {st.description}", f"study{s + 1}")]
+        parts = [_folder_name(pat.name, f"patient{p + 1}"), _folder_name(f"{st.date or 'nodate'} {st.description}", f"study{s + 1}")]
         if (p, s, k) == (0, 0, 1):
             parts += ["extra", "deeper", "and deeper", "still"]
         number = f"{se.number:03d}" if se.number is not None else "000"
@@ -564,8 +653,9 @@ def make_file_tree(folder: str | os.PathLike, *, scale: int = 1, rows: int = 64,
             data = _encode(ds)
         _write(root / rel, data)
         records.append((_record(ds, pat, st, se, rel, data), pat, st, se))
-        dicom_files.append({"path": rel, "SOPInstanceUID": ds.SOPInstanceUID, "kind": kind,
-                            "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        dicom_files.append(
+            {"path": rel, "SOPInstanceUID": ds.SOPInstanceUID, "kind": kind, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        )
         first_of_series.setdefault((p, s, k), (rel, data))
     # duplicates: byte-identical copies under other names
     for n, key in enumerate([(0, 0, 0), (1, 0, 2), (2, 0, 0)]):
@@ -573,8 +663,9 @@ def make_file_tree(folder: str | os.PathLike, *, scale: int = 1, rows: int = 64,
         dup = f"duplicates/copy {n + 1} of {Path(rel).name}" if n else str(Path(rel).with_name("IM0001 (1).dcm"))
         _write(root / dup, data)
         sop = next(d["SOPInstanceUID"] for d in dicom_files if d["path"] == rel)
-        dicom_files.append({"path": dup, "SOPInstanceUID": sop, "kind": "duplicate",
-                            "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        dicom_files.append(
+            {"path": dup, "SOPInstanceUID": sop, "kind": "duplicate", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        )
         duplicates.append(dup)
     # non-DICOM files mixed in
     series_dir = str(Path(first_of_series[(0, 0, 0)][0]).parent)
@@ -583,30 +674,35 @@ def make_file_tree(folder: str | os.PathLike, *, scale: int = 1, rows: int = 64,
         ("notes.txt", "scan notes: é\n".encode(), "text file"),
         (f"{series_dir}/series.json", json.dumps({"series": "T1w MPRAGE"}).encode(), "JSON sidecar"),
         (f"{series_dir}/empty.dcm", b"", "empty file with .dcm extension"),
-        (f"{series_dir}/._IM0001.dcm", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(40),
-         "AppleDouble metadata with .dcm extension"),
+        (
+            f"{series_dir}/._IM0001.dcm",
+            b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(40),
+            "AppleDouble metadata with .dcm extension",
+        ),
     ]
     for rel, data, what in junk:
         _write(root / rel, data)
         other.append({"path": rel, "size": len(data), "what": what})
     desc = describe(records, root=root, scale=scale, rows=rows, cols=cols, seed=seed)
-    desc["tree"] = {"dicom_files": dicom_files, "other_files": other,
-                    "no_preamble": no_preamble, "duplicates": duplicates}
+    desc["tree"] = {"dicom_files": dicom_files, "other_files": other, "no_preamble": no_preamble, "duplicates": duplicates}
     if expected is not None:
         write_expected(desc, expected)
     return desc
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m clpipe.testing.dicomdata",
-                                 description="Write clpipe's synthetic MR DICOM test data set and its description.")
+    ap = argparse.ArgumentParser(
+        prog="python -m clpipe.testing.dicomdata", description="Write clpipe's synthetic MR DICOM test data set and its description."
+    )
     ap.add_argument("outdir", help="folder to write the data set into")
     ap.add_argument("--scale", type=int, default=1, help="multiply the instances per series (default 1: 139 instances)")
     ap.add_argument("--size", type=int, default=64, help="rows and columns of every image (default 64)")
     ap.add_argument("--seed", default="0", help="another seed gives other UIDs and pixels (default 0)")
     ap.add_argument("--tree", action="store_true", help="write the untidy file:// tree instead of the plain layout")
-    ap.add_argument("--expected", help="where to write the JSON description (default OUTDIR.expected.json, "
-                    "beside OUTDIR so that OUTDIR holds only the data)")
+    ap.add_argument(
+        "--expected",
+        help="where to write the JSON description (default OUTDIR.expected.json, beside OUTDIR so that OUTDIR holds only the data)",
+    )
     args = ap.parse_args(argv)
     if args.scale < 1:
         ap.error("--scale must be at least 1")
@@ -614,9 +710,11 @@ def main(argv: list[str] | None = None) -> int:
     make = make_file_tree if args.tree else make_dataset
     desc = make(args.outdir, scale=args.scale, rows=args.size, cols=args.size, seed=args.seed, expected=expected)
     c = desc["counts"]
-    print(f"wrote {c['patients']} patients, {c['studies']} studies, {c['series']} series, "
-          f"{c['instances']} instances ({c['bytes']} bytes) to {desc['root']}; description: {expected}",
-          file=sys.stderr)
+    print(
+        f"wrote {c['patients']} patients, {c['studies']} studies, {c['series']} series, "
+        f"{c['instances']} instances ({c['bytes']} bytes) to {desc['root']}; description: {expected}",
+        file=sys.stderr,
+    )
     return 0
 
 

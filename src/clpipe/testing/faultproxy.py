@@ -33,8 +33,7 @@ from .fwserver import FAULT_KINDS, Fault
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # headers that belong to one connection, not to the message (RFC 9110 7.6.1), plus the
 # length, which is set again for the body as sent
-_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-        "content-length", "host"}
+_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "content-length", "host"}
 
 
 class FaultProxy:
@@ -59,8 +58,9 @@ class FaultProxy:
             httpd = _Server((self.host, self.port), _Handler)
             httpd.proxy = self  # type: ignore[attr-defined]
             self._httpd, self.port = httpd, httpd.server_address[1]
-            self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                            name=f"faultproxy-{self.port}", daemon=True)
+            self._thread = threading.Thread(
+                target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, name=f"faultproxy-{self.port}", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -83,15 +83,22 @@ class FaultProxy:
         return f"http://{self.host}:{self.port}"
 
     # -- faults ---------------------------------------------------------------------------
-    def add_fault(self, path_pattern: str, kind: str, count: int | None = None, status: int = 500,
-                  delay: float = 0.0, method: str | None = None, retry_after: str | None = None) -> Fault:
+    def add_fault(
+        self,
+        path_pattern: str,
+        kind: str,
+        count: int | None = None,
+        status: int = 500,
+        delay: float = 0.0,
+        method: str | None = None,
+        retry_after: str | None = None,
+    ) -> Fault:
         """As ``FlywheelTestServer.add_fault``: requests whose URL-decoded path matches the
         regex ``path_pattern`` get the fault (the first ``count`` of them; None = all)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
         re.compile(path_pattern)
-        fault = Fault(path_pattern, kind, count, status, delay, method.upper() if method else None,
-                      retry_after=retry_after)
+        fault = Fault(path_pattern, kind, count, status, delay, method.upper() if method else None, retry_after=retry_after)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -135,8 +142,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         def record(status: int) -> None:  # before the answer goes out: a client that has it sees the record
             with proxy._lock:
-                proxy.requests.append({"method": self.command, "path": path, "status": status,
-                                       "fault": fault.kind if fault else None})
+                proxy.requests.append({"method": self.command, "path": path, "status": status, "fault": fault.kind if fault else None})
 
         try:
             length = int(self.headers.get("Content-Length") or 0)

@@ -177,11 +177,11 @@ class Project:
 
     def dst_path(self, node: Node, name: str) -> str:
         """The ``dst_path`` download/targets reports for a file of an acquisition."""
-        return (f"/{self.label}/SUBJECTS/{node.subject.label}/SESSIONS/{node.session.label}"
-                f"/ACQUISITIONS/{node.acquisition.label}/FILES/{name}")
+        return (
+            f"/{self.label}/SUBJECTS/{node.subject.label}/SESSIONS/{node.session.label}/ACQUISITIONS/{node.acquisition.label}/FILES/{name}"
+        )
 
-    def expected_paths(self, types: set[str] | None = None, strip_root: bool = True,
-                       unpack: bool = True) -> dict[str, bytes]:
+    def expected_paths(self, types: set[str] | None = None, strip_root: bool = True, unpack: bool = True) -> dict[str, bytes]:
         """Relative path -> bytes of what ``fw sync`` writes for files of the given types.
 
         Mirrors the CLI: dicom zips are unpacked into a folder named after the zip minus
@@ -220,9 +220,20 @@ def _uid(*parts: object) -> str:
     return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
-def _dicom_dataset(*, patient: str, study_uid: str, study_dt: datetime, series_uid: str,
-                   series_number: int, description: str, instance: int, sop_uid: str,
-                   rows: int, cols: int, pixels: bytes):
+def _dicom_dataset(
+    *,
+    patient: str,
+    study_uid: str,
+    study_dt: datetime,
+    series_uid: str,
+    series_number: int,
+    description: str,
+    instance: int,
+    sop_uid: str,
+    rows: int,
+    cols: int,
+    pixels: bytes,
+):
     """One MR image (``rows`` x ``cols``, uint16, 12 bits stored) as a pydicom dataset."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
@@ -278,8 +289,7 @@ def _dicom_bytes(rng: random.Random, *, rows: int = 8, cols: int = 8, **attrs) -
 
 _MASK_12BIT = bytes(i & 0x0F for i in range(256))  # the high byte of a 12-bit uint16 sample
 _TAG_META_LENGTH, _TAG_META_SOP = 0x00020000, 0x00020003
-_TAG_SOP, _TAG_INSTANCE, _TAG_POSITION, _TAG_LOCATION, _TAG_PIXELS = (
-    0x00080018, 0x00200013, 0x00200032, 0x00201041, 0x7FE00010)
+_TAG_SOP, _TAG_INSTANCE, _TAG_POSITION, _TAG_LOCATION, _TAG_PIXELS = (0x00080018, 0x00200013, 0x00200032, 0x00201041, 0x7FE00010)
 
 
 def _element(tag: int, vr: str, value: bytes) -> bytes:
@@ -308,8 +318,7 @@ def _encoded(ds) -> dict[int, bytes]:
     return out
 
 
-def _fast_series(rng: random.Random, slices: int, *, rows: int, cols: int, series_uid: str,
-                 **attrs) -> list[tuple[str, bytes]]:
+def _fast_series(rng: random.Random, slices: int, *, rows: int, cols: int, series_uid: str, **attrs) -> list[tuple[str, bytes]]:
     """``(IMnnnn.dcm, bytes)`` of a series, much faster than :func:`_dicom_bytes` per slice.
 
     The elements every slice shares are encoded once with pydicom; the per-slice ones (SOP
@@ -318,8 +327,7 @@ def _fast_series(rng: random.Random, slices: int, *, rows: int, cols: int, serie
     """
     from pydicom.dataset import validate_file_meta
 
-    template = _dicom_dataset(rows=rows, cols=cols, series_uid=series_uid, instance=1,
-                              sop_uid="1", pixels=b"", **attrs)
+    template = _dicom_dataset(rows=rows, cols=cols, series_uid=series_uid, instance=1, sop_uid="1", pixels=b"", **attrs)
     validate_file_meta(template.file_meta, enforce_standard=True)  # as save_as completes it
     meta, body = _encoded(template.file_meta), _encoded(template)
     meta.pop(_TAG_META_LENGTH, None)
@@ -336,8 +344,7 @@ def _fast_series(rng: random.Random, slices: int, *, rows: int, cols: int, serie
         body[_TAG_PIXELS] = _element(_TAG_PIXELS, "OW", bytes(pixels))
         group = b"".join(meta[t] for t in sorted(meta))
         length = _element(_TAG_META_LENGTH, "UL", struct.pack("<I", len(group)))
-        out.append((f"IM{n:04d}.dcm", b"".join(
-            [bytes(128), b"DICM", length, group, *(body[t] for t in sorted(body))])))
+        out.append((f"IM{n:04d}.dcm", b"".join([bytes(128), b"DICM", length, group, *(body[t] for t in sorted(body))])))
     return out
 
 
@@ -357,11 +364,21 @@ def _zip_bytes(folder: str, members: list[tuple[str, bytes]], when: datetime) ->
     return buf.getvalue()
 
 
-def make_demo_project(group: str = "lab", label: str = "study", subjects: int = 2,
-                      sessions: int = 1, acquisitions: int = 2, slices: int = 3,
-                      single_dicoms: bool = True, non_dicom: bool = True,
-                      seed: int = 0, rows: int = 8, cols: int = 8, zipped: bool = True,
-                      fast: bool = False) -> Project:
+def make_demo_project(
+    group: str = "lab",
+    label: str = "study",
+    subjects: int = 2,
+    sessions: int = 1,
+    acquisitions: int = 2,
+    slices: int = 3,
+    single_dicoms: bool = True,
+    non_dicom: bool = True,
+    seed: int = 0,
+    rows: int = 8,
+    cols: int = 8,
+    zipped: bool = True,
+    fast: bool = False,
+) -> Project:
     """A project of real (tiny) MR DICOM data; the same arguments give the same bytes.
 
     Each acquisition holds ``<SeriesInstanceUID>.dicom.zip`` (members ``<uid>/IM0001.dcm``...);
@@ -387,28 +404,39 @@ def make_demo_project(group: str = "lab", label: str = "study", subjects: int = 
                 acq_label = _ACQ_NAMES[ai] if ai < len(_ACQ_NAMES) else f"ACQ{ai + 1:02d}"
                 rng = random.Random(f"{seed}/{group}/{label}/{si}/{ssi}/{ai}")
                 series_uid = _uid(seed, study_uid, "series", ai)
-                series = dict(common, series_uid=series_uid, series_number=ai + 1,
-                              description=acq_label, rows=rows, cols=cols)
+                series = dict(common, series_uid=series_uid, series_number=ai + 1, description=acq_label, rows=rows, cols=cols)
                 if fast:
                     slices_ = _fast_series(rng, slices, **series)
                 else:
-                    slices_ = [(f"IM{n:04d}.dcm", _dicom_bytes(
-                        rng, **series, instance=n, sop_uid=_uid(series_uid, n)))
-                        for n in range(1, slices + 1)]
+                    slices_ = [
+                        (f"IM{n:04d}.dcm", _dicom_bytes(rng, **series, instance=n, sop_uid=_uid(series_uid, n)))
+                        for n in range(1, slices + 1)
+                    ]
                 if zipped:
-                    files = [FwFile(f"{series_uid}.dicom.zip",
-                                    _zip_bytes(series_uid, slices_, study_dt))]
+                    files = [FwFile(f"{series_uid}.dicom.zip", _zip_bytes(series_uid, slices_, study_dt))]
                 else:
                     files = [FwFile(name, data) for name, data in slices_]
                 if single_dicoms and ai == 0:
                     loc_uid = _uid(seed, study_uid, "localizer")
-                    files.append(FwFile("localizer.dcm", _dicom_bytes(
-                        rng, **common, rows=rows, cols=cols, series_uid=loc_uid, series_number=99,
-                        description="localizer", instance=1, sop_uid=_uid(loc_uid, 1))))
+                    files.append(
+                        FwFile(
+                            "localizer.dcm",
+                            _dicom_bytes(
+                                rng,
+                                **common,
+                                rows=rows,
+                                cols=cols,
+                                series_uid=loc_uid,
+                                series_number=99,
+                                description="localizer",
+                                instance=1,
+                                sop_uid=_uid(loc_uid, 1),
+                            ),
+                        )
+                    )
                 if non_dicom:
                     volume = bytes(rng.randrange(256) for _ in range(348))
-                    files.append(FwFile(f"{acq_label.lower()}.nii.gz",
-                                        gzip.compress(volume, mtime=0), "nifti"))
+                    files.append(FwFile(f"{acq_label.lower()}.nii.gz", gzip.compress(volume, mtime=0), "nifti"))
                     qa = {"series": series_uid, "snr": round(rng.uniform(10, 40), 3)}
                     files.append(FwFile("qa.json", json.dumps(qa).encode(), "qa"))
                 acq_list.append(Acquisition(acq_label, files))
@@ -495,12 +523,12 @@ class FlywheelTestServer:
     (``GET containers/{id}`` and the per-level container endpoints).
     """
 
-    def __init__(self, projects: list[Project] | None = None, api_keys=("demo-key",),
-                 host: str = "127.0.0.1", port: int = 0, release: str = "23.0.0"):
+    def __init__(
+        self, projects: list[Project] | None = None, api_keys=("demo-key",), host: str = "127.0.0.1", port: int = 0, release: str = "23.0.0"
+    ):
         self.projects: list[Project] = list(projects or [])
         # A set passed in is used as is, so the caller can also revoke keys through it.
-        self.api_keys: set[str] = (api_keys if isinstance(api_keys, set)
-                                   else {api_keys} if isinstance(api_keys, str) else set(api_keys))
+        self.api_keys: set[str] = api_keys if isinstance(api_keys, set) else {api_keys} if isinstance(api_keys, str) else set(api_keys)
         self.host, self.port, self.release = host, port, release
         self.targets_hash = False  # add each file's hash to download/targets lines
         self.file_hashes = True  # False: file entries of containers carry no hash (a server that gives none)
@@ -517,8 +545,9 @@ class FlywheelTestServer:
             return self
         self._httpd = _HTTPServer((self.host, self.port), self)
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name=f"fwserver-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name=f"fwserver-{self.port}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -582,9 +611,17 @@ class FlywheelTestServer:
         raise ApiError(404, f"{(kind or 'container').capitalize()} {cid} not found")
 
     # -- faults ---------------------------------------------------------------------------
-    def add_fault(self, path_pattern: str, kind: str, count: int | None = None, status: int = 500,
-                  delay: float = 0.0, method: str | None = None, retry_after: str | None = None,
-                  span: tuple[int, int] | None = None) -> Fault:
+    def add_fault(
+        self,
+        path_pattern: str,
+        kind: str,
+        count: int | None = None,
+        status: int = 500,
+        delay: float = 0.0,
+        method: str | None = None,
+        retry_after: str | None = None,
+        span: tuple[int, int] | None = None,
+    ) -> Fault:
         """Make requests whose (URL-decoded) path matches the regex ``path_pattern`` fail.
 
         kinds: "status" (reply ``status`` with a JSON error), "drop" (close without a reply),
@@ -599,8 +636,7 @@ class FlywheelTestServer:
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
         re.compile(path_pattern)
-        fault = Fault(path_pattern, kind, count, status, delay, method.upper() if method else None,
-                      retry_after=retry_after, span=span)
+        fault = Fault(path_pattern, kind, count, status, delay, method.upper() if method else None, retry_after=retry_after, span=span)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -628,29 +664,36 @@ class FlywheelTestServer:
         return token.strip().rsplit(":", 1)[-1] in self.api_keys
 
     # -- API ------------------------------------------------------------------------------
-    def _route(self, method: str, parts: list[str], query: dict, body: bytes, auth_ok: bool,
-               ctype: str = ""):
+    def _route(self, method: str, parts: list[str], query: dict, body: bytes, auth_ok: bool, ctype: str = ""):
         """Return (status, body bytes, content type) for an /api request, or raise ApiError."""
         if parts == ["config"] and method == "GET":  # the only call made without a key
             return _json({"features": {}, "site": {}})  # no signed URLs: files come from /api
         if not auth_ok:
             raise ApiError(401, "Invalid or expired API key", "Authentication required")
-        kinds = {"projects": "project", "subjects": "subject", "sessions": "session",
-                 "acquisitions": "acquisition"}
+        kinds = {"projects": "project", "subjects": "subject", "sessions": "session", "acquisitions": "acquisition"}
         children = {"project": "subjects", "subject": "sessions", "session": "acquisitions"}
         n = len(parts)
         if method == "GET":
             if parts == ["version"]:
                 return _json({"release": self.release, "flywheel_release": self.release})
             if parts == ["auth", "status"]:
-                return _json({"origin": {"type": "user", "id": USER_ID}, "user_id": USER_ID,
-                              "user_is_admin": False, "is_device": False, "roles": []})
+                return _json(
+                    {"origin": {"type": "user", "id": USER_ID}, "user_id": USER_ID, "user_is_admin": False, "is_device": False, "roles": []}
+                )
             if parts == ["users", "self"]:
-                return _json({"_id": USER_ID, "firstname": "Demo", "lastname": "User",
-                              "email": USER_ID, "roles": [], "root": False, "disabled": False})
+                return _json(
+                    {
+                        "_id": USER_ID,
+                        "firstname": "Demo",
+                        "lastname": "User",
+                        "email": USER_ID,
+                        "roles": [],
+                        "root": False,
+                        "disabled": False,
+                    }
+                )
             if parts == ["projects"]:
-                return _json(_page([self._container_json(n) for n in self._nodes()
-                                    if n.kind == "project"], query))
+                return _json(_page([self._container_json(n) for n in self._nodes() if n.kind == "project"], query))
             if n == 2 and parts[0] == "containers":  # any container by id, as the SDK's get_container/get
                 node = self._node(parts[1])
                 return _json({**self._container_json(node), "container_type": node.kind})
@@ -662,8 +705,7 @@ class FlywheelTestServer:
                 if n == 2:
                     return _json(self._container_json(node))
                 if children.get(node.kind) == parts[2]:
-                    items = [c for c in self._nodes() if c.kind == kinds[parts[2]]
-                             and getattr(c, node.kind) is node.obj]
+                    items = [c for c in self._nodes() if c.kind == kinds[parts[2]] and getattr(c, node.kind) is node.obj]
                     return _json(_page([self._container_json(c) for c in items], query))
         elif method == "POST":
             if parts == ["lookup"]:
@@ -684,7 +726,8 @@ class FlywheelTestServer:
             raise ApiError(404, f"Group {path[0]} not found", {"path": path})
         for node in self._nodes():
             labels = [node.project.group, node.project.label] + [
-                c.label for c in (node.subject, node.session, node.acquisition) if c is not None]
+                c.label for c in (node.subject, node.session, node.acquisition) if c is not None
+            ]
             if labels == path:
                 return {"container_type": node.kind, **self._container_json(node)}
         raise ApiError(404, f"Could not resolve path {'/'.join(path)}", {"path": path})
@@ -703,15 +746,20 @@ class FlywheelTestServer:
         lines = []
         for p in self.projects:
             for node, f in p.iter_files():
-                ids = {(k, getattr(node, k).id) for k in ("project", "subject", "session",
-                                                          "acquisition")}
+                ids = {(k, getattr(node, k).id) for k in ("project", "subject", "session", "acquisition")}
                 ftype = (f.type or "").lower()
                 if not wanted & ids or (plus and ftype not in plus) or ftype in minus:
                     continue
                 target = {
-                    "download_type": "file", "container_type": "acquisition",
-                    "container_id": node.obj.id, "filename": f.name, "filetype": f.type,
-                    "size": f.size, "modified": _iso(f.modified), "dst_path": p.dst_path(node, f.name)}
+                    "download_type": "file",
+                    "container_type": "acquisition",
+                    "container_id": node.obj.id,
+                    "filename": f.name,
+                    "filetype": f.type,
+                    "size": f.size,
+                    "modified": _iso(f.modified),
+                    "dst_path": p.dst_path(node, f.name),
+                }
                 if self.targets_hash:  # whether real servers send it here is unknown: optional
                     target["hash"] = f.hash
                 lines.append(json.dumps(target))
@@ -729,9 +777,15 @@ class FlywheelTestServer:
             except zipfile.BadZipFile:
                 raise ApiError(400, f"Cannot open {name} as a zip file") from None
             if want_info:
-                return _json({"comment": "", "members": [
-                    {"path": m.filename, "size": m.file_size,
-                     "timestamp": _iso(datetime(*m.date_time, tzinfo=timezone.utc))} for m in members]})
+                return _json(
+                    {
+                        "comment": "",
+                        "members": [
+                            {"path": m.filename, "size": m.file_size, "timestamp": _iso(datetime(*m.date_time, tzinfo=timezone.utc))}
+                            for m in members
+                        ],
+                    }
+                )
             with zipfile.ZipFile(io.BytesIO(f.content)) as zf:
                 try:
                     return 200, zf.read(query["member"]), "application/octet-stream"
@@ -759,21 +813,41 @@ class FlywheelTestServer:
             with self._lock:
                 self.uploads.append((filename, data))
             now = _iso(datetime.now(timezone.utc))
-            out.append({"name": filename, "size": len(data), "version": 1, "type": "tabular data",
-                        "mimetype": headers.get_content_type(), "created": now, "modified": now,
-                        "hash": "v0-sha384-" + hashlib.sha384(data).hexdigest()})
+            out.append(
+                {
+                    "name": filename,
+                    "size": len(data),
+                    "version": 1,
+                    "type": "tabular data",
+                    "mimetype": headers.get_content_type(),
+                    "created": now,
+                    "modified": now,
+                    "hash": "v0-sha384-" + hashlib.sha384(data).hexdigest(),
+                }
+            )
         return out
 
     # -- JSON shapes ----------------------------------------------------------------------
     def _file_json(self, node: Node, f: FwFile) -> dict:
         fid = hashlib.sha1(f"{node.obj.id}/{f.name}".encode()).hexdigest()[:24]
-        d = {"_id": fid, "file_id": fid, "name": f.name, "type": f.type,
-             "mimetype": _MIMETYPES.get(f.type, "application/octet-stream"),
-             "classification": {}, "tags": [], "info": {}, "info_exists": False,
-             "origin": {"type": "user", "id": USER_ID},
-             "created": _iso(FIXED_TIME), "modified": _iso(f.modified), "size": f.size,
-             "version": f.version, "parent_ref": {"id": node.obj.id, "type": node.kind},
-             "parents": self._parents(node, include_self=True)}
+        d = {
+            "_id": fid,
+            "file_id": fid,
+            "name": f.name,
+            "type": f.type,
+            "mimetype": _MIMETYPES.get(f.type, "application/octet-stream"),
+            "classification": {},
+            "tags": [],
+            "info": {},
+            "info_exists": False,
+            "origin": {"type": "user", "id": USER_ID},
+            "created": _iso(FIXED_TIME),
+            "modified": _iso(f.modified),
+            "size": f.size,
+            "version": f.version,
+            "parent_ref": {"id": node.obj.id, "type": node.kind},
+            "parents": self._parents(node, include_self=True),
+        }
         if self.file_hashes:
             d["hash"] = f.hash
         if f.type == "dicom":
@@ -794,18 +868,30 @@ class FlywheelTestServer:
 
     def _container_json(self, node: Node) -> dict:
         obj = node.obj
-        d = {"_id": obj.id, "label": obj.label, "parents": self._parents(node), "info": {},
-             "tags": [], "notes": [], "permissions": [], "created": _iso(FIXED_TIME),
-             "modified": _iso(FIXED_TIME),
-             "files": [self._file_json(node, f) for f in getattr(obj, "files", [])]}
+        d = {
+            "_id": obj.id,
+            "label": obj.label,
+            "parents": self._parents(node),
+            "info": {},
+            "tags": [],
+            "notes": [],
+            "permissions": [],
+            "created": _iso(FIXED_TIME),
+            "modified": _iso(FIXED_TIME),
+            "files": [self._file_json(node, f) for f in getattr(obj, "files", [])],
+        }
         if node.kind == "project":
             d.update(group=obj.group, description="")
         elif node.kind == "subject":
             d.update(project=node.project.id, code=obj.label)
         elif node.kind == "session":
-            d.update(group=node.project.group, project=node.project.id, timestamp=_iso(FIXED_TIME),
-                     timezone="UTC", subject={"_id": node.subject.id, "label": node.subject.label,
-                                              "code": node.subject.label, "project": node.project.id})
+            d.update(
+                group=node.project.group,
+                project=node.project.id,
+                timestamp=_iso(FIXED_TIME),
+                timezone="UTC",
+                subject={"_id": node.subject.id, "label": node.subject.label, "code": node.subject.label, "project": node.project.id},
+            )
         else:
             d.update(session=node.session.id, timestamp=_iso(FIXED_TIME), timezone="UTC")
         return d
@@ -837,7 +923,7 @@ def _page(items: list[dict], query: dict) -> list[dict]:
     try:
         if query.get("after_id"):
             items = [d for d in items if d["_id"] > query["after_id"]]
-        items = items[int(query.get("skip") or 0):]
+        items = items[int(query.get("skip") or 0) :]
         if query.get("limit"):
             items = items[: int(query["limit"])]
     except ValueError:
@@ -892,8 +978,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if parts[:2] != ["", "api"]:
                     raise ApiError(404, "The resource could not be found.", path)
                 api_parts = parts[2:-1] if parts[-1] == "" else parts[2:]  # tolerate a trailing /
-                response = app._route(self.command, api_parts, query, body, auth_ok,
-                                      self.headers.get("Content-Type") or "")
+                response = app._route(self.command, api_parts, query, body, auth_ok, self.headers.get("Content-Type") or "")
             except ApiError as exc:
                 response = _error(exc)
             except Exception:  # a server bug: answer 500 rather than hang the client
@@ -904,9 +989,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             with app._lock:
-                app.requests.append({"method": self.command, "path": path, "query": query,
-                                     "status": self._status, "auth_ok": auth_ok,
-                                     "fault": fault.kind if fault else None})
+                app.requests.append(
+                    {
+                        "method": self.command,
+                        "path": path,
+                        "query": query,
+                        "status": self._status,
+                        "auth_ok": auth_ok,
+                        "fault": fault.kind if fault else None,
+                    }
+                )
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch
 
@@ -951,7 +1043,8 @@ class _Handler(BaseHTTPRequestHandler):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clpipe.testing.fwserver",
-        description="Serve a demo Flywheel project fw://lab/study on 127.0.0.1 until SIGTERM/SIGINT.")
+        description="Serve a demo Flywheel project fw://lab/study on 127.0.0.1 until SIGTERM/SIGINT.",
+    )
     parser.add_argument("--port", type=int, default=8123, help="port (0 = any free port)")
     parser.add_argument("--key", default="demo-key", help="the API key to accept")
     parser.add_argument("--subjects", type=int, default=2)
@@ -964,8 +1057,9 @@ def main(argv: list[str] | None = None) -> int:
     if ":" in args.key or not args.key:
         parser.error("--key must be non-empty and contain no ':'")
 
-    project = make_demo_project(subjects=args.subjects, sessions=args.sessions,
-                                acquisitions=args.acquisitions, slices=args.slices, seed=args.seed)
+    project = make_demo_project(
+        subjects=args.subjects, sessions=args.sessions, acquisitions=args.acquisitions, slices=args.slices, seed=args.seed
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

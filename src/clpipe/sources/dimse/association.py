@@ -124,8 +124,10 @@ def connect_words(exc: OSError, src: Requestor) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return f"connection refused on port {src.port}; check the host and port in the SourceURL and that the PACS is running"
     if isinstance(exc, TimeoutError):
-        return (f"no answer on port {src.port} within {min(src.timeout, CONNECT_TIMEOUT):.0f} s; check the host and "
-                "port, and that a firewall lets this machine through")
+        return (
+            f"no answer on port {src.port} within {min(src.timeout, CONNECT_TIMEOUT):.0f} s; check the host and "
+            "port, and that a firewall lets this machine through"
+        )
     return f"{exc.strerror or exc}; check the host, the port and the network"
 
 
@@ -133,17 +135,22 @@ def rejection(src: Requestor, result: int, source: int, reason: int) -> Exceptio
     """The error for an A-ASSOCIATE-RJ (PS3.8 9.3.4), in words."""
     where = f"the PACS {src.where}"
     if source == RJ_SOURCE_USER and reason == RJ_USER_CALLED_AE:
-        return PermanentError(f"{where} rejected the association: it does not know the called AE title "
-                              f"{src.called_aet!r}; check the AE title in the SourceURL (dimse://AET@host:port)")
+        return PermanentError(
+            f"{where} rejected the association: it does not know the called AE title "
+            f"{src.called_aet!r}; check the AE title in the SourceURL (dimse://AET@host:port)"
+        )
     if source == RJ_SOURCE_USER and reason == RJ_USER_CALLING_AE:
-        return PermanentError(f"{where} rejected the association: it does not know our AE title "
-                              f"{src.calling_aet!r}; ask the PACS administrator to register it, or set CallingAET "
-                              "to an AE title the PACS knows")
+        return PermanentError(
+            f"{where} rejected the association: it does not know our AE title "
+            f"{src.calling_aet!r}; ask the PACS administrator to register it, or set CallingAET "
+            "to an AE title the PACS knows"
+        )
     words = RJ_REASONS.get((source, reason), "no reason given")
     if result == RJ_TRANSIENT:
         return TransientError(f"{where} rejected the association for now ({words}); it will be tried again")
-    return PermanentError(f"{where} rejected the association ({words}); check the AE titles "
-                          f"(ours: {src.calling_aet!r}, the PACS's: {src.called_aet!r})")
+    return PermanentError(
+        f"{where} rejected the association ({words}); check the AE titles (ours: {src.calling_aet!r}, the PACS's: {src.called_aet!r})"
+    )
 
 
 class Channel(Wire):
@@ -178,12 +185,15 @@ class Channel(Wire):
                 sock = src.tls.wrap_socket(sock, server_hostname=src.host)
             except ssl.SSLCertVerificationError as exc:
                 sock.close()
-                raise PermanentError(f"the PACS {src.where}: its TLS certificate is not trusted ({exc.verify_message}); "
-                                     "check TLSCAFile") from None
+                raise PermanentError(
+                    f"the PACS {src.where}: its TLS certificate is not trusted ({exc.verify_message}); check TLSCAFile"
+                ) from None
             except (ssl.SSLError, OSError) as exc:
                 sock.close()
-                raise TransientError(f"could not connect to the PACS {src.where}: the TLS handshake failed ({exc}); check "
-                                     "that the PACS speaks TLS on this port and TLSCAFile/TLSCertFile/TLSKeyFile") from None
+                raise TransientError(
+                    f"could not connect to the PACS {src.where}: the TLS handshake failed ({exc}); check "
+                    "that the PACS speaks TLS on this port and TLSCAFile/TLSCertFile/TLSKeyFile"
+                ) from None
         sock.settimeout(src.timeout)
         return sock
 
@@ -197,11 +207,12 @@ class Channel(Wire):
         if kind == A_ASSOCIATE_RJ_PDU and len(pdu) >= 4:  # reserved, result, source, reason
             raise rejection(src, *rj_fields(pdu))
         if kind == A_ABORT_PDU:
-            raise TransientError(f"the PACS {src.where} aborted the association request; check the AE titles "
-                                 f"(ours: {src.calling_aet!r}, the PACS's: {src.called_aet!r})")
+            raise TransientError(
+                f"the PACS {src.where} aborted the association request; check the AE titles "
+                f"(ours: {src.calling_aet!r}, the PACS's: {src.called_aet!r})"
+            )
         if kind != A_ASSOCIATE_AC_PDU:
-            raise TransientError(f"the PACS {src.where} answered the association request with PDU type {kind}: "
-                                 "is this its DICOM port?")
+            raise TransientError(f"the PACS {src.where} answered the association request with PDU type {kind}: is this its DICOM port?")
         answer = decode_associate(kind, pdu, self.where)
         for context in answer.presentation_context_definition_results_list:
             if context.result == CONTEXT_ACCEPTED and context.context_id in requested and context.transfer_syntax:
@@ -210,16 +221,19 @@ class Channel(Wire):
         offered = {abstract for abstract, _ in self.accepted.values()}
         if QR_FIND not in offered:
             self.abort()
-            raise PermanentError(f"the PACS {src.where} does not offer Study Root C-FIND to AE {src.calling_aet!r}; "
-                                 "allow it there")
+            raise PermanentError(f"the PACS {src.where} does not offer Study Root C-FIND to AE {src.calling_aet!r}; allow it there")
         if src.retrieve == "move" and QR_MOVE not in offered:
             self.abort()
-            raise PermanentError(f"the PACS {src.where} does not offer Study Root C-MOVE to AE {src.calling_aet!r}; "
-                                 "allow it there, or use RetrieveMethod \"get\"")
+            raise PermanentError(
+                f"the PACS {src.where} does not offer Study Root C-MOVE to AE {src.calling_aet!r}; "
+                'allow it there, or use RetrieveMethod "get"'
+            )
         if src.retrieve == "get" and QR_GET not in offered:
             self.abort()
-            raise PermanentError(f"the PACS {src.where} does not offer Study Root C-GET to AE {src.calling_aet!r}; "
-                                 "allow it there, or use RetrieveMethod \"move\"")
+            raise PermanentError(
+                f"the PACS {src.where} does not offer Study Root C-GET to AE {src.calling_aet!r}; "
+                'allow it there, or use RetrieveMethod "move"'
+            )
         if src.retrieve == "get" and not offered - set(QUERY_RETRIEVE):
             self.abort()
             raise PermanentError(f"the PACS {src.where} accepted none of the storage SOP classes for C-GET")
@@ -316,8 +330,9 @@ class Channel(Wire):
                 self.usable = True
                 return
             else:
-                raise TransientError(f"the PACS {self.source.where} sent an unexpected DIMSE message "
-                                     f"(command 0x{command:04X}) during a C-GET")
+                raise TransientError(
+                    f"the PACS {self.source.where} sent an unexpected DIMSE message (command 0x{command:04X}) during a C-GET"
+                )
 
     def move(self, identifier: Dataset, destination: str, keep_waiting: Callable[[], bool] | None = None) -> Final:
         """Send a C-MOVE to ``destination`` and wait for its final response (the

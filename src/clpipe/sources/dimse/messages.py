@@ -67,8 +67,7 @@ UNABLE_TO_PROCESS = 0xC000
 NO_STATUS = UNABLE_TO_PROCESS  # a response without a Status element is read as a failure, never as success
 
 #: pynetdicom's tables of what each status code means, the retrieval's own first
-STATUS_TABLES = (QR_MOVE_SERVICE_CLASS_STATUS, QR_GET_SERVICE_CLASS_STATUS, QR_FIND_SERVICE_CLASS_STATUS,
-                 GENERAL_STATUS)
+STATUS_TABLES = (QR_MOVE_SERVICE_CLASS_STATUS, QR_GET_SERVICE_CLASS_STATUS, QR_FIND_SERVICE_CLASS_STATUS, GENERAL_STATUS)
 
 
 def status_words(code: int) -> str:
@@ -106,8 +105,7 @@ def command_set(elements: list[tuple[int, bytes]]) -> bytes:
 def request(model: str, command: int, message_id: int, destination: str = "") -> bytes:
     """The command set of a C-FIND, C-GET or C-MOVE request (an identifier follows it);
     ``destination``: the C-MOVE destination AE title."""
-    elements = [(AFFECTED_SOP_CLASS_UID, padded(model, b"\x00")), (COMMAND_FIELD, us(command)),
-                (MESSAGE_ID, us(message_id))]
+    elements = [(AFFECTED_SOP_CLASS_UID, padded(model, b"\x00")), (COMMAND_FIELD, us(command)), (MESSAGE_ID, us(message_id))]
     if destination:
         elements.append((MOVE_DESTINATION, padded(destination, b" ")))
     elements += [(PRIORITY, us(PRIORITY_MEDIUM)), (COMMAND_DATA_SET_TYPE, us(DATA_SET_PRESENT))]
@@ -116,9 +114,13 @@ def request(model: str, command: int, message_id: int, destination: str = "") ->
 
 def response(fields: dict[int, bytes], command: int, status: int) -> bytes:
     """The command set of a C-STORE or C-ECHO response to a request's command ``fields``."""
-    elements = [(AFFECTED_SOP_CLASS_UID, fields.get(AFFECTED_SOP_CLASS_UID, b"")), (COMMAND_FIELD, us(command)),
-                (MESSAGE_ID_BEING_RESPONDED_TO, fields.get(MESSAGE_ID, us(0))),
-                (COMMAND_DATA_SET_TYPE, us(NO_DATASET)), (STATUS, us(status))]
+    elements = [
+        (AFFECTED_SOP_CLASS_UID, fields.get(AFFECTED_SOP_CLASS_UID, b"")),
+        (COMMAND_FIELD, us(command)),
+        (MESSAGE_ID_BEING_RESPONDED_TO, fields.get(MESSAGE_ID, us(0))),
+        (COMMAND_DATA_SET_TYPE, us(NO_DATASET)),
+        (STATUS, us(status)),
+    ]
     if AFFECTED_SOP_INSTANCE_UID in fields:
         elements.append((AFFECTED_SOP_INSTANCE_UID, fields[AFFECTED_SOP_INSTANCE_UID]))
     return command_set(elements)
@@ -132,7 +134,7 @@ def parse_command(data: bytes) -> dict[int, bytes]:
     fields, i = {}, 0
     while i + 8 <= len(data):
         _group, number, length = struct.unpack_from("<HHI", data, i)
-        fields[number] = bytes(data[i + 8:i + 8 + length])
+        fields[number] = bytes(data[i + 8 : i + 8 + length])
         i += 8 + length
     return fields
 

@@ -61,10 +61,12 @@ RJ_ACSE_PROTOCOL_VERSION = 2  # protocol version not supported
 RJ_PRESENTATION_CONGESTION = 1  # temporary congestion
 RJ_PRESENTATION_LIMIT = 2  # local limit exceeded
 #: (source, reason) in words
-RJ_REASONS = {(RJ_SOURCE_USER, RJ_USER_APPLICATION_CONTEXT): "application context not supported",
-              (RJ_SOURCE_ACSE, RJ_ACSE_PROTOCOL_VERSION): "protocol version not supported",
-              (RJ_SOURCE_PRESENTATION, RJ_PRESENTATION_CONGESTION): "temporary congestion",
-              (RJ_SOURCE_PRESENTATION, RJ_PRESENTATION_LIMIT): "local limit exceeded"}
+RJ_REASONS = {
+    (RJ_SOURCE_USER, RJ_USER_APPLICATION_CONTEXT): "application context not supported",
+    (RJ_SOURCE_ACSE, RJ_ACSE_PROTOCOL_VERSION): "protocol version not supported",
+    (RJ_SOURCE_PRESENTATION, RJ_PRESENTATION_CONGESTION): "temporary congestion",
+    (RJ_SOURCE_PRESENTATION, RJ_PRESENTATION_LIMIT): "local limit exceeded",
+}
 
 # -- A-ASSOCIATE-AC: association and presentation context results (PS3.8 9.3.3, 7.1.1.13) ----
 
@@ -105,7 +107,7 @@ def p_data_tf(context_id: int, data: bytes, command: bool, max_pdu: int) -> Iter
     peer's ``max_pdu``."""
     room = max(max_pdu - PDV_OVERHEAD, MIN_FRAGMENT)
     for start in range(0, max(len(data), 1), room):
-        chunk = data[start:start + room]
+        chunk = data[start : start + room]
         control = (PDV_COMMAND if command else 0) | (PDV_LAST if start + room >= len(data) else 0)
         pdv = PDV_HEADER.pack(len(chunk) + 2, context_id, control) + chunk
         yield pdu(P_DATA_TF_PDU, pdv)
@@ -133,8 +135,7 @@ def context_id(n: int) -> int:
     return 2 * n + 1
 
 
-def associate_rq(called: str, calling: str, contexts: Sequence[tuple[str, Sequence[str]]], roles: Sequence[str],
-                 max_pdu: int) -> bytes:
+def associate_rq(called: str, calling: str, contexts: Sequence[tuple[str, Sequence[str]]], roles: Sequence[str], max_pdu: int) -> bytes:
     """An A-ASSOCIATE-RQ PDU (encoded by pynetdicom) proposing ``contexts`` as IDs 1, 3, 5..."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = APPLICATION_CONTEXT

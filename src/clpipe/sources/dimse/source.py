@@ -54,12 +54,10 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 #: DICOM keywords kept in ``Series.attrs``
-STUDY_KEYS = ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription",
-              "AccessionNumber")
+STUDY_KEYS = ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription", "AccessionNumber")
 SERIES_KEYS = ("SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality")
 #: DicomQuery fields matched at study level, and the keyword each one matches
-STUDY_FILTERS = {"patient_id": "PatientID", "patient_name": "PatientName", "accession_number": "AccessionNumber",
-                 "study_date": "StudyDate"}
+STUDY_FILTERS = {"patient_id": "PatientID", "patient_name": "PatientName", "accession_number": "AccessionNumber", "study_date": "StudyDate"}
 
 MAX_PDU = 1 << 20  # the largest PDU we accept (fewer, larger reads than the usual 16 KiB)
 LISTING_ATTEMPTS = 3  # a listing that meets a transient fault is tried this often (1 s, 2 s apart)
@@ -77,8 +75,7 @@ Instances = Generator[tuple[str, bytes], None, None]
 def _unanswered(query: DicomQuery, identifier: Dataset) -> DicomQuery:
     """The query without the study filters whose key the PACS left out of its answer: it
     was given them and matched them itself, and "" would never match here."""
-    missing: dict[str, Any] = {name: "" for name, keyword in STUDY_FILTERS.items()
-                               if getattr(query, name) and keyword not in identifier}
+    missing: dict[str, Any] = {name: "" for name, keyword in STUDY_FILTERS.items() if getattr(query, name) and keyword not in identifier}
     return replace(query, **missing) if missing else query
 
 
@@ -107,10 +104,12 @@ class DimseSource:
             raise ConfigError(f"CallingAET: {self.calling_aet!r} must be 1-16 ASCII characters without a backslash")
         self.retrieve = (settings.retrieve or "get").lower()
         if self.retrieve not in ("get", "move"):
-            raise ConfigError(f"RetrieveMethod: {settings.retrieve!r} is neither \"get\" (C-GET) nor \"move\" (C-MOVE)")
+            raise ConfigError(f'RetrieveMethod: {settings.retrieve!r} is neither "get" (C-GET) nor "move" (C-MOVE)')
         if self.retrieve == "move" and not 0 < int(settings.move_port or 0) < 65536:
-            raise ConfigError("RetrieveMethod is \"move\": set MovePort to the TCP port on which the PACS sends the images "
-                              f"to AE {self.calling_aet} (the PACS must know that AE title, this machine and that port)")
+            raise ConfigError(
+                'RetrieveMethod is "move": set MovePort to the TCP port on which the PACS sends the images '
+                f"to AE {self.calling_aet} (the PACS must know that AE title, this machine and that port)"
+            )
         self.timeout = float(settings.timeout or 60.0)
         self.reuse = bool(settings.extra.get("reuse_associations", True))
         self.max_pdu = int(settings.extra.get("max_pdu", MAX_PDU))
@@ -216,8 +215,10 @@ class DimseSource:
         assert code is not None  # find() ends with a final status or raises
         if code != SUCCESS:
             error = TransientError if code in FIND_TRANSIENT else PermanentError
-            raise error(f"C-FIND at {level} level refused by {self.where} ({status_words(code)}); check that the "
-                        f"PACS allows Study Root queries from AE {self.calling_aet!r}")
+            raise error(
+                f"C-FIND at {level} level refused by {self.where} ({status_words(code)}); check that the "
+                f"PACS allows Study Root queries from AE {self.calling_aet!r}"
+            )
         return matches
 
     def series(self, query: DicomQuery) -> Iterator[Series]:
@@ -262,13 +263,19 @@ class DimseSource:
             if uid and uid not in studies and _unanswered(query, identifier).study_matches(attrs):
                 studies[uid] = attrs
         found = list(studies.values())
-        return found[:query.limit] if query.limit and query.limit > 0 else found
+        return found[: query.limit] if query.limit and query.limit > 0 else found
 
     def _series_of(self, channel: Channel, study: dict[str, str], query: DicomQuery) -> list[Series]:
         """A study's series. Modality and SeriesDescription are matched here, not by the
         PACS: servers differ in case sensitivity and in which keys they match at all."""
-        keys = {"StudyInstanceUID": study["StudyInstanceUID"], "SeriesInstanceUID": "", "Modality": "",
-                "SeriesNumber": "", "SeriesDescription": "", "NumberOfSeriesRelatedInstances": ""}
+        keys = {
+            "StudyInstanceUID": study["StudyInstanceUID"],
+            "SeriesInstanceUID": "",
+            "Modality": "",
+            "SeriesNumber": "",
+            "SeriesDescription": "",
+            "NumberOfSeriesRelatedInstances": "",
+        }
         found: dict[str, Series] = {}
         for identifier in self._find(channel, "SERIES", keys):
             attrs = dict(study)
@@ -276,9 +283,11 @@ class DimseSource:
             attrs["StudyInstanceUID"] = study["StudyInstanceUID"]
             uid = attrs["SeriesInstanceUID"]
             if query.series_description and "SeriesDescription" not in identifier:
-                raise PermanentError(f"the PACS {self.where} does not return SeriesDescription in its C-FIND answers, "
-                                     "so the SeriesDescription filter cannot be applied; remove that filter (and filter "
-                                     "by patient, date, accession number or modality)")
+                raise PermanentError(
+                    f"the PACS {self.where} does not return SeriesDescription in its C-FIND answers, "
+                    "so the SeriesDescription filter cannot be applied; remove that filter (and filter "
+                    "by patient, date, accession number or modality)"
+                )
             if not uid or uid in found or not query.series_matches(attrs):
                 continue
             count = text(identifier, "NumberOfSeriesRelatedInstances")
@@ -344,8 +353,7 @@ class DimseSource:
         if end.error is not None:
             if isinstance(end.error, (TransientError, PermanentError)):
                 raise end.error
-            raise TransientError(f"C-MOVE of series {series.uid} from {self.where} failed: "
-                                 f"{end.error.__class__.__name__}: {end.error}")
+            raise TransientError(f"C-MOVE of series {series.uid} from {self.where} failed: {end.error.__class__.__name__}: {end.error}")
         self._verdict(series, end.status, delivery.received, expected)
 
     def _request(self, series: Series) -> Dataset:
@@ -364,8 +372,9 @@ class DimseSource:
         timeout."""
         final, error = Final(None), None
         try:
-            final = channel.move(self._request(series), self.calling_aet,
-                                 lambda: time.monotonic() - delivery.last_arrival < channel.timeout)
+            final = channel.move(
+                self._request(series), self.calling_aet, lambda: time.monotonic() - delivery.last_arrival < channel.timeout
+            )
         except Exception as exc:  # noqa: BLE001 - handed on to the engine's thread
             error = exc
         if channel.usable:  # back in the pool first: the engine's next series may take it at once
@@ -395,25 +404,31 @@ class DimseSource:
         what = f"C-{self.retrieve.upper()} of series {series.uid} from {self.where}"
         code = final.status
         if code is None:
-            raise TransientError(f"{what}: no answer within {self.timeout:.0f} s, or the association was aborted; "
-                                 "it will be tried again")
+            raise TransientError(f"{what}: no answer within {self.timeout:.0f} s, or the association was aborted; it will be tried again")
         if code == MOVE_DESTINATION_UNKNOWN:
-            raise PermanentError(f"{what}: the PACS does not know the C-MOVE destination AE {self.calling_aet!r} "
-                                 f"({status_words(code)}): register AE title {self.calling_aet!r} with this machine's "
-                                 f"address and port {self.settings.move_port} on the PACS, or use RetrieveMethod \"get\"")
+            raise PermanentError(
+                f"{what}: the PACS does not know the C-MOVE destination AE {self.calling_aet!r} "
+                f"({status_words(code)}): register AE title {self.calling_aet!r} with this machine's "
+                f'address and port {self.settings.move_port} on the PACS, or use RetrieveMethod "get"'
+            )
         if code in RETRIEVE_REFUSED:
-            raise PermanentError(f"{what} refused ({status_words(code)}); check that the PACS allows "
-                                 f"C-{self.retrieve.upper()} for AE {self.calling_aet!r}")
+            raise PermanentError(
+                f"{what} refused ({status_words(code)}); check that the PACS allows C-{self.retrieve.upper()} for AE {self.calling_aet!r}"
+            )
         if code in RETRIEVE_ENDED and not final.failed and received >= expected:
             return
-        hint = (f"check that the PACS knows AE {self.calling_aet!r} at this machine's address and port "
-                f"{self.settings.move_port}, and that a firewall lets it connect there" if self.retrieve == "move" else
-                "the PACS may hold a SOP class or transfer syntax clpipe did not offer")
+        hint = (
+            f"check that the PACS knows AE {self.calling_aet!r} at this machine's address and port "
+            f"{self.settings.move_port}, and that a firewall lets it connect there"
+            if self.retrieve == "move"
+            else "the PACS may hold a SOP class or transfer syntax clpipe did not offer"
+        )
         comment = f" ({final.comment})" if final.comment else ""
-        if (code in RETRIEVE_ENDED or code in OUT_OF_RESOURCES_RANGE or code == CANCEL
-                or code in UNABLE_TO_PROCESS_RANGE):
-            raise TransientError(f"{what} ended with {status_words(code)}{comment}: {received} of {expected} instances "
-                                 f"arrived, {final.failed} sub-operations failed; {hint}")
+        if code in RETRIEVE_ENDED or code in OUT_OF_RESOURCES_RANGE or code == CANCEL or code in UNABLE_TO_PROCESS_RANGE:
+            raise TransientError(
+                f"{what} ended with {status_words(code)}{comment}: {received} of {expected} instances "
+                f"arrived, {final.failed} sub-operations failed; {hint}"
+            )
         raise PermanentError(f"{what} refused ({status_words(code)}){comment}")
 
     # -- receiving C-STOREs (C-MOVE) ---------------------------------------------------
@@ -427,9 +442,15 @@ class DimseSource:
             if self._closed:
                 raise PermanentError(f"the connection to {self.where} was closed")
             bind = "127.0.0.1" if _is_loopback(self.host) else "0.0.0.0"
-            self._scp = StorageSCP(bind, int(self.settings.move_port), aet=self.calling_aet, timeout=self.timeout,
-                                   max_pdu=self.max_pdu, tls=tls_context(self.settings, server_side=True),
-                                   on_store=self._store)
+            self._scp = StorageSCP(
+                bind,
+                int(self.settings.move_port),
+                aet=self.calling_aet,
+                timeout=self.timeout,
+                max_pdu=self.max_pdu,
+                tls=tls_context(self.settings, server_side=True),
+                on_store=self._store,
+            )
 
     def _store(self, fields: dict[int, bytes], data: list[bytes], syntax: str, source_aet: str) -> int:
         """A C-STORE from the PACS (C-MOVE): hand it to the delivery of its series."""
@@ -443,8 +464,7 @@ class DimseSource:
         if delivery is None:
             return REFUSED
         uid = field_text(fields, AFFECTED_SOP_INSTANCE_UID)
-        if not delivery.put((uid, part10_header(field_text(fields, AFFECTED_SOP_CLASS_UID), uid, syntax, source_aet)
-                             + dataset)):
+        if not delivery.put((uid, part10_header(field_text(fields, AFFECTED_SOP_CLASS_UID), uid, syntax, source_aet) + dataset)):
             return REFUSED
         delivery.received += 1
         return SUCCESS

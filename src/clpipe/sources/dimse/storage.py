@@ -108,8 +108,7 @@ def series_uid(data: bytes, transfer_syntax: str) -> str:
         pass
     from pydicom.filereader import read_dataset
 
-    ds = read_dataset(io.BytesIO(data), transfer_syntax == IMPLICIT_LE, True,
-                      stop_when=lambda tag, vr, length: tag > SERIES_INSTANCE_UID)
+    ds = read_dataset(io.BytesIO(data), transfer_syntax == IMPLICIT_LE, True, stop_when=lambda tag, vr, length: tag > SERIES_INSTANCE_UID)
     return text(ds, "SeriesInstanceUID")
 
 
@@ -159,8 +158,7 @@ class Connection(Wire):
         if request.called_ae_title.strip() != self.scp.aet:
             # only a move to our AE title is ours
             self._send(associate_rj(RJ_PERMANENT, RJ_SOURCE_USER, RJ_USER_CALLED_AE))
-            raise Released(f"{self.where} called AE {request.called_ae_title.strip()!r}, not ours "
-                           f"({self.scp.aet!r}); refused")
+            raise Released(f"{self.where} called AE {request.called_ae_title.strip()!r}, not ours ({self.scp.aet!r}); refused")
         self.peer_max = request.maximum_length_received or MAX_PDU_BYTES
         if str(request.implementation_class_uid or "").startswith(PYNETDICOM_ROOT):
             self.respond_delay = PYNETDICOM_DELAY
@@ -180,15 +178,16 @@ class StorageSCP:
     one thread per association, answering only associations to our AE title ``aet``.
     Made once per source; ``shutdown()`` closes it and its associations."""
 
-    def __init__(self, bind: str, port: int, *, aet: str, timeout: float, max_pdu: int,
-                 tls: ssl.SSLContext | None, on_store: StoreHandler):
+    def __init__(self, bind: str, port: int, *, aet: str, timeout: float, max_pdu: int, tls: ssl.SSLContext | None, on_store: StoreHandler):
         self.aet, self.timeout, self.max_pdu, self.tls, self.on_store = aet, timeout, max_pdu, tls, on_store
         try:
             self.sock = socket.create_server((bind, port))
         except OSError as exc:
-            raise PermanentError(f"cannot receive C-MOVE images on {bind}:{port} ({exc.strerror or exc}): is another "
-                                 "clpipe run or DICOM program using MovePort? Choose another port and register it "
-                                 "on the PACS") from None
+            raise PermanentError(
+                f"cannot receive C-MOVE images on {bind}:{port} ({exc.strerror or exc}): is another "
+                "clpipe run or DICOM program using MovePort? Choose another port and register it "
+                "on the PACS"
+            ) from None
         self.sock.settimeout(ACCEPT_POLL)
         self.closed = False
         self._lock = threading.Lock()

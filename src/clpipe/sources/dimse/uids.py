@@ -11,8 +11,14 @@ DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"  # retired; never accepted by our storage SCP
 #: compressed transfer syntaxes offered for image storage (so such data arrives unchanged):
 #: RLE Lossless, JPEG Baseline, JPEG Lossless SV1, JPEG-LS Lossless, JPEG 2000 (lossless, any)
-COMPRESSED = ("1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70",
-              "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+COMPRESSED = (
+    "1.2.840.10008.1.2.5",
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+)
 #: image storage SOP classes an MRI archive holds, each offered with every transfer syntax above
 IMAGE_STORAGE = (
     "1.2.840.10008.5.1.4.1.1.4",  # MR Image

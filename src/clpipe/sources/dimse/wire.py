@@ -57,15 +57,16 @@ class Wire:
         C-STORE: its command PDU, its data PDU and the next response's header)."""
         while len(self._buffer) - self._offset < size:
             if self._offset:
-                del self._buffer[:self._offset]
+                del self._buffer[: self._offset]
                 self._offset = 0
             try:
                 chunk = self.sock.recv(max(READ_SIZE, size - len(self._buffer)))
             except TimeoutError:  # socket.timeout is TimeoutError
                 if self.keep_waiting is not None and self.keep_waiting():
                     continue
-                raise TransientError(f"no answer from {self.where} within {self.timeout:.0f} s (NetworkTimeout); "
-                                     "it will be tried again") from None
+                raise TransientError(
+                    f"no answer from {self.where} within {self.timeout:.0f} s (NetworkTimeout); it will be tried again"
+                ) from None
             except OSError as exc:
                 raise TransientError(f"the connection to {self.where} broke ({exc})") from None
             if not chunk:
@@ -73,7 +74,7 @@ class Wire:
             self._buffer += chunk
         start = self._offset
         self._offset += size
-        return bytes(self._buffer[start:self._offset])
+        return bytes(self._buffer[start : self._offset])
 
     def _read_pdu(self) -> tuple[int, bytes]:
         """(PDU type, the bytes after its header) of the next PDU."""
@@ -110,7 +111,7 @@ class Wire:
             i = 0
             while i + pdv_header <= len(pdu):
                 length, context_id, control = read_pdv(pdu, i)
-                fragment = pdu[i + pdv_header:i + PDV_LENGTH_FIELD + length]
+                fragment = pdu[i + pdv_header : i + PDV_LENGTH_FIELD + length]
                 i += PDV_LENGTH_FIELD + length
                 if control & PDV_COMMAND:
                     command.append(fragment)
