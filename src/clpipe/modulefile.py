@@ -150,7 +150,8 @@ def render_modulefile(prefix: Path, version: str, fw_module: str = DEFAULT_FW_MO
                 "LmodMessage",
                 [
                     "clpipe: warning: " + missing + "so fw is not on PATH. ",
-                    "clpipe's default engine (native, -engine native) needs no fw; for the fw-cli engine (-engine fw-cli), install the Flywheel CLI "
+                    "clpipe's default engine (native, -engine native) needs no fw; "
+                    "for the fw-cli engine (-engine fw-cli), install the Flywheel CLI "
                     "(python3 -m venv ~/fw-cli && ~/fw-cli/bin/pip install flywheel-cli) "
                     "and add ~/fw-cli/bin to PATH. ",
                     fix,
