@@ -233,3 +233,16 @@ def test_memory_and_cores_bad_forms():
     for bad in ("0", -1, "two", 1.0, True, ""):
         with pytest.raises(ValueError):
             parse_cores(bad)
+
+
+def test_the_engines_a_config_may_name_are_the_engines_there_are():
+    """Engine names are declared for the config (validation, -engine choices) and mapped to
+    their modules in clpipe.engines: the two lists must not drift apart."""
+    import importlib
+
+    from clpipe.config.options import ENGINES as declared
+    from clpipe.engines import ENGINES as modules
+
+    assert sorted(declared) == sorted(modules)
+    for module in modules.values():
+        assert callable(importlib.import_module(module).run)
