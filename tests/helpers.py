@@ -96,11 +96,17 @@ def new_project(root: Path, source_url: str = "fw://lab/study/", **source) -> Pa
 def files_under(root: Path) -> dict[str, bytes]:
     """Every synced file under ``root`` (the native engine's own bookkeeping in
     ``.clpipe-sync/`` is not a synced file)."""
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not str(p.relative_to(root)).startswith(".clpipe-sync/")
-    }
+    found = {}
+    # not descending into .clpipe-sync/: a live run creates and removes folders there
+    # (staging, lock hand-overs) while a test watches the dropoff
+    for folder, subfolders, names in os.walk(root):
+        if Path(folder) == root and ".clpipe-sync" in subfolders:
+            subfolders.remove(".clpipe-sync")
+        for name in names:
+            path = Path(folder, name)
+            if path.is_file():
+                found[str(path.relative_to(root))] = path.read_bytes()
+    return dict(sorted(found.items()))
 
 
 # -------------------------------------------------------------------- the DICOM test servers
