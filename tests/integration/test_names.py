@@ -223,7 +223,9 @@ def hostile_project() -> tuple[Project, dict[bytes, str]]:
 
 
 def summary_json(config: Path) -> dict:
-    return json.loads(sorted((config.parent / "logs" / "sync_logs").glob("*.summary.json"))[-1].read_text())
+    # the newest run's (two runs in one second have run ids in random order: by time written)
+    newest = max((config.parent / "logs" / "sync_logs").glob("*.summary.json"), key=lambda p: p.stat().st_mtime_ns)
+    return json.loads(newest.read_text())
 
 
 def test_sixteen_colliding_files_land_as_sixteen_files_in_any_listing_order(nenv, tmp_path):

@@ -184,7 +184,7 @@ def test_server_faults_are_retried_and_a_missing_file_fails(nenv, server, demo_p
     stem = re.sub(r"(\.(dcm|dicom))?\.zip$", "", zips[2])
     assert landed == {k: v for k, v in expected.items() if f"/{stem}/" not in k}
     logs = config.parent / "logs" / "sync_logs"
-    report = json.loads(sorted(logs.glob("*.summary.json"))[-1].read_text())
+    report = json.loads(max(logs.glob("*.summary.json"), key=lambda p: p.stat().st_mtime_ns).read_text())
     assert report["failed"] == 1 and zips[2] in report["failures"][0]
     audit = sorted(logs.glob("flywheel_sync-*.csv"))[-1].read_text()
     assert ",failed," in audit

@@ -44,7 +44,9 @@ def native(env, config: Path, *extra, timeout=180) -> tuple[int, str]:
 
 
 def summary_json(config: Path) -> dict:
-    return json.loads(sorted((config.parent / "logs" / "sync_logs").glob("*.summary.json"))[-1].read_text())
+    # the newest run's (two runs in one second have run ids in random order: by time written)
+    newest = max((config.parent / "logs" / "sync_logs").glob("*.summary.json"), key=lambda p: p.stat().st_mtime_ns)
+    return json.loads(newest.read_text())
 
 
 def dicoms(config: Path) -> dict[str, bytes]:
