@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DICOM_EXPORTS, DICOM_START, FW_NEW, FW_OLD, PROFILES, Env, _run, make_env, need_tool
+from helpers import DICOM_EXPORTS, DICOM_START, FW_NEW, FW_OLD, KEY, PROFILES, Env, _run, make_env, need_tool
 
 DICOM_SERVERS = ("orthanc", "dcmqrscp", "qrscp")
 SCHEDULERS = ("slurm", "sge")
@@ -76,7 +76,7 @@ def demo_project():
 def server(demo_project):
     from clpipe.testing.fwserver import FlywheelTestServer
 
-    with FlywheelTestServer(projects=[demo_project], api_keys={"test-key-s3cr3t"}) as srv:
+    with FlywheelTestServer(projects=[demo_project], api_keys={KEY}) as srv:
         yield srv
 
 

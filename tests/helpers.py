@@ -12,9 +12,11 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 
 # ----------------------------------------------------------------- tools, users and projects
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 TOOLS = Path(os.environ.get("CLPIPE_TOOLS", Path.home() / ".cache" / "clpipe-tests"))
 FW_NEW = Path(os.environ.get("CLPIPE_TEST_FW", TOOLS / "fw-18.5.1" / "bin" / "fw"))
 FW_OLD = Path(os.environ.get("CLPIPE_TEST_FW_OLD", TOOLS / "fw-17.5.1" / "bin" / "fw"))
@@ -93,6 +96,62 @@ def new_project(root: Path, source_url: str = "fw://lab/study/", **source) -> Pa
     return config
 
 
+def traced_sync(env: Env, config: Path, trace: Path, *extra, timeout=300) -> subprocess.CompletedProcess:
+    """`clpipe dicom flywheel_sync -c CONFIG -submit` under ``strace -f -v``, which logs every
+    program started (its argv and environment in full) into ``trace``."""
+    strace = need_tool(Path(shutil.which("strace") or "/usr/bin/strace"), "strace (watches every child process)")
+    command = [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", config, "-submit", *extra]
+    return env.run(strace, "-f", "-v", "-s", "65536", "-e", "trace=execve", "-o", trace, *command, timeout=timeout)
+
+
+def run_quick_bench(script: str, results: str, *args, timeout=600, env: dict | None = None) -> tuple[str, dict[str, str]]:
+    """``bench/<script> --quick <args>``, which must exit 0 and leave the saved table
+    ``bench/results/<results>`` as it was; its output and the rows of its tables by first cell."""
+    saved = ROOT / "bench" / "results" / results
+    before = saved.read_bytes() if saved.exists() else None
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--quick", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {}), PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (saved.read_bytes() if saved.exists() else None) == before  # --quick never overwrites the saved table
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ") and "|" in line[2:]}
+    return proc.stdout, rows
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key (openssl)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    proc = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return cert, key
+
+
 def files_under(root: Path) -> dict[str, bytes]:
     """Every synced file under ``root`` (the native engine's own bookkeeping in
     ``.clpipe-sync/`` is not a synced file)."""
@@ -143,6 +202,27 @@ def native(env, config: Path, *extra, timeout=180):
     return proc.returncode, out, tuple(int(g) for g in match.groups()) if match else None
 
 
+def start_native(env, config: Path, **popen) -> subprocess.Popen:
+    """`clpipe dicom flywheel_sync -engine native -submit` started in a session of its own (so
+    a test can kill it whole), its output thrown away unless ``popen`` says otherwise."""
+    options: dict = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
+    return subprocess.Popen(
+        [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-engine", "native", "-submit"],
+        env=env.vars,
+        start_new_session=True,
+        **options,
+    )
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    """A zip of ``members`` (name -> bytes), every member dated 2024-01-01."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(zipfile.ZipInfo(name, (2024, 1, 1, 0, 0, 0)), data)
+    return buffer.getvalue()
+
+
 def file_gets(server, since: int = 0) -> list[str]:
     """Names of files downloaded (not ?info requests) since request number ``since``."""
     names = []
@@ -154,7 +234,8 @@ def file_gets(server, since: int = 0) -> list[str]:
 
 
 def dicoms(root: Path) -> dict[str, bytes]:
-    return {k: v for k, v in files_under(root).items() if not k.startswith(".clpipe-sync")}
+    """The synced files of a dropoff (files_under leaves the engine's .clpipe-sync/ out)."""
+    return files_under(root)
 
 
 class SeriesSource:

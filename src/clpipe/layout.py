@@ -20,8 +20,7 @@ entry's file is another's folder.
 dropoff's layout, here so that a source (a ``file://`` folder that holds a dropoff) can
 skip it without importing the sync engine.
 
-This module sits below both the sources and the sync engine (it imports neither);
-``clpipe.sync.layout`` re-exports it.
+This module sits below both the sources and the sync engine (it imports neither).
 """
 
 from __future__ import annotations
@@ -90,11 +89,6 @@ def portable_name(text: str) -> str:
     return fit_name(text or "_")
 
 
-def safe_part(text: str) -> str:
-    """One path component (the older name of :func:`portable_name`)."""
-    return portable_name(text)
-
-
 def _cut(text: str, limit: int) -> str:
     """``text`` cut to at most ``limit`` UTF-8 bytes, on a character boundary."""
     data = text.encode("utf-8", "surrogatepass")
@@ -122,16 +116,9 @@ def identity_suffix(identity: str, length: int = SUFFIX_HEX) -> str:
     return SUFFIX_SEP + digest[:length]
 
 
-def safe_relpath(path: str) -> str:
-    """A relative POSIX path whose every part is portable; absolute paths and ``..`` are
-    neutralised. (A plain string: 100,000 of these are built per listing.)"""
-    parts = [portable_name(p) for p in str(path).replace("\\", "/").split("/") if p]
-    return "/".join(parts) if parts else "_"
-
-
 def inside(root: Path, relative: str) -> Path:
     """``root / relative``, checked to stay inside ``root`` (a last line of defence behind
-    :func:`safe_relpath`): no absolute path, no ``..`` part. The check is lexical, so a
+    :func:`portable_name`): no absolute path, no ``..`` part. The check is lexical, so a
     symlink the user placed inside the dropoff is followed, as the user intends."""
     parts = relative.split("/")
     if relative.startswith("/") or ".." in parts or "" in parts:
@@ -187,19 +174,6 @@ def template_parts(template: str, identities: dict[str, str], names: dict[str, s
     rendered with the remote values and with their portable forms (the template's own
     text is made portable too)."""
     return [(piece.format(**identities), portable_name(piece.format(**names))) for piece in template.split("/") if piece]
-
-
-def render(template: str, labels: dict[str, str]) -> str:
-    """Render a layout template with BIDS-safe subject/session labels and portable other
-    parts (names that collide are not told apart here: :class:`NameResolver` does that).
-
-    Without ``{filename}`` in the template the file name is appended.
-    """
-    used = check_template(template)
-    parts = template_parts(template, *field_values(labels))
-    if "filename" not in used:
-        parts.append(("", portable_name(labels.get("filename", ""))))
-    return "/".join(name for _, name in parts)
 
 
 def dicom_format_string(template: str) -> str:

@@ -29,7 +29,7 @@ from .sources.dicom import DICOMWEB_CREDENTIALS, SourceURL  # a DICOMweb login: 
 from .sources.flywheel import API_KEY_ENV, FlywheelURL
 
 if TYPE_CHECKING:  # the job on the node needs no config validation (pydantic)
-    from .config.project import ProjectConfig
+    from .config.model import ProjectConfig
 
 #: the typed value of a SourceURL: a Flywheel project or a DICOM source
 SourceAddress = FlywheelURL | SourceURL
@@ -254,12 +254,6 @@ class SyncPlan:
     def __post_init__(self) -> None:
         if self.url is None:
             object.__setattr__(self, "url", parse_source(self.source_url))
-
-    @property
-    def source(self) -> SourceAddress:
-        """The source URL as its typed value."""
-        assert self.url is not None  # set by __post_init__
-        return self.url
 
     @property
     def flywheel_url(self) -> FlywheelURL:

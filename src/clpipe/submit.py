@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .batch.config import BatchConfig
     from .batch.job import Job
     from .batch.scheduler import Submission
-    from .config.project import ProjectConfig
+    from .config.model import ProjectConfig
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,9 @@ def prepare(config: ProjectConfig, batch_config: str | None, after: str | None, 
         from .sources.dicom import DEFAULT_TEMPLATE, SourceSettings, SourceURL, check_before_submit
 
         layout = layout or DEFAULT_TEMPLATE
-        assert isinstance(plan.source, SourceURL)
+        assert isinstance(plan.url, SourceURL)
         try:
-            check_before_submit(plan.source, SourceSettings(**plan.settings))
+            check_before_submit(plan.url, SourceSettings(**plan.settings))
         except ConfigError:
             raise  # the same on every node: a login set twice, a TLS file that is not there
         except ClpipeError as exc:

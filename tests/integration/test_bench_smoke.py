@@ -5,54 +5,27 @@ benchmark still measures what it says."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from helpers import FW_NEW, need_tool
+from helpers import FW_NEW, need_tool, run_quick_bench
 
 pytestmark = pytest.mark.fw
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.fwcli
 def test_benchmark_quick_mode_runs_every_peer(tmp_path):
     fw = need_tool(FW_NEW, "flywheel-cli 18.5.1 (fw)")
-    results = ROOT / "bench" / "results" / "flywheel_sync.md"
-    before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "flywheel_sync.py"), "--quick", "--fw", str(fw), "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ") and "|" in line[2:]}
+    _, rows = run_quick_bench("flywheel_sync.py", "flywheel_sync.md", "--fw", fw, "--workdir", tmp_path)
     for run in ("fw full", "fw no-op", "native full", "native no-op", "floor full", "native large full", "native large no-op"):
         assert run in rows and rows[run].rstrip().endswith("| ok |"), rows.get(run, f"no row {run!r}")
-    assert (results.read_bytes() if results.exists() else None) == before  # --quick never overwrites the saved table
 
 
 def test_dicomweb_benchmark_quick_mode_runs_every_peer(tmp_path, dicom_env):
-    results = ROOT / "bench" / "results" / "dicom_sources.md"
-    before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "dicom_sources.py"), "--quick", "--only", "dicomweb", "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, **dicom_env, PYTHONWARNINGS="ignore"),
+    _, rows = run_quick_bench(
+        "dicom_sources.py", "dicom_sources.md", "--only", "dicomweb", "--workdir", tmp_path, timeout=300, env=dicom_env
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ") and "|" in line[2:]}
     for run in ("native full", "native no-op", "dicomweb-client loop"):
         assert run in rows and rows[run].rstrip().endswith("| ok |"), rows.get(run, f"no row {run!r}")
-    assert (results.read_bytes() if results.exists() else None) == before  # --quick never overwrites the saved table
 
 
 def test_reliability_quick_mode_prints_every_table_and_meets_the_done_criteria(tmp_path, dicom_env):
@@ -62,18 +35,7 @@ def test_reliability_quick_mode_prints_every_table_and_meets_the_done_criteria(t
     corrupted file, no silently lost file, no internal error, no leaked secret."""
     import re
 
-    results = ROOT / "bench" / "results" / "reliability.md"
-    before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "reliability.py"), "--quick", "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, **dicom_env, PYTHONWARNINGS="ignore"),
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    out, _ = run_quick_bench("reliability.py", "reliability.md", "--workdir", tmp_path, env=dicom_env)
     for section in (
         "Reference runs",
         "Kills",
@@ -96,4 +58,3 @@ def test_reliability_quick_mode_prints_every_table_and_meets_the_done_criteria(t
     )
     assert totals, out[-3000:]
     assert [int(n) for n in totals.groups()] == [0, 0, 0, 0], out[out.find("## Totals") :]
-    assert (results.read_bytes() if results.exists() else None) == before  # --quick never overwrites the saved table

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from clpipe.testing.fwserver import FlywheelTestServer, make_demo_project
 
-from helpers import KEY, SUMMARY_RE, Env, file_gets, files_under, login, need_tool, new_project
+from helpers import KEY, SUMMARY_RE, Env, dicoms, file_gets, login, new_project, traced_sync
 
 pytestmark = pytest.mark.fw
 
@@ -69,10 +68,6 @@ def the_log(config: Path) -> str:
     return log.read_text()
 
 
-def landed(dropoff: Path) -> dict[str, bytes]:
-    return {k: v for k, v in files_under(dropoff).items() if not k.startswith(".clpipe-sync")}
-
-
 # ----------------------------------------------------------------------------- 3: full disks
 
 
@@ -99,7 +94,7 @@ def test_a_full_dropoff_is_one_line_nothing_half_written_and_the_next_run_comple
         assert re.fullmatch(r"the \d+ files still to sync", match["what"])
         assert err.strip() in the_log(config)  # the log has it too
 
-        first = landed(dropoff)
+        first = dicoms(dropoff)
         assert first, "nothing fitted: the test's sizes are wrong"
         assert len(first) < len(expected)
         for path, data in first.items():  # whole files under final names, and only those
@@ -112,7 +107,7 @@ def test_a_full_dropoff_is_one_line_nothing_half_written_and_the_next_run_comple
         mark = len(server.requests)
         code, out, err, summary = run(no_fw_env, config)
         assert code == 0, out + err
-        assert landed(dropoff) == expected
+        assert dicoms(dropoff) == expected
         assert summary == (len(expected) - len(first), 0, len(first), 0), out
         assert {path: (dropoff / path).stat().st_ino for path in first} == inodes  # not fetched again
         if not zipped:
@@ -131,7 +126,7 @@ def test_a_full_dropoff_stops_a_dicom_folder_sync_and_the_next_run_completes(sma
     reference = new_project(tmp_path / "ref", source_url=f"file://{export}")
     code, out, err, _ = run(env, reference, command="sync")
     assert code == 0, out + err
-    expected = landed(reference.parent / "data_DICOMs")
+    expected = dicoms(reference.parent / "data_DICOMs")
     dropoff = small_disk(tmp_path / "dropoff", "300k")
     config = new_project(tmp_path / "p", source_url=f"file://{export}", DropoffDirectory=str(dropoff))
     code, out, err, _ = run(env, config, command="sync")
@@ -139,7 +134,7 @@ def test_a_full_dropoff_stops_a_dicom_folder_sync_and_the_next_run_completes(sma
     match = FULL_RE.match(err.strip())
     assert match and len(err.splitlines()) == 1, err
     assert match["folder"] == str(dropoff) and re.fullmatch(r"the \d+ series still to sync", match["what"])
-    first = landed(dropoff)
+    first = dicoms(dropoff)
     assert first and len(first) < len(expected)
     assert all(expected.get(path) == data for path, data in first.items())
     assert not [p for p in dropoff.rglob(".clpipe-*") if ".clpipe-sync" not in p.parts]
@@ -147,7 +142,7 @@ def test_a_full_dropoff_stops_a_dicom_folder_sync_and_the_next_run_completes(sma
     small_disk.resize(dropoff, "16m")
     code, out, err, summary = run(env, config, command="sync")
     assert code == 0, out + err
-    assert landed(dropoff) == expected
+    assert dicoms(dropoff) == expected
     assert {path: (dropoff / path).stat().st_ino for path in first} == inodes
     assert summary and summary[0] == len(expected) - len(first), out
 
@@ -172,10 +167,10 @@ def test_a_full_log_folder_is_one_line_and_leaves_no_half_report(nenv, server, d
     assert match and match["folder"] == str(logs), err
     if free_pages == 0:
         assert match["what"].startswith("the plan ") and not list(logs.glob("*.plan.json"))
-        assert not (config.parent / "data_DICOMs").exists() or not landed(config.parent / "data_DICOMs")
+        assert not (config.parent / "data_DICOMs").exists() or not dicoms(config.parent / "data_DICOMs")
     else:
         assert match["what"].startswith("the audit log ") and ".summary.json" in match["what"]
-        assert landed(config.parent / "data_DICOMs") == demo_project.expected_dicom_paths(strip_root=True)
+        assert dicoms(config.parent / "data_DICOMs") == demo_project.expected_dicom_paths(strip_root=True)
     assert not list(logs.glob("*.csv")) and not list(logs.glob("*.summary.json")) and not list(logs.glob(".*.tmp"))
 
     filler.unlink()
@@ -249,37 +244,17 @@ def test_no_child_gets_a_login_it_does_not_need(nenv, server, demo_project, tmp_
     """A local run with the Flywheel key in FLYWHEEL_API_KEY and a DICOMweb password in the
     environment too: the command becomes the job, which gets the key (it logs in with it)
     but not the password, and starts no other process (no `tee`: the job writes its log)."""
-    strace = need_tool(Path(shutil.which("strace") or "/usr/bin/strace"), "strace (watches every child process)")
     api_key = server.login_key(KEY)
     nenv.vars.update(FLYWHEEL_API_KEY=api_key, CLPIPE_DICOMWEB_PASSWORD=DICOMWEB_PASSWORD)
     config = new_project(tmp_path / "p")
     trace = tmp_path / "execve.txt"
-    proc = nenv.run(
-        strace,
-        "-f",
-        "-v",
-        "-s",
-        "65536",
-        "-e",
-        "trace=execve",
-        "-o",
-        trace,
-        sys.executable,
-        "-m",
-        "clpipe",
-        "dicom",
-        "flywheel_sync",
-        "-c",
-        config,
-        "-submit",
-        timeout=300,
-    )
+    proc = traced_sync(nenv, config, trace)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     execs = traced_execs(trace)[1:]  # the first is the command itself, started by this test with everything
     assert len(execs) == 1 and "_run_plan" in execs[0][1], [program for program, _ in execs]
     ((_, job),) = execs
     assert f"FLYWHEEL_API_KEY={api_key}" in job and DICOMWEB_PASSWORD not in job
-    assert landed(config.parent / "data_DICOMs") == demo_project.expected_dicom_paths(strip_root=True)
+    assert dicoms(config.parent / "data_DICOMs") == demo_project.expected_dicom_paths(strip_root=True)
     assert "sync complete" in the_log(config) and api_key not in the_log(config)
 
 
@@ -323,31 +298,11 @@ def test_the_batch_submit_command_gets_no_login(nenv, tmp_path, url, handed):
 def test_fw_gets_no_login_variable(fw_env, server, tmp_path):
     """fw reads its login from the login home: it gets neither FLYWHEEL_API_KEY nor a
     DICOMweb password."""
-    strace = need_tool(Path(shutil.which("strace") or "/usr/bin/strace"), "strace (watches every child process)")
     fw_env.fw_login(server.login_key(KEY))
     fw_env.vars.update(FLYWHEEL_API_KEY=server.login_key(KEY), CLPIPE_DICOMWEB_PASSWORD=DICOMWEB_PASSWORD)
     config = new_project(tmp_path / "p", Engine="fw-cli")
     trace = tmp_path / "execve.txt"
-    proc = fw_env.run(
-        strace,
-        "-f",
-        "-v",
-        "-s",
-        "65536",
-        "-e",
-        "trace=execve",
-        "-o",
-        trace,
-        sys.executable,
-        "-m",
-        "clpipe",
-        "dicom",
-        "flywheel_sync",
-        "-c",
-        config,
-        "-submit",
-        timeout=300,
-    )
+    proc = traced_sync(fw_env, config, trace)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     fws = [line for program, line in traced_execs(trace) if '"sync", "--include"' in line]
     assert fws, "fw sync was not traced"
@@ -477,7 +432,7 @@ def test_a_transient_fault_of_the_listing_is_tried_again(no_fw_env, tmp_path, st
         config = new_project(tmp_path / "p")
         code, out, err, _ = run(no_fw_env, config)
         assert code == 0, out + err
-        assert landed(config.parent / "data_DICOMs") == project.expected_dicom_paths(strip_root=True)
+        assert dicoms(config.parent / "data_DICOMs") == project.expected_dicom_paths(strip_root=True)
         assert sum("download/targets" in r["path"] for r in server.requests) == 3
 
 
@@ -493,4 +448,4 @@ def test_a_listing_that_keeps_failing_ends_the_run_in_one_line(no_fw_env, tmp_pa
         (line,) = [x for x in err.splitlines() if x.startswith("clpipe: error:")]
         assert "Flywheel listing of the project failed with HTTP 503" in line and "3 times" in line, err
         assert sum("download/targets" in r["path"] for r in server.requests) == 3
-        assert not landed(config.parent / "data_DICOMs")
+        assert not dicoms(config.parent / "data_DICOMs")

@@ -6,19 +6,16 @@ from __future__ import annotations
 import csv
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import FW_NEW, files_under, need_tool
+from helpers import FW_NEW, KEY, files_under, need_tool, traced_sync
 from helpers import new_project as _new_project
 
 pytestmark = pytest.mark.fw
 
-KEY = "test-key-s3cr3t"
 SUMMARY_RE = re.compile(r"Sync summary: (\d+) created, (\d+) updated, (\d+) skipped, (\d+) failed; .*\((\d+) bytes\); [\d.]+ s")
 
 
@@ -31,6 +28,18 @@ def summary(output: str) -> tuple[int, int, int, int, int]:
     match = SUMMARY_RE.search(output)
     assert match, f"no summary line in:\n{output}"
     return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
+
+
+def a_single_dicom(project):
+    """The first DICOM file of the project that is not a zipped series."""
+    return next(
+        f
+        for s in project.subjects
+        for ss in s.sessions
+        for a in ss.acquisitions
+        for f in a.files
+        if f.type == "dicom" and not f.name.endswith(".zip")
+    )
 
 
 def sync(env, config: Path, *extra, timeout=240):
@@ -95,14 +104,7 @@ def test_changed_file_is_updated(fw_env, server, demo_project, tmp_path):
     project = tmp_path / "proj"
     config = new_project(project)
     assert sync(fw_env, config)[0] == 0
-    single = next(
-        f
-        for s in demo_project.subjects
-        for ss in s.sessions
-        for a in ss.acquisitions
-        for f in a.files
-        if f.type == "dicom" and not f.name.endswith(".zip")
-    )
+    single = a_single_dicom(demo_project)
     single.replace_content(single.content + b"\0" * 128)  # a re-upload: new bytes, version, time
     code, out = sync(fw_env, config)
     assert code == 0, out
@@ -113,14 +115,7 @@ def test_changed_file_is_updated(fw_env, server, demo_project, tmp_path):
 @pytest.mark.fwcli
 def test_one_file_404_fails_although_fw_exits_0(fw_env, server, demo_project, tmp_path):
     fw_env.fw_login(server.login_key(KEY))
-    single = next(
-        f
-        for s in demo_project.subjects
-        for ss in s.sessions
-        for a in ss.acquisitions
-        for f in a.files
-        if f.type == "dicom" and not f.name.endswith(".zip")
-    )
+    single = a_single_dicom(demo_project)
     server.add_fault(re.escape("/files/" + single.name) + "$", "status", status=404)
     project = tmp_path / "proj"
     config = new_project(project)
@@ -181,32 +176,11 @@ def test_fw_missing_from_path_says_how_to_install(no_fw_env, tmp_path):
 @pytest.mark.fwcli
 def test_api_key_never_leaves_the_login_file(fw_env, server, tmp_path):
     """No argv or environment of any process clpipe starts, and no file it writes, holds the key."""
-    strace = need_tool(Path(shutil.which("strace") or "/usr/bin/strace"), "strace (watches every child process)")
     fw_env.fw_login(server.login_key(KEY))
     project = tmp_path / "proj"
     config = new_project(project)
     trace = tmp_path / "execve.txt"
-    proc = fw_env.run(
-        strace,
-        "-f",
-        "-v",
-        "-s",
-        "65536",
-        "-e",
-        "trace=execve",
-        "-o",
-        trace,
-        sys.executable,
-        "-m",
-        "clpipe",
-        "dicom",
-        "flywheel_sync",
-        "-c",
-        config,
-        "-submit",
-        "--debug",
-        timeout=300,
-    )
+    proc = traced_sync(fw_env, config, trace, "--debug")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     execs = [line for line in trace.read_text().splitlines() if "execve(" in line]
     assert any('"fw", "sync"' in line or '/fw", "sync"' in line for line in execs), "fw sync was not traced"

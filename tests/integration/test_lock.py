@@ -32,12 +32,11 @@ from clpipe.errors import PreflightError
 from clpipe.sync.manifest import LOCK_GRACE, STATE_DIR, SyncState
 from clpipe.testing.fwserver import FlywheelTestServer, make_demo_project
 
-from helpers import files_under, new_project
+from helpers import KEY, dicoms, login, new_project, start_native
 
 pytestmark = pytest.mark.fw
 
 HOST = socket.gethostname()
-KEY = "test-key-s3cr3t"
 
 
 def lock_dir(dropoff: Path) -> Path:
@@ -329,16 +328,6 @@ def test_of_runs_racing_to_break_a_stale_lock_exactly_one_wins(tmp_path, stale):
 # ----------------------------------------------------- real runs killed with SIGKILL
 
 
-def login(env, server) -> None:
-    folder = env.home / ".config" / "flywheel"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "user.json").write_text(json.dumps({"key": server.login_key(KEY), "root": False}))
-
-
-def data_files(dropoff: Path) -> dict[str, bytes]:
-    return {k: v for k, v in files_under(dropoff).items() if not k.startswith(STATE_DIR)}
-
-
 def kill_when(proc: subprocess.Popen, dropoff: Path, trigger: str, value: float) -> None:
     """SIGKILL the run's process group when ``trigger`` happens (bounded: 60 s)."""
     state = dropoff / STATE_DIR
@@ -358,7 +347,7 @@ def kill_when(proc: subprocess.Popen, dropoff: Path, trigger: str, value: float)
             elif trigger == "lock taken":
                 hit = "lock" in names
             else:  # "files landed"
-                hit = len(data_files(dropoff)) >= value
+                hit = len(dicoms(dropoff)) >= value
         if hit:
             if value and trigger != "after" and trigger != "files landed":
                 time.sleep(value)
@@ -402,25 +391,19 @@ def test_real_runs_killed_at_many_points_the_next_run_always_completes(no_fw_env
                 for path in dropoff.iterdir():
                     if path.name != STATE_DIR:
                         subprocess.run(["rm", "-rf", str(path)], check=True, timeout=60)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-engine", "native", "-submit"],
-                env=no_fw_env.vars,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            proc = start_native(no_fw_env, config)
             kill_when(proc, dropoff, trigger, value)
             killed += proc.returncode == -signal.SIGKILL
             print(
-                f"kill at {trigger} {value}: exit {proc.returncode}, {len(data_files(dropoff))} files, "
+                f"kill at {trigger} {value}: exit {proc.returncode}, {len(dicoms(dropoff))} files, "
                 f"left {lock_names(dropoff) if (dropoff / STATE_DIR).exists() else '-'}"
             )
-            for path, data in data_files(dropoff).items():  # whatever the kill hit, every file is whole
+            for path, data in dicoms(dropoff).items():  # whatever the kill hit, every file is whole
                 assert expected[path] == data, f"seed {seed}, kill {trigger} {value}: partial file {path}"
             done = no_fw_env.clpipe("dicom", "flywheel_sync", "-c", config, "-engine", "native", "-submit", timeout=180)
             out = done.stdout + done.stderr
             assert done.returncode == 0, f"seed {seed}, after a kill at {trigger} {value}:\n{out}"
-            assert data_files(dropoff) == expected, f"seed {seed}, after a kill at {trigger} {value}"
+            assert dicoms(dropoff) == expected, f"seed {seed}, after a kill at {trigger} {value}"
             assert lock_names(dropoff) == [], lock_names(dropoff)  # no lock, no leftover beside it
         assert killed >= 12, f"only {killed} of {len(triggers)} runs were killed before they ended"
 
@@ -437,19 +420,12 @@ def test_a_sigterm_releases_the_lock_and_the_next_run_resumes(no_fw_env, tmp_pat
         login(no_fw_env, server)
         config = new_project(tmp_path / "p", CommandLineOpts="-y -j 2")
         dropoff = config.parent / "data_DICOMs"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-engine", "native", "-submit"],
-            env=no_fw_env.vars,
-            start_new_session=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_native(no_fw_env, config, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         started = time.monotonic()
-        while not data_files(dropoff) and proc.poll() is None and time.monotonic() - started < 60:
+        while not dicoms(dropoff) and proc.poll() is None and time.monotonic() - started < 60:
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before the signal could be sent"
-        before = set(data_files(dropoff))
+        before = set(dicoms(dropoff))
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
@@ -458,7 +434,7 @@ def test_a_sigterm_releases_the_lock_and_the_next_run_resumes(no_fw_env, tmp_pat
         assert "stopped by SIGTERM" in err and "internal error" not in out + err, out + err
         assert took < 10, f"took {took:.1f} s to stop"
         assert lock_names(dropoff) == [], lock_names(dropoff)  # released: another node can go on
-        landed = data_files(dropoff)
+        landed = dicoms(dropoff)
         assert set(landed) >= before and len(landed) < len(expected)
         for path, data in landed.items():
             assert expected[path] == data, path
@@ -466,7 +442,7 @@ def test_a_sigterm_releases_the_lock_and_the_next_run_resumes(no_fw_env, tmp_pat
         server.requests.clear()
         done = no_fw_env.clpipe("dicom", "flywheel_sync", "-c", config, "-engine", "native", "-submit", timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert data_files(dropoff) == expected
+        assert dicoms(dropoff) == expected
         summaries = sorted((config.parent / "logs" / "sync_logs").glob("*.summary.json"), key=os.path.getmtime)
         final = json.loads(summaries[-1].read_text())
         # what landed before the signal is neither fetched nor written again

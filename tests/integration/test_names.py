@@ -13,17 +13,29 @@ import json
 import random
 import re
 import unicodedata
-import zipfile
 from pathlib import Path
 
 import pytest
 
-import clpipe.sync.layout as layout
+import clpipe.layout as layout
 from clpipe.sources.dicom import series_folder
 from clpipe.sync.manifest import Record, SyncState
 from clpipe.testing.fwserver import Acquisition, FlywheelTestServer, FwFile, Project, Session, Subject
 
-from helpers import KEY, SeriesSource, dicoms, file_gets, instances, landed_files, login, native, new_project, run_engine, series_entry
+from helpers import (
+    KEY,
+    SeriesSource,
+    dicoms,
+    file_gets,
+    instances,
+    landed_files,
+    login,
+    native,
+    new_project,
+    run_engine,
+    series_entry,
+    zip_bytes,
+)
 
 pytestmark = pytest.mark.fw
 
@@ -273,18 +285,12 @@ def test_sixteen_colliding_files_land_as_sixteen_files_in_any_listing_order(nenv
         assert dicoms(config.parent / "data_DICOMs") == landed
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(zipfile.ZipInfo(name, (2024, 1, 1, 0, 0, 0)), data)
-    return buffer.getvalue()
-
-
 def test_zip_members_with_300_character_names_all_land(nenv, tmp_path):
     members = {f"d{n}/" + "M" * 300 + ".dcm": bytes([n]) * (100 + n) for n in (1, 2, 3)}
     project = Project(
-        "lab", "zips", [Subject("P1", [Session("s1", [Acquisition("DWI *b1000*", [FwFile("1.2.3 series.dicom.zip", _zip(members))])])])]
+        "lab",
+        "zips",
+        [Subject("P1", [Session("s1", [Acquisition("DWI *b1000*", [FwFile("1.2.3 series.dicom.zip", zip_bytes(members))])])])],
     )
     with FlywheelTestServer(projects=[project], api_keys={KEY}) as server:
         login(nenv, server)
@@ -346,7 +352,11 @@ def test_a_dropoff_synced_under_the_earlier_names_is_renamed_in_place(nenv, tmp_
                         [
                             Acquisition(
                                 "T2* coronal",
-                                [FwFile("a b.dcm", b"ab" * 40), FwFile("ok.dcm", b"ok" * 40), FwFile("series.dicom.zip", _zip(members))],
+                                [
+                                    FwFile("a b.dcm", b"ab" * 40),
+                                    FwFile("ok.dcm", b"ok" * 40),
+                                    FwFile("series.dicom.zip", zip_bytes(members)),
+                                ],
                             )
                         ],
                     )

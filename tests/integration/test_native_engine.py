@@ -5,15 +5,11 @@ and unable to write outside the dropoff whatever the names say."""
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -35,6 +31,8 @@ from helpers import (
     new_project,
     run_engine,
     series_entry,
+    start_native,
+    zip_bytes,
 )
 
 pytestmark = pytest.mark.fw
@@ -103,13 +101,7 @@ def test_kill_9_then_resume(nenv, tmp_path):
         config = new_project(tmp_path / "p", CommandLineOpts="-y -j 2")
         dropoff = config.parent / "data_DICOMs"
         for threshold in (2, 9, 20):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-engine", "native", "-submit"],
-                env=nenv.vars,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            proc = start_native(nenv, config)
             deadline = time.monotonic() + 60
             while len(dicoms(dropoff)) < threshold and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -195,16 +187,8 @@ def test_server_faults_are_retried_and_a_missing_file_fails(nenv, server, demo_p
     assert code == 0 and file_gets(server, mark) == [zips[2]], out
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(zipfile.ZipInfo(name, (2024, 1, 1, 0, 0, 0)), data)
-    return buffer.getvalue()
-
-
 def test_hostile_names_cannot_write_outside_the_dropoff(nenv, tmp_path):
-    evil_zip = _zip(
+    evil_zip = zip_bytes(
         {
             "../../escape_zip.dcm": b"A" * 10,
             "/abs_member.dcm": b"B" * 10,

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PROFILES, files_under, project_for, wait_for
-
-KEY = "test-key-s3cr3t"
+from helpers import KEY, PROFILES, files_under, project_for, wait_for
 
 
 def when(scheduler: str, text: str) -> datetime:

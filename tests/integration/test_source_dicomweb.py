@@ -39,7 +39,7 @@ from clpipe.sources.dicomweb import (
 from clpipe.sync.engine import Engine, Options, PermanentError, TransientError
 from clpipe.sync.manifest import STATE_DIR, SyncState
 
-from helpers import DICOM_START, assert_same_instance, original, stored_file
+from helpers import DICOM_START, assert_same_instance, make_certificate, original, stored_file
 
 pytestmark = pytest.mark.orthanc
 
@@ -572,34 +572,9 @@ def https_qido(tmp_path):
     127.0.0.1), answering every QIDO-RS search with no studies; (base URL, its cert)."""
     import http.server
     import ssl
-    import subprocess
     import threading
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    made = subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert made.returncode == 0, made.stderr
+    cert, key = make_certificate(tmp_path)
 
     class Empty(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the http.server name

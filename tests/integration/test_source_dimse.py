@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import os
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from clpipe.sync.engine import Engine, Options, PermanentError, TransientError
 from clpipe.sync.manifest import SyncState
 from clpipe.testing import dicomdata
 
-from helpers import check_instance
+from helpers import check_instance, make_certificate, run_quick_bench
 
 TIMEOUT = 20.0  # seconds, for every association step
 SERVERS = ("orthanc", "dcmqrscp", "qrscp")
@@ -453,36 +452,6 @@ def test_settings_are_checked():
 # ------------------------------------------------------------------ TLS
 
 
-def make_certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost, and its key (openssl)."""
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    proc = subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory) -> tuple[Path, Path]:
     return make_certificate(tmp_path_factory.mktemp("tls"))
@@ -704,20 +673,7 @@ def test_engine_run_lands_every_instance_once_and_a_second_run_retrieves_nothing
 def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
     """bench/dicom_dimse.py --quick: every row runs and is checked ok, and the saved table is
     left alone (it proves no speed: that is the full run's job)."""
-    import sys
-
-    root = Path(__file__).resolve().parents[2]
-    results = root / "bench" / "results" / "dicom_dimse.md"
-    before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run(
-        [sys.executable, str(root / "bench" / "dicom_dimse.py"), "--quick", "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ") and "|" in line[2:]}
+    _, rows = run_quick_bench("dicom_dimse.py", "dicom_dimse.md", "--workdir", tmp_path)
     for name in (
         "getscu, per patient",
         "getscu, per patient, 3 at once",
@@ -730,7 +686,6 @@ def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
         "pynetdicom C-GET, per patient, 3 at once",
     ):
         assert name in rows and rows[name].rstrip().split("|")[-2].strip().startswith("ok"), rows.get(name, f"no row {name!r}")
-    assert (results.read_bytes() if results.exists() else None) == before
 
 
 def non_image_instance(sop_class: str, patient_id: str, study_uid: str, series_uid: str, n: int) -> bytes:

@@ -27,6 +27,8 @@ from clpipe.sync.engine import Engine, Options
 from clpipe.sync.manifest import SyncState
 from clpipe.testing.dicomdata import make_file_tree
 
+from helpers import run_quick_bench
+
 # ----------------------------------------------------------------------------- fixtures
 
 
@@ -618,21 +620,11 @@ def test_a_full_dropoff_is_not_blamed_on_the_source(own_tree, tmp_path, monkeypa
 
 def test_benchmark_quick_mode_runs_every_peer(tmp_path):
     """bench/dicom_folder.py --quick: every peer runs and is checked; nothing is saved."""
-    import subprocess
-    import sys
-
-    bench = Path(__file__).resolve().parents[2] / "bench"
-    results = bench / "results" / "dicom_folder.md"
-    before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run(
-        [sys.executable, str(bench / "dicom_folder.py"), "--quick", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| quick | 1 |")]
+    out, _ = run_quick_bench("dicom_folder.py", "dicom_folder.md", "--workdir", tmp_path, timeout=300)
+    rows = [line for line in out.splitlines() if line.startswith("| quick | 1 |")]
     names = [row.split("|")[3].strip() for row in rows]
     assert names == ["cp -r full", "native full", "native no-op", "native jobs=1 full", "clpipe dicom sync full", "clpipe dicom sync no-op"]
     assert all(row.rstrip().endswith("| ok |") for row in rows), rows
-    assert (results.read_bytes() if results.exists() else None) == before
 
 
 def test_delete_refuses_when_the_folder_lists_nothing(own_tree, tmp_path):

@@ -20,22 +20,14 @@ from clpipe.sync.engine import Engine, Options, Outcome, RemoteEntry
 from clpipe.sync.manifest import SyncState
 from clpipe.testing.fwserver import Acquisition, FlywheelTestServer, FwFile, Project, Session, Subject, make_demo_project
 
-from helpers import files_under, new_project
+from helpers import KEY, SUMMARY_RE, files_under, login, new_project
 
 pytestmark = pytest.mark.fw
 
-KEY = "test-key-s3cr3t"  # the conftest server's key
 URL = parse_fw_url("fw://lab/study/")
 DICOM_ONLY = {"filters": [{"types": {"+": ["dicom"]}}]}
-SUMMARY_RE = re.compile(r"Sync summary: (\d+) created, (\d+) updated, (\d+) skipped, (\d+) failed")
 CONTAINER_RE = re.compile(r"^/api/containers/([^/]+)$")
 PREFLIGHT = ("/api/auth/status", "/api/lookup")  # every run's login check and project lookup
-
-
-def login(env, server) -> None:
-    folder = env.home / ".config" / "flywheel"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "user.json").write_text(json.dumps({"key": server.login_key(KEY), "root": False}))
 
 
 def native(env, config: Path, *extra, timeout=180) -> tuple[int, str]:

@@ -242,6 +242,49 @@ def test_run_local_becomes_the_job_and_the_log_is_complete_when_it_returns(tmp_p
     assert logged == [*lines[1:-1], "error line", "last line"]  # the launcher's own line came before the job
 
 
+def test_run_local_that_cannot_start_the_job_says_so_and_leaves_this_process_as_it_was(tmp_path):
+    """A job whose program is gone: one line naming it; stdin, the working folder and the
+    open files of this process are as before (no descriptor left behind)."""
+    from clpipe.batch.job import Job, Resources
+    from clpipe.batch.local import run_local
+    from clpipe.errors import PreflightError
+
+    job = Job("t", (str(tmp_path / "no-such-python"), "-c", "pass"), Resources(60, 100, 1), tmp_path / "job.log", tmp_path)
+    fds, cwd, stdin = sorted(os.listdir("/proc/self/fd")), os.getcwd(), os.fstat(0)
+    with pytest.raises(PreflightError, match=r"cannot start .*no-such-python: No such file or directory; .*install it again"):
+        run_local(job)
+    assert sorted(os.listdir("/proc/self/fd")) == fds and os.getcwd() == cwd
+    assert (os.fstat(0).st_dev, os.fstat(0).st_ino) == (stdin.st_dev, stdin.st_ino)
+
+
+def test_a_job_run_from_a_terminal_draws_its_bar_there_and_keeps_it_out_of_its_log(tmp_path):
+    """A job run here on a terminal copies its output to its log through a stream that is no
+    terminal, yet knows that somebody watches: the live bar goes to the terminal only."""
+    import pty
+
+    from clpipe.batch.local import JOB_LOG
+
+    body = (
+        "import sys\n"
+        "from clpipe.batch.local import start_job_log\n"
+        "from clpipe.sync.progress import watched\n"
+        "start_job_log()\n"
+        "print('stdout is a terminal:', sys.stdout.isatty(), '; watched:', watched())\n"
+    )
+    log = tmp_path / "job.log"
+    primary, secondary = pty.openpty()
+    try:
+        env = {**os.environ, JOB_LOG: str(log)}
+        proc = subprocess.run([sys.executable, "-c", body], stdout=secondary, stderr=subprocess.PIPE, env=env, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        os.close(secondary)
+        os.close(primary)
+    assert log.read_text() == "stdout is a terminal: False ; watched: True\n"
+    piped = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, env=env, timeout=60)
+    assert piped.stdout == "stdout is a terminal: False ; watched: False\n", piped.stderr
+
+
 def test_handoff_file_is_private_read_once_and_only_for_allowed_names(tmp_path, monkeypatch):
     """The DICOMweb login's hand-off: 0600 in a 0700 folder; the job takes the allowed names
     only, deletes the file, and a second start says the login is gone."""

@@ -153,7 +153,6 @@ def test_project_setup_takes_a_dicom_source(tmp_path):
 
 def test_network_timeout_reaches_the_source_settings(tmp_path):
     """NetworkTimeout (seconds) is what every connect, read and answer of the job waits."""
-    from clpipe.config.project import load_project_config
     from clpipe.plan import make_plan
 
     config = project(tmp_path, "dimse://PACS@127.0.0.1:104", NetworkTimeout=900)

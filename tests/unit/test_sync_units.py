@@ -8,25 +8,35 @@ import os
 import pytest
 
 from clpipe.errors import PreflightError
+from clpipe.layout import (
+    bids_label,
+    check_template,
+    dicom_format_string,
+    field_values,
+    flatten_members,
+    inside,
+    portable_name,
+    template_parts,
+)
 from clpipe.sources.flywheel import parse_hash
-from clpipe.sync.layout import bids_label, check_template, dicom_format_string, flatten_members, inside, render, safe_part, safe_relpath
 from clpipe.sync.manifest import Record, SyncState
 
 
 @pytest.mark.parametrize(
     "text, safe", [("..", "_"), (".", "_"), ("", "_"), ("a/b", "a_b"), ("a\x00b\x1f", "a_b"), (" x ", "x"), ("ok.dcm", "ok.dcm")]
 )
-def test_safe_part(text, safe):
-    assert safe_part(text) == safe
+def test_portable_name(text, safe):
+    assert portable_name(text) == safe
 
 
-def test_safe_relpath_neutralises_escapes(tmp_path):
-    for hostile in ("../../etc/passwd", "/etc/passwd", "a/../../b", "..\\..\\win", "x/\x1b[31m/y"):
-        rel = safe_relpath(hostile)
-        assert not rel.startswith("/") and ".." not in rel.split("/")
-        assert str(inside(tmp_path, rel).resolve()).startswith(str(tmp_path.resolve()) + "/")
-    with pytest.raises(ValueError):
-        inside(tmp_path, "../x")
+def test_no_name_leaves_the_dropoff(tmp_path):
+    for hostile in ("..", ".", "../../etc/passwd", "/etc/passwd", "..\\..\\win", "x/\x1b[31m/y"):
+        name = portable_name(hostile)
+        assert name not in (".", "..") and "/" not in name and "\\" not in name
+        assert inside(tmp_path, name).parent == tmp_path
+    for escape in ("../x", "/etc/passwd", "a/../b", "a//b"):
+        with pytest.raises(ValueError):
+            inside(tmp_path, escape)
 
 
 def test_bids_labels_and_templates():
@@ -35,7 +45,8 @@ def test_bids_labels_and_templates():
     assert bids_label("ses-Baseline", "session") == "Baseline"
     assert bids_label("***", "subject") == "unknown"
     labels = {"subject": "sub-01", "session": "ses 2", "acquisition": "T1w/../x", "filename": "a.dcm"}
-    assert render("{subject}/{session}/{acquisition}", labels) == "01/ses2/T1w_.._x/a.dcm"
+    parts = template_parts("{subject}/{session}/{acquisition}/{filename}", *field_values(labels))
+    assert "/".join(name for _, name in parts) == "01/ses2/T1w_.._x/a.dcm"
     assert dicom_format_string("{subject}/{session}/{acquisition}") == "{subject}/{session}/"
     assert dicom_format_string("raw/{subject}/{acquisition}") == "raw/{subject}/"
     for bad in ("{subjct}/{session}", "/abs/{subject}", "../{subject}", "{subject!r}"):

@@ -32,7 +32,7 @@ class Job:
     log_path: Path
     cwd: Path
     env: dict[str, str] = field(default_factory=dict)  # never secrets
-    #: names of environment variables holding secrets the job needs (a DICOMweb token):
+    #: names of environment variables holding secrets the job needs (a DICOMweb login, a Flywheel key):
     #: a batch job gets their values through a private hand-off file (batch/handoff.py),
     #: never through its script, a command line or the scheduler
     pass_env: tuple[str, ...] = ()

@@ -22,7 +22,6 @@ from pathlib import Path
 from ..errors import DiskFull, PreflightError, is_disk_full
 from .job import Job, without_secrets
 
-TTY_PROGRESS = "CLPIPE_TTY_PROGRESS"  # set for the job when the user watches a terminal: draw the live bar there
 JOB_LOG = "CLPIPE_JOB_LOG"  # set for a job run here: the log it copies its output to
 
 
@@ -35,10 +34,6 @@ def run_local(job: Job) -> int:
     """
     job.log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**without_secrets(os.environ, keep=job.pass_env), **job.env, JOB_LOG: str(job.log_path)}
-    if sys.stdout.isatty():
-        env[TTY_PROGRESS] = "1"
-    else:
-        env.pop(TTY_PROGRESS, None)
     if os.name != "posix":
         code = subprocess.call(list(job.argv), cwd=job.cwd, env=env, stdin=subprocess.DEVNULL)
         return code if code >= 0 else 128 - code
@@ -53,6 +48,7 @@ def run_local(job: Job) -> int:
         os.execvpe(job.argv[0], list(job.argv), env)
     except OSError as exc:
         os.dup2(saved_stdin, 0)
+        os.close(saved_stdin)
         os.chdir(saved_cwd)
         raise PreflightError(
             f"cannot start {job.argv[0]}: {exc.strerror}; the clpipe installation was probably moved or removed: install it again"

@@ -3,7 +3,7 @@
 The parts: ``options`` (one declaration per SourceOptions key, from which the rest is
 derived), ``model`` (the validation model and the validated config), ``loader`` (reading
 and validating a file), ``conversion`` (the BIDS step's DICOMFormatString the sync keeps in
-step), ``units`` (times, memory sizes, core counts); ``project`` re-exports their names.
+step), ``units`` (times, memory sizes, core counts).
 
 The validation models are imported on first use only, so a batch job that merely runs a
 plan does not pay for them.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, create_model
 
@@ -18,6 +18,9 @@ from .options import (
     Style,
     key_name,
 )
+
+if TYPE_CHECKING:
+    from ..sources.dicom import SourceURL
 
 
 def _field(option: Option) -> Any:
@@ -44,7 +47,7 @@ def _default(name: str) -> Any:
 class SourceConfig:
     """The validated, resolved source block (absolute paths)."""
 
-    url: FlywheelURL
+    url: FlywheelURL | SourceURL  # a Flywheel project, or a DICOM source
     dropoff_directory: Path
     temp_directory: Path
     commandline_opts: str

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 from ..console import say
 from ..errors import PreflightError
-from ..sync.reports import FileResult, Outcome
+from ..sync.reports import Outcome
 
 if TYPE_CHECKING:
     from ..plan import SyncPlan
 
-__all__ = ["FAILED_SHOWN", "FileResult", "Outcome", "close", "make_folders", "say_failed"]
+__all__ = ["FAILED_SHOWN", "Outcome", "close", "make_folders", "say_failed"]
 
 FAILED_SHOWN = 50  # FAILED lines printed; the rest are counted (and in the reports)
 SYNC_FAILED = "sync FAILED: not every file arrived; the exit status is non-zero"

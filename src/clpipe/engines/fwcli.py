@@ -140,7 +140,7 @@ def verify(plan: SyncPlan, rows: list[AuditRow], targets: list[dict] | None, out
     if targets is None:
         return
     sync_opts = plan.sync_options
-    url = plan.source
+    url = plan.url
     assert isinstance(url, FlywheelURL)
     files, folders = expected_destinations(targets, url.trailing_slash, sync_opts.unpack)
     for name, listed_size in sorted(files.items()):
@@ -225,7 +225,7 @@ def run(plan: SyncPlan) -> int:
     Raises :class:`PreflightError` when the run cannot start.
     """
     started = time.monotonic()
-    url = plan.source
+    url = plan.url
     assert isinstance(url, FlywheelURL)
     fw = shutil.which(plan.fw_argv[0])
     if fw is None:

@@ -52,7 +52,7 @@ def run_dicom(plan: SyncPlan) -> int:
     from ..sources.dicom import DEFAULT_TEMPLATE, DicomQuery, SourceSettings, SourceURL, entries, open_source
 
     started = time.monotonic()
-    url = plan.source
+    url = plan.url
     assert isinstance(url, SourceURL)
     source = open_source(url, SourceSettings(**plan.settings))
     try:

@@ -271,10 +271,7 @@ def _tls(url: SourceURL, settings: SourceSettings) -> ssl.SSLContext | bool:
     try:
         return load_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
     except TLSFileError as exc:
-        raise ConfigError(
-            f"cannot load the TLS files ({settings.tls_ca or ''} {settings.tls_cert or ''}".rstrip()
-            + f"): {getattr(exc.error, 'strerror', None) or exc.error}"
-        ) from None
+        raise ConfigError(exc.message(settings.tls_ca or "", settings.tls_cert or "", settings.tls_key or "")) from None
 
 
 # ----------------------------------------------------------------------------- the source

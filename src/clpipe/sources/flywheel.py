@@ -283,6 +283,15 @@ def _http_error(response: httpx.Response, what: str = "") -> Exception:
     return PermanentError(message)
 
 
+def _transport_error(exc: httpx.TransportError, what: str = "") -> Exception:
+    """The engine's error for a request that got no answer: worth retrying."""
+    from ..errors import TransientError
+
+    if isinstance(exc, httpx.TimeoutException):
+        return TransientError(f"{what}timed out ({exc.__class__.__name__})")
+    return TransientError(f"{what}connection problem ({exc.__class__.__name__}: {exc})")
+
+
 def parse_hash(value: object) -> str | None:
     """Flywheel's file hash as ``algorithm:hex``: ``v0-sha384-<hex>`` or a bare sha384 hex;
     any other form counts as no hash (size check only), never as a mismatch."""
@@ -434,8 +443,6 @@ class FlywheelSource:
 
     @contextmanager
     def open(self, entry) -> Iterator[Iterator[bytes]]:
-        from ..errors import TransientError
-
         if entry.ref is not None:  # a metadata sidecar, made from the listing
             yield iter([entry.ref])
             return
@@ -447,10 +454,8 @@ class FlywheelSource:
                     response.read()
                     raise _http_error(response)
                 yield response.iter_bytes()  # pieces as they arrive: no re-chunking copies
-        except httpx.TimeoutException as exc:
-            raise TransientError(f"timed out ({exc.__class__.__name__})") from None
         except httpx.TransportError as exc:
-            raise TransientError(f"connection problem ({exc.__class__.__name__}: {exc})") from None
+            raise _transport_error(exc) from None
 
     def members(self, entry) -> list[tuple[str, int]] | None:
         """The members of a zipped series (``?info=true``), to adopt an unpacked folder."""
@@ -492,10 +497,8 @@ class FlywheelSource:
         what = f"file hashes of container {container_id}: "
         try:
             response = self._client.get(f"/containers/{url_segment(container_id)}")
-        except httpx.TimeoutException as exc:
-            raise TransientError(f"{what}timed out ({exc.__class__.__name__})") from None
         except httpx.TransportError as exc:
-            raise TransientError(f"{what}connection problem ({exc.__class__.__name__}: {exc})") from None
+            raise _transport_error(exc, what) from None
         if response.status_code != 200:
             raise _http_error(response, what)
         try:

@@ -20,6 +20,13 @@ class TLSFileError(Exception):
         super().__init__(str(error))
         self.part, self.error = part, error
 
+    def message(self, ca: str, cert: str, key: str) -> str:
+        """One line naming the setting to fix and the file(s) it names."""
+        reason = getattr(self.error, "strerror", None) or self.error
+        if self.part == "ca":
+            return f"TLSCAFile: {ca} is not a PEM file of CA certificates ({reason})"
+        return f"TLSCertFile/TLSKeyFile: {cert} and {key or cert} are not a PEM certificate and its key ({reason})"
+
 
 def load_context(ca: str = "", cert: str = "", key: str = "", *, server_side: bool = False) -> ssl.SSLContext:
     """A TLS context trusting ``ca`` (else the system's CAs), presenting ``cert`` and

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ..console import human_bytes
 from ..errors import DiskFull, PermanentError, TransientError, VerifyError, is_disk_full
-from ..layout import Claims, flatten_members, inside, is_portable, safe_part
+from ..layout import Claims, flatten_members, inside, is_portable, portable_name
 from ..sources.base import (
     HasChecksum,
     HasFiles,
@@ -52,17 +52,15 @@ from ..sources.base import (
     RemoteEntry,
     Source,
 )
-from .fileio import CHUNK, copy_file, unpack_zip, write_all, write_new
+from .fileio import copy_file, unpack_zip, write_new
 from .manifest import Record, SyncState
-from .progress import PROGRESS_EVERY, Progress, watched
-from .reports import FileResult, Outcome, write_reports
+from .progress import Progress
+from .reports import FileResult, Outcome
 from .transfer import RetryPolicy, Stopped, hasher
 
-# the names other modules imported from here before the engine was split: still here
+# the names tests import from here since before the engine was split: still here
 __all__ = [
-    "CHUNK",
     "IN_MEMORY_ZIP",
-    "PROGRESS_EVERY",
     "Engine",
     "FileResult",
     "Options",
@@ -74,10 +72,7 @@ __all__ = [
     "TransientError",
     "VerifyError",
     "copy_file",
-    "watched",
-    "write_all",
     "write_new",
-    "write_reports",
 ]
 
 IN_MEMORY_ZIP = 64 << 20  # zips up to this size are unpacked from memory, larger ones from TempDirectory
@@ -105,7 +100,7 @@ class Engine:
         self._instances = source if isinstance(source, HasInstances) else None
         self._members = source if isinstance(source, HasMembers) else None
         self._checksum = source if isinstance(source, HasChecksum) else None
-        self._retry = self._policy()
+        self._retry = RetryPolicy(options.retries, options.backoff, options.backoff_cap)
         self._lock = threading.Lock()
         self._parts = itertools.count()  # this run's staged instances: .clpipe-sync/tmp/series-<n>.part
         self.jobs = 0  # transfers the last run ran at once (0: it had none to do)
@@ -178,7 +173,6 @@ class Engine:
         if path != entry.path:  # the source gave two entries one path: told apart here
             entry = replace(entry, path=path, renamed=True)
         if entry.renamed:
-            outcome.renamed += 1
             self._renamed[entry.series] += 1
         return entry
 
@@ -248,6 +242,7 @@ class Engine:
 
     def _report_names(self, outcome: Outcome) -> None:
         files, series = self._renamed[False], self._renamed[True]
+        outcome.renamed = files + series
         if files or series:
             what = " and ".join(f"{n} {unit}" for n, unit in ((files, "files"), (series, "series folders")) if n)
             outcome.notes.append(
@@ -324,7 +319,7 @@ class Engine:
                 for uid, payload in items:
                     if self._stop.is_set():  # the run is stopping: this series is not finished
                         raise Stopped()
-                    name = safe_part(f"{uid}.dcm") if uid else ""
+                    name = portable_name(f"{uid}.dcm") if uid else ""
                     if not uid or name in staged:
                         continue
                     part = f"{stage}/{name}"
@@ -393,9 +388,6 @@ class Engine:
             if isinstance(archive, Path):
                 archive.unlink(missing_ok=True)
 
-    def _policy(self) -> RetryPolicy:
-        return RetryPolicy(self.options.retries, self.options.backoff, self.options.backoff_cap)
-
     def _with_retries(self, entry: RemoteEntry, progress: Progress) -> list[list]:
         """:meth:`_fetch`, tried again after each transient fault (sync/transfer.py)."""
         return self._retry.run(lambda: self._fetch(entry, progress), entry.describe, self._stop)
@@ -409,7 +401,6 @@ class Engine:
         started = time.monotonic()
         outcome = Outcome()
         state = self.state
-        self._retry = self._policy()
         todo: list[tuple[RemoteEntry, bool]] = []
         listed: set[str] | None = set() if self.options.delete else None
         self.listed = self.listed_bytes = 0
@@ -506,7 +497,7 @@ class Engine:
                             if future is None:  # never started: the run stopped first
                                 raise Stopped()
                             files = future.result()
-                        except (Stopped, OSError) as exc:
+                        except Exception as exc:  # noqa: BLE001 (one file's failure is reported, never fatal to the others)
                             if not isinstance(exc, Stopped) and not is_disk_full(exc):
                                 self._failed(outcome, entry, existing, exc, progress)
                                 continue
@@ -516,9 +507,6 @@ class Engine:
                             unsynced.append(entry)
                             outcome.files.append(FileResult(entry.path, "failed", existing, "", "not synced: the disk is full"))
                             progress.advance(0, 1)
-                            continue
-                        except Exception as exc:  # noqa: BLE001 (one file's failure is reported, never fatal to the others)
-                            self._failed(outcome, entry, existing, exc, progress)
                             continue
                         old = state.get(entry.key)
                         keep = {f[0] for f in files}

@@ -114,17 +114,36 @@ def write_all(fd: int, data: bytes) -> int:
     return done
 
 
-def write_whole(path: Path, fill: Callable[[TextIO], object]) -> None:
+def write_whole(path: Path, fill: Callable[[TextIO], object], durable: bool = False) -> None:
     """``fill(text file)`` into a temporary file beside ``path``, renamed to ``path`` only
-    when whole (on an error it is removed, and ``path`` stays as it was)."""
+    when whole (on an error, a full disk included, it is removed, and ``path`` stays as it
+    was). ``durable``: the file is fsynced before the rename and its folder after it."""
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temp, "w", newline="", encoding="utf-8") as out:
             fill(out)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def unpack_zip(archive: Path | io.BytesIO, folder: str, dropoff: Path, tmp: Path) -> list[list]:

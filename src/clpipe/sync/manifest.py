@@ -31,13 +31,13 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from ..errors import PreflightError
 from ..layout import STATE_DIR  # the dropoff's state folder: part of its layout (sources skip it too)
+from .fileio import write_whole
 
 LOCK, OWNER = "lock", "owner.json"
 LOCK_GRACE = 30.0  # seconds after which a lock without owner (an older clpipe's, killed while taking it) is stale
@@ -55,40 +55,9 @@ class Record:
     def to_json(self) -> dict:
         return {"key": self.key, "sig": self.signature, "files": self.files}
 
-    @classmethod
-    def from_json(cls, data: dict) -> Record:
-        return cls(data["key"], list(data["sig"]), [list(f) for f in data["files"]])
-
-
-def _write_atomic(path: Path, text: str | Iterator[str]) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "w", encoding="utf-8") as fh:
-            fh.writelines([text] if isinstance(text, str) else text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
-    except BaseException:  # a full disk: the old file stays as it was, and no half-written copy beside it
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
 
 MANIFEST = "manifest.jsonl"
 MANIFEST_VERSION = '{"clpipe_sync_manifest": 2}\n'
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -246,16 +215,17 @@ class SyncState:
                 _remove(away)
 
     def _busy(self, lock: Path, owner: dict, age: float | None, breaking: bool = False) -> str:
-        if owner or breaking:
+        if breaking:
+            what = (f"host {owner['host']}, pid {owner.get('pid', '?')}, " if owner.get("host") else "") + "taking over a stale lock"
+        elif owner:
             what = f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, since {owner.get('since', '?')}"
-            if breaking:
-                what = (f"host {owner['host']}, pid {owner.get('pid', '?')}, " if owner.get("host") else "") + "taking over a stale lock"
-            return f"another sync is writing to {self.dropoff} ({what}); wait for it, or if it is no longer running remove {lock}"
-        wait = f"{max(1, round(LOCK_GRACE - age))} s" if age is not None else f"{LOCK_GRACE:.0f} s"
-        return (
-            f"another sync is writing to {self.dropoff} (its lock {lock} has no owner yet); wait for it: "
-            f"a lock without owner is stale after {LOCK_GRACE:.0f} s, so if no sync is running run again in {wait}"
-        )
+        else:
+            wait = f"{max(1, round(LOCK_GRACE - age))} s" if age is not None else f"{LOCK_GRACE:.0f} s"
+            return (
+                f"another sync is writing to {self.dropoff} (its lock {lock} has no owner yet); wait for it: "
+                f"a lock without owner is stale after {LOCK_GRACE:.0f} s, so if no sync is running run again in {wait}"
+            )
+        return f"another sync is writing to {self.dropoff} ({what}); wait for it, or if it is no longer running remove {lock}"
 
     def _sweep_lock_leftovers(self) -> None:
         """Remove what killed runs left beside the lock: locks moved away to be removed
@@ -395,7 +365,7 @@ class SyncState:
                 self._close_journal()
         if self._changed or not (self.root / MANIFEST).exists():  # a no-op run rewrites nothing
             lines = (self._lines[k] + "\n" for k in sorted(self._lines))
-            _write_atomic(self.root / MANIFEST, itertools.chain([MANIFEST_VERSION], lines))
+            write_whole(self.root / MANIFEST, lambda fh: fh.writelines(itertools.chain([MANIFEST_VERSION], lines)), durable=True)
             self._changed = False
         for journal in self.root.glob("journal-*.jsonl"):
             journal.unlink(missing_ok=True)

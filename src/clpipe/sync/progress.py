@@ -25,8 +25,13 @@ def _terminal() -> TextIO:
 
 
 def watched() -> bool:
-    """Does somebody watch this run on a terminal (then: a live bar, not progress lines)?"""
-    return sys.stdout.isatty() or os.environ.get("CLPIPE_TTY_PROGRESS") == "1"
+    """Does somebody watch this run on a terminal (then: a live bar, not progress lines)?
+    Asked of the console itself: a job run here copies its output to its log through a
+    ``sys.stdout`` that says it is no terminal (batch/local.py)."""
+    try:
+        return os.isatty(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no console (a test's captured output)
+        return False
 
 
 class Progress:

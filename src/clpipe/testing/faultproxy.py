@@ -3,7 +3,7 @@
 For testing clients of servers that cannot be told to fail (Orthanc's DICOMweb): requests
 are passed on unchanged, and answered unchanged, unless a fault matches the request's path;
 the fault kinds and their meaning are those of the Flywheel test server
-(:data:`clpipe.testing.fwserver.FAULT_KINDS`, see ``FlywheelTestServer.add_fault``):
+(:data:`clpipe.testing.faults.FAULT_KINDS`, see ``FlywheelTestServer.add_fault``):
 "status" (an error reply, optionally with ``Retry-After``), "drop" (close without a reply),
 "truncate" / "reset" (half the body, then a clean close / a TCP reset), "delay" (sleep, then
 answer), "corrupt" (flip the middle third of the body: same length, other bytes).
@@ -19,16 +19,13 @@ is de-chunked): meant for test data sets, not for large transfers.
 from __future__ import annotations
 
 import http.client
-import re
-import socket
-import struct
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-from .fwserver import FAULT_KINDS, Fault
+from .faults import Fault, Faults, corrupted, write_body
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # headers that belong to one connection, not to the message (RFC 9110 7.6.1), plus the
@@ -47,7 +44,7 @@ class FaultProxy:
         self.upstream = (parts.hostname, parts.port or 80)
         self.host, self.port, self.timeout = host, port, timeout
         self.requests: list[dict] = []
-        self._faults: list[Fault] = []
+        self._faults = Faults()
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -95,28 +92,10 @@ class FaultProxy:
     ) -> Fault:
         """As ``FlywheelTestServer.add_fault``: requests whose URL-decoded path matches the
         regex ``path_pattern`` get the fault (the first ``count`` of them; None = all)."""
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
-        re.compile(path_pattern)
-        fault = Fault(path_pattern, kind, count, status, delay, method.upper() if method else None, retry_after=retry_after)
-        with self._lock:
-            self._faults.append(fault)
-        return fault
+        return self._faults.add(path_pattern, kind, count, status, delay, method, retry_after)
 
     def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
-    def _take_fault(self, method: str, path: str) -> Fault | None:
-        with self._lock:
-            for f in self._faults:
-                if f.count is not None and f.hits >= f.count:
-                    continue
-                if f.method not in (None, method) or not re.search(f.pattern, path):
-                    continue
-                f.hits += 1
-                return f
-        return None
+        self._faults.clear()
 
 
 class _Server(ThreadingHTTPServer):
@@ -138,7 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         proxy: FaultProxy = self.server.proxy  # type: ignore[attr-defined]
         path = unquote(urlsplit(self.path).path)
-        fault = proxy._take_fault(self.command, path)
+        fault = proxy._faults.take(self.command, path)
 
         def record(status: int) -> None:  # before the answer goes out: a client that has it sees the record
             with proxy._lock:
@@ -175,9 +154,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _dispatch
 
     def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes, fault: Fault | None) -> None:
-        if fault and fault.kind == "corrupt" and data:
-            lo, hi = len(data) // 3, max(len(data) // 3 + 1, 2 * len(data) // 3)
-            data = data[:lo] + bytes(b ^ 0xFF for b in data[lo:hi]) + data[hi:]
+        data = corrupted(data, fault)
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
@@ -185,13 +162,4 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        if fault and fault.kind in ("truncate", "reset"):
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            if fault.kind == "reset":
-                time.sleep(0.05)
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.connection.close()
-            return
-        self.wfile.write(data)
+        write_body(self, data, fault)

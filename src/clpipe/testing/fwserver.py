@@ -41,12 +41,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .faults import Fault, Faults, corrupted, write_body
+
 log = logging.getLogger(__name__)
 
 #: Default ``modified`` of files and ``created`` of containers: fixed, so demo data is reproducible.
 FIXED_TIME = datetime(2024, 1, 15, 12, 0, 0, tzinfo=timezone.utc)
 USER_ID = "demo.user@example.org"
-FAULT_KINDS = ("status", "drop", "truncate", "reset", "delay", "corrupt")
 _MIMETYPES = {"dicom": "application/dicom", "qa": "application/json"}  # else octet-stream
 
 
@@ -450,21 +451,6 @@ def make_demo_project(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Fault:
-    """An injected failure for requests whose path matches ``pattern`` (see ``add_fault``)."""
-
-    pattern: str
-    kind: str
-    count: int | None = None  # how many matching requests get it; None = all
-    status: int = 500
-    delay: float = 0.0
-    method: str | None = None
-    hits: int = 0
-    retry_after: str | None = None  # Retry-After header sent with a "status" fault
-    span: tuple[int, int] | None = None  # bytes [start, end) a "corrupt" fault flips (default: the middle third)
-
-
 class ApiError(Exception):
     def __init__(self, status: int, message: str, detail: object = None):
         super().__init__(message)
@@ -534,7 +520,7 @@ class FlywheelTestServer:
         self.file_hashes = True  # False: file entries of containers carry no hash (a server that gives none)
         self.requests: list[dict] = []
         self.uploads: list[tuple[str, bytes]] = []
-        self._faults: list[Fault] = []
+        self._faults = Faults()
         self._lock = threading.RLock()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -633,28 +619,10 @@ class FlywheelTestServer:
         ``delay`` also applies before the other kinds. ``count`` limits how many matching
         requests are hit (None = all); the first matching fault with hits left wins.
         """
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
-        re.compile(path_pattern)
-        fault = Fault(path_pattern, kind, count, status, delay, method.upper() if method else None, retry_after=retry_after, span=span)
-        with self._lock:
-            self._faults.append(fault)
-        return fault
+        return self._faults.add(path_pattern, kind, count, status, delay, method, retry_after, span)
 
     def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
-    def _take_fault(self, method: str, path: str) -> Fault | None:
-        with self._lock:
-            for f in self._faults:
-                if f.count is not None and f.hits >= f.count:
-                    continue
-                if f.method not in (None, method) or not re.search(f.pattern, path):
-                    continue
-                f.hits += 1
-                return f
-        return None
+        self._faults.clear()
 
     def _auth_ok(self, header: str | None) -> bool:
         scheme, _, token = (header or "").partition(" ")
@@ -960,7 +928,7 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         self._status = 0
         auth_ok = app._auth_ok(self.headers.get("Authorization"))
-        self._fault = fault = app._take_fault(self.command, path)
+        self._fault = fault = app._faults.take(self.command, path)
         try:
             body = self._read_body()  # always read it, so a kept-alive connection stays in step
             if fault and fault.delay:
@@ -1004,13 +972,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, data: bytes, ctype: str) -> None:
         fault = self._fault
-        if fault and fault.kind == "corrupt" and data:
-            # Flip every byte of the middle third (or of the fault's span): same length, other content.
-            if fault.span is not None:
-                lo, hi, _ = slice(*fault.span).indices(len(data))
-            else:
-                lo, hi = len(data) // 3, max(len(data) // 3 + 1, 2 * len(data) // 3)
-            data = data[:lo] + bytes(b ^ 0xFF for b in data[lo:hi]) + data[hi:]
+        data = corrupted(data, fault)
         self._status = status
         self.send_response(status)
         self.send_header("Content-Type", ctype)
@@ -1023,16 +985,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        if fault and fault.kind in ("truncate", "reset"):
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
-            self.close_connection = True  # the client is left waiting for the rest: EOF
-            if fault.kind == "reset":  # RST, not FIN: the client's next read fails with ECONNRESET
-                time.sleep(0.05)  # let the headers and the half body be read first
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.connection.close()
-            return
-        self.wfile.write(data)
+        write_body(self, data, fault)
 
 
 # --------------------------------------------------------------------------------------------

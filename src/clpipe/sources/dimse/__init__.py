@@ -66,28 +66,14 @@ from __future__ import annotations
 from ..part10 import part10_header
 from .association import tls_context
 from .source import DimseSource
-from .uids import (
-    COMPRESSED,
-    DEFLATED_LE,
-    EXPLICIT_LE,
-    IMAGE_STORAGE,
-    IMPLICIT_LE,
-    OTHER_STORAGE,
-    QR_FIND,
-    QR_GET,
-    QR_MOVE,
-)
+from .uids import COMPRESSED, EXPLICIT_LE, IMAGE_STORAGE, IMPLICIT_LE, OTHER_STORAGE
 
 __all__ = [
     "COMPRESSED",
-    "DEFLATED_LE",
     "EXPLICIT_LE",
     "IMAGE_STORAGE",
     "IMPLICIT_LE",
     "OTHER_STORAGE",
-    "QR_FIND",
-    "QR_GET",
-    "QR_MOVE",
     "DimseSource",
     "part10_header",
     "tls_context",

@@ -87,9 +87,7 @@ def tls_context(settings: SourceSettings, server_side: bool = False) -> ssl.SSLC
     try:
         return load_context(ca, cert, key, server_side=server_side)
     except TLSFileError as exc:
-        if exc.part == "ca":
-            raise ConfigError(f"TLSCAFile: {ca} is not a PEM file of CA certificates ({exc.error})") from None
-        raise ConfigError(f"TLSCertFile/TLSKeyFile: {cert} and {key} are not a PEM certificate and its key ({exc.error})") from None
+        raise ConfigError(exc.message(ca, cert, key)) from None
 
 
 class Requestor(Protocol):
