@@ -139,6 +139,12 @@ def cp_command(tree: Path, dest: Path) -> list[str]:
     return ["cp", "-r", str(tree), str(dest)]
 
 
+def rsync_command(tree: Path, dest: Path) -> list[str]:
+    """rsync's own copy of a folder: every file, times and modes kept; again into the
+    copy, it finds nothing to do (same size and time)."""
+    return ["rsync", "-a", f"{tree}/", f"{dest}/"]
+
+
 def engine_command(tree: Path, dest: Path, jobs: int) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--engine", str(tree), str(dest), str(jobs)]
 
@@ -219,6 +225,7 @@ def cli_project(work: Path, tree: Path, dest: Path, env: dict) -> Path | str:
         return f"clpipe project_setup failed: {last_line(proc.stdout + proc.stderr)}"
     config = root / "clpipe_config.json"
     data = json.loads(config.read_text())
+    data["SourceOptions"].pop("LayoutTemplate", None)  # Flywheel's fields: the DICOM default layout instead
     data["SourceOptions"].update(SourceURL=tree.absolute().as_uri(), DropoffDirectory=str(dest), TempDirectory=str(root / "tmp"))
     config.write_text(json.dumps(data, indent=2))
     dry = subprocess.run(cli_command(config)[:-1], env=env, capture_output=True, text=True, timeout=120)
@@ -311,6 +318,17 @@ def bench_tree(label: str, tree: Path, desc: dict, work: Path, env: dict, rounds
         runs.append(run)
         shutil.rmtree(cp_dest, ignore_errors=True)
 
+        for kind in ("full", "no-op"):  # rsync -a, then again into its copy (nothing to do)
+            run = Run(label, "rsync -a", kind, n, tree_files, tree_bytes if kind == "full" else 0)
+            if not shutil.which("rsync"):
+                run.status = "not available: rsync is not installed"
+            else:
+                timed_run(run, rsync_command(tree, cp_dest), env, work, timeout)
+                if run.ok:
+                    run.status = check_copy(cp_dest, desc) or "ok"
+            runs.append(run)
+        shutil.rmtree(cp_dest, ignore_errors=True)
+
         for peer, peer_jobs, kinds in (("native", jobs, ("full", "no-op")), ("native jobs=1", 1, ("full",))):
             shutil.rmtree(native_dest, ignore_errors=True)
             for kind in kinds:
@@ -351,14 +369,14 @@ def median_of(values: list[float]) -> float:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def paired(runs: list[Run], tree: str, name: str) -> list[float]:
-    """``name`` / cp -r of the same round, round by round: the two ran back to back, so a
+def paired(runs: list[Run], tree: str, name: str, base: str = "cp -r full") -> list[float]:
+    """``name`` / ``base`` of the same round, round by round: the two ran back to back, so a
     burst of load from other work on the machine tends to hit both."""
     rounds: dict[int, dict[str, float]] = {}
     for r in runs:
-        if r.tree == tree and r.ok and r.name in (name, "cp -r full"):
+        if r.tree == tree and r.ok and r.name in (name, base):
             rounds.setdefault(r.round, {})[r.name] = r.seconds
-    return [p[name] / p["cp -r full"] for _, p in sorted(rounds.items()) if len(p) == 2]
+    return [p[name] / p[base] for _, p in sorted(rounds.items()) if len(p) == 2]
 
 
 def goals(runs: list[Run], trees: list[str]) -> list[tuple[str, str, str, str]]:
@@ -381,7 +399,33 @@ def goals(runs: list[Run], trees: list[str]) -> list[tuple[str, str, str, str]]:
             detail = f"{value:.2f} (best of each: {peer.seconds / cp.seconds:.2f}; rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
             verdict = ("met" if value <= GOAL else "NOT met") if target.startswith("<=") else ""
             rows.append((what, detail, target, verdict))
+        for name, base, target in (  # issue 15: no slower than rsync -a, full and no-op
+            ("native full", "rsync -a full", "<= 1.0"),
+            ("native no-op", "rsync -a no-op", "<= 1.0"),
+            ("clpipe dicom sync full", "rsync -a full", "(for information)"),
+            ("clpipe dicom sync no-op", "rsync -a no-op", "(for information)"),
+        ):
+            what = f"{tree}: {name} / {base}, median of the rounds' ratios"
+            ratios, peer, ref = paired(runs, tree, name, base), best(runs, tree, name), best(runs, tree, base)
+            if not ratios or ref is None or peer is None:
+                rows.append((what, "n/a", target, "n/a (a run failed or was not available, see above)"))
+                continue
+            value = median_of(ratios)
+            detail = (
+                f"{value:.2f} (best of each: {peer.seconds:.2f} s / {ref.seconds:.2f} s = {peer.seconds / ref.seconds:.2f}; "
+                f"rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
+            )
+            verdict = ("met" if value <= 1.0 else "NOT met") if target.startswith("<=") else ""
+            rows.append((what, detail, target, verdict))
     return rows
+
+
+def rsync_version() -> str:
+    if not shutil.which("rsync"):
+        return "not installed"
+    out = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=30).stdout
+    found = re.search(r"version (\S+)", out)
+    return f"rsync {found[1] if found else '?'}"
 
 
 def machine() -> str:
@@ -462,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
             *[f"- tree {line}" for line in lines],
             f"- peers, alternating, {rounds} round(s), each into a fresh folder after `sync`: `cp -r TREE DEST`; "
+            f"`rsync -a TREE/ DEST/` ({rsync_version()}), then the same again into its copy (rsync no-op: nothing to do); "
             f"native = the engine with FolderSource, jobs={args.jobs} (native jobs=1: one job; for a folder whose reading "
             "does not wait on I/O the engine runs at most as many series at once as there are CPUs: the jobs it ran "
             "are in the phases column), in a fresh Python process "

@@ -43,6 +43,7 @@ fwserver._Handler.disable_nagle_algorithm = True
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "flywheel_sync.md"
+MILLION_RESULTS = BENCH / "results" / "flywheel_million.md"
 DEFAULT_FW = Path.home() / ".cache" / "clpipe-tests" / "fw-18.5.1" / "bin" / "fw"
 KEY = "bench-key"
 JOBS = 4  # fw sync -j and the floor's worker threads
@@ -58,6 +59,12 @@ SIZES = {
         "large": dict(subjects=1, sessions=2, acquisitions=2, slices=100, zipped=False),
     },
 }
+# --million: the large project's tree (20 sessions x 10 acquisitions) with more single files per
+# acquisition; the growth curve's sizes (--quick: a tiny tree)
+MILLION_SIZES = {"full": [100_000, 300_000, 1_000_000], "quick": [400, 1_200]}
+MILLION_TREE = {"full": dict(subjects=4, sessions=5, acquisitions=10), "quick": dict(subjects=1, sessions=2, acquisitions=2)}
+MILLION_NOOP_SECONDS = 30  # issue 15: a no-op re-sync of a million files under 30 s
+MILLION_RSS_MB = 200  # ... and under 200 MB
 
 
 # ---------------------------------------------------------------------------- the peers' commands
@@ -218,6 +225,7 @@ def native_config(work: Path, name: str, source: str, dest: Path, env: dict) -> 
         return f"clpipe project_setup failed: {last_line(proc)}"
     config = root / "clpipe_config.json"
     data = json.loads(config.read_text())
+    data["SourceOptions"].pop("LayoutTemplate", None)  # Flywheel's layout, as fw sync writes it: compared with fw's
     data["SourceOptions"].update(DropoffDirectory=str(dest), TempDirectory=str(root / "tmp"))
     config.write_text(json.dumps(data, indent=2))
     return config
@@ -323,7 +331,7 @@ def describe(label: str, p: dict, expected: dict, project) -> str:
     )
 
 
-def table(runs: list[Run], header: list[str]) -> str:
+def table(runs: list[Run], header: list[str], goal_rows: list | None = None) -> str:
     out = header + [
         "",
         "| run | seconds | files/s | MB/s | peak RSS (MB) | CPU s | requests | result |",
@@ -338,8 +346,154 @@ def table(runs: list[Run], header: list[str]) -> str:
         mbs = f"{r.nbytes / MB / r.seconds:.1f}" if done and not r.noop else "-"
         out.append(f"| {r.name} | {r.seconds:.2f} | {fps} | {mbs} | {r.rss_mb:.0f} | {r.cpu:.1f} | {r.requests:,} | {r.status} |")
     out += ["", "| goal | value | target | verdict |", "| --- | ---: | --- | --- |"]
-    out += [f"| {' | '.join(g)} |" for g in goals({r.name: r for r in runs})]
+    out += [f"| {' | '.join(g)} |" for g in (goal_rows if goal_rows is not None else goals({r.name: r for r in runs}))]
     return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------ --million: the growth curve
+
+
+def million_params(files: int, quick: bool) -> dict:
+    tree = MILLION_TREE["quick" if quick else "full"]
+    folders = tree["subjects"] * tree["sessions"] * tree["acquisitions"]
+    return dict(tree, slices=max(1, files // folders), zipped=False)
+
+
+def million(args, env: dict, work: Path) -> int:
+    """The native engine on the large project's tree at each size of MILLION_SIZES (or
+    --million-sizes): full sync, then the no-op re-sync, each checked file by file; the
+    floor on the smallest size (files/s against a raw floor on the same project). One
+    server per size, the project alone on it; logged in with $FLYWHEEL_API_KEY (no fw)."""
+    quick = args.quick
+    sizes = [int(x) for x in args.million_sizes.split(",")] if args.million_sizes else MILLION_SIZES["quick" if quick else "full"]
+    runs: list[Run] = []
+    described = []
+    for n, files in enumerate(sizes):
+        params = million_params(files, quick)
+        t0 = time.perf_counter()
+        label = "many" if files == 100_000 and not quick else f"many{files}"
+        project, expected = load_project(label, params)
+        described.append(describe(label, params, expected, project))
+        print(f"project {label} ({len(expected):,} files) ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        timeout = max(args.timeout, 3 * len(expected) / 1000)  # ~330 files/s at least (the full sync of 100,000: ~800)
+        with fwserver.FlywheelTestServer([project], api_keys={KEY}) as srv:
+            run_env = dict(env, FLYWHEEL_API_KEY=srv.login_key(KEY))
+            runs += run_native(work, project, expected, run_env, timeout, srv, f"{len(expected):,} ")
+            if n == 0:
+                dest = work / "dropoff-floor"
+                runs += sync_pair(
+                    "floor",
+                    lambda url=srv.base_url, pid=project.id, dest=dest: floor_command(url, pid, dest),
+                    dest,
+                    expected,
+                    dict(env, FLOOR_API_KEY=KEY),
+                    work,
+                    timeout,
+                    srv,
+                    noop=False,
+                    label=f"{len(expected):,} ",
+                )
+        del project, expected
+    header = [
+        f"# flywheel_sync benchmark: the growth curve (`--million`){' (--quick)' if quick else ''}",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}",
+        *[f"- project {d}" for d in described],
+        f"- native = `{' '.join(native_command(Path('CONFIG'))[1:])}` (its own default concurrency), logged in with "
+        "`FLYWHEEL_API_KEY`; each size: a full sync into an empty dropoff, then the no-op re-sync; floor = "
+        f"{JOBS} threads, raw GET per file (bench/README.md), on the smallest size only",
+        "- server: FlywheelTestServer in the benchmark process on 127.0.0.1, TCP_NODELAY on, one per size; "
+        "its own CPU (listing, every file request) is in every number and shares the 2 cores",
+        "- every run checked file by file (BLAKE2) against the project's expected dropoff",
+        "- peak RSS: max over time (50 ms samples) of the summed RSS of the process tree; MB = 10^6 bytes",
+    ]
+    text = table(runs, header, million_goals(runs, sizes)) + "\n" + growth_curve(runs)
+    print("\n" + text)
+    if not quick:
+        MILLION_RESULTS.parent.mkdir(exist_ok=True)
+        MILLION_RESULTS.write_text(text)
+        print(f"saved to {MILLION_RESULTS}")
+    return 0 if all(r.ok for r in runs) else 1
+
+
+def growth_curve(runs: list[Run]) -> str:
+    """Seconds, files/s and peak RSS of the native runs by project size, and the RSS each
+    further 100,000 files cost (from the size before)."""
+    by = {r.name: r for r in runs}
+    sizes = sorted({r.files for r in runs if r.name.startswith("native ")})
+    out = [
+        "## Growth curve (native)",
+        "",
+        "| files | full s | full files/s | full peak RSS (MB) | no-op s | no-op files/s | no-op peak RSS (MB) "
+        "| no-op RSS per 100k more files (MB) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    previous = None
+    for files in sizes:
+        full, noop = by.get(f"native {files:,} full"), by.get(f"native {files:,} no-op")
+        cells = []
+        for r in (full, noop):
+            if r is None or r.seconds is None or not r.ok:
+                cells += ["-", "-", (r.status[:60] if r else "not run")]
+            else:
+                cells += [f"{r.seconds:.1f}", f"{r.files / r.seconds:,.0f}", f"{r.rss_mb:.0f}"]
+        slope = "-"
+        if previous and noop and noop.ok and previous[1].ok:
+            slope = f"{(noop.rss_mb - previous[1].rss_mb) / ((files - previous[0]) / 100_000):.0f}"
+        if noop is not None:
+            previous = (files, noop)
+        out.append(f"| {files:,} | {' | '.join(cells)} | {slope} |")
+    return "\n".join(out) + "\n"
+
+
+def million_goals(runs: list[Run], sizes: list[int]) -> list[tuple[str, str, str, str]]:
+    by = {r.name: r for r in runs}
+    natives = sorted({r.files for r in runs if r.name.startswith("native ")})
+    small, big = (natives[0], natives[-1]) if natives else (sizes[0], sizes[-1])
+
+    def row(what, names, value, fmt, target, met) -> tuple[str, str, str, str]:
+        bad = [f"{n}: {by[n].status if n in by else 'not run'}" for n in names if n not in by or not by[n].ok]
+        if bad:
+            return what, "n/a", target, "n/a (" + "; ".join(b[:80] for b in bad) + ")"
+        v = value()
+        return what, fmt.format(v), target, "-" if met is None else "met" if met(v) else "NOT met"
+
+    noop_small, noop_big = f"native {small:,} no-op", f"native {big:,} no-op"
+    full_small, floor = f"native {small:,} full", f"floor {small:,} full"
+    return [
+        row(
+            f"{big:,}-file no-op re-sync, native",
+            [noop_big],
+            lambda: by[noop_big].seconds,
+            "{:.1f} s",
+            f"< {MILLION_NOOP_SECONDS} s",
+            lambda v: v < MILLION_NOOP_SECONDS,
+        ),
+        row(
+            f"{big:,}-file no-op re-sync, native peak RSS",
+            [noop_big],
+            lambda: by[noop_big].rss_mb,
+            "{:.0f} MB",
+            f"< {MILLION_RSS_MB} MB",
+            lambda v: v < MILLION_RSS_MB,
+        ),
+        row(
+            f"no-op memory growth with unchanged files, {small:,} to {big:,} files",
+            [noop_small, noop_big],
+            lambda: (by[noop_big].rss_mb - by[noop_small].rss_mb) / ((big - small) / 100_000),
+            "{:.1f} MB per 100k files",
+            "none (< 1 MB per 100k files)",
+            lambda v: v < 1,
+        ),
+        row(
+            f"{small:,}-file full sync: native files/s / raw floor files/s",
+            [full_small, floor],
+            lambda: by[floor].seconds / by[full_small].seconds,
+            "{:.2f}",
+            "(for information)",
+            None,
+        ),
+    ]
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -349,6 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny projects, results not saved")
     ap.add_argument("--skip-large", action="store_true", help="skip the 100,000-file project")
+    ap.add_argument(
+        "--million",
+        action="store_true",
+        help="instead: the growth curve of the native engine at 100,000, 300,000 and 1,000,000 files "
+        f"(about an hour; writes {MILLION_RESULTS.relative_to(BENCH.parent)})",
+    )
+    ap.add_argument("--million-sizes", metavar="N,N,...", help="--million at these project sizes (files)")
     ap.add_argument(
         "--fw",
         type=Path,
@@ -362,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.floor:
         return floor_main(args.floor[0], args.floor[1], Path(args.floor[2]))
-    if not args.fw.exists():
+    if not args.fw.exists() and not args.million:
         ap.error(f"fw not found at {args.fw} (run scripts/setup.sh, or pass --fw)")
     sizes = SIZES["quick" if args.quick else "full"]
     if args.workdir:
@@ -380,6 +541,14 @@ def main(argv: list[str] | None = None) -> int:
         PATH=os.pathsep.join([str(args.fw.parent), *path]),
     )
     runs: list[Run] = []
+    if args.million:
+        try:
+            return million(args, env, work)
+        finally:
+            if args.keep:
+                print(f"kept {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
     try:
         t0 = time.perf_counter()
         project, expected = load_project("study", sizes["main"])

@@ -34,5 +34,8 @@ step "clpipe dicom flywheel_sync -submit (runs it here: no batch configuration)"
 clpipe dicom flywheel_sync -c "$DEMO/project/clpipe_config.json" -submit
 
 step "What landed in data_DICOMs"
-find "$DEMO/project/data_DICOMs" -type f | sed "s|$DEMO/project/||" | sort | head -n 20
-echo "($(find "$DEMO/project/data_DICOMs" -type f | wc -l) files; logs in $DEMO/project/logs/sync_logs)"
+find "$DEMO/project/data_DICOMs" -path "*/.clpipe-sync" -prune -o -type f -print | sed "s|$DEMO/project/||" | sort | head -n 20
+echo "($(find "$DEMO/project/data_DICOMs" -path "*/.clpipe-sync" -prune -o -type f -print | wc -l) files; logs in $DEMO/project/logs/sync_logs)"
+
+step "clpipe dicom status (each session's state, from local files only; -html writes a page too)"
+clpipe dicom status -c "$DEMO/project/clpipe_config.json" -html "$DEMO/status.html"

@@ -39,6 +39,16 @@ if [ "$mode" != "--demo" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nul
     log "installing Debian packages: lmod"
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lmod >/dev/null
   fi
+  # dcm2niix: a new project's dropoff is converted at dcm2niix's default search depth (tests/integration/test_layout_default.py)
+  if ! command -v dcm2niix >/dev/null; then
+    log "installing Debian packages: dcm2niix"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcm2niix >/dev/null
+  fi
+  # chromium: the `clpipe dicom status -html` page is loaded in a real headless browser (tests/integration/test_status.py)
+  if ! command -v chromium >/dev/null; then
+    log "installing Debian packages: chromium"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
 fi
 
 if [ ! -x .venv/bin/clpipe ] || ! .venv/bin/python -c 'import clpipe, pytest' 2>/dev/null; then

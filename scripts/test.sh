@@ -2,7 +2,7 @@
 # Set up (scripts/setup.sh), run the guards (scripts/lint.sh), then the test suite against the real
 # Flywheel CLI, schedulers and DICOM servers. Extra arguments go to pytest, e.g.
 #   scripts/test.sh tests/unit        the unit tests only (no server)
-#   scripts/test.sh -m orthanc        one server's part (markers: fw slurm sge orthanc dcmqrscp qrscp lmod)
+#   scripts/test.sh -m orthanc        one server's part (markers: fw slurm sge orthanc dcmqrscp qrscp lmod dcm2niix chromium)
 #   scripts/test.sh -k config -x
 set -euo pipefail
 cd "$(dirname "$0")/.."

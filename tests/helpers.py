@@ -79,8 +79,12 @@ def make_env(tmp_path: Path, fw: Path | None) -> Env:
     return Env(home=home, vars=variables)
 
 
-def new_project(root: Path, source_url: str = "fw://lab/study/", **source) -> Path:
-    """A clpipe project made by `clpipe project_setup`, with SourceOptions changes applied."""
+def new_project(root: Path, source_url: str = "fw://lab/study/", layout: bool = False, **source) -> Path:
+    """A clpipe project made by `clpipe project_setup`, with SourceOptions changes applied.
+
+    For a Flywheel URL the project is by default one made before project_setup wrote a
+    LayoutTemplate: without one, so the files land in Flywheel's layout (what `fw sync`
+    writes, which most Flywheel tests compare with); ``layout=True`` keeps the new default."""
     proc = subprocess.run(
         [sys.executable, "-m", "clpipe", "project_setup", "-project_title", "t", "-project_dir", str(root), "-source_url", source_url],
         capture_output=True,
@@ -89,8 +93,12 @@ def new_project(root: Path, source_url: str = "fw://lab/study/", **source) -> Pa
     )
     assert proc.returncode == 0, proc.stderr
     config = root / "clpipe_config.json"
-    if source:
+    fw_layout = not layout and source_url.startswith("fw:")
+    if source or fw_layout:
         data = json.loads(config.read_text())
+        if fw_layout:
+            del data["SourceOptions"]["LayoutTemplate"]
+            data["DICOMToBIDSOptions"]["DICOMFormatString"] = "SUBJECTS/{subject}/SESSIONS/{session}/"
         data["SourceOptions"].update(source)
         config.write_text(json.dumps(data, indent=2))
     return config
@@ -310,9 +318,9 @@ def _run(*argv, timeout=30) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout)
 
 
-def wait_for(scheduler: str, job_id: str) -> dict:
-    """Poll (bounded) until the job has ended; return its state, exit code and times."""
-    deadline = time.monotonic() + WAIT_SECONDS
+def wait_for(scheduler: str, job_id: str, seconds: float = WAIT_SECONDS) -> dict:
+    """Poll (bounded: ``seconds``) until the job has ended; return its state, exit code and times."""
+    deadline = time.monotonic() + seconds
     seen = []  # every record the scheduler showed of the job while it was queued or running
     while time.monotonic() < deadline:
         if scheduler == "slurm":
@@ -347,7 +355,7 @@ def wait_for(scheduler: str, job_id: str) -> dict:
                         "raw": "\n".join([*seen, proc.stdout]),
                     }
         time.sleep(0.5)
-    raise AssertionError(f"{scheduler} job {job_id} did not finish within {WAIT_SECONDS} s")
+    raise AssertionError(f"{scheduler} job {job_id} did not finish within {seconds} s")
 
 
 def project_for(tmp_path: Path, name: str = "p") -> Path:

@@ -14,6 +14,11 @@ The CLI prints ``str(error)`` as one line (no traceback unless ``-debug``) and e
         │   └── VerifyError  the bytes that arrived are not the remote file
         └── PermanentError   not worth retrying (404, 403, a hostile name, retries used up)
     Terminated               (a BaseException) SIGTERM/SIGHUP: exit 128+N
+    EndsHere                 (a BaseException) the process ends now, nothing follows the run
+
+A run stopped before its end (a time limit, MaxDuration, Ctrl-C or SIGTERM: see
+``sync/stopping.py``) is no error: it saves what it did, reports it, and exits with
+:data:`STOPPED_EXIT`. docs/exit-codes.md lists every exit status.
 
 A source raises :class:`TransientError` or :class:`PermanentError` for one item; the sync
 engine retries the transient ones (``sync/transfer.py``) and reports each item that failed
@@ -29,6 +34,12 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeGuard
+
+#: the exit status of a run stopped before its end (a time limit, MaxDuration, Ctrl-C,
+#: SIGTERM): what finished is kept and recorded; running it again goes on (EX_TEMPFAIL)
+STOPPED_EXIT = 75
+#: the exit status that makes Grid Engine requeue a job (its documented convention)
+SGE_REQUEUE_EXIT = 99
 
 
 class ClpipeError(Exception):
@@ -177,3 +188,14 @@ def stop_on_signals() -> None:
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, handler)
+
+
+class EndsHere(BaseException):
+    """The process ends now with ``exit_code``, and nothing that follows a run's end (a
+    scheduled next run) happens: a batch job requeued at its time limit goes on in its next
+    allocation (``continuation.py``; Grid Engine: :data:`SGE_REQUEUE_EXIT`, which requeues
+    it), or a run was stopped by a signal (cancelled)."""
+
+    def __init__(self, exit_code: int, message: str = ""):
+        super().__init__(message)
+        self.exit_code = exit_code

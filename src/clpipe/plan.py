@@ -247,6 +247,17 @@ class SyncPlan:
     max_delete: int = 1000
     query: dict = field(default_factory=dict)  # DICOM sources: DicomQuery fields
     settings: dict = field(default_factory=dict)  # DICOM sources: SourceSettings fields (no secrets)
+    project_dir: str = ""  # where clpipe's .pipeline/status_log.csv is
+    stable_after: int = 1800  # seconds: a session changed more recently is "arriving" (0: off)
+    bids_dir: str = ""  # BIDSDirectory, for the sessions' "converted" state ("": not known)
+    bids_with_session: bool = True  # DICOMFormatString has {session}: BIDS folders are sub-X/ses-Y
+    shards: int = 0  # -shards: split by subject into an array job of this many tasks (0, 1: not split; clpipe/arrays.py)
+    array_throttle: int = 0  # ArrayThrottle: at most this many tasks at once (0: all)
+    shard: int = -1  # the shard this task syncs (-1: the whole listing)
+    schedule: dict = field(default_factory=dict)  # -every: how the next run is submitted (clpipe/schedule.py); {}: none
+    max_duration: int = 0  # MaxDuration: seconds after which the run stops by itself (0: none; sync/stopping.py)
+    continue_job: bool = True  # Continue: a batch job stopped at its time limit requeues itself (clpipe/continuation.py)
+    max_continuations: int = 10  # MaxContinuations: at most this many requeues
     #: the source URL, parsed: given by :func:`make_plan` (from the config), else parsed
     #: once from ``source_url`` when the plan is read back; not written to the plan file
     url: SourceAddress | None = field(default=None, compare=False, repr=False)
@@ -308,6 +319,8 @@ class SyncPlan:
             cwd=Path(self.sync_logs),
             env=env,
             pass_env=secrets_by_name,
+            graceful=self.engine == "native",
+            requeue=self.engine == "native" and self.continue_job and self.max_continuations > 0,
         )
 
 
@@ -381,5 +394,14 @@ def make_plan(config: ProjectConfig, run_id: str | None = None) -> SyncPlan:
         max_delete=source.max_delete,
         query=query,
         settings=settings,
+        project_dir=str(config.project_directory),
+        stable_after=source.stable_after,
+        bids_dir=str(config.bids_directory or ""),
+        bids_with_session="{session}" in (source.layout_template or config.dicom_format_string or "{session}"),
+        shards=source.shards if source.shards > 1 else 0,
+        array_throttle=source.array_throttle,
+        max_duration=source.max_duration,
+        continue_job=source.continue_job,
+        max_continuations=source.max_continuations,
         url=source.url,
     )

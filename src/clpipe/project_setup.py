@@ -1,4 +1,13 @@
-"""``clpipe project_setup``: the project layout users know, with the sync step filled in."""
+"""``clpipe project_setup``: the project layout users know, with the sync step filled in.
+
+A new project gets a shallow, BIDS-ready dropoff layout (``LayoutTemplate``): one folder per
+subject, session and series, subject and session as BIDS labels (``sub-01`` -> ``01``), and
+the matching ``DICOMFormatString`` for clpipe's BIDS step. From a session's folder the
+slices are at most two folders down (Flywheel: ``<acquisition>/<zip name>/``, the zip of a
+series unpacked into a folder named after it; DICOM sources: ``<series>/``), well within
+the default search depth of dcm2niix (``-d 5``) and so of dcm2bids, which runs it. A config
+without ``LayoutTemplate`` (every project made before) keeps Flywheel's own layout.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +16,36 @@ from pathlib import Path
 
 from .batch.config import LOCAL_NAMES, builtin_profile_text
 from .errors import ConfigError
+from .layout import dicom_format_string
 from .sources.flywheel import parse_fw_url
 
 LOG_FOLDERS = ("sync_logs", "DCM2BIDS_logs", "bids_validation_logs", "FMRIprep_logs", "postproc_logs")
 
+#: the layout of a new project synced from Flywheel: a zipped series is unpacked into a
+#: folder named after the zip below its acquisition's folder (sources/flywheel.py)
+FLYWHEEL_TEMPLATE = "{subject}/{session}/{acquisition}"
+#: the DICOMFormatString of Flywheel's own layout (`fw sync`; a config without LayoutTemplate)
+FW_DICOM_FORMAT_STRING = "SUBJECTS/{subject}/SESSIONS/{session}/"
+
+
+def is_flywheel_url(source_url: str) -> bool:
+    text = source_url.strip().lower()
+    return text.startswith("fw:") or "://" not in text
+
+
+def default_layout(source_url: str) -> str:
+    """The LayoutTemplate a new project gets: one folder per subject, session and series."""
+    if is_flywheel_url(source_url):
+        return FLYWHEEL_TEMPLATE
+    from .sources.dicom import DEFAULT_TEMPLATE
+
+    return DEFAULT_TEMPLATE
+
 
 def project_config(title: str, project_dir: Path, source_url: str) -> dict:
-    """A legacy-style (CamelCase) clpipe_config.json, the form the documentation shows."""
+    """A legacy-style (CamelCase) clpipe_config.json, the form the documentation shows, with
+    the default layout for ``source_url`` and its DICOMFormatString."""
+    template = default_layout(source_url)
     return {
         "ProjectTitle": title,
         "Authors/Contributors": "SET AUTHOR",
@@ -27,13 +59,13 @@ def project_config(title: str, project_dir: Path, source_url: str) -> dict:
             "TimeUsage": "1:0:0",
             "MemUsage": "10000",
             "CoreUsage": "1",
+            "LayoutTemplate": template,
         },
         "DICOMToBIDSOptions": {
             "DICOMDirectory": str(project_dir / "data_DICOMs"),
             "BIDSDirectory": str(project_dir / "data_BIDS"),
             "ConversionConfig": str(project_dir / "conversion_config.json"),
-            # the layout `fw sync fw://group/project/` writes
-            "DICOMFormatString": "SUBJECTS/{subject}/SESSIONS/{session}/",
+            "DICOMFormatString": dicom_format_string(template),
             "TimeUsage": "1:0:0",
             "MemUsage": "5000",
             "CoreUsage": "2",
@@ -55,7 +87,7 @@ def setup_project(title: str, project_dir: str, source_url: str | None = None, p
     root = Path(project_dir).expanduser().absolute()
     url = source_url or "fw://<group>/<project>/"
     if source_url is not None:
-        if source_url.strip().lower().startswith("fw:") or "://" not in source_url:
+        if is_flywheel_url(source_url):
             try:
                 parse_fw_url(source_url)
             except ValueError as exc:

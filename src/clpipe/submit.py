@@ -21,6 +21,7 @@ from .errors import ClpipeError, ConfigError, DiskFull, is_disk_full
 from .plan import SyncPlan, make_plan
 
 if TYPE_CHECKING:
+    from .arrays import ArrayJobs
     from .batch.config import BatchConfig
     from .batch.job import Job
     from .batch.scheduler import Submission
@@ -41,6 +42,7 @@ class SyncJob:
     layout: str  # the native engine's layout template ("" for fw's own)
     source_problem: str  # what the source's check found on this machine (a batch node may differ)
     after: str | None
+    array: ArrayJobs | None = None  # -shards: the array job and its final job (clpipe/arrays.py)
 
     @property
     def logs(self) -> Path:
@@ -57,6 +59,10 @@ def prepare(config: ProjectConfig, batch_config: str | None, after: str | None, 
 
     batch = load_batch_config(batch_config if batch_config is not None else config.batch_config, config.project_directory)
     plan = make_plan(config)
+    if config.source.every:  # -every: each run submits the next (clpipe/schedule.py)
+        from .schedule import schedule_for, with_chain
+
+        plan = with_chain(replace(plan, schedule=schedule_for(config, batch, debug)))
     logs = Path(plan.sync_logs)
     stem = f"{plan.job_name}-{plan.run_id}"
     plan_path = logs / f"{stem}.plan.json"
@@ -93,7 +99,13 @@ def prepare(config: ProjectConfig, batch_config: str | None, after: str | None, 
         from .batch.scheduler import render
 
         submission = render(job, batch, config.email_address, logs / f"{stem}.sh", after=after)
-    return SyncJob(config, plan, job, batch, plan_path, handoff, submission, layout, source_problem, after)
+    array = None
+    if plan.shards:  # -shards: an array job by subject, then one final job (clpipe/arrays.py)
+        from .arrays import plan_array
+
+        array = plan_array(plan, job, batch, config.email_address, stem, after, debug)
+        submission, handoff = array.tasks, None
+    return SyncJob(config, plan, job, batch, plan_path, handoff, submission, layout, source_problem, after, array)
 
 
 def describe(sj: SyncJob) -> list[str]:
@@ -121,6 +133,7 @@ def describe(sj: SyncJob) -> list[str]:
             lines.append(f"Layout:    {sj.layout} (DICOMFormatString {dicom_format_string(sj.layout)!r})")
     else:
         lines.append(f"Command:   {shlex.join(plan.fw_argv)}")
+    lines += _stop_lines(sj)
     if submission is not None:
         lines += [
             f"Script:    {submission.script_path}",
@@ -129,11 +142,41 @@ def describe(sj: SyncJob) -> list[str]:
             submission.script.rstrip("\n"),
             "--------------",
         ]
+    if sj.array is not None:
+        from .arrays import describe_array
+
+        lines += describe_array(sj.array)
+    if plan.schedule:
+        from .schedule import describe as describe_schedule
+
+        lines += describe_schedule(plan)
     if sj.source_problem:
         lines.append(f"Note:      the job would stop here: {sj.source_problem}")
     if plan.engine == "fw-cli" and shutil.which("fw") is None:
         lines.append("Note:      `fw` is not on PATH here; install the Flywheel CLI before running (see the README).")
     lines.append("Nothing was run. Add -submit to run it.")
+    return lines
+
+
+def _stop_lines(sj: SyncJob) -> list[str]:
+    """How the run stops before its end, when it may (sync/stopping.py, clpipe/continuation.py)."""
+    from .config.units import format_duration
+
+    plan, job, batch = sj.plan, sj.job, sj.batch
+    lines = []
+    if job.graceful and plan.max_duration:
+        lines.append(f"Stops:     by itself after MaxDuration {format_duration(plan.max_duration)}, cleanly (exit status 75)")
+    timed = batch is not None and (
+        batch.scheduler == "slurm" or (batch.scheduler == "sge" and batch.time_command_active and bool(batch.time_command))
+    )
+    if job.graceful and timed:
+        then = (
+            f"requeues itself to go on under the same job id (Continue; at most {plan.max_continuations} times)"
+            if job.requeue
+            else "ends (Continue is off: run it again to go on)"
+        )
+        warned = format_duration(job.resources.warning_seconds)
+        lines.append(f"Limit:     warned {warned} before its time limit, the sync stops cleanly and {then}")
     return lines
 
 
@@ -160,6 +203,17 @@ def launch(sj: SyncJob, echo: Callable[[str], object]) -> int:
         done = write_dicom_format_string(sj.config, dicom_format_string(sj.layout))
         if done:
             echo(f"Note:      {done}")
+    if sj.array is not None:  # -shards: the tasks, then the final job, whose id is said last
+        from .arrays import submit_array
+
+        array_id, final_id = submit_array(sj.array, plan, sj.stem, sj.after, echo)
+        if plan.schedule:
+            from .schedule import start_chain
+
+            for line in start_chain(plan, [array_id, final_id], sj.array.tasks.scheduler):
+                echo(line)
+        echo(f"Submitted batch job {final_id}")
+        return 0
     if sj.submission is None:
         from .batch.local import run_local
 
@@ -182,4 +236,9 @@ def launch(sj: SyncJob, echo: Callable[[str], object]) -> int:
     echo(f"Submitted batch job {job_id}")
     echo(f"Output:    {record['output']}")
     echo(f"Record:    {logs / f'{sj.stem}.job.json'} (next step: {record['wait_for_it']})")
+    if plan.schedule:  # -every (clpipe/schedule.py)
+        from .schedule import start_chain
+
+        for line in start_chain(plan, [job_id], sj.submission.scheduler):
+            echo(line)
     return 0

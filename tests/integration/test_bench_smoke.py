@@ -5,6 +5,8 @@ benchmark still measures what it says."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from helpers import FW_NEW, need_tool, run_quick_bench
@@ -20,12 +22,37 @@ def test_benchmark_quick_mode_runs_every_peer(tmp_path):
         assert run in rows and rows[run].rstrip().endswith("| ok |"), rows.get(run, f"no row {run!r}")
 
 
+@pytest.mark.fwcli
+def test_wan_benchmark_quick_mode_runs_every_peer(tmp_path):
+    """`bench/flywheel_wan.py --quick`: fw, native and the floor on both projects (zipped
+    series, single files) behind a 40 ms delay per request, each result checked."""
+    fw = need_tool(FW_NEW, "flywheel-cli 18.5.1 (fw)")
+    out, rows = run_quick_bench("flywheel_wan.py", "flywheel_wan.md", "--fw", fw, "--workdir", tmp_path)
+    for tag in ("(a)", "(b)"):
+        for run in (f"fw {tag} full", f"native {tag} full", f"native {tag} no-op", f"floor {tag} full"):
+            assert run in rows and rows[run].rstrip().endswith("| ok |"), rows.get(run, f"no row {run!r}")
+    assert "sleeps 40 ms before every answer" in out
+
+
+def test_million_benchmark_quick_mode_prints_the_growth_curve(tmp_path):
+    """`bench/flywheel_sync.py --million --quick` (issue 15): the native engine's full and
+    no-op syncs at two project sizes and the floor on the smaller one, each checked file by
+    file, then the goals and the growth curve (no fw needed)."""
+    out, rows = run_quick_bench("flywheel_sync.py", "flywheel_million.md", "--million", "--workdir", tmp_path, timeout=300)
+    for run in ("native 400 full", "native 400 no-op", "floor 400 full", "native 1,200 full", "native 1,200 no-op"):
+        assert run in rows and rows[run].rstrip().endswith("| ok |"), rows.get(run, f"no row {run!r}")
+    assert "## Growth curve (native)" in out
+    assert re.search(r"^\| 1,200 \| [\d.]+ \| [\d,]+ \| \d+ \| [\d.]+ \| [\d,]+ \| \d+ \| -?\d+ \|$", out, re.MULTILINE), out[-2000:]
+    assert re.search(r"^\| 1,200-file no-op re-sync, native peak RSS \| \d+ MB \| < 200 MB \| (met|NOT met) \|$", out, re.MULTILINE)
+
+
 def test_dicomweb_benchmark_quick_mode_runs_every_peer(tmp_path, dicom_env):
     _, rows = run_quick_bench(
         "dicom_sources.py", "dicom_sources.md", "--only", "dicomweb", "--workdir", tmp_path, timeout=300, env=dicom_env
     )
-    for run in ("native full", "native no-op", "dicomweb-client loop"):
+    for run in ("native full", "native no-op", "dicomweb-client loop", "dicomweb-client retrieve_series, 4 threads"):
         assert run in rows and rows[run].rstrip().endswith("| ok |"), rows.get(run, f"no row {run!r}")
+    assert "full sync: native speed-up over dicomweb-client retrieve_series, 4 threads" in rows
 
 
 def test_reliability_quick_mode_prints_every_table_and_meets_the_done_criteria(tmp_path, dicom_env):
@@ -58,3 +85,13 @@ def test_reliability_quick_mode_prints_every_table_and_meets_the_done_criteria(t
     )
     assert totals, out[-3000:]
     assert [int(n) for n in totals.groups()] == [0, 0, 0, 0], out[out.find("## Totals") :]
+
+
+def test_status_benchmark_quick_mode_measures_every_command(tmp_path):
+    """`bench/status.py --quick`: two tiny projects synced from the bundled Flywheel server,
+    then every `clpipe dicom status` output measured and checked against the dropoff."""
+    out, _ = run_quick_bench("status.py", "status.md", "--workdir", tmp_path, "--repeats", "1", timeout=300)
+    for project in ("many", "wide"):
+        for command in ("table", "-json", "-ready", "-html"):
+            assert re.search(rf"^\| {project} \| {re.escape(command)} \|.*\| ok \|$", out, re.MULTILINE), (project, command, out[-3000:])
+        assert re.search(rf"^\| status on [\d,]+ files \({project}\).*\| (met|NOT met) \|$", out, re.MULTILINE), out[-3000:]

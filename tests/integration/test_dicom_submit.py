@@ -292,8 +292,19 @@ def test_submit_here_lands_every_instance_once_then_retrieves_nothing(name, requ
     assert {row["status"] for row in first.audit} == {"completed"}
     assert not [p for p in (root / "flywheel_tmp").rglob("*") if p.is_file()]  # nothing left in TempDirectory
     before = stat_all(dropoff)
+    # one session per study folder, each "arriving": a DICOM source gives no modification
+    # times, so a session first seen now may still grow for StableAfter (30 minutes)
+    sessions = session_records(dropoff)
+    assert set(sessions) == {str(Path(rel).parent.parent) for rel in want}
+    assert {r["state"] for r in sessions.values()} == {"arriving"}
+    for path, record in sessions.items():
+        files = [rel for rel in landed if rel.startswith(path + "/")]
+        assert record["files"] == len(files) and record["bytes"] == sum(len(landed[rel]) for rel in files), path
+        assert record["series"] == len({str(Path(rel).parent) for rel in files}), path
+        assert (record["subject"], record["session"]) == tuple(path.split("/")), path
+    assert sorted(row[3] for row in session_changes(root)) == ["arriving"] * len(sessions)
 
-    second = local_run(config, *case.flags)
+    second = local_run(config, *case.flags, "-stable_after", "0")  # nothing changed since: complete
     assert second.log != first.log and "DICOMFormatString" not in second.proc.stdout  # already set
     assert f"Sync summary: 0 created, 0 updated, {n} skipped, 0 failed; 0 B (0 bytes);" in second.log_text
     assert "sync complete" in second.log_text
@@ -302,6 +313,27 @@ def test_submit_here_lands_every_instance_once_then_retrieves_nothing(name, requ
     assert {row["status"] for row in second.audit} == {"skipped"} and len(second.audit) == n
     assert files_under(dropoff) == landed and stat_all(dropoff) == before  # not a file rewritten
     assert format_string(config) == FORMAT_STRING
+    assert {r["state"] for r in session_records(dropoff).values()} == {"complete"}
+    assert [(row[2], row[3]) for row in session_changes(root)] == [("arriving", "complete")] * len(sessions)
+    with open(root / ".pipeline" / "status_log.csv", newline="") as fh:
+        events = [(row["subject"], row["step"], row["event"]) for row in csv.DictReader(fh)]
+    assert sorted(events) == sorted(
+        [(r["subject"], "ingestion", "arriving") for r in sessions.values()]
+        + [(r["subject"], "ingestion", "complete") for r in sessions.values()]
+    )
+
+
+def session_records(dropoff: Path) -> dict[str, dict]:
+    data = json.loads((dropoff / ".clpipe-sync" / "sessions.json").read_text())
+    return {r["path"]: r for r in data["sessions"]}
+
+
+def session_changes(root: Path) -> list[list[str]]:
+    """The rows (no header) of the newest run's sessions TSV."""
+    newest = max((root / "logs" / "sync_logs").glob("*.sessions.tsv"), key=lambda p: p.stat().st_mtime_ns)
+    lines = newest.read_text().splitlines()
+    assert lines[0] == "subject\tsession\told_state\tnew_state\tpath"
+    return [line.split("\t") for line in lines[1:]]
 
 
 # ----------------------------------------------------------------------------- through real batch systems

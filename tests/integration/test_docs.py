@@ -132,6 +132,7 @@ def test_every_page_is_in_the_toctree_and_the_design_notes_are_kept(site):
         "batch",
         "troubleshooting",
         "cli",
+        "exit-codes",
         "cluster-module",
         "developer/sync-engine",
     ):

@@ -246,3 +246,7 @@ def test_readme_demo_command(tmp_path):
     assert "sync complete: every listed file is in the dropoff" in proc.stdout
     assert "Sync summary: 14 created, 0 updated, 0 skipped, 0 failed" in proc.stdout
     assert len(files_under(tmp_path / "demo" / "project" / "data_DICOMs")) == 14
+    # it ends with `clpipe dicom status`: both sessions complete (the demo's files date from 2024), and the page
+    status = proc.stdout[proc.stdout.rindex("clpipe dicom status") :]
+    assert "demo: 2 sessions in" in status and "2 complete, 0 arriving, 0 partial, 0 new, 0 removed, 0 converted" in status, status
+    assert "last sync: run " in status and (tmp_path / "demo" / "status.html").is_file()

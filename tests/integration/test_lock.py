@@ -411,8 +411,8 @@ def test_real_runs_killed_at_many_points_the_next_run_always_completes(no_fw_env
 def test_a_sigterm_releases_the_lock_and_the_next_run_resumes(no_fw_env, tmp_path):
     """scancel and a batch time limit send SIGTERM (SIGKILL only after KillWait). A run that
     dies of it without unwinding leaves a lock naming its node, which a run on another node
-    must honour: so the run stops at once, releases the lock, says why, and the next run
-    fetches only what is missing."""
+    must honour: so the run stops at once (cleanly: what finished is saved), releases the
+    lock, says why, and the next run fetches only what is missing."""
     project = make_demo_project(subjects=2, sessions=1, acquisitions=3, slices=3)
     expected = project.expected_dicom_paths(strip_root=True)
     with FlywheelTestServer(projects=[project], api_keys={KEY}) as server:
@@ -430,8 +430,10 @@ def test_a_sigterm_releases_the_lock_and_the_next_run_resumes(no_fw_env, tmp_pat
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
         took = time.monotonic() - sent
-        assert proc.returncode == 128 + signal.SIGTERM, out + err
-        assert "stopped by SIGTERM" in err and "internal error" not in out + err, out + err
+        # a clean stop (sync/stopping.py): the transfers under way are abandoned at once, what
+        # finished is saved and reported, exit status 75
+        assert proc.returncode == 75, out + err
+        assert "stopped by SIGTERM: " in out and "internal error" not in out + err, out + err
         assert took < 10, f"took {took:.1f} s to stop"
         assert lock_names(dropoff) == [], lock_names(dropoff)  # released: another node can go on
         landed = dicoms(dropoff)
@@ -446,4 +448,6 @@ def test_a_sigterm_releases_the_lock_and_the_next_run_resumes(no_fw_env, tmp_pat
         summaries = sorted((config.parent / "logs" / "sync_logs").glob("*.summary.json"), key=os.path.getmtime)
         final = json.loads(summaries[-1].read_text())
         # what landed before the signal is neither fetched nor written again
-        assert final["created"] + final["updated"] + final["adopted"] == len(expected) - len(landed), final
+        # (a file renamed into place just before the signal, not yet journalled, is adopted: not fetched)
+        assert final["created"] + final["updated"] == len(expected) - len(landed), final
+        assert final["adopted"] <= len(landed), final

@@ -191,8 +191,9 @@ def test_cli_prints_script_and_submit_command(tmp_path):
     submit = next(line for line in proc.stdout.splitlines() if line.startswith("Submit:"))
     words = shlex.split(submit.split(":", 1)[1])
     assert words[0] == "cd" and words[1] == str(tmp_path / WEIRD / "logs" / "sync_logs")
-    assert words[3:6] == ["sbatch", "--no-requeue", "--parsable"]
-    assert "#SBATCH --mem=10000" in proc.stdout
+    # the job continues at its time limit (Continue, the default): the profile's --no-requeue is dropped
+    assert words[3:5] == ["sbatch", "--parsable"] and "--no-requeue" not in words
+    assert "#SBATCH --mem=10000" in proc.stdout and "#SBATCH --requeue" in proc.stdout
     assert not list((tmp_path / WEIRD / "logs" / "sync_logs").iterdir())  # printing writes nothing
     proc = subprocess.run(
         [sys.executable, "-m", "clpipe", "dicom", "flywheel_sync", "-c", str(config), "-after", "5"],

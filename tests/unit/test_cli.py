@@ -57,9 +57,16 @@ def test_project_setup_rejects_bad_url(tmp_path):
 
 @pytest.fixture
 def project(tmp_path):
+    """A project as project_setup made it before it wrote a LayoutTemplate: Flywheel's layout,
+    which both engines write (the new default is tested in test_project_setup.py)."""
     root = tmp_path / "proj with space"
     code, _, err = clpipe("project_setup", "-project_title", "p", "-project_dir", root, "-source_url", "fw://lab/study/")
     assert code == 0, err
+    config = root / "clpipe_config.json"
+    data = json.loads(config.read_text())
+    del data["SourceOptions"]["LayoutTemplate"]
+    data["DICOMToBIDSOptions"]["DICOMFormatString"] = "SUBJECTS/{subject}/SESSIONS/{session}/"
+    config.write_text(json.dumps(data, indent=4))
     return root
 
 

@@ -27,6 +27,7 @@ def project(tmp_path: Path, url: str, **source) -> Path:
     assert code == 0, err
     config = root / "clpipe_config.json"
     data = json.loads(config.read_text())
+    del data["SourceOptions"]["LayoutTemplate"]  # Flywheel's fields: the DICOM source's default instead
     data["SourceOptions"].update(SourceURL=url, **source)
     config.write_text(json.dumps(data, indent=2))
     return config

@@ -103,3 +103,79 @@ def test_a_live_lock_stops_a_second_writer(tmp_path):
         SyncState(tmp_path, "b").acquire()
     first.release()
     SyncState(tmp_path, "c").acquire()
+
+
+def test_manifest_holds_each_key_once_and_writes_the_same_lines(tmp_path):
+    """Issue 15: a million records must not hold each key twice (as the dict's key and in
+    its JSON line); the manifest's lines stay byte for byte what they were, and a line
+    whose members come in another order is still read."""
+    import tracemalloc
+
+    state = SyncState(tmp_path, "r1")
+    state.acquire()
+    state.load()
+    records = [
+        Record(f"{i:024x}/{'x' * 80}-{i}.dcm", [1400, 1700000000.5, None], [[f"sub/ses/acq/{'y' * 40}-{i}.dcm", 1400, ""]])
+        for i in range(3000)
+    ]
+    records.append(Record('cid/na\u00efve "q".dcm', [10, 1.5, "sha256:ab"], [["a/b/na\u00efve.dcm", 10, ""]]))
+    for record in records:
+        state.record(record)
+    state.save()
+    state.release()
+    manifest = tmp_path / ".clpipe-sync" / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    assert lines[1:] == sorted(json.dumps(r.to_json(), separators=(",", ":")) for r in records)
+    with manifest.open("a") as fh:  # another writer's member order; a line damaged inside that ends as a whole one
+        fh.write(json.dumps({"files": [["c.dcm", 3, ""]], "sig": [3, 0, None], "key": "other/c.dcm"}) + "\n")
+        fh.write('{"key":"damaged","sig":[1,0,null],"files":[["d.dcm",1,"]]}\n')
+
+    tracemalloc.start()
+    try:
+        again = SyncState(tmp_path, "r2")
+        again.load()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert again.get("other/c.dcm") == Record("other/c.dcm", [3, 0, None], [["c.dcm", 3, ""]])
+    assert again.get("damaged") is None and "damaged" not in again  # as if never recorded: its file is checked again
+    assert all(again.get(r.key) == r for r in records)
+    line = len(lines[1])  # ~230 characters, ~110 of them the key
+    assert held / len(records) < line + 200, f"{held / len(records):.0f} bytes held per record of {line} characters"
+
+
+def test_audit_csv_holds_only_the_paths_of_unchanged_files(tmp_path):
+    """Issue 15: the audit CSV of a no-op re-sync lists every unchanged file, in path order
+    with the other rows, without a row object per file in memory (a path each)."""
+    import csv
+    import tracemalloc
+
+    from clpipe.sync.reports import FileResult, Outcome, write_reports
+
+    state = SyncState(tmp_path, "r")
+    state.acquire()
+    state.load()
+    outcome = Outcome(
+        files=[FileResult("b/2.dcm", "completed", False, "Created file on destination"), FileResult("z.dcm", "failed", True, "", "boom")]
+    )
+    count = 20000
+    for i in range(count):
+        key = f"{i:024x}/f{i}.dcm"
+        state.record(Record(key, [1, 0, None], [[f"sub-01/ses-01/acq-{i % 50}/{'x' * 30}{i}.dcm", 1, ""]]))
+        outcome.unchanged.append(key)
+    state.record(Record("k/a", [1, 0, None], [["a.dcm", 1, ""]]))
+    outcome.unchanged.append("k/a")
+    tracemalloc.start()
+    try:
+        write_reports(outcome, tmp_path / "audit.csv", tmp_path / "summary.json", {}, state)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    with open(tmp_path / "audit.csv", newline="") as fh:
+        rows = list(csv.reader(fh))[1:]
+    paths = [row[1] for row in rows]
+    assert paths == sorted(paths) and len(rows) == count + 3
+    assert paths[0] == "a.dcm" and rows[0][2:] == ["skipped", "True", "", ""]
+    assert rows[1][1:] == ["b/2.dcm", "completed", "False", "", "Created file on destination"]
+    assert rows[-1][1:] == ["z.dcm", "failed", "True", "boom", ""]
+    assert peak / count < 170, f"{peak / count:.0f} bytes per unchanged file while writing the reports"

@@ -23,6 +23,13 @@ class Resources:
     def describe(self) -> str:
         return f"time {format_hms(self.time_seconds)}, memory {self.mem_mb} MB, cores {self.cores}"
 
+    @property
+    def warning_seconds(self) -> int:
+        """How long before its time limit the job asks to be warned (SLURM ``--signal``, Grid
+        Engine ``s_rt``): a tenth of the limit, from 20 s to 5 minutes, at most half of it.
+        The transfers under way get half of it to finish; the rest is for saving."""
+        return max(1, min(max(20, self.time_seconds // 10), 300, self.time_seconds // 2))
+
 
 @dataclass(frozen=True)
 class Job:
@@ -36,6 +43,10 @@ class Job:
     #: a batch job gets their values through a private hand-off file (batch/handoff.py),
     #: never through its script, a command line or the scheduler
     pass_env: tuple[str, ...] = ()
+    #: the job stops gracefully when warned before its time limit (the native engine; sync/stopping.py)
+    graceful: bool = False
+    #: ... and then requeues itself to go on under the same job id (Continue; clpipe/continuation.py)
+    requeue: bool = False
 
     def command_line(self) -> str:
         """The argv as one correctly quoted shell line, for display and scripts."""

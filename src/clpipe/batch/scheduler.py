@@ -130,6 +130,36 @@ def directives(job: Job, batch: BatchConfig, email: str | None) -> list[list[str
     return lines
 
 
+def limit_directives(job: Job, batch: BatchConfig) -> list[list[str]]:
+    """What a job that stops gracefully asks for (``job.graceful``, ``job.requeue``): a
+    warning before its time limit, SIGUSR1 (SLURM ``--signal=B:USR1@S``: to the batch shell,
+    which is the sync itself, as the script ``exec``s it; Grid Engine a soft limit ``s_rt``
+    that many seconds below the hard one, which sends SIGUSR1 to the job; ``-notify`` would
+    warn only at the hard limit, for a time the queue sets, and before a suspension too);
+    for a job that continues, SLURM's ``--requeue`` and ``--open-mode=append`` (each
+    allocation adds to the same log; Grid Engine's script appends already)."""
+    if not job.graceful:
+        return []
+    warning = job.resources.warning_seconds
+    timed = batch.time_command_active and bool(batch.time_command)
+    if batch.scheduler == "slurm":
+        words = [[f"--signal=B:USR1@{warning}"]]
+        if job.requeue:
+            words += [["--requeue"], ["--open-mode=append"]]
+        return words
+    if batch.scheduler == "sge" and timed:
+        return [["-l", f"s_rt={format_hms(job.resources.time_seconds - warning)}"]]
+    return []
+
+
+def submit_head(job: Job, batch: BatchConfig) -> list[str]:
+    """The submit command of the batch configuration; for a SLURM job that continues at its
+    time limit, without a ``--no-requeue`` it may carry (the job's ``--requeue`` wins)."""
+    if job.requeue and batch.scheduler == "slurm":
+        return [word for word in batch.head if word != "--no-requeue"]
+    return [*batch.head]
+
+
 def _self_log_line(job: Job, output_pattern: str) -> str:
     """``exec >>'<log folder>'/Output-<name>-jobid-"$JOB_ID".out 2>&1``: the folder quoted for
     the shell, the job id left for the shell to fill in."""
@@ -147,7 +177,7 @@ def render(job: Job, batch: BatchConfig, email: str | None, script_path: Path, a
     output_pattern = ""
     if dialect is not None:
         output_pattern = dialect.output_name.format(name=job.name)
-        for words in directives(job, batch, email):
+        for words in [*directives(job, batch, email), *limit_directives(job, batch)]:
             lines.append(f"{dialect.prefix} {' '.join(words)}")
         for extra in dialect.extra:
             lines.append(f"{dialect.prefix} {extra.format(name=job.name)}")
@@ -167,7 +197,7 @@ def render(job: Job, batch: BatchConfig, email: str | None, script_path: Path, a
         f"exec {shlex.join(job.argv)}",
         "",
     ]
-    argv = [*batch.head]
+    argv = submit_head(job, batch)
     if dialect is not None:
         argv += dialect.submit_flags
     if after is not None:

@@ -15,7 +15,7 @@ import click
 
 from .. import __version__
 from ..config.options import ENGINES, flag_help
-from ..errors import ClpipeError, ConfigError, DiskFull, Terminated, is_disk_full
+from ..errors import ClpipeError, ConfigError, DiskFull, EndsHere, Terminated, is_disk_full
 from .modulefile import modulefile_cli
 from .options import CONFIG_HELP, STATE, SUBMIT_HELP, debug_option
 
@@ -50,6 +50,7 @@ def _common_options(func):
             click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP),
             click.option("-dropoff_dir", "--dropoff-dir", "dropoff_dir", help=flag_help("dropoff_directory")),
             click.option("-temp_dir", "--temp-dir", "temp_dir", help=flag_help("temp_directory")),
+            click.option("-stable_after", "--stable-after", "stable_after", metavar="DURATION", help=flag_help("stable_after")),
             click.option("-batch_config", "--batch-config", "batch_config", help=_BATCH_HELP),
             click.option("-after", "--after", "after", metavar="JOBID", help=_AFTER_HELP),
             click.option("-submit", "-s", "--submit", "submit", is_flag=True, help=SUBMIT_HELP),
@@ -57,6 +58,73 @@ def _common_options(func):
     ):
         func = option(func)
     return func
+
+
+SOURCE_FLAGS_META = "clpipe.source_flags"
+
+
+def _run_options(func):
+    """-shards and -every (clpipe/arrays.py, clpipe/schedule.py): SourceOptions flags, kept
+    in the command's context for load_project_config (:func:`_source_flags`)."""
+
+    def keep(ctx: click.Context, param: click.Parameter, value: object) -> object:
+        if value is not None:
+            ctx.meta.setdefault(SOURCE_FLAGS_META, {})[param.name] = value
+        return value
+
+    for option in (
+        click.option("-every", "--every", "every", metavar="DURATION", help=flag_help("every"), callback=keep, expose_value=False),
+        click.option(
+            "-shards",
+            "--shards",
+            "shards",
+            type=click.IntRange(min=0),
+            metavar="N",
+            help=flag_help("shards"),
+            callback=keep,
+            expose_value=False,
+        ),
+    ):
+        func = option(func)
+    return func
+
+
+def _stop_options(func):
+    """-max_duration and -continue/-no_continue (sync/stopping.py, clpipe/continuation.py):
+    SourceOptions flags, kept with those of :func:`_run_options` (:func:`_source_flags`)."""
+
+    def keep(ctx: click.Context, param: click.Parameter, value: object) -> object:
+        if value is not None:
+            ctx.meta.setdefault(SOURCE_FLAGS_META, {})[param.name] = value
+        return value
+
+    for option in (
+        click.option(
+            "-max_duration",
+            "--max-duration",
+            "max_duration",
+            metavar="DURATION",
+            help=flag_help("max_duration"),
+            callback=keep,
+            expose_value=False,
+        ),
+        click.option(
+            "-continue/-no_continue",
+            "--continue/--no-continue",
+            "continue_job",
+            default=None,
+            help=flag_help("continue_job"),
+            callback=keep,
+            expose_value=False,
+        ),
+    ):
+        func = option(func)
+    return func
+
+
+def _source_flags() -> dict:
+    """The values of the -shards and -every flags given (:func:`_run_options`)."""
+    return dict(click.get_current_context().meta.get(SOURCE_FLAGS_META, {}))
 
 
 @dicom.command("flywheel_sync")
@@ -68,8 +136,10 @@ def _common_options(func):
 )
 @click.option("-engine", "--engine", "engine", type=click.Choice(ENGINES), help=flag_help("engine"))
 @_common_options
+@_run_options
+@_stop_options
 @debug_option
-def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, batch_config, after, submit) -> int:
+def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, stable_after, engine, batch_config, after, submit) -> int:
     """Sync DICOM data from a Flywheel project into the dropoff folder.
 
     Reads SourceOptions from the config file. Log in with `fw login` first. Logs and the
@@ -78,7 +148,12 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, ba
     from ..config import load_project_config
 
     config = load_project_config(
-        _find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir, engine=engine
+        _find_config(config_file),
+        source_url=source_url,
+        dropoff_dir=dropoff_dir,
+        temp_dir=temp_dir,
+        engine=engine,
+        flags={"stable_after": stable_after, **_source_flags()},
     )
     if not config.source.is_flywheel:
         raise ConfigError(
@@ -114,6 +189,8 @@ def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, ba
     help=flag_help("limit", "At most this many studies (0: all; overrides {key})."),
 )
 @_common_options
+@_run_options
+@_stop_options
 @debug_option
 def dicom_sync_cli(
     config_file,
@@ -127,6 +204,7 @@ def dicom_sync_cli(
     limit,
     dropoff_dir,
     temp_dir,
+    stable_after,
     batch_config,
     after,
     submit,
@@ -149,7 +227,14 @@ def dicom_sync_cli(
         "accession_number": accession_number,
         "limit": limit,
     }
-    config = load_project_config(_find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir, query=query)
+    config = load_project_config(
+        _find_config(config_file),
+        source_url=source_url,
+        dropoff_dir=dropoff_dir,
+        temp_dir=temp_dir,
+        query=query,
+        flags={"stable_after": stable_after, **_source_flags()},
+    )
     if config.source.is_flywheel and any(v is not None for v in query.values()):
         raise ConfigError(
             "the query flags (-patient_id, -study_date, ...) are for DICOM sources; filter a Flywheel "
@@ -170,6 +255,68 @@ def _sync_job(config, batch_config, after, submit) -> int:
     return launch(job, click.echo)
 
 
+@dicom.command("status")
+@click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("-json", "--json", "as_json", is_flag=True, help="Print the status as one JSON object (see docs/status.schema.json).")
+@click.option(
+    "-html", "--html", "html_file", type=click.Path(dir_okay=False), metavar="FILE", help="Also write it as one self-contained HTML page."
+)
+@click.option(
+    "-refresh", "--refresh", "refresh", is_flag=True, help="List the source once (no download) to show new, changed and removed sessions."
+)
+@click.option(
+    "-ready",
+    "--ready",
+    "ready",
+    is_flag=True,
+    help="Print only the sessions ready for BIDS conversion (complete, stable, not converted): subject<TAB>session<TAB>path.",
+)
+@click.option("-stable_after", "--stable-after", "stable_after", metavar="DURATION", help=flag_help("stable_after"))
+@debug_option
+def status_cli(config_file, as_json, html_file, refresh, ready, stable_after) -> int:
+    """Show the state of every session in the dropoff: complete, arriving, partial, new,
+    removed or converted, with the last sync and the history of the runs.
+
+    Reads only local files (the sessions file the syncs keep, the BIDS folders, the run
+    summaries in logs/sync_logs) unless -refresh. Exits 0 whenever the state could be read.
+    """
+    from ..config import load_project_config
+    from ..status import last_sync_line, no_sync_line, read_status, table
+
+    if as_json and ready:
+        raise ConfigError("-json and -ready are two different outputs; give one of them")
+    found = _find_config(config_file)
+    config = load_project_config(found, flags={"stable_after": stable_after})
+    status = read_status(config, refresh=refresh)
+    machine = as_json or ready  # stdout is for a program: messages go to stderr
+    if html_file:
+        from ..status.page import write
+
+        try:
+            write(status, Path(html_file))
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise
+            raise ConfigError(
+                f"-html {html_file}: cannot be written ({exc.strerror or exc}); name a file in a folder you can write"
+            ) from None
+        click.echo(f"wrote {Path(html_file).absolute()}", err=machine)
+    if not status.synced and not status.refreshed:
+        click.echo(no_sync_line(status, found), err=machine)
+    if as_json:
+        click.echo(status.to_json())
+    elif ready:
+        ready_lines = status.ready()
+        if ready_lines:
+            click.echo("\n".join(ready_lines))
+    elif status.synced or status.refreshed:
+        lines = [table(status, colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ), last_sync_line(status)]
+        if status.refreshed:
+            lines.append("source listed just now: " + ", ".join(f"{n} {what}" for what, n in status.changes.items()) + " sessions")
+        click.echo("\n".join(lines))
+    return 0
+
+
 @cli.command("_run_plan", hidden=True)
 @click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
 @debug_option
@@ -178,6 +325,28 @@ def run_plan_cli(plan_file) -> int:
     from ..runner import run_plan_file
 
     return run_plan_file(plan_file)
+
+
+@cli.command("_merge_shards", hidden=True)
+@click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
+@debug_option
+def merge_shards_cli(plan_file) -> int:
+    """The final job of a sharded sync (-shards): merge the shards, report, fail if one failed."""
+    from ..runner import merge_plan_file
+
+    return merge_plan_file(plan_file)
+
+
+@dicom.command("unschedule")
+@click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@debug_option
+def unschedule_cli(config_file) -> int:
+    """Stop a sync scheduled with -every: cancel its pending next run (recorded in
+    logs/sync_logs/schedule.json) for the config's dropoff."""
+    from ..config import load_project_config
+    from ..schedule import unschedule
+
+    return unschedule(load_project_config(_find_config(config_file)), click.echo)
 
 
 @cli.command("project_setup")
@@ -212,7 +381,25 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get(JOB_LOG):  # a job run here by run_local: its output goes to its log too
         start_job_log()
     code, error = _main(argv)
-    sys.exit(finish_job(code, error))  # and a log that could not be written whole is said
+    code = finish_job(code, error)  # and a log that could not be written whole is said
+    _exit_now_if_abandoned(code)
+    sys.exit(code)
+
+
+def _exit_now_if_abandoned(code: int) -> None:
+    """A run stopped before its end may have left transfers running in their threads (a
+    read that does not return; sync/stopping.py): everything is saved, so the process ends
+    now rather than wait for them."""
+    from ..sync.stopping import current
+
+    request = current()
+    if request is not None and request.abandoned:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
 
 
 def _main(argv: list[str] | None) -> tuple[int, BaseException | None]:
@@ -244,6 +431,8 @@ def _main(argv: list[str] | None) -> tuple[int, BaseException | None]:
         if STATE["debug"]:
             traceback.print_exc()
         click.echo(f"clpipe: error: {exc}", err=True)
+        return exc.exit_code, None
+    except EndsHere as exc:  # requeued at its time limit, or cancelled (clpipe/continuation.py): said already
         return exc.exit_code, None
     except OSError as exc:
         if STATE["debug"]:

@@ -1,9 +1,9 @@
 """The BIDS conversion step's settings in ``clpipe_config.json`` (``DICOMToBIDSOptions``,
 ``convert2bids`` in clpipe 1.9) that the sync keeps in step with the layout it writes.
 
-``clpipe project_setup`` writes that block with Flywheel's layout; a sync with another
-layout records the matching ``DICOMFormatString`` there, so the next step finds the
-sessions.
+``clpipe project_setup`` writes that block with the ``DICOMFormatString`` of the layout it
+chose (``LayoutTemplate``); a sync with another layout records the matching one there, so
+the next step finds the sessions.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from ..errors import ConfigError
@@ -55,6 +54,8 @@ def read_mapping(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml  # here: only a YAML config needs it (~10 ms at start-up)
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -145,9 +146,11 @@ def load_project_config(
     temp_dir: str | None = None,
     engine: str | None = None,
     query: dict[str, Any] | None = None,
+    flags: dict[str, Any] | None = None,
 ) -> ProjectConfig:
     """Read, validate and resolve a project config; flags override the file's values
-    (``query``: Query keys by canonical name, from the flags of ``clpipe dicom sync``)."""
+    (``query``: Query keys by canonical name, from the flags of ``clpipe dicom sync``;
+    ``flags``: any other SourceOptions keys by canonical name, None for a flag not given)."""
     path = Path(config_file).expanduser().absolute()
     data = read_mapping(path)
     style = _detect_style(data, path)
@@ -165,7 +168,13 @@ def load_project_config(
     values = dict(SOURCE_DEFAULTS)
     values.update(_canonical_source(data.get(section), style, path))
     from_flag: set[str] = set()
-    overrides = (("source_url", source_url), ("dropoff_directory", dropoff_dir), ("temp_directory", temp_dir), ("engine", engine))
+    overrides = (
+        ("source_url", source_url),
+        ("dropoff_directory", dropoff_dir),
+        ("temp_directory", temp_dir),
+        ("engine", engine),
+        *(flags or {}).items(),
+    )
     for canonical, value in overrides:
         if value is not None:
             values[canonical] = value
@@ -214,7 +223,9 @@ def load_project_config(
         if engine_value != "native":
             raise ConfigError(
                 f"{path}: {section}.{key_name('layout_template', style)}: a layout template needs the native engine; "
-                f'set {key_name("engine", style)} to "native" (fw sync always uses Flywheel\'s layout)'
+                f'set {key_name("engine", style)} to "native", or remove {key_name("layout_template", style)} to use fw sync '
+                f"(it always writes Flywheel's layout; then set {'DICOMFormatString' if style == 'legacy' else 'dicom_format_string'} "
+                "to SUBJECTS/{subject}/SESSIONS/{session}/)"
             )
     dicom_query = None if flywheel else _query(checked["query"], query or {}, style, path, f"{section}.{key_name('query', style)}")
     if not flywheel and checked["retrieve_method"] == "move" and not checked["move_port"]:
@@ -264,9 +275,19 @@ def load_project_config(
         tls_cert_file=tls_file("tls_cert_file"),
         tls_key_file=tls_file("tls_key_file"),
         network_timeout=checked["network_timeout"],
+        shards=checked["shards"],
+        array_throttle=checked["array_throttle"],
+        every=checked["every"],
+        stable_after=checked["stable_after"],
+        max_duration=checked["max_duration"],
+        continue_job=checked["continue_job"],
+        max_continuations=checked["max_continuations"],
     )
+    bids_dir, format_string = _bids_settings(data, style, project_dir)
     return ProjectConfig(
         path=path,
+        bids_directory=bids_dir,
+        dicom_format_string=format_string,
         style=style,
         project_directory=project_dir,
         project_title=title if isinstance(title, str) and title else project_dir.name,
@@ -274,6 +295,25 @@ def load_project_config(
         batch_config=batch or None,
         source=source,
         raw=data,
+    )
+
+
+def _bids_settings(data: dict, style: Style, project_dir: Path) -> tuple[Path | None, str]:
+    """BIDSDirectory and DICOMFormatString of the BIDS step's block (``DICOMToBIDSOptions``,
+    ``convert2bids`` in clpipe 1.9), for the sessions' ``converted`` state; what is not
+    there (or not text) is None / empty."""
+    section, bids_key, format_key = (
+        ("DICOMToBIDSOptions", "BIDSDirectory", "DICOMFormatString")
+        if style == "legacy"
+        else ("convert2bids", "bids_directory", "dicom_format_string")
+    )
+    block = data.get(section)
+    if not isinstance(block, dict):
+        return None, ""
+    bids, fmt = block.get(bids_key), block.get(format_key)
+    return (
+        _resolve(project_dir, bids) if isinstance(bids, str) and bids.strip() else None,
+        fmt if isinstance(fmt, str) else "",
     )
 
 

@@ -67,6 +67,13 @@ class SourceConfig:
     tls_cert_file: str = _default("tls_cert_file")
     tls_key_file: str = _default("tls_key_file")
     network_timeout: float = float(_default("network_timeout"))
+    shards: int = 0  # Shards (clpipe/arrays.py)
+    array_throttle: int = 0  # ArrayThrottle
+    every: int = 0  # Every, in seconds (clpipe/schedule.py); 0: none
+    stable_after: int = 1800  # seconds (StableAfter; 0: off)
+    max_duration: int = 0  # MaxDuration, in seconds (sync/stopping.py); 0: none
+    continue_job: bool = True  # Continue: a batch job stopped at its time limit requeues itself (clpipe/continuation.py)
+    max_continuations: int = 10  # MaxContinuations
 
     @property
     def is_flywheel(self) -> bool:
@@ -84,6 +91,8 @@ class ProjectConfig:
     email_address: str | None
     batch_config: str | None
     source: SourceConfig
+    bids_directory: Path | None = None  # DICOMToBIDSOptions.BIDSDirectory (convert2bids.bids_directory)
+    dicom_format_string: str = ""  # DICOMToBIDSOptions.DICOMFormatString
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .units import parse_cores, parse_mem_mb, parse_time
+from .units import parse_cores, parse_duration, parse_mem_mb, parse_time
 
 Style = Literal["legacy", "snake"]
 
@@ -145,6 +145,54 @@ def _seconds(value: Any) -> float:
             "expected a number of seconds from 1 to 86400 (a PACS that fetches from slow archive storage may need 600 or more)"
         )
     return seconds
+
+
+def _whole(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise ValueError(what)
+    return int(value)
+
+
+def _shards(value: Any) -> int:
+    """-shards / Shards: 0 or 1 (not split) or more (clpipe/arrays.py)."""
+    return _whole(value, "expected a whole number of shards (0 or 1: not split)")
+
+
+def _array_throttle(value: Any) -> int:
+    return _whole(value, "expected a whole number of tasks that may run at once (0: all)")
+
+
+def _every(value: Any) -> int:
+    """-every / Every: a span of time in seconds (0, "": no schedule)."""
+    if value is None or value == "":
+        return 0
+    seconds = parse_duration(value)
+    if 0 < seconds < 60:
+        raise ValueError("expected at least a minute between runs, e.g. 12h or 1d (0: no schedule)")
+    return seconds
+
+
+def _switch(value: Any) -> bool:
+    """Continue: true or false (also yes/no, on/off, 1/0)."""
+    text = str(value).strip().lower()
+    if isinstance(value, bool):
+        return value
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _max_duration(value: Any) -> int:
+    """MaxDuration / -max_duration: a span of time in seconds (0, "": no limit)."""
+    if value is None or value == "":
+        return 0
+    return parse_duration(value)
+
+
+def _max_continuations(value: Any) -> int:
+    return _whole(value, "expected a whole number of requeues (0: a job stopped at its time limit is never continued)")
 
 
 # ----------------------------------------------------------------------------- declarations
@@ -356,6 +404,80 @@ SOURCE_OPTIONS: tuple[Option, ...] = (
         _seconds,
         value="seconds",
         sources="dimse://, dicomweb",
+    ),
+    Option(
+        "StableAfter",
+        "stable_after",
+        int,
+        "30m",
+        "A session whose source changed more recently than this is 'arriving', not 'complete' (30m, 2h, minutes; 0: off)",
+        parse_duration,
+        flag="-stable_after",
+        value="duration",
+        default_doc="30m",
+    ),
+    Option(
+        "Shards",
+        "shards",
+        int,
+        0,
+        "Batch jobs, native engine: split the sync by subject into an array job of this many tasks, then one job that merges",
+        _shards,
+        flag="-shards",
+        value="whole number",
+        default_doc="0 (not split)",
+    ),
+    Option(
+        "ArrayThrottle",
+        "array_throttle",
+        int,
+        0,
+        "With Shards: at most this many of the array's tasks run at once",
+        _array_throttle,
+        value="whole number",
+        default_doc="0 (all at once)",
+    ),
+    Option(
+        "Every",
+        "every",
+        int,
+        "",
+        "Batch jobs: each run submits the next to start this long after it ends (1d, 12h, 90m); `clpipe dicom unschedule` stops it",
+        _every,
+        flag="-every",
+        value="duration",
+        default_doc="empty (no schedule)",
+    ),
+    Option(
+        "MaxDuration",
+        "max_duration",
+        int,
+        "",
+        "Native engine: stop the run by itself after this long (30m, 2h), as at a time limit: what finished is kept; exit status 75",
+        _max_duration,
+        flag="-max_duration",
+        value="duration",
+        default_doc="empty (no limit)",
+    ),
+    Option(
+        "Continue",
+        "continue_job",
+        bool,
+        True,
+        "Batch jobs, native engine: a job stopped at its time limit requeues itself and goes on under the same job id (-no_continue: off)",
+        _switch,
+        flag="-continue",
+        value="true or false",
+        default_doc="`true`",
+    ),
+    Option(
+        "MaxContinuations",
+        "max_continuations",
+        int,
+        10,
+        "With Continue: at most this many requeues of one job",
+        _max_continuations,
+        value="whole number",
     ),
 )
 

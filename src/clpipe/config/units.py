@@ -108,3 +108,36 @@ def parse_cores(value: object) -> int:
     if cores < 1:
         raise ValueError(CORES_EXPECTED)
     return cores
+
+
+DURATION_EXPECTED = "expected a duration such as 30m, 2h, 1d, 90s, or a number of minutes (0: off)"
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)", re.IGNORECASE)
+_DURATION_UNIT = {"": 60, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> int:
+    """A duration in seconds: ``30m``, ``2h``, ``1d``, ``90s``, or a bare number of minutes
+    (``0`` turns the feature off). Used by the keys that take a span of time rather than a
+    scheduler's time limit (StableAfter, ...)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(DURATION_EXPECTED)  # noqa: TRY004 -- a user's value: its message, via the config model
+    match = _DURATION.fullmatch(str(value).strip())
+    if match is None:
+        raise ValueError(DURATION_EXPECTED)
+    seconds = float(match[1]) * _DURATION_UNIT[match[2].lower()]
+    if not math.isfinite(seconds) or seconds > 366 * 86400:
+        raise ValueError(f"at most a year; {DURATION_EXPECTED}")
+    return round(seconds)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as the shortest of ``45s``, ``30m``, ``2h``, ``1d`` (or ``1h30m``) for messages."""
+    seconds = round(seconds)
+    if seconds <= 0:
+        return "0"
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            out += f"{seconds // size}{unit}"
+            seconds %= size
+    return out

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..console import say
-from ..errors import PreflightError
+from ..errors import STOPPED_EXIT, PreflightError
 from ..sync.reports import Outcome
 
 if TYPE_CHECKING:
     from ..plan import SyncPlan
 
-__all__ = ["FAILED_SHOWN", "Outcome", "close", "make_folders", "say_failed"]
+__all__ = ["FAILED_SHOWN", "Outcome", "close", "close_stopped", "make_folders", "say_failed", "stopped_line"]
 
 FAILED_SHOWN = 50  # FAILED lines printed; the rest are counted (and in the reports)
 SYNC_FAILED = "sync FAILED: not every file arrived; the exit status is non-zero"
@@ -45,6 +45,21 @@ def say_failed(failures: list[str], noun: str, where: str = "") -> None:
         say(f"FAILED {failure}", error=True)
     if len(failures) > FAILED_SHOWN:
         say(f"... and {len(failures) - FAILED_SHOWN} more {noun}{where}", error=True)
+
+
+def stopped_line(outcome: Outcome, listed: int, unit: str = "files") -> str:
+    """The line of a run stopped before its end (sync/stopping.py): "stopped at the time
+    limit: N of M files done" (``unit``: what the source lists, files or series)."""
+    done = max(0, listed - outcome.not_synced - outcome.failed)
+    of = f"{done} of {'at least ' if outcome.listing_cut else ''}{listed} {unit} done"
+    return f"stopped {outcome.stopped}: {of}; finished files are kept and recorded: run the sync again to go on"
+
+
+def close_stopped(outcome: Outcome, listed: int, unit: str = "files") -> int:
+    """The last line of a run stopped before its end, and its exit status
+    (:data:`~clpipe.errors.STOPPED_EXIT`)."""
+    say(stopped_line(outcome, listed, unit))
+    return STOPPED_EXIT
 
 
 def close(failed: bool, code: int = 1, done: str = SYNC_COMPLETE) -> int:

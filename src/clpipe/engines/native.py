@@ -7,17 +7,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..console import say
 from ..errors import DiskFull, PreflightError, TransferError, is_disk_full
 from ..sources.base import HasNotes
 from ..sources.registry import source_class
+from ..sync import sessions as session_states
 from ..sync.engine import Engine, Options
 from ..sync.manifest import MANIFEST, SyncState
 from ..sync.progress import watched
 from ..sync.reports import write_reports
-from .base import SYNC_COMPLETE, close, make_folders, say_failed
+from ..sync.shards import ShardView
+from ..sync.stopping import current as current_stop
+from .base import SYNC_COMPLETE, close, close_stopped, make_folders, say_failed
 
 if TYPE_CHECKING:
     from ..plan import SyncPlan
@@ -71,6 +74,37 @@ def run_dicom(plan: SyncPlan) -> int:
         source.close()
 
 
+def list_sessions(plan: SyncPlan) -> session_states.Tallies:
+    """One listing of the plan's source, no download: each session's entries, newest change
+    and fingerprint (for ``clpipe dicom status -refresh``)."""
+    tallies = session_states.Tallies()
+
+    def tally(entries: Iterable) -> None:
+        for entry in entries:
+            tallies.listed(entry)
+
+    if plan.is_flywheel:
+        url = plan.flywheel_url
+        opts = plan.sync_options
+        source, project = source_class("fw").open_project(url, jobs=opts.jobs, verify=opts.ca_certs or True)
+        try:
+            tally(source.entries(project["_id"], url, *opts.listing_request(), unpack=opts.unpack, template=plan.layout_template or None))
+        finally:
+            source.close()
+        return tallies
+    from ..sources.dicom import DEFAULT_TEMPLATE, DicomQuery, SourceSettings, SourceURL, entries, open_source
+
+    assert isinstance(plan.url, SourceURL)
+    dicom = open_source(plan.url, SourceSettings(**plan.settings))
+    try:
+        tally(entries(dicom, DicomQuery(**plan.query), plan.layout_template or DEFAULT_TEMPLATE))
+    except TransferError as exc:
+        raise PreflightError(str(exc)) from None
+    finally:
+        dicom.close()
+    return tallies
+
+
 def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: float) -> int:
     opts = plan.sync_options
     dropoff, temp = Path(plan.dropoff), Path(plan.temp_dir)
@@ -85,7 +119,9 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
 
     folders = [(dropoff, "set DropoffDirectory elsewhere"), (temp, "set TempDirectory elsewhere"), (Path(plan.sync_logs), "")]
     full: DiskFull | None = None  # a full disk stops the run; what finished is kept, and said
-    state = SyncState(dropoff, plan.run_id)
+    sessions: SessionStates | None = None
+    shard = ShardView(plan.shard, plan.shards)  # a shard task of an array job: its subjects, its own bookkeeping
+    state = shard.state(dropoff, plan.run_id)
     try:
         state.acquire()
     except OSError as exc:
@@ -106,10 +142,11 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
                     delete=opts.delete,
                     max_delete=plan.max_delete,
                     interactive=watched() and not opts.quiet,
+                    stop=current_stop(),  # a time limit, MaxDuration, Ctrl-C: a graceful stop (sync/stopping.py)
                 ),
             )
             try:
-                outcome = engine.run(listing())  # checks each entry as the listing streams in
+                outcome = engine.run(shard.filter(listing()))  # checks each entry as the listing streams in
             except DiskFull as exc:  # the engine stopped at a full disk, with what it did
                 full, outcome = exc, exc.outcome  # type: ignore[assignment]
         except OSError as exc:  # a full disk before any transfer (the state, the adoption of files)
@@ -118,6 +155,7 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
             raise DiskFull.at(exc, folders, purpose="this sync's bookkeeping (the dropoff's .clpipe-sync folder)") from exc
         if isinstance(source, HasNotes):  # what the source skipped or had to change
             outcome.notes += list(source.notes)
+        outcome.notes += shard.notes()
         if plan.is_flywheel:
             say(f"listed {engine.listed} remote files ({engine.listed_bytes / 1e6:.1f} MB) in one request")
         else:
@@ -135,6 +173,17 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
                         needed=_manifest_bytes(state),
                         purpose="the manifest of the synced files (the dropoff's .clpipe-sync folder)",
                     )
+            engine.sessions.whole = not outcome.listing_cut  # a listing cut short says nothing of what it did not reach
+            if shard.active and not opts.dry_run:  # a shard task: its tallies, for the final job to merge (arrays.py)
+                try:
+                    engine.sessions.save(state.root / SHARD_TALLIES)
+                except OSError as exc:
+                    if not is_disk_full(exc):
+                        raise
+                    full = full or DiskFull.at(exc, folders, purpose="the sessions' tallies of this shard")
+            sessions = None if opts.dry_run or shard.active else SessionStates.after(plan, engine.sessions, outcome.notes)
+            if sessions is not None and sessions.error is not None and full is None:
+                full = DiskFull.at(sessions.error, folders, purpose="the sessions' states (the dropoff's .clpipe-sync folder)")
     finally:
         state.release()
     outcome.seconds = time.monotonic() - started
@@ -143,10 +192,21 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
     if full is not None:
         outcome.failures.append(str(full))
     reported = True
+    extra: dict[str, Any] = {"engine": "native", "source": plan.source_url, "dropoff": plan.dropoff, "run_id": plan.run_id}
+    # how the run ended, for `clpipe dicom status` (its last_sync and history)
+    extra["finished"] = session_states.iso(time.time())
+    extra["exit_state"] = (
+        "dry run"
+        if opts.dry_run
+        else ("failed" if outcome.failed or full is not None else "stopped" if outcome.stopped else "complete")  # stopped: sync/stopping.py
+    )
+    if sessions is not None:
+        extra["sessions"] = sessions.counts
+        extra["sessions_tsv"] = sessions.tsv
     try:
-        write_reports(
-            outcome, audit, summary, {"engine": "native", "source": plan.source_url, "dropoff": plan.dropoff, "run_id": plan.run_id}, state
-        )
+        write_reports(outcome, audit, summary, extra, state)
+        if sessions is not None:
+            sessions.report(plan)
     except DiskFull as exc:
         full, reported = full or exc, False
     say_failed(failures, "failures", f" (all in {summary if reported else 'the summary, not written'})")
@@ -154,11 +214,15 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
         say(note)
     if outcome.adopted:
         say(f"{outcome.adopted} files already intact in the dropoff were adopted without downloading")
+    if sessions is not None and sessions.records:
+        say(sessions.line())
     say(outcome.summary())
     if reported:
         say(f"audit log: {audit}; summary: {summary}")
     if full is not None:
         raise full  # one line: the folder, its free space, about how much more is needed
+    if outcome.stopped:  # saved and reported like any run; said, with its own exit status
+        return close_stopped(outcome, engine.listed, "remote files" if plan.is_flywheel else "series")
     return close(bool(outcome.failed), done=SYNC_COMPLETE if not opts.dry_run else "dry run complete")
 
 
@@ -172,3 +236,62 @@ def _manifest_bytes(state: SyncState) -> int:
         except OSError:
             pass
     return total
+
+
+SHARD_TALLIES = "sessions-tallies.json"  # in a shard task's folder: what it found of each session
+
+
+class SessionStates:
+    """The sessions' states after a run (sync/sessions.py): merged with the earlier runs'
+    records and saved beside the manifest while the lock is held; then the run's changes
+    are written to ``<run>.sessions.tsv`` and clpipe's status_log.csv. The final job of a
+    sharded sync (arrays.py) does the same with the tallies of all its shards."""
+
+    def __init__(self, previous: dict[str, dict], records: dict[str, dict], tsv: str) -> None:
+        self.previous, self.records, self.tsv = previous, records, tsv
+        self.error: OSError | None = None  # a full disk while saving them
+        self.counts = session_states.counts(records.values())
+
+    @classmethod
+    def after(cls, plan: SyncPlan, tallies: session_states.Tallies, notes: list[str], whole_listing: bool = True) -> SessionStates:
+        now = time.time()
+        try:
+            previous = session_states.load(plan.dropoff)
+        except ValueError as exc:  # damaged: written anew from this run's listing
+            notes.append(str(exc))
+            previous = {}
+        bids = session_states.BidsCheck(plan.bids_dir, plan.bids_with_session) if plan.bids_dir else None
+        records = session_states.merge(previous, tallies, now, plan.run_id, whole_listing and tallies.whole)
+        records = session_states.with_states(records, now, plan.stable_after, bids)
+        tsv = str(Path(plan.audit_csv).with_suffix(".sessions.tsv"))
+        made = cls(previous, records, tsv)
+        if plan.sync_options.dry_run:
+            return made
+        try:
+            session_states.save(plan.dropoff, records, plan.run_id)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            made.error = exc
+        return made
+
+    def report(self, plan: SyncPlan) -> None:
+        """The run's changes: the sessions TSV (every run, a header at least) and the rows
+        of clpipe's status_log.csv (only sessions whose state changed). A dry run writes
+        neither."""
+        if plan.sync_options.dry_run:
+            return
+        changed = session_states.changes(self.previous, self.records)
+        folders = [(Path(plan.sync_logs), ""), (Path(plan.project_dir) / ".pipeline", "")]
+        try:
+            session_states.write_changes(Path(self.tsv), changed, plan.dropoff)
+            if plan.project_dir:
+                session_states.append_status_log(plan.project_dir, changed)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise DiskFull.at(exc, folders, purpose="the sessions' changes (the .sessions.tsv and .pipeline/status_log.csv)") from exc
+
+    def line(self) -> str:
+        shown = ", ".join(f"{n} {state}" for state, n in self.counts.items() if n)
+        return f"sessions: {shown} (clpipe dicom status shows them; changes in {self.tsv})"

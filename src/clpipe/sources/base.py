@@ -18,7 +18,11 @@ protocols are ``runtime_checkable``), as rclone discovers a backend's optional f
   reason"); each fails the run, and while there are any no synced file is removed, since
   "gone" may be "could not be read";
 - :class:`HasNotes`: ``notes``, what a user should know about the listing (files skipped,
-  a server that transcoded), printed after the run.
+  a server that transcoded), printed after the run;
+- :class:`HasBulk`: ``bulk_batches(entries)`` and ``open_bulk(batch)``, many small files in
+  one archive (a tar) per batch instead of one request each (``sync/bulk.py``);
+- :class:`HasPrefetch`: ``prefetch(entries, jobs)``, what the source can fetch for the
+  entries about to be transferred in a few requests, ahead of them (Flywheel: the hashes).
 
 The listing is not part of :class:`Source`: what to list takes different arguments for
 each kind (a Flywheel project and its filters: ``FlywheelSource.entries``; a DICOM query:
@@ -45,6 +49,39 @@ Payload = bytes | Path
 
 
 @dataclass(frozen=True, slots=True)
+class Session:
+    """The scan session an entry belongs to, as the dropoff holds it: the folder of the
+    session (relative to the dropoff, POSIX; its identity in the sessions file) and the
+    subject and session labels as that folder's path has them (what the BIDS step parses
+    back with DICOMFormatString), with the labels on the source. One object is shared by
+    all the entries of a session."""
+
+    path: str
+    subject: str
+    session: str
+    source_subject: str = ""
+    source_session: str = ""
+
+
+def session_of(path: str, depths: tuple[int, int], source_subject: str, source_session: str, known: dict[str, Session]) -> Session | None:
+    """The :class:`Session` of an entry at ``path`` whose layout puts the subject and the
+    session at the path components ``depths`` (0-based; the session's is -1 when the layout
+    has no session folder: the subject's folder is then the session), one object per
+    folder (``known``, kept by the caller for one listing)."""
+    subject_at, session_at = depths
+    parts = path.split("/")
+    last = max(subject_at, session_at)
+    if subject_at < 0 or last >= len(parts) - 1:  # no subject folder, or the entry is that folder itself
+        return None
+    folder = "/".join(parts[: last + 1])
+    found = known.get(folder)
+    if found is None:
+        session = parts[session_at] if session_at >= 0 else ""
+        found = known[folder] = Session(folder, parts[subject_at], session, source_subject, source_session)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
 class RemoteEntry:
     """One remote item as a source lists it: a file, a zip to unpack, or a DICOM series."""
 
@@ -60,6 +97,8 @@ class RemoteEntry:
     version: str = ""  # what else identifies this version of it (a series: its instance count)
     series: bool = False  # a DICOM series: the source yields its instances, one file each
     renamed: bool = False  # its local name is not its remote one (made portable, or told apart from another's)
+    session: Session | None = None  # the scan session it belongs to (None: a file of no session, e.g. the project's)
+    subject: str = ""  # the subject's label on the source (a sharded sync splits by it: sync/shards.py); "": none
 
     def describe(self) -> str:
         return f"{self.path} ({self.name})" if self.name and self.name != posixpath.basename(self.path) else self.path
@@ -131,3 +170,36 @@ class HasNotes(Protocol):
 
     @property
     def notes(self) -> Sequence[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BulkBatch:
+    """Files a source can send in one archive: ``members`` maps the exact path each has in
+    the archive to its entry (only a member with exactly that path is taken for it);
+    ``ref`` is what the source needs to ask for the archive."""
+
+    members: dict[str, RemoteEntry]
+    ref: object = None
+
+
+@runtime_checkable
+class HasBulk(Protocol):
+    """Many small files in few requests: ``bulk_batches(entries)`` groups those of
+    ``entries`` worth fetching that way (the others are left out); ``open_bulk(batch)`` is
+    a context manager yielding the batch's tar as pieces of bytes as they arrive, or None
+    when the server's offer is not worth taking. What a batch does not deliver, whole and
+    verified, is downloaded one file at a time."""
+
+    def bulk_batches(self, entries: Sequence[RemoteEntry]) -> list[BulkBatch]: ...
+
+    def open_bulk(self, batch: BulkBatch) -> AbstractContextManager[Iterator[bytes] | None]: ...
+
+
+@runtime_checkable
+class HasPrefetch(Protocol):
+    """``prefetch(entries, jobs)``, called once before the transfers of ``entries``: what
+    the source can fetch for them in a few requests, ``jobs`` at once (Flywheel: the hashes
+    of their containers, a listing per session instead of a request per container). It
+    raises nothing: what it could not fetch is asked for as before, entry by entry."""
+
+    def prefetch(self, entries: Sequence[RemoteEntry], jobs: int) -> None: ...

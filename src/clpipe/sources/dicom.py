@@ -325,9 +325,15 @@ def entries(source: DicomSource, query: DicomQuery, template: str = DEFAULT_TEMP
     name needed no change, else the one with the smallest SeriesInstanceUID, keeps it; the
     others get ``~`` and hex digits from their UID. Every series is listed before the first
     is yielded, so that does not depend on the order the source lists them in."""
-    from .base import RemoteEntry
+    from .base import RemoteEntry, session_of
 
     check_dicom_template(template)
+    pieces = [piece for piece in template.split("/") if piece][:-1]  # the series' own folder holds no session
+    depths = (
+        next((i for i, piece in enumerate(pieces) if "{subject}" in piece), -1),
+        next((i for i, piece in enumerate(pieces) if "{session}" in piece), -1),
+    )
+    known_sessions: dict = {}  # one Session per session folder
     resolver = NameResolver()
     planned: list[tuple[Series, PlannedFolder, str]] = []
     seen: set[str] = set()
@@ -345,6 +351,9 @@ def entries(source: DicomSource, query: DicomQuery, template: str = DEFAULT_TEMP
     for series, folder, key in planned:
         path, renamed = resolver.path(folder, key)
         count = series.count if series.count is not None and series.count >= 0 else None
+        values = _values(series.attrs)
+        subject = _text(series.attrs, "PatientID") or _text(series.attrs, "PatientName")
+        session = session_of(path, depths, subject, values["study"], known_sessions)
         yield RemoteEntry(
             key=key,
             path=path,
@@ -357,4 +366,6 @@ def entries(source: DicomSource, query: DicomQuery, template: str = DEFAULT_TEMP
             version=series.version or (f"n={count}" if count is not None else ""),
             series=True,
             renamed=renamed,
+            session=session,
+            subject=subject,
         )

@@ -13,18 +13,23 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
-
 from ..errors import PreflightError
+from .http import LazyModule
 from .http import retry_after as _retry_after
+
+if TYPE_CHECKING:
+    import httpx
+else:
+    httpx = LazyModule("httpx")  # imported at the first request, not with the config's validation
 
 LISTING_ATTEMPTS = 3  # the one listing request: tries before a transient fault ends the run
 URL_EXPECTED = "expected fw://<group>/<project> or fw://<group>/<project>/ (`fw ls` lists your projects)"
@@ -329,6 +334,39 @@ def _dst_parts(head: str) -> tuple[list[str], dict[str, str] | None]:
     return parts, {level: match[level] for level in ("project", "subject", "session", "acquisition")}
 
 
+@lru_cache(maxsize=65536)
+def _subject_of(head: str) -> str:
+    """The Flywheel subject label of a file in ``dst_path`` folder ``head`` ("": a file of
+    no subject, e.g. the project's)."""
+    match = _DST_HEAD.fullmatch(head)
+    return (match["subject"] or "") if match is not None else ""
+
+
+def _template_depths(template: str) -> tuple[int, int]:
+    """The folders of a layout template that hold the subject and the session (0-based; -1:
+    none)."""
+    pieces = [piece for piece in template.split("/") if piece]
+    subject = next((i for i, piece in enumerate(pieces) if "{subject}" in piece), -1)
+    session = next((i for i, piece in enumerate(pieces) if "{session}" in piece), -1)
+    return subject, session
+
+
+def _session_info(head: str, template_depths: tuple[int, int] | None, trailing_slash: bool) -> tuple | None:
+    """Where the session of a file in ``dst_path`` folder ``head`` is in its local path, and
+    its Flywheel labels: ``((subject folder, session folder), subject, session)``, or None
+    for a file of no session (the project's, a subject's, an analysis'). With a layout
+    template only a file of an acquisition has one (the template places only those)."""
+    match = _DST_HEAD.fullmatch(head)
+    if match is None or match["subject"] is None or match["session"] is None or match["analysis"] is not None:
+        return None
+    if template_depths is not None:
+        if match["acquisition"] is None or match["kind"] != "FILES" or template_depths[0] < 0:
+            return None
+        return template_depths, match["subject"], match["session"]
+    first = 0 if trailing_slash else 1  # the project's folder, unless the URL ends with "/"
+    return (first + 1, first + 3), match["subject"], match["session"]
+
+
 class FlywheelSource:
     """Lists a project with one ``download/targets`` request and streams its files."""
 
@@ -347,6 +385,12 @@ class FlywheelSource:
         self._hashes: dict[str, dict[str, str | None]] = {}
         self._hash_locks: dict[str, threading.Lock] = {}
         self._hash_locks_lock = threading.Lock()
+        # bulk downloads (open_bulk): the last listing's request body, and for each acquisition
+        # with files in it: (dst_path folder, its path in a tar up to the acquisition)
+        self._bulk_body: dict = {}
+        self._bulk_acqs: dict[str, tuple[str, str]] = {}
+        self._bulk_heads: dict[str, str | None] = {}
+        self._project_id = ""
 
     @classmethod
     def open_project(cls, url: FlywheelURL, jobs: int = 4, verify: bool | str = True) -> tuple[FlywheelSource, dict]:
@@ -372,10 +416,15 @@ class FlywheelSource:
         files whose names collide keeps the plain name does not depend on the listing's
         order (the engine plans nothing before the listing has ended anyway)."""
         from ..layout import NameResolver, PlannedFolder, bids_label, check_template, field_values, portable_name, template_parts
-        from .base import RemoteEntry
+        from .base import RemoteEntry, session_of
 
         resolver = NameResolver()
+        self._bulk_body, self._bulk_acqs, self._bulk_heads = body_filters, {}, {}
+        self._project_id = project_id
         planned: list[tuple] = []
+        known_sessions: dict = {}  # one Session per session folder
+        template_depths = _template_depths(template) if template else None
+        sessions: dict[str, tuple | None] = {}  # dst_path's folder part -> (depths, subject label, session label)
         labels_seen: dict[tuple[str, str], str] = {}  # (field, BIDS label) -> Flywheel label
         used = check_template(template) if template else []
         folders: dict[str, PlannedFolder] = {}  # dst_path's folder part -> planned folder (when the file name is not in it)
@@ -406,9 +455,13 @@ class FlywheelSource:
                 else:
                     parts = [(part, portable_name(part)) for part in (raw[1:] if url.trailing_slash else raw)]
                 folder = folders[head] = resolver.folder(parts)
+            if head not in sessions:
+                sessions[head] = _session_info(head, template_depths, url.trailing_slash)
             if is_zip:  # unpacked into a folder named after the zip
                 leaf = _ZIP_SUFFIX.sub("", leaf) or "_"
             name = portable_name(leaf)
+            if not sidecar and not is_zip:
+                self._note_bulk(head, str(target.get("container_id")), url)
             if not resolver.add(folder, key, name, name == leaf, is_zip):
                 continue  # the server may list a file twice (fw skips repeats too)
             inline = json.dumps(target.get("metadata")).encode() if sidecar else None
@@ -422,13 +475,16 @@ class FlywheelSource:
                     parse_hash(target.get("hash")),
                     is_zip,
                     inline,
+                    sessions[head],
+                    _subject_of(head),
                 )
             )
         resolver.resolve()
         planned.reverse()  # popped in the listing's order, each forgotten once yielded
         while planned:
-            folder, key, filename, size, modified, checksum, is_zip, inline = planned.pop()
+            folder, key, filename, size, modified, checksum, is_zip, inline, where, subject = planned.pop()
             path, renamed = resolver.path(folder, key, pop=True)
+            session = session_of(path, where[0], where[1], where[2], known_sessions) if where is not None else None
             yield RemoteEntry(
                 key=key,
                 path=path,
@@ -439,6 +495,8 @@ class FlywheelSource:
                 ref=inline,  # the metadata sidecar's bytes; None for a file to download
                 name="" if path.endswith("/" + filename) or path == filename else filename,
                 renamed=renamed,
+                session=session,
+                subject=subject,
             )
 
     @contextmanager
@@ -506,3 +564,179 @@ class FlywheelSource:
             return {f["name"]: parse_hash(f.get("hash")) for f in files if isinstance(f.get("name"), str)}
         except (ValueError, AttributeError, TypeError) as exc:  # a damaged answer: worth another try
             raise TransientError(f"{what}the answer is not a container ({exc.__class__.__name__})") from None
+
+    # -- hashes ahead of the transfers (HasPrefetch) -------------------------------------
+
+    def prefetch(self, entries, jobs: int) -> None:
+        """The hashes of the containers of ``entries`` in a few requests, before the
+        transfers ask for them one container at a time (:meth:`checksum`): the project's
+        sessions (``GET projects/{id}/sessions``), then the acquisitions, with their files,
+        of each session that holds such a container (``GET sessions/{id}/acquisitions``),
+        ``jobs`` at once. Only when PREFETCH_MIN containers or more need hashes; a session
+        is found by its subject and session labels (those of the files' ``dst_path``); a
+        failed request, a page cut short, a container not found: asked for as before."""
+        containers = {e.key.split("/", 1)[0] for e in entries if e.ref is None and e.checksum is None} - self._hashes.keys()
+        labels = set()
+        for cid in containers:
+            where = self._bulk_acqs.get(cid)
+            match = _DST_HEAD.fullmatch(where[0]) if where is not None else None
+            if match is not None:
+                labels.add((match["subject"], match["session"]))
+        if len(containers) < PREFETCH_MIN or not labels or not self._project_id:
+            return
+        try:
+            sessions = self._pages(f"/projects/{url_segment(self._project_id)}/sessions")
+        except (httpx.HTTPError, ValueError, TypeError, AttributeError):
+            return
+        wanted = [
+            str(s["_id"])
+            for s in sessions
+            if isinstance(s, dict) and "_id" in s and ((s.get("subject") or {}).get("label"), s.get("label")) in labels
+        ]
+
+        def expand(session_id: str) -> None:
+            try:
+                acquisitions = self._pages(f"/sessions/{url_segment(session_id)}/acquisitions")
+            except (httpx.HTTPError, ValueError, TypeError, AttributeError):
+                return
+            for acq in acquisitions:
+                if isinstance(acq, dict) and isinstance(acq.get("_id"), str) and isinstance(acq.get("files"), list):
+                    hashes = {
+                        f["name"]: parse_hash(f.get("hash")) for f in acq["files"] if isinstance(f, dict) and isinstance(f.get("name"), str)
+                    }
+                    self._hashes.setdefault(acq["_id"], hashes)
+
+        if wanted:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(wanted))), thread_name_prefix="hashes") as pool:
+                list(pool.map(expand, wanted))
+
+    def _pages(self, path: str, limit: int = 1000) -> list:
+        """Every item of a paged container listing (``limit`` and ``after_id``, as the SDK
+        pages); a page shorter than ``limit`` is the last. Raises on any failure."""
+        items: list = []
+        after = ""
+        for _ in range(10_000):  # bounded: 10 million items
+            params = {"limit": str(limit), **({"after_id": after} if after else {})}
+            response = self._client.get(path, params=params)
+            if response.status_code != 200:
+                raise ValueError(f"HTTP {response.status_code}")
+            page = response.json()
+            if not isinstance(page, list):
+                raise ValueError("not a list")
+            items += page
+            if len(page) < limit:
+                break
+            after = str(page[-1]["_id"])
+        return items
+
+    # -- bulk downloads (HasBulk, sync/bulk.py) -----------------------------------------
+
+    def _note_bulk(self, head: str, container_id: str, url: FlywheelURL) -> None:
+        """Remember where the files of acquisition ``container_id`` (listed under the
+        ``dst_path`` folder ``head``) are in a tar of ``POST download``: ``<group>/<project>/
+        <subject>/<session>/<acquisition>``, each label cleaned as the server cleans it
+        (:func:`tar_label`). Files of other containers are never fetched in bulk."""
+        if container_id in self._bulk_acqs:
+            return
+        prefix = self._bulk_heads.get(head, "")
+        if prefix == "":
+            match = _DST_HEAD.fullmatch(head)
+            levels = ("project", "subject", "session", "acquisition")
+            if match is None or match["acquisition"] is None or match["analysis"] is not None or match["kind"] != "FILES":
+                prefix = None
+            else:
+                prefix = "/".join([tar_label(url.group), *(tar_label(match[k]) for k in levels)])
+            self._bulk_heads[head] = prefix
+        if prefix is not None:
+            self._bulk_acqs[container_id] = (head, prefix)
+
+    def bulk_batches(self, entries) -> list:
+        """The entries worth one tar per scan session: plain files (not zips to unpack, not
+        sidecars) of acquisitions, up to BULK_MAX_FILE bytes each, BULK_MIN or more in the
+        session. The acquisitions of one batch have distinct tar paths (two whose cleaned
+        labels are the same are left out: which would get ``_0`` is the server's choice), so
+        a member's path names exactly one entry."""
+        from .base import BulkBatch
+
+        if set(self._bulk_body) - {"filters", "container_filters"}:  # e.g. export templates: other paths
+            return []
+        sessions: dict[str, dict[str, list]] = {}  # dst_path folder of the session -> acquisition id -> entries
+        for entry in entries:
+            if entry.unpack or entry.series or entry.ref is not None or entry.size > BULK_MAX_FILE:
+                continue
+            container_id = entry.key.split("/", 1)[0]
+            where = self._bulk_acqs.get(container_id)
+            if where is not None:
+                session_head = where[0].rsplit("/ACQUISITIONS/", 1)[0]
+                sessions.setdefault(session_head, {}).setdefault(container_id, []).append(entry)
+        batches = []
+        for acqs in sessions.values():
+            taken = Counter(self._bulk_acqs[cid][1] for cid in acqs)
+            members: dict = {}
+            cids: list[str] = []
+            for cid, files in acqs.items():
+                prefix = self._bulk_acqs[cid][1]
+                if taken[prefix] > 1:
+                    continue
+                members.update((f"{prefix}/{e.key.split('/', 1)[1]}", e) for e in files)
+                cids.append(cid)
+                if len(members) >= BULK_MAX_BATCH:
+                    batches.append(BulkBatch(members, cids))
+                    members, cids = {}, []
+            if len(members) >= BULK_MIN:
+                batches.append(BulkBatch(members, cids))
+        return batches
+
+    @contextmanager
+    def open_bulk(self, batch) -> Iterator[Iterator[bytes] | None]:
+        """``POST download`` for the batch's acquisitions (with the listing's type filter),
+        then ``GET download?ticket=`` streaming the tar. None (nothing fetched) when the
+        ticket holds much more than the batch (files already synced, or other types)."""
+        nodes = [{"level": "acquisition", "_id": cid} for cid in batch.ref]
+        plus: list = []
+        minus: list = []
+        for flt in self._bulk_body.get("filters") or []:
+            types = flt.get("types") or {}
+            plus += types.get("+") or []
+            minus += types.get("-") or []
+        body: dict = {"nodes": nodes, "optional": True}
+        if plus or minus:
+            body["filters"] = [{"types": {k: v for k, v in (("+", plus), ("-", minus)) if v}}]
+        if self._bulk_body.get("container_filters"):
+            body["container_filters"] = self._bulk_body["container_filters"]
+        what = f"bulk download of {len(batch.members)} files: "
+        try:
+            response = self._client.post("/download", params={"type": "classic"}, json=body)
+            if response.status_code != 200:
+                raise _http_error(response, what)
+            try:
+                offer, ticket = int(response.json().get("size") or 0), str(response.json()["ticket"])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                from ..errors import TransientError
+
+                raise TransientError(f"{what}the answer is not a ticket ({exc.__class__.__name__})") from None
+            if offer > 2 * sum(e.size for e in batch.members.values()) + (1 << 20):
+                yield None
+                return
+            with self._client.stream("GET", "/download", params={"ticket": ticket, "format": "tar"}) as stream:
+                if stream.status_code != 200:
+                    stream.read()
+                    raise _http_error(stream, what)
+                yield stream.iter_bytes()
+        except httpx.TransportError as exc:  # also while the tar is read (thrown in at the yield)
+            raise _transport_error(exc, what) from None
+
+
+PREFETCH_MIN = 8  # containers needing hashes: fewer are asked for one by one
+BULK_MAX_FILE = 4 << 20  # larger files: one request each costs little next to their bytes
+BULK_MIN = 16  # fewer files of a session to fetch: one request each
+BULK_MAX_BATCH = 5000  # files per tar at most (whole acquisitions), so that several stream at once
+
+
+def tar_label(label: str) -> str:
+    """A label as a path component of a bulk download's tar, as scitran core cleans it:
+    only ASCII letters, digits, space, ``.``, ``_`` and ``-`` kept; ``untitled`` when
+    nothing is left."""
+    return re.sub(r"[^A-Za-z0-9 ._-]", "", label) or "untitled"

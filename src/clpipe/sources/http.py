@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
-import httpx
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only for annotations: importing httpx costs ~30 ms at start-up
+    import httpx
+
+import importlib
+from typing import Any
+
+
+class LazyModule:
+    """A module imported when first used (an attribute read), not when its user is
+    imported: ``httpx`` costs ~30 ms, and the command line imports the sources to validate
+    a config long before (or without) any request."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
 
 RETRY_AFTER_CAP = 300.0  # seconds: a server asking for longer is waited on this long, then asked again
 

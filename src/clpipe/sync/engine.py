@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,11 +43,13 @@ from ..console import human_bytes
 from ..errors import DiskFull, PermanentError, TransientError, VerifyError, is_disk_full
 from ..layout import Claims, flatten_members, inside, is_portable, portable_name
 from ..sources.base import (
+    HasBulk,
     HasChecksum,
     HasFiles,
     HasInstances,
     HasMaxJobs,
     HasMembers,
+    HasPrefetch,
     HasProblems,
     RemoteEntry,
     Source,
@@ -56,6 +58,8 @@ from .fileio import copy_file, unpack_zip, write_new
 from .manifest import Record, SyncState
 from .progress import Progress
 from .reports import FileResult, Outcome
+from .sessions import Tallies
+from .stopping import StopRequest
 from .transfer import RetryPolicy, Stopped, hasher
 
 # the names tests import from here since before the engine was split: still here
@@ -90,6 +94,7 @@ class Options:
     backoff: float = 0.5
     backoff_cap: float = 30.0
     interactive: bool = False
+    stop: StopRequest | None = None  # how the run is told to stop before its end (sync/stopping.py)
 
 
 class Engine:
@@ -104,11 +109,15 @@ class Engine:
         self._lock = threading.Lock()
         self._parts = itertools.count()  # this run's staged instances: .clpipe-sync/tmp/series-<n>.part
         self.jobs = 0  # transfers the last run ran at once (0: it had none to do)
-        self._stop = threading.Event()  # set when a disk is full: no transfer starts after it
+        self._request = options.stop or StopRequest()  # a stop asked for (sync/stopping.py); a full disk sets it too
+        self._stop = self._request.stop  # set: no transfer starts after it
+        self._abort = self._request.abort  # set: the transfers under way end (at their next chunk) or are left behind
         self._unverified = 0  # files placed whose content the server gave no hash to check against
         self._claims = Claims()  # the local paths of this run's entries (set anew by run)
         self._vacating: set[str] = set()
         self._renamed = {False: 0, True: 0}
+        self._staged: dict[str, tuple[str, bool]] = {}  # entry key -> (part, hash checked): fetched in bulk (sync/bulk.py)
+        self.sessions = Tallies()  # what the last run found of each scan session (sync/sessions.py)
 
     # -- planning ----------------------------------------------------------------------
 
@@ -169,6 +178,7 @@ class Engine:
             outcome.failed += 1
             outcome.failures.append(f"{entry.describe()}: {exc}")
             outcome.files.append(FileResult(entry.path, "failed", False, "", str(exc)))
+            self.sessions.failed(entry, str(exc))
             return None
         if path != entry.path:  # the source gave two entries one path: told apart here
             entry = replace(entry, path=path, renamed=True)
@@ -234,6 +244,7 @@ class Engine:
                     folder = posixpath.dirname(folder)
             new_path = {old: new for old, new, _ in moves}
             self.state.record(Record(entry.key, entry.signature, [[new_path.get(f[0], f[0]), *f[1:]] for f in record.files]))
+            self.sessions.in_place(entry, record.files, placed=len(moves))
         outcome.skipped += len(record.files)
         outcome.moved += len(moves)
         action = "would be renamed in place from " if self.options.dry_run else "renamed in place from "
@@ -272,7 +283,7 @@ class Engine:
         try:
             with open(target, "wb") if isinstance(target, Path) else nullcontext(target) as out, self._files.open(entry) as chunks:
                 for chunk in chunks:
-                    if self._stop.is_set():  # the run is stopping: this transfer is not finished
+                    if self._abort.is_set():  # the run is stopping: this transfer is not finished
                         raise Stopped()
                     out.write(chunk)
                     received += len(chunk)
@@ -317,7 +328,7 @@ class Engine:
                 raise PermanentError(f"{type(self.source).__name__} has no series to retrieve (it is not a HasInstances source)")
             with self._instances.instances(entry) as items:
                 for uid, payload in items:
-                    if self._stop.is_set():  # the run is stopping: this series is not finished
+                    if self._abort.is_set():  # the run is stopping: this series is not finished
                         raise Stopped()
                     name = portable_name(f"{uid}.dcm") if uid else ""
                     if not uid or name in staged:
@@ -363,9 +374,10 @@ class Engine:
             return self._fetch_series(entry, progress)
         dropoff, tmp = self.options.dropoff, self.state.tmp
         if not entry.unpack:
-            part = tmp / f"{uuid.uuid4().hex}.part"
+            staged = self._staged.pop(entry.key, None)  # already here, checked, from a bulk tar
+            part = Path(staged[0]) if staged else tmp / f"{uuid.uuid4().hex}.part"
             try:
-                verified = self._download(entry, part, progress)
+                verified = ("bulk" if staged[1] else None) if staged else self._download(entry, part, progress)
                 final = inside(dropoff, entry.path)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(part, final)
@@ -408,13 +420,18 @@ class Engine:
         self._claims = Claims()
         self._renamed = {False: 0, True: 0}  # entries renamed: files, series
         self._vacating = set()  # recorded files of entries fetched again: never adopted by another
+        self.sessions = sessions = Tallies()
         fresh: list[RemoteEntry] = []  # not in the manifest
         blocked: list[tuple[RemoteEntry, Record, list]] = []
         for entry in entries:
+            if self._abort.is_set():  # told to stop, its grace over, before the listing ended
+                outcome.listing_cut = True
+                break
             self.listed += 1
             self.listed_bytes += entry.size
             if listed is not None:
                 listed.add(entry.key)
+            sessions.listed(entry)
             claimed = self._claim(entry, outcome)
             if claimed is None:
                 continue
@@ -428,6 +445,7 @@ class Engine:
                 if moves == [] and self._present(record):
                     outcome.skipped += len(record.files)
                     outcome.unchanged.append(entry.key)
+                    sessions.in_place(entry, record.files)
                     continue
                 if moves:  # synced under an earlier name: renamed in place, not fetched again
                     done = self._relocate(entry, record, moves, outcome)
@@ -456,6 +474,7 @@ class Engine:
             if adopted is not None:
                 if not self.options.dry_run:
                     state.record(adopted)
+                    sessions.in_place(entry, adopted.files)
                 outcome.skipped += len(adopted.files)
                 outcome.adopted += len(adopted.files)
                 outcome.files += [FileResult(f[0], "skipped", True, "adopted: already intact in the dropoff") for f in adopted.files]
@@ -490,11 +509,13 @@ class Engine:
         full: OSError | None = None
         unsynced: list[RemoteEntry] = []
         try:
-            with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sync") as pool:
+            self._bulk(todo, progress, jobs, outcome)
+            with _closing(ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sync"), self._request) as pool:
                 try:
-                    for future, (entry, existing) in _bounded(pool, self._with_retries, todo, progress, jobs * 4, self._stop):
+                    for future, (entry, existing) in _bounded(pool, self._with_retries, todo, progress, jobs * 4, self._stop, self._abort):
                         try:
-                            if future is None:  # never started: the run stopped first
+                            if future is None or future is ABANDONED:  # never started, or left behind: the run stopped first
+                                self._request.abandoned += future is ABANDONED
                                 raise Stopped()
                             files = future.result()
                         except Exception as exc:  # noqa: BLE001 (one file's failure is reported, never fatal to the others)
@@ -503,9 +524,9 @@ class Engine:
                                 continue
                             if full is None and is_disk_full(exc):
                                 full = exc
-                                self._stop.set()
+                                self._halt()
                             unsynced.append(entry)
-                            outcome.files.append(FileResult(entry.path, "failed", existing, "", "not synced: the disk is full"))
+                            outcome.files.append(FileResult(entry.path, "failed", existing, "", self._not_synced(full)))
                             progress.advance(0, 1)
                             continue
                         old = state.get(entry.key)
@@ -525,10 +546,11 @@ class Engine:
                             # the journal is full: its files are in place, whole, but not recorded
                             # (the next run adopts them, or fetches a series again); stop here
                             full = full or exc
-                            self._stop.set()
+                            self._halt()
                             dropped = []
                         for path, *_ in dropped:  # files of the old version that the new one no longer has
                             (self.options.dropoff / path).unlink(missing_ok=True)
+                        sessions.in_place(entry, files, placed=len(files))
                         for path, size, _ in files:
                             outcome.bytes += size
                             if existing:
@@ -545,7 +567,7 @@ class Engine:
                             )
                         progress.advance(0, 1)
                 except BaseException:  # SIGTERM (Terminated), Ctrl-C: start nothing more, end what runs
-                    self._stop.set()
+                    self._halt()
                     raise
 
         finally:
@@ -562,18 +584,63 @@ class Engine:
         problems = self._source_problems()  # held by the source but not readable: failures, not notes
         outcome.failures += [f"{problem} (in the source; not synced)" for problem in problems]
         outcome.failed += len(problems)
-        if listed is not None:
+        self._stopped(outcome, len(unsynced))
+        if listed is not None and outcome.stopped:
+            outcome.notes.append("--delete skipped: the run stopped before its end, so nothing is deleted")
+        elif listed is not None:
             self._delete(listed, outcome)  # never after a failure
         outcome.seconds = time.monotonic() - started
         return outcome
 
-    @staticmethod
-    def _failed(outcome: Outcome, entry: RemoteEntry, existing: bool, exc: BaseException, progress: Progress) -> None:
+    def _bulk(self, todo: list[tuple[RemoteEntry, bool]], progress: Progress, jobs: int, outcome: Outcome) -> None:
+        """Before the per-file transfers: what the source can fetch ahead in a few requests
+        (HasPrefetch: Flywheel's hashes), and what it offers in bulk (many small files per
+        request, sync/bulk.py) into staged parts; the transfers then place each staged file
+        instead of downloading it (:meth:`_fetch`) and download the rest."""
+        self._staged = {}
+        if isinstance(self.source, HasPrefetch) and todo:  # the hashes the transfers will need, in a few requests
+            self.source.prefetch([entry for entry, _ in todo], jobs)
+        if not isinstance(self.source, HasBulk) or not todo:
+            return
+        from .bulk import stage
+
+        def checksum(entry: RemoteEntry) -> str | None:
+            return entry.checksum if entry.checksum is not None or self._checksum is None else self._checksum.checksum(entry)
+
+        done = stage(self.source, [entry for entry, _ in todo], self.state.tmp, progress, jobs, self._stop, checksum, self._abort)
+        self._staged = done.parts
+        if done.batches:
+            outcome.notes.append(
+                f"bulk download: {len(done.parts)} files in {done.batches} archives; the rest one by one"
+                + (f" ({done.missing} missing on the server, {done.rejected} failed their check)" if done.missing or done.rejected else "")
+            )
+            for problem in done.problems[:3]:
+                outcome.notes.append(f"bulk download broke off ({problem}); its files were fetched one by one")
+
+    def _failed(self, outcome: Outcome, entry: RemoteEntry, existing: bool, exc: BaseException, progress: Progress) -> None:
         outcome.failed += 1
         reason = str(exc) if isinstance(exc, (PermanentError, OSError, ValueError)) else f"{exc.__class__.__name__}: {exc}"
+        self.sessions.failed(entry, reason)
         outcome.failures.append(f"{entry.describe()}: {reason}")
         outcome.files.append(FileResult(entry.path, "failed", existing, "", reason))
         progress.advance(0, 1)
+
+    def _halt(self) -> None:
+        """Stop now (a full disk, an exception): no transfer starts, those under way end."""
+        self._stop.set()
+        self._abort.set()
+
+    def _not_synced(self, full: OSError | None) -> str:
+        """Why an entry the run did not get to is not synced."""
+        if full is None and self._request.requested:
+            return f"not synced: the run stopped {self._request.why}"
+        return "not synced: the disk is full"
+
+    def _stopped(self, outcome: Outcome, unsynced: int) -> None:
+        """A run told to stop (sync/stopping.py) that left entries unsynced, or its listing
+        unfinished, says so in its outcome (a stop that came after the last transfer is none)."""
+        if self._request.requested and (unsynced or outcome.listing_cut):
+            outcome.stopped, outcome.stop_kind, outcome.not_synced = self._request.why, self._request.kind, unsynced
 
     def _disk_full(self, exc: OSError, unsynced: list[RemoteEntry], outcome: Outcome) -> DiskFull:
         """The one-line error of a run stopped by a full disk: the folder, its free space and
@@ -627,18 +694,47 @@ class Engine:
             self.state.forget(record.key)
 
 
-def _bounded(pool: ThreadPoolExecutor, work, todo: list, progress: Progress, window: int, stop: threading.Event):
+#: what :func:`_bounded` yields for a transfer left running when the run stopped
+ABANDONED = object()
+ABANDON_WAIT = 2.0  # seconds the transfers under way get to end at their next chunk once ``abort`` is set
+
+
+@contextmanager
+def _closing(pool: ThreadPoolExecutor, request: StopRequest):
+    """The pool, shut down at the end: waiting for its threads, unless transfers were left
+    behind (a read that does not return): then not (the process ends without them)."""
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=not request.abandoned, cancel_futures=True)
+
+
+def _bounded(
+    pool: ThreadPoolExecutor, work, todo: list, progress: Progress, window: int, stop: threading.Event, abort: threading.Event | None = None
+):
     """Run ``work(entry, progress)`` for every item, keeping at most ``window`` in flight
     (a queue of 100,000 futures would cost memory for nothing); yield each as it ends.
-    Once ``stop`` is set no more are started: each of the rest is yielded with ``None``."""
+    Once ``stop`` is set no more are started: each of the rest is yielded with ``None``.
+    Once ``abort`` is set, those still running :data:`ABANDON_WAIT` seconds later are
+    yielded with :data:`ABANDONED` (left running in their threads)."""
     pending: dict = {}
     items = iter(todo)
     for item in items:
         pending[pool.submit(work, item[0], progress)] = item
         if len(pending) >= window:
             break
+    aborted_at = 0.0
     while pending:
-        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+        finished, _ = wait(pending, timeout=None if abort is None else 0.5, return_when=FIRST_COMPLETED)
+        if not finished:
+            if abort is not None and abort.is_set():
+                aborted_at = aborted_at or time.monotonic()
+                if time.monotonic() - aborted_at >= ABANDON_WAIT:
+                    for future, item in list(pending.items()):
+                        future.cancel()
+                        yield ABANDONED, item
+                    pending.clear()
+            continue
         for done in finished:
             item = pending.pop(done)
             for extra in items:

@@ -66,14 +66,18 @@ class SyncState:
 
     dropoff: Path
     run_id: str
-    # key -> the record's JSON line: a string costs a third of the parsed lists, which matters
-    # with 100,000 files; a record is parsed only when it is looked at.
+    # key -> the record's JSON line without its key (``{"sig":...,"files":...}``, see
+    # _line): a string costs a third of the parsed lists and the key is the dict's already,
+    # which matters with a million files; a record is parsed only when it is looked at.
     _lines: dict[str, str] = field(default_factory=dict)
     _journal: TextIO | None = None
     _torn: bool = False  # a journal write failed (a full disk): the next line starts on a line of its own
     _last_fsync: float = 0.0
     _changed: bool = False  # anything to fold into the manifest?
     _lock_token: str = ""  # the token in the owner.json of the lock this run holds
+    #: the merge after an array job (sync/shards.py): every shard task has ended, so a
+    #: shard's lock left behind (a task killed on another node) is stale
+    shards_ended: bool = False
 
     @property
     def root(self) -> Path:
@@ -134,6 +138,21 @@ class SyncState:
                 _remove(staged)
         self._lock_token = token
         self._sweep_lock_leftovers()
+        self._check_others()
+
+    def _check_others(self) -> None:
+        """Refuse (the lock released) while a shard task of an array job writes to the
+        dropoff: each has a lock of its own (``shard-<i>/lock``, sync/shards.py)."""
+        if self.shards_ended:
+            return
+        for lock in sorted(self.root.glob(f"shard-*/{LOCK}")):
+            holder = lock_holder(lock)
+            if holder is not None:
+                self.release()
+                raise PreflightError(
+                    f"a shard of a sharded sync is writing to {self.dropoff} ({holder}); wait for its array job, "
+                    f"or if it is no longer running remove {lock}"
+                )
 
     def _stage_lock(self, lock: Path) -> tuple[Path, str]:
         """A folder holding this run's owner.json, whole and flushed, ready to be renamed."""
@@ -284,13 +303,30 @@ class SyncState:
         for journal in sorted(self.root.glob("journal-*.jsonl")):
             self._changed = True
             self._read_lines(journal)  # a line torn by a kill is skipped the same way
+        for journal in sorted(self.root.glob("shard-*/journal-*.jsonl")):  # a sharded sync's tasks (sync/shards.py): merged here
+            self._changed = True
+            self._read_lines(journal)
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def _read_lines(self, path: Path) -> None:
+        lines = self._lines
         with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
+                # A line this module wrote ({"key":"...","sig":[...],"files":[...]}) is split
+                # at its key, which alone is decoded: a million lines are read in a third of
+                # the time of parsing each. Its rest is parsed when the record is looked at
+                # (get: a damaged one is dropped then). A line that does not end as a whole
+                # record does (one torn by a kill) is parsed here, and skipped when broken.
+                if line.startswith('{"key":"') and line.endswith(("]]}\n", "[]}\n")):
+                    try:
+                        key, end = _scan_string(line, 8)
+                    except ValueError:
+                        continue
+                    if line.startswith(',"sig":[', end):
+                        lines[key] = "{" + line[end + 1 : -1]
+                        continue
                 try:
                     data = json.loads(line)
                     key = data["key"]
@@ -298,16 +334,24 @@ class SyncState:
                         continue
                 except (ValueError, KeyError, TypeError):
                     continue
-                self._lines[key] = line.rstrip("\n")
+                lines[key] = json.dumps({"sig": data["sig"], "files": data["files"]}, separators=(",", ":"))
 
     # -- records ------------------------------------------------------------------------
 
     def get(self, key: str) -> Record | None:
-        line = self._lines.get(key)
-        if line is None:
+        rest = self._lines.get(key)
+        if rest is None:
             return None
-        data = json.loads(line)
-        return Record(data["key"], data["sig"], data["files"])
+        try:
+            data = json.loads(rest)
+            signature, files = data["sig"], data["files"]
+            if not isinstance(signature, list) or not isinstance(files, list):
+                raise TypeError(key)
+        except (ValueError, KeyError, TypeError):  # a damaged line: as if never recorded (its files are checked again)
+            del self._lines[key]
+            self._changed = True
+            return None
+        return Record(key, signature, files)
 
     def __contains__(self, key: str) -> bool:
         return key in self._lines
@@ -322,7 +366,8 @@ class SyncState:
         """Note a finished remote file: journal line, flushed now, fsynced every second.
         A write that fails (a full disk) raises its ``OSError`` and the record is not kept;
         a line it tore is skipped when the journal is read."""
-        line = json.dumps(record.to_json(), separators=(",", ":"))
+        rest = json.dumps({"sig": record.signature, "files": record.files}, separators=(",", ":"))
+        line = _line(record.key, rest)  # the same bytes as json.dumps(record.to_json(), separators=(",", ":"))
         try:
             if self._journal is None:
                 self._journal = open(self.root / f"journal-{self.run_id}.jsonl", "a", encoding="utf-8")
@@ -337,7 +382,7 @@ class SyncState:
             self._torn = True
             self._close_journal()
             raise
-        self._lines[record.key] = line
+        self._lines[record.key] = rest
         self._changed = True
 
     def _close_journal(self) -> None:
@@ -364,12 +409,55 @@ class SyncState:
             finally:
                 self._close_journal()
         if self._changed or not (self.root / MANIFEST).exists():  # a no-op run rewrites nothing
-            lines = (self._lines[k] + "\n" for k in sorted(self._lines))
+            lines = (_line(k, self._lines[k]) + "\n" for k in sorted(self._lines))
             write_whole(self.root / MANIFEST, lambda fh: fh.writelines(itertools.chain([MANIFEST_VERSION], lines)), durable=True)
             self._changed = False
         for journal in self.root.glob("journal-*.jsonl"):
             journal.unlink(missing_ok=True)
+        for folder in self.root.glob("shard-*"):  # the shard tasks' journals, folded in above, and their leftovers
+            for journal in folder.glob("journal-*.jsonl"):
+                journal.unlink(missing_ok=True)
+            _remove(folder)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def close_journal(self) -> None:
+        """Flush this run's journal to disk and close it (it stays for the next load)."""
+        if self._journal is not None:
+            try:
+                self._journal.flush()
+                os.fsync(self._journal.fileno())
+            finally:
+                self._close_journal()
+
+
+def lock_holder(lock: Path) -> str | None:
+    """Who holds the lock folder ``lock`` ("host H, pid P, since S"), or None when there
+    is none or it is stale (its process gone from this host; one without owner older than
+    ``LOCK_GRACE``). A lock of another host is held: this host cannot tell."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        age = time.time() - os.fstat(fd).st_mtime
+        owner, _ = _inspect_lock(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if _gone(owner, age, other_host=False):
+        return None
+    if not owner:
+        return "a lock being taken"
+    return f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, since {owner.get('since', '?')}"
+
+
+_scan_string = json.decoder.scanstring  # type: ignore[attr-defined]  # (C) a JSON string at an offset: (text, end)
+
+
+def _line(key: str, rest: str) -> str:
+    """A record's manifest line from its key and the rest of its JSON object."""
+    return f'{{"key":{json.dumps(key)},{rest[1:]}'
 
 
 def _pid_alive(pid: object, start: str = "") -> bool:

@@ -4,6 +4,7 @@ the audit CSV (in ``fw sync``'s columns) and the JSON summary."""
 from __future__ import annotations
 
 import csv
+import heapq
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,10 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     renamed: int = 0  # entries whose local name is not their remote one (see layout.py)
     moved: int = 0  # files synced under an earlier name, renamed in place to the current one
+    stopped: str = ""  # told to stop before its end (sync/stopping.py): why, as said ("at the time limit")
+    stop_kind: str = ""  # time_limit | max_duration | signal
+    not_synced: int = 0  # entries a stopped run did not get to (not failures: the next run syncs them)
+    listing_cut: bool = False  # stopped before the source's listing ended
 
     def summary(self) -> str:
         return summary_line(self.created, self.updated, self.skipped, self.failed, self.bytes, self.seconds)
@@ -52,15 +57,17 @@ def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: 
     Each is written whole under a temporary name and renamed, so a full disk never leaves
     half a report: it raises :class:`DiskFull` naming the folder and about how many bytes
     the reports need."""
-    rows = [(f.path, f.status, f.existing, f.error, f.action) for f in outcome.files]
-    if state is not None:
-        rows += [(f[0], "skipped", True, "", "") for key in outcome.unchanged for f in _recorded(state, key)]
-    rows.sort(key=lambda row: row[0])
+    rows = sorted(((f.path, f.status, f.existing, f.error, f.action) for f in outcome.files), key=lambda row: row[0])
+    # the unchanged files' rows are all alike: only their paths are held (a no-op re-sync of
+    # a million files must not cost a million tuples), merged in path order when written
+    unchanged = [f[0] for key in outcome.unchanged for f in _recorded(state, key)] if state is not None else []
+    unchanged.sort()
 
     def audit(out: TextIO | _Counter) -> None:
         writer = csv.writer(out)
         writer.writerow(["src_path", "dest_path", "status", "existing", "error_message", "action_taken"])
-        for path, status, existing, error, action in rows:
+        skipped = ((path, "skipped", True, "", "") for path in unchanged)
+        for path, status, existing, error, action in heapq.merge(rows, skipped, key=lambda row: row[0]):
             writer.writerow(["" if action.startswith("Deleted") else path, path, status, str(existing), error, action])
 
     data = {
@@ -73,6 +80,9 @@ def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: 
         "failed": outcome.failed,
         "renamed": outcome.renamed,
         "renamed_in_place": outcome.moved,
+        "stopped": outcome.stopped or None,
+        "stop_kind": outcome.stop_kind or None,
+        "not_synced": outcome.not_synced,
         "bytes": outcome.bytes,
         "seconds": round(outcome.seconds, 3),
         "failures": outcome.failures,

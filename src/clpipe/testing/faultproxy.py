@@ -14,18 +14,26 @@ is de-chunked): meant for test data sets, not for large transfers.
     with FaultProxy("http://127.0.0.1:8042") as proxy:
         proxy.add_fault(r"/series/[^/]+$", "status", count=2, status=503, retry_after="1")
         ...  # point the client at proxy.base_url
+
+A slow network: ``latency`` (seconds slept before every answer) and ``bandwidth`` (bytes/s at
+most for all answers' bodies together; 0: no cap), the :class:`~clpipe.testing.faults.Link`
+of the Flywheel test server; ``proxy.link`` changes them while it runs. From a shell:
+
+    python -m clpipe.testing.faultproxy --upstream http://127.0.0.1:8042 --port 8043 --latency-ms 40 --bandwidth-mbps 100
 """
 
 from __future__ import annotations
 
+import argparse
 import http.client
+import signal
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-from .faults import Fault, Faults, corrupted, write_body
+from .faults import Fault, Faults, Link, corrupted, write_body
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # headers that belong to one connection, not to the message (RFC 9110 7.6.1), plus the
@@ -37,13 +45,16 @@ class FaultProxy:
     """Listen on ``host:port`` (0: a free port) and forward to ``upstream`` (an
     ``http://`` URL on loopback). ``requests`` records ``{method, path, status, fault}``."""
 
-    def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0):
+    def __init__(
+        self, upstream: str, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0, latency: float = 0.0, bandwidth: float = 0.0
+    ):
         parts = urlsplit(upstream)
         if parts.scheme != "http" or parts.hostname not in LOOPBACK or host not in LOOPBACK:
             raise ValueError(f"FaultProxy forwards on loopback only, over http: {upstream!r}")
         self.upstream = (parts.hostname, parts.port or 80)
         self.host, self.port, self.timeout = host, port, timeout
         self.requests: list[dict] = []
+        self.link = Link(latency, bandwidth)
         self._faults = Faults()
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
@@ -126,6 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
+            proxy.link.wait()
             if fault and fault.delay:
                 time.sleep(fault.delay)
             if fault and fault.kind == "drop":
@@ -162,4 +174,34 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        write_body(self, data, fault)
+        write_body(self, data, fault, self.server.proxy.link)  # type: ignore[attr-defined]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m clpipe.testing.faultproxy",
+        description="Forward 127.0.0.1:PORT to an HTTP server on loopback, slowed like a WAN, until SIGTERM/SIGINT.",
+    )
+    parser.add_argument("--upstream", required=True, help="the server to forward to, e.g. http://127.0.0.1:8042")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0 = any free port, printed)")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="a fixed delay before every answer, in ms")
+    parser.add_argument("--bandwidth-mbps", type=float, default=0.0, help="cap all answers together at this many megabits/s (0: no cap)")
+    args = parser.parse_args(argv)
+    if args.latency_ms < 0 or args.bandwidth_mbps < 0:
+        parser.error("--latency-ms and --bandwidth-mbps must not be negative")
+    try:
+        proxy = FaultProxy(args.upstream, port=args.port, latency=args.latency_ms / 1000, bandwidth=args.bandwidth_mbps * 1e6 / 8)
+    except ValueError as exc:
+        parser.error(str(exc))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with proxy:
+        print(f"forwarding {proxy.base_url} -> {args.upstream}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,43 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 
 FAULT_KINDS = ("status", "drop", "truncate", "reset", "delay", "corrupt")
+LINK_CHUNK = 64 << 10  # bytes sent at once through a capped link
+
+
+class Link:
+    """A simulated wide-area link in front of a test server: ``latency`` seconds slept before
+    every answer (a fixed delay per request, whatever its size) and ``bandwidth`` bytes per
+    second at most for all the answers' bodies together (0: no cap), as one shared line.
+    Both may be changed while the server runs."""
+
+    def __init__(self, latency: float = 0.0, bandwidth: float = 0.0) -> None:
+        if latency < 0 or bandwidth < 0:
+            raise ValueError("latency and bandwidth must not be negative")
+        self.latency, self.bandwidth = latency, bandwidth
+        self._free_at = 0.0  # when the shared line has sent what it was given
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        """The delay of one request (before its answer)."""
+        if self.latency > 0:
+            time.sleep(self.latency)
+
+    def send(self, wfile, data: bytes) -> None:
+        """Write ``data`` to ``wfile``, no faster than ``bandwidth`` (shared by all senders)."""
+        if self.bandwidth <= 0:
+            wfile.write(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), LINK_CHUNK):
+            chunk = view[start : start + LINK_CHUNK]
+            with self._lock:
+                begin = max(time.monotonic(), self._free_at)
+                self._free_at = begin + len(chunk) / self.bandwidth
+                done = self._free_at
+            pause = done - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            wfile.write(chunk)
 
 
 @dataclass
@@ -89,11 +126,12 @@ def corrupted(data: bytes, fault: Fault | None) -> bytes:
     return data[:lo] + bytes(b ^ 0xFF for b in data[lo:hi]) + data[hi:]
 
 
-def write_body(handler: BaseHTTPRequestHandler, data: bytes, fault: Fault | None) -> None:
+def write_body(handler: BaseHTTPRequestHandler, data: bytes, fault: Fault | None, link: Link | None = None) -> None:
     """Send the body after the headers: whole, or, for a "truncate"/"reset" fault, half of it
-    and then a clean close / a TCP reset."""
+    and then a clean close / a TCP reset; through ``link``'s bandwidth cap when given."""
+    send = link.send if link is not None else lambda wfile, chunk: wfile.write(chunk)
     if fault and fault.kind in ("truncate", "reset"):
-        handler.wfile.write(data[: len(data) // 2])
+        send(handler.wfile, data[: len(data) // 2])
         handler.wfile.flush()
         handler.close_connection = True  # the client is left waiting for the rest: EOF
         if fault.kind == "reset":  # RST, not FIN: the client's next read fails with ECONNRESET
@@ -101,4 +139,4 @@ def write_body(handler: BaseHTTPRequestHandler, data: bytes, fault: Fault | None
             handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             handler.connection.close()
         return
-    handler.wfile.write(data)
+    send(handler.wfile, data)

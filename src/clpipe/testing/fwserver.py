@@ -7,11 +7,14 @@ file download with flywheel-sdk 23. The data is a tree of plain dataclasses
 the server reads the tree on every request, so tests can change it in place between syncs.
 
 Faults (error statuses, dropped or truncated connections, delays, corrupted bodies) can be
-injected per request path to test a client's error handling. The API key is never logged or
-recorded.
+injected per request path to test a client's error handling; a wide-area network can be
+simulated (a fixed delay before every answer, a bandwidth cap: ``FlywheelTestServer.link``,
+``--latency-ms`` and ``--bandwidth-mbps``). Bulk downloads (``POST /api/download``, then a
+tar from ``GET /api/download?ticket=``) work as in scitran core. The API key is never logged
+or recorded.
 
 Run ``python -m clpipe.testing.fwserver --port 8123 --key demo-key`` to serve a demo project
-``fw://lab/study`` on 127.0.0.1.
+``fw://lab/study`` on 127.0.0.1 (``--latency-ms 40`` to answer every request 40 ms late).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import socket
 import socketserver
 import struct
 import sys
+import tarfile
 import threading
 import time
 import zipfile
@@ -41,7 +45,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .faults import Fault, Faults, corrupted, write_body
+from .faults import Fault, Faults, Link, corrupted, write_body
 
 log = logging.getLogger(__name__)
 
@@ -507,10 +511,29 @@ class FlywheelTestServer:
     ``targets_hash`` adds each file's hash to the ``download/targets`` lines (off: real
     listings carry none); ``file_hashes`` (on) gives it in the file entries of containers
     (``GET containers/{id}`` and the per-level container endpoints).
+
+    A slow network is simulated by ``link`` (:class:`~clpipe.testing.faults.Link`):
+    ``latency`` seconds slept before every answer and ``bandwidth`` bytes/s at most for all
+    bodies together (0: no cap); both can be changed at any time (``srv.link.latency = 0.04``).
+
+    Bulk downloads (``POST /api/download`` with nodes and filters gives a ticket, ``GET
+    /api/download?ticket=T`` a tar of the files) are built as in scitran core: member paths
+    ``[<prefix>/]<group>/<project>/<subject>/<session>/<acquisition>/<file name>`` (the
+    prefix only for a project node), each label cleaned by :func:`clean_label`, a container
+    path already taken by another container gets ``_0``, ``_1``, ...; a file listed in
+    ``missing_content`` (``(acquisition id, file name)``) arrives as an empty
+    ``<path>.MISSING`` member. The tar is built in memory: for test-sized data.
     """
 
     def __init__(
-        self, projects: list[Project] | None = None, api_keys=("demo-key",), host: str = "127.0.0.1", port: int = 0, release: str = "23.0.0"
+        self,
+        projects: list[Project] | None = None,
+        api_keys=("demo-key",),
+        host: str = "127.0.0.1",
+        port: int = 0,
+        release: str = "23.0.0",
+        latency: float = 0.0,
+        bandwidth: float = 0.0,
     ):
         self.projects: list[Project] = list(projects or [])
         # A set passed in is used as is, so the caller can also revoke keys through it.
@@ -520,6 +543,9 @@ class FlywheelTestServer:
         self.file_hashes = True  # False: file entries of containers carry no hash (a server that gives none)
         self.requests: list[dict] = []
         self.uploads: list[tuple[str, bytes]] = []
+        self.link = Link(latency, bandwidth)
+        self.missing_content: set[tuple[str, str]] = set()  # (acquisition id, file name): ".MISSING" in a tar
+        self._tickets: dict[str, list[tuple[str, FwFile | None]]] = {}
         self._faults = Faults()
         self._lock = threading.RLock()
         self._httpd: _HTTPServer | None = None
@@ -636,6 +662,8 @@ class FlywheelTestServer:
         """Return (status, body bytes, content type) for an /api request, or raise ApiError."""
         if parts == ["config"] and method == "GET":  # the only call made without a key
             return _json({"features": {}, "site": {}})  # no signed URLs: files come from /api
+        if parts == ["download"] and method == "GET" and query.get("ticket"):  # the ticket is the permission
+            return self._download_tar(query["ticket"])
         if not auth_ok:
             raise ApiError(401, "Invalid or expired API key", "Authentication required")
         kinds = {"projects": "project", "subjects": "subject", "sessions": "session", "acquisitions": "acquisition"}
@@ -672,7 +700,7 @@ class FlywheelTestServer:
                 node = self._node(parts[1], kinds[parts[0]])
                 if n == 2:
                     return _json(self._container_json(node))
-                if children.get(node.kind) == parts[2]:
+                if children.get(node.kind) == parts[2] or (node.kind, parts[2]) == ("project", "sessions"):
                     items = [c for c in self._nodes() if c.kind == kinds[parts[2]] and getattr(c, node.kind) is node.obj]
                     return _json(_page([self._container_json(c) for c in items], query))
         elif method == "POST":
@@ -680,6 +708,8 @@ class FlywheelTestServer:
                 return _json(self._lookup(_json_body(body).get("path") or []))
             if parts == ["download", "targets"]:
                 return self._download_targets(_json_body(body))
+            if parts == ["download"]:
+                return self._download_ticket(_json_body(body), query)
             if n == 3 and parts[0] in kinds and parts[2] == "files":
                 self._node(parts[1], kinds[parts[0]])
                 return _json(self._upload(body, ctype))
@@ -732,6 +762,74 @@ class FlywheelTestServer:
                     target["hash"] = f.hash
                 lines.append(json.dumps(target))
         return 200, "".join(line + "\n" for line in lines).encode(), "application/x-ndjson"
+
+    def _download_ticket(self, payload: dict, query: dict):
+        """``POST download``: the files of ``nodes`` that pass ``filters`` as a ticket for one
+        tar (scitran core's preflight; see the class docstring for the member paths)."""
+        if query.get("bulk", "").lower() in ("true", "1"):
+            raise ApiError(400, "Bulk downloads of listed files are not supported by this test server")
+        filters = payload.get("filters") or []
+        prefix = query.get("prefix", "scitran")
+        paths: dict[str, str] = {}  # container id -> its path in the tar
+        targets: list[tuple[str, FwFile | None]] = []
+        size = 0
+
+        def path_of(parent: str, label: str, cid: str) -> str:
+            if cid not in paths:  # a new container: its path, unless another's already
+                base = f"{parent}/{clean_label(label)}" if parent else clean_label(label)
+                taken, path, n = set(paths.values()), base, 0
+                while path in taken:
+                    path, n = f"{base}_{n}", n + 1
+                paths[cid] = path
+            return paths[cid]
+
+        nodes = {(n.kind, n.obj.id): n for n in self._nodes()}
+        for item in payload.get("nodes") or []:
+            top = nodes.get((item.get("level"), item.get("_id"))) if isinstance(item, dict) else None
+            if top is None:
+                continue  # as core: a missing (or forbidden) node is skipped
+            for node in top.project.walk():
+                if node.kind != "acquisition" or getattr(node, top.kind) is not top.obj:
+                    continue
+                head = f"{prefix}/" if top.kind == "project" and prefix else ""
+                project = path_of(head + clean_label(node.project.group), node.project.label, node.project.id)
+                subject = path_of(project, node.subject.label, node.subject.id)
+                session = path_of(subject, node.session.label, node.session.id)
+                path = path_of(session, node.acquisition.label, node.obj.id)
+                for f in node.obj.files:
+                    if filters and not any(_passes(flt, f.type) for flt in filters if isinstance(flt, dict)):
+                        continue
+                    if (node.obj.id, f.name) in self.missing_content:
+                        targets.append((f"{path}/{f.name}.MISSING", None))
+                    else:
+                        targets.append((f"{path}/{f.name}", f))
+                        size += f.size
+        if not targets:
+            raise ApiError(404, "No requested containers could be found")
+        ticket = hashlib.sha1(os.urandom(16)).hexdigest()
+        filename = f"{prefix or 'scitran'}_{datetime.now(timezone.utc):%Y%m%d_%H%M%S}.tar"
+        with self._lock:
+            self._tickets[ticket] = targets
+        return _json({"ticket": ticket, "file_cnt": len(targets), "size": size, "filename": filename})
+
+    def _download_tar(self, ticket: str):
+        """``GET download?ticket=T``: the ticket's files as one (uncompressed) tar."""
+        with self._lock:
+            targets = self._tickets.get(ticket)
+        if targets is None:
+            raise ApiError(404, "no such ticket")
+        out = []
+        for path, f in targets:
+            info = tarfile.TarInfo(path)
+            info.size = f.size if f is not None else 0
+            info.mtime = int((f.modified if f is not None else FIXED_TIME).timestamp())
+            info.mode = 0o644
+            out.append(info.tobuf(tarfile.PAX_FORMAT))
+            if f is not None:
+                out += [f.content, b"\0" * (-f.size % tarfile.BLOCKSIZE)]
+        out.append(b"\0" * (2 * tarfile.BLOCKSIZE))
+        data = b"".join(out)
+        return 200, data + b"\0" * (-len(data) % tarfile.RECORDSIZE), "application/octet-stream"
 
     def _file_response(self, node: Node, name: str, query: dict):
         files = getattr(node.obj, "files", [])
@@ -865,6 +963,22 @@ class FlywheelTestServer:
         return d
 
 
+def clean_label(label: str) -> str:
+    """A container label as a path component of a bulk download (scitran core): only ASCII
+    letters, digits, space, ``.``, ``_`` and ``-`` kept; ``untitled`` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9 ._-]", "", label) or "untitled"
+
+
+def _passes(flt: dict, ftype: str | None) -> bool:
+    """Whether a file of type ``ftype`` passes one download filter's ``types``
+    (``{"+": [...], "-": [...]}``, or ``plus``/``minus`` as the SDK sends them)."""
+    types = flt.get("types") or {}
+    plus = {t.lower() for t in (types.get("+") or []) + (types.get("plus") or [])}
+    minus = {t.lower() for t in (types.get("-") or []) + (types.get("minus") or [])}
+    have = {ftype.lower()} if ftype else set()
+    return not (minus & have) and (not plus or bool(plus & have))
+
+
 def _json(obj) -> tuple[int, bytes, str]:
     return 200, json.dumps(obj).encode(), "application/json; charset=utf-8"
 
@@ -931,6 +1045,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._fault = fault = app._faults.take(self.command, path)
         try:
             body = self._read_body()  # always read it, so a kept-alive connection stays in step
+            app.link.wait()
             if fault and fault.delay:
                 time.sleep(fault.delay)
             if fault and fault.kind == "drop":
@@ -985,7 +1100,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        write_body(self, data, fault)
+        write_body(self, data, fault, self.server.app.link)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1006,7 +1121,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--url-file", help="write the `fw login` string here once listening")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="a fixed delay before every answer, in ms (a WAN's round trip)")
+    parser.add_argument("--bandwidth-mbps", type=float, default=0.0, help="cap all answers together at this many megabits/s (0: no cap)")
     args = parser.parse_args(argv)
+    if args.latency_ms < 0 or args.bandwidth_mbps < 0:
+        parser.error("--latency-ms and --bandwidth-mbps must not be negative")
     if ":" in args.key or not args.key:
         parser.error("--key must be non-empty and contain no ':'")
 
@@ -1016,7 +1135,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    srv = FlywheelTestServer([project], api_keys={args.key}, host="127.0.0.1", port=args.port)
+    srv = FlywheelTestServer(
+        [project],
+        api_keys={args.key},
+        host="127.0.0.1",
+        port=args.port,
+        latency=args.latency_ms / 1000,
+        bandwidth=args.bandwidth_mbps * 1e6 / 8,
+    )
     srv.start()
     login = srv.login_key(args.key)
     try:
