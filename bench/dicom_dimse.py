@@ -658,6 +658,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "- native = `bench/dicom_dimse.py --native` (a fresh interpreter: DimseSource + Engine as `clpipe dicom` "
             "runs them: C-FIND listing, then C-GET (or C-MOVE) per series, into an empty dropoff; clpipe's own "
             "DICOM network code); getscu = one dcmtk `getscu -P` (Patient Root, PATIENT level) per patient, "
+            "or one `getscu -S` (Study Root, SERIES level) per series from `xargs -P N` (the series' UIDs given), "
             "TCP_NODELAY=1, from sh; pynetdicom = `bench/dicom_dimse.py --pynetdicom` (a fresh interpreter: one "
             "pynetdicom association and Patient Root C-GET per patient, clpipe's storage contexts with SCP role "
             "selection, max PDU unlimited, TCP_NODELAY, LOG_HANDLER_LEVEL none, files from "

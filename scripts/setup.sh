@@ -29,25 +29,21 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; th
 fi
 
 if [ "$mode" != "--demo" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  # strace: the tests watch every command line clpipe's children run, to prove no secret is on one
-  if ! command -v strace >/dev/null; then
-    log "installing Debian packages: strace"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null
-  fi
-  # lmod: the environment-module tests load clpipe's modulefile with the real Lmod
-  if [ ! -e /usr/share/lmod/lmod/init/bash ]; then
-    log "installing Debian packages: lmod"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lmod >/dev/null
-  fi
-  # dcm2niix: a new project's dropoff is converted at dcm2niix's default search depth (tests/integration/test_layout_default.py)
-  if ! command -v dcm2niix >/dev/null; then
-    log "installing Debian packages: dcm2niix"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcm2niix >/dev/null
-  fi
-  # chromium: the `clpipe dicom status -html` page is loaded in a real headless browser (tests/integration/test_status.py)
-  if ! command -v chromium >/dev/null; then
-    log "installing Debian packages: chromium"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  # Debian packages the tests use, each installed when missing (one `apt-get update` for all):
+  #   strace    the tests watch every command line clpipe's children run, to prove no secret is on one
+  #   lmod      the environment-module tests load clpipe's modulefile with the real Lmod
+  #   dcm2niix  a new project's dropoff is converted at dcm2niix's default search depth (test_layout_default.py)
+  #   chromium  the `clpipe dicom status -html` page is loaded in a real headless browser (test_status.py)
+  #   rsync     the file:// benchmark's peer (bench/dicom_folder.py; its quick mode runs in the tests)
+  missing=()
+  command -v strace >/dev/null || missing+=(strace)
+  [ -e /usr/share/lmod/lmod/init/bash ] || missing+=(lmod)
+  command -v dcm2niix >/dev/null || missing+=(dcm2niix)
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v rsync >/dev/null || missing+=(rsync)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 fi
 

@@ -117,14 +117,14 @@ def test_hashes_come_from_one_listing_per_session_or_else_per_container(tmp_path
     """Zipped series (no bulk path): the hashes of 8 acquisitions' files are fetched ahead,
     one listing per session; when those listings fail, one request per container, as
     before; either way every file is checked against its hash."""
-    project = make_demo_project(subjects=2, sessions=2, acquisitions=2, slices=2, fast=True)
+    project = make_demo_project(subjects=2, sessions=2, acquisitions=2, slices=2, fast=True, single_dicoms=False)
     acquisitions = sum(1 for node in project.walk() if node.kind == "acquisition")
     with FlywheelTestServer([project], api_keys={KEY}) as server:
         server.add_fault(r"\.zip$", "corrupt", count=1)  # caught by the prefetched hash, fetched again
         outcome = engine_sync(server, tmp_path / "ahead")
         n = counts(server)
         assert outcome.failed == 0 and n["container"] == 0 and n["listing"] == 1 + sessions_of(project), n
-        assert n["file"] == sum(1 for _, f in project.iter_files() if f.type == "dicom") + 1
+        assert n["file"] == acquisitions + 1  # one zip each, one of them twice
         mark = len(server.requests)
         server.add_fault(r"/acquisitions$", "status", status=500)
         outcome = engine_sync(server, tmp_path / "per-container")
@@ -315,6 +315,8 @@ def test_the_servers_tar_paths(tmp_path):
                 "mine" + name.removeprefix("scitran") for name in project_tar
             }
             assert api.get("/download", params={"ticket": "nope"}).status_code == 404
+            ticket = api.post("/download", json={"nodes": [{"level": "session", "_id": session_b.id}]}).json()["ticket"]
+            assert api.get("/download", params={"ticket": ticket, "format": "zip"}).status_code == 400
             assert api.post("/download", json={"nodes": [{"level": "session", "_id": "0" * 24}]}).status_code == 404
 
 

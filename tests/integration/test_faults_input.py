@@ -449,3 +449,19 @@ def test_a_listing_that_keeps_failing_ends_the_run_in_one_line(no_fw_env, tmp_pa
         assert "Flywheel listing of the project failed with HTTP 503" in line and "3 times" in line, err
         assert sum("download/targets" in r["path"] for r in server.requests) == 3
         assert not dicoms(config.parent / "data_DICOMs")
+
+
+@pytest.mark.parametrize("path", ["/api/auth/status", "/api/lookup"])
+def test_a_dropped_connection_at_the_start_is_tried_again(no_fw_env, tmp_path, path):
+    """The login check and the project's lookup, the run's first requests: a connection
+    the site drops (a proxy blinking while a requeued job starts) is tried again, not the
+    end of the job."""
+    project = make_demo_project(subjects=1, sessions=1, acquisitions=1, slices=2)
+    with FlywheelTestServer(projects=[project], api_keys={KEY}) as server:
+        login(no_fw_env, server)
+        server.add_fault(re.escape(path) + "$", "drop", count=2)
+        config = new_project(tmp_path / "p")
+        code, out, err, _ = run(no_fw_env, config)
+        assert code == 0, out + err
+        assert dicoms(config.parent / "data_DICOMs") == project.expected_dicom_paths(strip_root=True)
+        assert sum(r["path"] == path for r in server.requests) == 3

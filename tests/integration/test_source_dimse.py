@@ -677,6 +677,9 @@ def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
     for name in (
         "getscu, per patient",
         "getscu, per patient, 3 at once",
+        "getscu, per series, xargs -P 2",
+        "getscu, per series, xargs -P 4",
+        "getscu, per series, xargs -P 8",
         "native C-GET, 4 jobs",
         "native C-GET, 4 jobs, no-op re-sync",
         "native C-GET, 1 job",

@@ -620,10 +620,24 @@ def test_a_full_dropoff_is_not_blamed_on_the_source(own_tree, tmp_path, monkeypa
 
 def test_benchmark_quick_mode_runs_every_peer(tmp_path):
     """bench/dicom_folder.py --quick: every peer runs and is checked; nothing is saved."""
+    import re
+
     out, _ = run_quick_bench("dicom_folder.py", "dicom_folder.md", "--workdir", tmp_path, timeout=300)
     rows = [line for line in out.splitlines() if line.startswith("| quick | 1 |")]
     names = [row.split("|")[3].strip() for row in rows]
-    assert names == ["cp -r full", "native full", "native no-op", "native jobs=1 full", "clpipe dicom sync full", "clpipe dicom sync no-op"]
+    assert names == [
+        "cp -r full",
+        "rsync -a full",
+        "rsync -a no-op",
+        "native full",
+        "native no-op",
+        "native jobs=1 full",
+        "clpipe dicom sync full",
+        "clpipe dicom sync no-op",
+    ]
+    assert re.search(
+        r"^\| quick: native no-op / rsync -a no-op, median of the rounds' ratios \| [\d.]+ .*\| <= 1.0 \| (met|NOT met) \|$", out, re.M
+    )
     assert all(row.rstrip().endswith("| ok |") for row in rows), rows
 
 

@@ -159,17 +159,28 @@ class FlywheelAPI:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, attempts: int = LISTING_ATTEMPTS, **kwargs: Any) -> httpx.Response:
+        """One request of the run's start (the login check, the project's lookup; both only
+        read): a connection dropped, refused or timed out is tried again, ``attempts`` times
+        in all, 1, 2 ... s apart (a job starting while the site or its proxy blinks, or a
+        requeued job meeting the connections its last allocation left), then one clear error."""
         site = self.credentials.api_url
-        try:
-            response = self._client.request(method, path, **kwargs)
-        except httpx.TimeoutException:
-            raise PreflightError(f"Flywheel at {site} did not answer in time; check the site is up and reachable from this node") from None
-        except httpx.TransportError as exc:
-            raise PreflightError(
-                f"cannot reach Flywheel at {site} ({exc.__class__.__name__}: {exc}); check the network, "
-                f"or log in again with `fw login` if your site's address changed"
-            ) from None
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self._client.request(method, path, **kwargs)
+                break
+            except httpx.TransportError as exc:
+                if attempt < attempts:
+                    time.sleep(2 ** (attempt - 1))
+                    continue
+                if isinstance(exc, httpx.TimeoutException):
+                    raise PreflightError(
+                        f"Flywheel at {site} did not answer in time; check the site is up and reachable from this node"
+                    ) from None
+                raise PreflightError(
+                    f"cannot reach Flywheel at {site} ({exc.__class__.__name__}: {exc}); check the network, "
+                    f"or log in again with `fw login` if your site's address changed"
+                ) from None
         if response.status_code == 401:
             raise PreflightError(
                 f"Flywheel at {site} rejected the saved API key (expired or revoked); log in again with `fw login <SITE>:<NEW API KEY>`"
@@ -460,7 +471,7 @@ class FlywheelSource:
             if is_zip:  # unpacked into a folder named after the zip
                 leaf = _ZIP_SUFFIX.sub("", leaf) or "_"
             name = portable_name(leaf)
-            if not sidecar and not is_zip:
+            if not sidecar:  # (zips too: their hashes are prefetched by session; bulk_batches leaves them out)
                 self._note_bulk(head, str(target.get("container_id")), url)
             if not resolver.add(folder, key, name, name == leaf, is_zip):
                 continue  # the server may list a file twice (fw skips repeats too)
@@ -586,18 +597,21 @@ class FlywheelSource:
             return
         try:
             sessions = self._pages(f"/projects/{url_segment(self._project_id)}/sessions")
-        except (httpx.HTTPError, ValueError, TypeError, AttributeError):
+        except (httpx.HTTPError, ValueError, TypeError, AttributeError, KeyError):  # then per container
             return
         wanted = [
             str(s["_id"])
             for s in sessions
-            if isinstance(s, dict) and "_id" in s and ((s.get("subject") or {}).get("label"), s.get("label")) in labels
+            if isinstance(s, dict)
+            and "_id" in s
+            and isinstance(s.get("subject"), dict)
+            and (s["subject"].get("label"), s.get("label")) in labels
         ]
 
         def expand(session_id: str) -> None:
             try:
                 acquisitions = self._pages(f"/sessions/{url_segment(session_id)}/acquisitions")
-            except (httpx.HTTPError, ValueError, TypeError, AttributeError):
+            except (httpx.HTTPError, ValueError, TypeError, AttributeError, KeyError):  # then per container
                 return
             for acq in acquisitions:
                 if isinstance(acq, dict) and isinstance(acq.get("_id"), str) and isinstance(acq.get("files"), list):

@@ -144,7 +144,8 @@ def _fetch_batch(
                     continue
                 matched += 1
                 part = f"{stem}-{seen}.part"
-                ok = _write_member(archive, member, part, entry, expected[member.name], progress)
+                # a member of another size is not written at all (it is read past)
+                ok = _write_member(archive, member, part, entry, expected[member.name], progress) if member.size == entry.size else None
                 with lock:
                     if ok is None:
                         staged.rejected += 1
@@ -184,13 +185,3 @@ def _write_member(
         return None
     progress.advance(received)
     return digest is not None
-
-
-def discard(staged: Staged) -> None:
-    """Remove the parts nobody placed (e.g. the run stopped first)."""
-    for part, _ in staged.parts.values():
-        try:
-            os.unlink(part)
-        except OSError:
-            pass
-    staged.parts.clear()

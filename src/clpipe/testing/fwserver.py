@@ -663,6 +663,8 @@ class FlywheelTestServer:
         if parts == ["config"] and method == "GET":  # the only call made without a key
             return _json({"features": {}, "site": {}})  # no signed URLs: files come from /api
         if parts == ["download"] and method == "GET" and query.get("ticket"):  # the ticket is the permission
+            if query.get("format", "tar") != "tar":
+                raise ApiError(400, f"Download format {query['format']!r} is not supported by this test server (only tar)")
             return self._download_tar(query["ticket"])
         if not auth_ok:
             raise ApiError(401, "Invalid or expired API key", "Authentication required")
