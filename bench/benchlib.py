@@ -96,6 +96,22 @@ def run_measured(cmd: list[str], env: dict, log: Path, timeout: float, cwd: Path
     return Measured(seconds, cpu, peak[0] / MB, code, log.read_text(errors="replace"))
 
 
+def isolated_env(home: Path, fw: Path) -> dict[str, str]:
+    """The environment of a benchmark's runs: its own HOME (so its own `fw login`, made in
+    ``home``, which is created), no proxy, and ``fw``'s folder first on PATH with no other fw."""
+    home.mkdir()
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and not Path(p, "fw").exists()]
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(
+        HOME=str(home),
+        FLYWHEEL_USER_HOME=str(home),
+        PYTHONWARNINGS="ignore",
+        NO_PROXY="127.0.0.1,localhost",
+        PATH=os.pathsep.join([str(fw.parent), *path]),
+    )
+    return env
+
+
 def last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else ""

@@ -32,7 +32,7 @@ from urllib.parse import quote
 
 import benchlib
 import httpx
-from benchlib import MB, machine, run_measured
+from benchlib import MB, isolated_env, machine, run_measured
 
 from clpipe.testing import fwserver
 
@@ -530,16 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="clpipe-bench-", dir=args.workdir))
     home = work / "home"
-    home.mkdir()
-    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and not Path(p, "fw").exists()]
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env.update(
-        HOME=str(home),
-        FLYWHEEL_USER_HOME=str(home),
-        PYTHONWARNINGS="ignore",
-        NO_PROXY="127.0.0.1,localhost",
-        PATH=os.pathsep.join([str(args.fw.parent), *path]),
-    )
+    env = isolated_env(home, args.fw)
     runs: list[Run] = []
     if args.million:
         try:

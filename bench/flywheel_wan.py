@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import flywheel_sync as fs
-from benchlib import machine
+from benchlib import isolated_env, machine
 
 from clpipe.testing import fwserver
 
@@ -93,16 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="clpipe-bench-wan-", dir=args.workdir))
     home = work / "home"
-    home.mkdir()
-    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and not Path(p, "fw").exists()]
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env.update(
-        HOME=str(home),
-        FLYWHEEL_USER_HOME=str(home),
-        PYTHONWARNINGS="ignore",
-        NO_PROXY="127.0.0.1,localhost",
-        PATH=os.pathsep.join([str(args.fw.parent), *path]),
-    )
+    env = isolated_env(home, args.fw)
     runs: list[fs.Run] = []
     try:
         t0 = time.perf_counter()

@@ -402,12 +402,7 @@ class SyncState:
         """Fold everything into manifest.jsonl and drop the journals. A full disk raises
         its ``OSError`` and leaves the manifest as it was and the journals in place (the
         next run replays them)."""
-        if self._journal is not None:
-            try:
-                self._journal.flush()
-                os.fsync(self._journal.fileno())
-            finally:
-                self._close_journal()
+        self.close_journal()
         if self._changed or not (self.root / MANIFEST).exists():  # a no-op run rewrites nothing
             lines = (_line(k, self._lines[k]) + "\n" for k in sorted(self._lines))
             write_whole(self.root / MANIFEST, lambda fh: fh.writelines(itertools.chain([MANIFEST_VERSION], lines)), durable=True)
