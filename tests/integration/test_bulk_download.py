@@ -226,6 +226,40 @@ def test_a_stop_while_tars_stream_starts_no_tar_and_places_nothing_half(tmp_path
     assert files_under(dropoff) == expected
 
 
+def test_what_a_tar_brought_before_a_stop_is_placed(tmp_path):
+    """Stopped at the time limit (a grace for the transfers under way) while the tars
+    stream: the files of a tar that had arrived whole are placed and journalled (renames
+    only), so a continuation starts with them done; the rest is not synced."""
+    from clpipe.sync.stopping import TIME_LIMIT, StopRequest
+
+    project = singles(subjects=2, sessions=4)  # 8 sessions: 8 tars, 4 at once
+    expected = project.expected_dicom_paths(strip_root=True)
+    dropoff = tmp_path / "dropoff"
+    with FlywheelTestServer([project], api_keys={KEY}) as server:
+        server.add_fault(r"^/api/download$", "delay", method="GET", delay=0.0, count=1)  # the first tar at once
+        server.add_fault(r"^/api/download$", "delay", method="GET", delay=3.0)  # the others late
+        request = StopRequest()
+        request.after(1.0, "at the time limit", TIME_LIMIT, 10.0)
+        source = FlywheelSource(credentials_from_api_key(server.login_key(KEY)), jobs=4)
+        state = SyncState(dropoff, "run-stop")
+        state.acquire()
+        try:
+            state.load()
+            options = Options(dropoff=dropoff, zip_tmp=tmp_path / "z", jobs=4, retries=1, backoff=0.01, stop=request)
+            outcome = Engine(source, state, options).run(source.entries(source.api.lookup_project(URL)["_id"], URL, DICOM_ONLY, {}))
+            state.save()
+        finally:
+            state.release()
+            source.close()
+        landed = files_under(dropoff)
+        assert outcome.created > 0 and outcome.created == len(landed) < len(expected), (outcome.created, len(landed))
+        assert outcome.not_synced > 0 and outcome.failed == 0
+        assert all(expected[path] == data for path, data in landed.items())
+        recorded = SyncState(dropoff, "check")
+        recorded.load()
+        assert len(recorded) == len(landed)  # journalled: the next run skips them
+
+
 def test_no_hash_on_the_server_is_said(tmp_path):
     project = singles(subjects=1, sessions=1)
     with FlywheelTestServer([project], api_keys={KEY}) as server:

@@ -401,8 +401,16 @@ class Engine:
                 archive.unlink(missing_ok=True)
 
     def _with_retries(self, entry: RemoteEntry, progress: Progress) -> list[list]:
-        """:meth:`_fetch`, tried again after each transient fault (sync/transfer.py)."""
+        """:meth:`_fetch`, tried again after each transient fault (sync/transfer.py). A file
+        already staged from a bulk tar is placed even when the run is stopping (a rename:
+        what arrived is kept), unless transfers are being abandoned."""
+        if entry.key in self._staged and not self._abort.is_set():
+            return self._fetch(entry, progress)
         return self._retry.run(lambda: self._fetch(entry, progress), entry.describe, self._stop)
+
+    def _placeable(self, entry: RemoteEntry) -> bool:
+        """Worth starting even when the run is stopping: staged already, a rename to do."""
+        return entry.key in self._staged and not self._abort.is_set()
 
     # -- the run -------------------------------------------------------------------------
 
@@ -510,9 +518,13 @@ class Engine:
         unsynced: list[RemoteEntry] = []
         try:
             self._bulk(todo, progress, jobs, outcome)
+            if self._staged:  # what a tar brought first: placed even if a stop came while the tars streamed
+                todo.sort(key=lambda item: item[0].key not in self._staged)
             with _closing(ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sync"), self._request) as pool:
                 try:
-                    for future, (entry, existing) in _bounded(pool, self._with_retries, todo, progress, jobs * 4, self._stop, self._abort):
+                    for future, (entry, existing) in _bounded(
+                        pool, self._with_retries, todo, progress, jobs * 4, self._stop, self._abort, self._placeable
+                    ):
                         try:
                             if future is None or future is ABANDONED:  # never started, or left behind: the run stopped first
                                 self._request.abandoned += future is ABANDONED
@@ -710,11 +722,19 @@ def _closing(pool: ThreadPoolExecutor, request: StopRequest):
 
 
 def _bounded(
-    pool: ThreadPoolExecutor, work, todo: list, progress: Progress, window: int, stop: threading.Event, abort: threading.Event | None = None
+    pool: ThreadPoolExecutor,
+    work,
+    todo: list,
+    progress: Progress,
+    window: int,
+    stop: threading.Event,
+    abort: threading.Event | None = None,
+    placeable=lambda entry: False,
 ):
     """Run ``work(entry, progress)`` for every item, keeping at most ``window`` in flight
     (a queue of 100,000 futures would cost memory for nothing); yield each as it ends.
-    Once ``stop`` is set no more are started: each of the rest is yielded with ``None``.
+    Once ``stop`` is set no more are started (but those ``placeable(entry)`` says are cheap
+    to finish: staged already): each of the rest is yielded with ``None``.
     Once ``abort`` is set, those still running :data:`ABANDON_WAIT` seconds later are
     yielded with :data:`ABANDONED` (left running in their threads)."""
     pending: dict = {}
@@ -738,7 +758,7 @@ def _bounded(
         for done in finished:
             item = pending.pop(done)
             for extra in items:
-                if stop.is_set():
+                if stop.is_set() and not placeable(extra[0]):
                     yield None, extra
                     continue
                 pending[pool.submit(work, extra[0], progress)] = extra
