@@ -265,8 +265,6 @@ class SessionStates:
         records = session_states.with_states(records, now, plan.stable_after, bids)
         tsv = str(Path(plan.audit_csv).with_suffix(".sessions.tsv"))
         made = cls(previous, records, tsv)
-        if plan.sync_options.dry_run:
-            return made
         try:
             session_states.save(plan.dropoff, records, plan.run_id)
         except OSError as exc:
@@ -277,10 +275,8 @@ class SessionStates:
 
     def report(self, plan: SyncPlan) -> None:
         """The run's changes: the sessions TSV (every run, a header at least) and the rows
-        of clpipe's status_log.csv (only sessions whose state changed). A dry run writes
-        neither."""
-        if plan.sync_options.dry_run:
-            return
+        of clpipe's status_log.csv (only sessions whose state changed). (A dry run makes no
+        SessionStates: it writes neither.)"""
         changed = session_states.changes(self.previous, self.records)
         folders = [(Path(plan.sync_logs), ""), (Path(plan.project_dir) / ".pipeline", "")]
         try:

@@ -404,7 +404,7 @@ class Engine:
         """:meth:`_fetch`, tried again after each transient fault (sync/transfer.py). A file
         already staged from a bulk tar is placed even when the run is stopping (a rename:
         what arrived is kept), unless transfers are being abandoned."""
-        if entry.key in self._staged and not self._abort.is_set():
+        if self._placeable(entry):
             return self._fetch(entry, progress)
         return self._retry.run(lambda: self._fetch(entry, progress), entry.describe, self._stop)
 

@@ -52,7 +52,6 @@ from .fileio import write_whole
 SESSIONS = "sessions.json"
 FORMAT = 1
 STATES = ("complete", "arriving", "partial", "new", "removed", "converted")
-BASES = ("synced", "partial", "new", "removed")
 MAX_FAILURES = 20  # failures kept per session (the audit CSV has them all)
 TSV_HEADER = ("subject", "session", "old_state", "new_state", "path")
 STATUS_LOG_HEADER = ("subject", "session", "step", "event", "timestamp", "source", "note")
