@@ -253,9 +253,10 @@ def merge(plan: SyncPlan) -> int:
             # the sessions of all shards as one run's; a session is "removed" only when every
             # shard listed the whole source (a shard that never finished listed nothing)
             sessions = SessionStates.after(plan, tallies, session_notes, whole_listing=every)
+            count = len(state)
         finally:
             state.release()
-        say(f"merged the bookkeeping of {plan.shards} shards into {state.root / 'manifest.jsonl'} ({len(state)} synced items)")
+        say(f"merged the bookkeeping of {plan.shards} shards into {state.root / 'manifest.jsonl'} ({count} synced items)")
     totals = dict.fromkeys(("created", "updated", "skipped", "adopted", "deleted", "failed", "renamed", "renamed_in_place", "bytes"), 0)
     failures: list[str] = []
     notes: list[str] = []

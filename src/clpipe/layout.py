@@ -30,6 +30,7 @@ import posixpath
 import re
 import string
 import unicodedata
+from array import array
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -206,15 +207,19 @@ def flatten_members(names: Sequence[str]) -> dict[str, str]:
 class PlannedFolder:
     """A local folder being planned: its sub-folders (remote identity -> [wanted name,
     folder]) and its files (key -> wanted name when the remote name needed no change, else
-    (wanted, unchanged?, is a folder)); after :meth:`NameResolver.resolve`, the final names."""
+    (wanted, unchanged?, is a folder)); after :meth:`NameResolver.resolve`, the final names.
+    For :class:`StreamedNames`: the hashes of its items' wanted names, and those that more
+    than one item (or sub-folder) wants."""
 
-    __slots__ = ("dirs", "leaves", "path", "renamed")
+    __slots__ = ("clash", "dirs", "hashes", "leaves", "path", "renamed")
 
     def __init__(self) -> None:
         self.dirs: dict[str, list] = {}
         self.leaves: dict[str, str | tuple] = {}
         self.path = ""
         self.renamed = False
+        self.hashes = array("q")
+        self.clash: set[int] = set()
 
 
 class NameResolver:
@@ -268,8 +273,87 @@ class NameResolver:
         return (f"{folder.path}/{name}" if folder.path else name), renamed
 
 
-def _settle(node: PlannedFolder) -> None:
-    """Give every sub-folder and item of ``node`` its own name (see :class:`NameResolver`)."""
+class StreamedNames(NameResolver):
+    """:class:`NameResolver` for a listing too large to hold (a million files): the same
+    names, decided in three passes over a listing kept on disk (:class:`Spill`).
+
+    1. :meth:`note` every item: only the 64-bit hash of its wanted name (without case) is
+       kept, 8 bytes a file, in its folder's array.
+    2. :meth:`find_clashes`: per folder, the hashes more than one item or sub-folder has.
+       The items with such a hash are :meth:`add`-ed (a few, as in :class:`NameResolver`)
+       in a second pass; :meth:`resolve` then settles them exactly as :class:`NameResolver`
+       does, with the folder's other names known by hash (a suffixed name is never one of
+       them; two names with one hash only make a suffix longer).
+    3. :meth:`final`: every other item keeps its wanted name.
+    """
+
+    @staticmethod
+    def note(folder: PlannedFolder, wanted: str) -> None:
+        folder.hashes.append(hash(wanted.lower()))
+
+    def find_clashes(self) -> None:
+        todo = [self.root]
+        while todo:
+            node = todo.pop()
+            seen: set[int] = set()
+            clash: set[int] = set()
+            for value in node.hashes:
+                if value in seen:
+                    clash.add(value)
+                seen.add(value)
+            for wanted, child in node.dirs.values():
+                value = hash(wanted.lower())
+                if value in seen:
+                    clash.add(value)
+                seen.add(value)
+                todo.append(child)
+            node.clash = clash
+
+    @staticmethod
+    def clashes(folder: PlannedFolder, wanted: str) -> bool:
+        """Does an item wanting ``wanted`` in ``folder`` share its name (see :meth:`add`)?"""
+        return bool(folder.clash) and hash(wanted.lower()) in folder.clash
+
+    def resolve(self) -> None:
+        todo = [self.root]
+        while todo:
+            node = todo.pop()
+            _settle(node, _HashedNames(node) if node.clash else None)
+            node.hashes = array("q")  # done with: freed
+            for identity, (local, child) in node.dirs.items():
+                child.path = f"{node.path}/{local}" if node.path else local
+                child.renamed = node.renamed or local != identity
+                todo.append(child)
+
+    @staticmethod
+    def final(folder: PlannedFolder, key: str, wanted: str, unchanged: bool) -> tuple[str, bool] | None:
+        """(local path, renamed?) of an item after :meth:`resolve`; None for a repeat of an
+        item given already (the listing had it twice)."""
+        if folder.clash and hash(wanted.lower()) in folder.clash:
+            if key not in folder.leaves:
+                return None
+            return NameResolver.path(folder, key, pop=True)
+        return (f"{folder.path}/{wanted}" if folder.path else wanted), folder.renamed or not unchanged
+
+
+class _HashedNames:
+    """The names taken in a folder of :class:`StreamedNames`: its items' (by hash) and those
+    given meanwhile."""
+
+    def __init__(self, node: PlannedFolder) -> None:
+        self._hashes = set(node.hashes)
+        self._names: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names or hash(name) in self._hashes
+
+    def add(self, name: str) -> None:
+        self._names.add(name)
+
+
+def _settle(node: PlannedFolder, known: _HashedNames | None = None) -> None:
+    """Give every sub-folder and item of ``node`` its own name (see :class:`NameResolver`);
+    ``known``: the names of the folder's other items (:class:`StreamedNames`)."""
     # (wanted, unchanged, identity, kind, is_folder); kind 0: a sub-folder, 1: an item
     wants: dict[str, list[tuple]] = {}
     clash = False
@@ -282,7 +366,12 @@ def _settle(node: PlannedFolder) -> None:
         group = wants.setdefault(wanted.lower(), [])
         group.append((wanted, unchanged, key, 1, is_folder))
         clash = clash or len(group) > 1
-    taken = set(wants)  # every plain name is kept by its winner: suffixes go around them
+    taken: set[str] | _HashedNames = (
+        set(wants) if known is None else known
+    )  # every plain name is kept by its winner: suffixes go around them
+    if known is not None:
+        for name in wants:
+            known.add(name)
     finals: dict[tuple[int, str], tuple[str, bool]] = {}  # (kind, identity) -> (name, suffixed?)
     if clash:
         losers = []
@@ -312,16 +401,59 @@ def _settle(node: PlannedFolder) -> None:
             node.leaves[key] = wanted if unchanged else (wanted,)
 
 
+class HashSet:
+    """A set of 64-bit hashes in one array (open addressing, at most 70 % of its slots
+    used): 11 to 23 bytes a member, where a ``set`` of ints costs about 70."""
+
+    def __init__(self) -> None:
+        self._slots = array("q", bytes(8 * 1024))
+        self._mask = 1023
+        self._count = 0
+
+    def __contains__(self, value: int) -> bool:
+        value, slots, mask = value or 1, self._slots, self._mask
+        slot = value & mask
+        while slots[slot]:
+            if slots[slot] == value:
+                return True
+            slot = (slot + 1) & mask
+        return False
+
+    def add(self, value: int) -> None:
+        value = value or 1  # 0 marks a free slot
+        slots, mask = self._slots, self._mask
+        slot = value & mask
+        while slots[slot]:
+            if slots[slot] == value:
+                return
+            slot = (slot + 1) & mask
+        slots[slot] = value
+        self._count += 1
+        if self._count > 0.7 * (mask + 1):
+            old = [v for v in slots if v]
+            self._mask = mask = 2 * (mask + 1) - 1
+            self._slots = slots = array("q", bytes(8 * (mask + 1)))
+            for v in old:
+                slot = v & mask
+                while slots[slot]:
+                    slot = (slot + 1) & mask
+                slots[slot] = v
+
+    def __len__(self) -> int:
+        return self._count
+
+
 class Claims:
     """The local paths the entries of one run take: the engine's last guard behind the
     sources' :class:`NameResolver`. :meth:`claim` gives an entry its path, or, when another
     entry has that path, when it is a folder above another entry's, or when a folder on it
     is another entry's file or unpacked folder, the path with the entry's suffix on the
-    part that clashes. A path is kept as its 64-bit hash (this run only: 100,000 entries
-    cost 8 MB), and every claim is a new one: the sources list each remote file once."""
+    part that clashes. A path is kept as its 64-bit hash (this run only; in a
+    :class:`HashSet`: a million entries cost 11 to 23 MB), and every claim is a new one:
+    the sources list each remote file once."""
 
     def __init__(self) -> None:
-        self._paths: set[int] = set()  # hash() of every claimed path
+        self._paths = HashSet()  # hash() of every claimed path
         self._folders: set[str] = set()  # every folder above a claimed path
 
     def claim(self, path: str, key: str, is_folder: bool = False) -> str:

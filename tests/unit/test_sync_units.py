@@ -146,28 +146,25 @@ def test_manifest_holds_each_key_once_and_writes_the_same_lines(tmp_path):
 
 def test_audit_csv_holds_only_the_paths_of_unchanged_files(tmp_path):
     """Issue 15: the audit CSV of a no-op re-sync lists every unchanged file, in path order
-    with the other rows, without a row object per file in memory (a path each)."""
+    with the other rows, without a row or a path per file in memory: beyond ``hold`` paths
+    they are sorted on disk (clpipe/spill.py) and merged as the CSV is written."""
     import csv
     import tracemalloc
 
+    from clpipe.spill import SortedSpill
     from clpipe.sync.reports import FileResult, Outcome, write_reports
 
-    state = SyncState(tmp_path, "r")
-    state.acquire()
-    state.load()
     outcome = Outcome(
-        files=[FileResult("b/2.dcm", "completed", False, "Created file on destination"), FileResult("z.dcm", "failed", True, "", "boom")]
+        files=[FileResult("b/2.dcm", "completed", False, "Created file on destination"), FileResult("z.dcm", "failed", True, "", "boom")],
+        unchanged=SortedSpill(tmp_path / "spill", hold=5000),
     )
     count = 20000
     for i in range(count):
-        key = f"{i:024x}/f{i}.dcm"
-        state.record(Record(key, [1, 0, None], [[f"sub-01/ses-01/acq-{i % 50}/{'x' * 30}{i}.dcm", 1, ""]]))
-        outcome.unchanged.append(key)
-    state.record(Record("k/a", [1, 0, None], [["a.dcm", 1, ""]]))
-    outcome.unchanged.append("k/a")
+        outcome.unchanged.append(f"sub-01/ses-01/acq-{i % 50}/{'x' * 30}{i}.dcm")
+    outcome.unchanged.append("a.dcm")
     tracemalloc.start()
     try:
-        write_reports(outcome, tmp_path / "audit.csv", tmp_path / "summary.json", {}, state)
+        write_reports(outcome, tmp_path / "audit.csv", tmp_path / "summary.json", {})
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -178,4 +175,5 @@ def test_audit_csv_holds_only_the_paths_of_unchanged_files(tmp_path):
     assert paths[0] == "a.dcm" and rows[0][2:] == ["skipped", "True", "", ""]
     assert rows[1][1:] == ["b/2.dcm", "completed", "False", "", "Created file on destination"]
     assert rows[-1][1:] == ["z.dcm", "failed", "True", "boom", ""]
-    assert peak / count < 170, f"{peak / count:.0f} bytes per unchanged file while writing the reports"
+    assert outcome.unchanged.on_disk and len(outcome.unchanged) == count + 1
+    assert peak / count < 40, f"{peak / count:.0f} bytes per unchanged file while writing the reports"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..console import say
 from ..errors import DiskFull, PreflightError, TransferError, is_disk_full
+from ..layout import STATE_DIR
 from ..sources.base import HasNotes
 from ..sources.registry import source_class
 from ..sync import sessions as session_states
@@ -43,11 +44,20 @@ def run_native(plan: SyncPlan) -> int:
         return _sync(
             plan,
             source,
-            lambda: source.entries(project["_id"], url, *opts.listing_request(), unpack=opts.unpack, template=plan.layout_template or None),
+            lambda: _flywheel_listing(plan, source, project),
             started,
         )
     finally:
         source.close()
+
+
+def _flywheel_listing(plan: SyncPlan, source, project: dict) -> Iterable:
+    """The entries of a Flywheel project as the plan asks for them (kept in its TempDirectory
+    beyond 50,000 files: clpipe/spill.py)."""
+    opts = plan.sync_options
+    template = plan.layout_template or None
+    request = opts.listing_request()
+    return source.entries(project["_id"], plan.flywheel_url, *request, unpack=opts.unpack, template=template, spill_dir=plan.temp_dir)
 
 
 def run_dicom(plan: SyncPlan) -> int:
@@ -88,7 +98,7 @@ def list_sessions(plan: SyncPlan) -> session_states.Tallies:
         opts = plan.sync_options
         source, project = source_class("fw").open_project(url, jobs=opts.jobs, verify=opts.ca_certs or True)
         try:
-            tally(source.entries(project["_id"], url, *opts.listing_request(), unpack=opts.unpack, template=plan.layout_template or None))
+            tally(_flywheel_listing(plan, source, project))
         finally:
             source.close()
         return tallies
@@ -96,6 +106,8 @@ def list_sessions(plan: SyncPlan) -> session_states.Tallies:
 
     assert isinstance(plan.url, SourceURL)
     dicom = open_source(plan.url, SourceSettings(**plan.settings))
+    if hasattr(dicom, "cache_listing"):  # file://: the last sync's listing cache, read only (no lock is held)
+        dicom.cache_listing(Path(plan.dropoff) / STATE_DIR, write=False)
     try:
         tally(entries(dicom, DicomQuery(**plan.query), plan.layout_template or DEFAULT_TEMPLATE))
     except TransferError as exc:
@@ -131,6 +143,8 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
     try:
         try:
             state.load()
+            if hasattr(source, "cache_listing"):  # file://: a file unchanged since the last run is not opened again
+                source.cache_listing(dropoff / STATE_DIR, write=not opts.dry_run)
             engine = Engine(
                 source,
                 state,
@@ -204,7 +218,7 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
         extra["sessions"] = sessions.counts
         extra["sessions_tsv"] = sessions.tsv
     try:
-        write_reports(outcome, audit, summary, extra, state)
+        write_reports(outcome, audit, summary, extra)
         if sessions is not None:
             sessions.report(plan)
     except DiskFull as exc:

@@ -420,95 +420,126 @@ class FlywheelSource:
         self._client.close()
 
     def entries(
-        self, project_id: str, url: FlywheelURL, body_filters: dict, params: dict, unpack: bool = True, template: str | None = None
+        self,
+        project_id: str,
+        url: FlywheelURL,
+        body_filters: dict,
+        params: dict,
+        unpack: bool = True,
+        template: str | None = None,
+        spill_dir: str | Path | None = None,
     ) -> Iterator:
         """The project's files as :class:`RemoteEntry` items, each with its own portable
         local path (clpipe/layout.py): the whole listing is read first, so that which of two
         files whose names collide keeps the plain name does not depend on the listing's
-        order (the engine plans nothing before the listing has ended anyway)."""
-        from ..layout import NameResolver, PlannedFolder, bids_label, check_template, field_values, portable_name, template_parts
+        order (the engine plans nothing before the listing has ended anyway). The listing
+        is kept in ``spill_dir`` beyond 50,000 files (clpipe/spill.py), and names are
+        decided by :class:`~clpipe.layout.StreamedNames`: memory does not grow with the
+        number of files (8 bytes a file while the names are decided)."""
+        from ..layout import PlannedFolder, StreamedNames, bids_label, check_template, field_values, portable_name, template_parts
+        from ..spill import Spill
         from .base import RemoteEntry, session_of
 
-        resolver = NameResolver()
+        resolver = StreamedNames()
         self._bulk_body, self._bulk_acqs, self._bulk_heads = body_filters, {}, {}
         self._project_id = project_id
-        planned: list[tuple] = []
         known_sessions: dict = {}  # one Session per session folder
         template_depths = _template_depths(template) if template else None
-        sessions: dict[str, tuple | None] = {}  # dst_path's folder part -> (depths, subject label, session label)
+        heads: dict[str, int] = {}  # dst_path's folder part -> its number (in the spilled items)
+        where: list[tuple | None] = []  # by head number: (depths, subject label, session label)
+        subjects: list[str] = []  # by head number: the Flywheel subject label
         labels_seen: dict[tuple[str, str], str] = {}  # (field, BIDS label) -> Flywheel label
         used = check_template(template) if template else []
-        folders: dict[str, PlannedFolder] = {}  # dst_path's folder part -> planned folder (when the file name is not in it)
-        for target in self.api.download_targets(project_id, body_filters, params):
-            dst = str(target.get("dst_path", ""))
-            filename = str(target.get("filename", ""))
-            sidecar = target.get("download_type") == "metadata_sidecar"
-            is_zip = unpack and not sidecar and target.get("filetype") == "dicom" and filename.lower().endswith("zip")
-            # "<container id>/<file name>": also how open() finds the file (ids have no "/")
-            key = f"{target.get('container_id')}/{filename}" + ("#metadata" if sidecar else "")
-            head, leaf = (dst[: -len(filename) - 1], filename) if filename and dst.endswith("/" + filename) else dst.rpartition("/")[::2]
-            folder = folders.get(head)
-            if folder is None or "filename" in used:
-                raw, labels = _dst_parts(head)
-                if template and labels is not None:
-                    labels.update(group=url.group, filename=leaf)
-                    for field_name in ("subject", "session"):
-                        safe = bids_label(labels[field_name], field_name)
-                        other = labels_seen.setdefault((field_name, safe), labels[field_name])
-                        if other != labels[field_name]:
-                            raise PreflightError(
-                                f"the {field_name} labels {other!r} and {labels[field_name]!r} both become {safe!r} in the layout "
-                                f"template; rename one in Flywheel or use a template without {{{field_name}}}"
-                            )
-                    parts = template_parts(template, *field_values(labels))
-                    if "filename" in used:
-                        parts, (leaf, _) = parts[:-1], parts[-1]
-                else:
-                    parts = [(part, portable_name(part)) for part in (raw[1:] if url.trailing_slash else raw)]
-                folder = folders[head] = resolver.folder(parts)
-            if head not in sessions:
-                sessions[head] = _session_info(head, template_depths, url.trailing_slash)
-            if is_zip:  # unpacked into a folder named after the zip
-                leaf = _ZIP_SUFFIX.sub("", leaf) or "_"
-            name = portable_name(leaf)
-            if not sidecar:  # (zips too: their hashes are prefetched by session; bulk_batches leaves them out)
-                self._note_bulk(head, str(target.get("container_id")), url)
-            if not resolver.add(folder, key, name, name == leaf, is_zip):
-                continue  # the server may list a file twice (fw skips repeats too)
-            inline = json.dumps(target.get("metadata")).encode() if sidecar else None
-            planned.append(
-                (
-                    folder,
-                    key,
-                    filename,
-                    len(inline) if inline is not None else int(target.get("size") or 0),
-                    _epoch(target["modified"]) if target.get("modified") else 0.0,
-                    parse_hash(target.get("hash")),
-                    is_zip,
-                    inline,
-                    sessions[head],
-                    _subject_of(head),
+        folders: dict[str, int] = {}  # dst_path's folder part -> planned folder's number (when the file name is not in it)
+        numbers: dict[int, int] = {}  # id() of a planned folder -> its number
+        planned: list[PlannedFolder] = []  # by number
+        with Spill(spill_dir) as listing:
+            for target in self.api.download_targets(project_id, body_filters, params):
+                dst = str(target.get("dst_path", ""))
+                filename = str(target.get("filename", ""))
+                sidecar = target.get("download_type") == "metadata_sidecar"
+                is_zip = unpack and not sidecar and target.get("filetype") == "dicom" and filename.lower().endswith("zip")
+                # "<container id>/<file name>": also how open() finds the file (ids have no "/")
+                key = f"{target.get('container_id')}/{filename}" + ("#metadata" if sidecar else "")
+                head, leaf = (
+                    (dst[: -len(filename) - 1], filename) if filename and dst.endswith("/" + filename) else dst.rpartition("/")[::2]
                 )
-            )
-        resolver.resolve()
-        planned.reverse()  # popped in the listing's order, each forgotten once yielded
-        while planned:
-            folder, key, filename, size, modified, checksum, is_zip, inline, where, subject = planned.pop()
-            path, renamed = resolver.path(folder, key, pop=True)
-            session = session_of(path, where[0], where[1], where[2], known_sessions) if where is not None else None
-            yield RemoteEntry(
-                key=key,
-                path=path,
-                size=size,
-                modified=modified,
-                checksum=checksum,
-                unpack=is_zip,
-                ref=inline,  # the metadata sidecar's bytes; None for a file to download
-                name="" if path.endswith("/" + filename) or path == filename else filename,
-                renamed=renamed,
-                session=session,
-                subject=subject,
-            )
+                number = folders.get(head)
+                if number is None or "filename" in used:
+                    raw, labels = _dst_parts(head)
+                    if template and labels is not None:
+                        labels.update(group=url.group, filename=leaf)
+                        for field_name in ("subject", "session"):
+                            safe = bids_label(labels[field_name], field_name)
+                            other = labels_seen.setdefault((field_name, safe), labels[field_name])
+                            if other != labels[field_name]:
+                                raise PreflightError(
+                                    f"the {field_name} labels {other!r} and {labels[field_name]!r} both become {safe!r} in the layout "
+                                    f"template; rename one in Flywheel or use a template without {{{field_name}}}"
+                                )
+                        parts = template_parts(template, *field_values(labels))
+                        if "filename" in used:
+                            parts, (leaf, _) = parts[:-1], parts[-1]
+                    else:
+                        parts = [(part, portable_name(part)) for part in (raw[1:] if url.trailing_slash else raw)]
+                    node = resolver.folder(parts)
+                    number = numbers.get(id(node))
+                    if number is None:
+                        number = numbers[id(node)] = len(planned)
+                        planned.append(node)
+                    folders[head] = number
+                head_number = heads.get(head)
+                if head_number is None:
+                    head_number = heads[head] = len(where)
+                    where.append(_session_info(head, template_depths, url.trailing_slash))
+                    subjects.append(_subject_of(head))
+                if is_zip:  # unpacked into a folder named after the zip
+                    leaf = _ZIP_SUFFIX.sub("", leaf) or "_"
+                name = portable_name(leaf)
+                if not sidecar:  # (zips too: their hashes are prefetched by session; bulk_batches leaves them out)
+                    self._note_bulk(head, str(target.get("container_id")), url)
+                StreamedNames.note(planned[number], name)
+                inline = json.dumps(target.get("metadata")).encode() if sidecar else None
+                listing.append(
+                    (
+                        number,
+                        key,
+                        filename,
+                        name,
+                        name == leaf,
+                        len(inline) if inline is not None else int(target.get("size") or 0),
+                        _epoch(target["modified"]) if target.get("modified") else 0.0,
+                        parse_hash(target.get("hash")),
+                        is_zip,
+                        inline,
+                        head_number,
+                    )
+                )
+            resolver.find_clashes()
+            for number, key, _, name, unchanged, _, _, _, is_zip, _, _ in listing:  # the few items whose names meet
+                if resolver.clashes(planned[number], name):
+                    resolver.add(planned[number], key, name, unchanged, is_zip)
+            resolver.resolve()
+            for number, key, filename, name, unchanged, size, modified, checksum, is_zip, inline, head_number in listing:
+                final = resolver.final(planned[number], key, name, unchanged)
+                if final is None:
+                    continue  # the server may list a file twice (fw skips repeats too)
+                path, renamed = final
+                info = where[head_number]
+                session = session_of(path, info[0], info[1], info[2], known_sessions) if info is not None else None
+                yield RemoteEntry(
+                    key=key,
+                    path=path,
+                    size=size,
+                    modified=modified,
+                    checksum=checksum,
+                    unpack=is_zip,
+                    ref=inline,  # the metadata sidecar's bytes; None for a file to download
+                    name="" if path.endswith("/" + filename) or path == filename else filename,
+                    renamed=renamed,
+                    session=session,
+                    subject=subjects[head_number],
+                )
 
     @contextmanager
     def open(self, entry) -> Iterator[Iterator[bytes]]:

@@ -3,9 +3,12 @@
 Layout, under ``<dropoff>/.clpipe-sync/``:
 
 * ``manifest.jsonl``: every remote file this tool wrote (key, remote version, local files
-  with sizes and checksums), one JSON object per line after a version line, so that it is
-  read and written one record at a time (100,000 files must not need a giant document in
-  memory). Rewritten only whole: temp file, fsync, rename.
+  with sizes and checksums), one JSON object per line after a version line, sorted by key,
+  so that it is read and written one record at a time. A run holds only an index of it
+  (:class:`_Index`: 16 to 32 bytes a record; a million files must not cost a million
+  records in memory) and reads a record's line when it looks at it. Rewritten only whole:
+  temp file, fsync, rename; the records of the file and those this run changed are merged
+  as they are written.
 * ``journal-<run>.jsonl``: one line per finished remote file, appended during a run and
   flushed at once, so a run killed at any moment loses nothing it finished. The next run
   replays it; a torn last line is ignored. Folded into the manifest at the end of a run.
@@ -24,6 +27,7 @@ Layout, under ``<dropoff>/.clpipe-sync/``:
 from __future__ import annotations
 
 import errno
+import heapq
 import itertools
 import json
 import os
@@ -31,12 +35,15 @@ import shutil
 import socket
 import time
 import uuid
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from ..errors import PreflightError
 from ..layout import STATE_DIR  # the dropoff's state folder: part of its layout (sources skip it too)
+from ..spill import SortedSpill
 from .fileio import write_whole
 
 LOCK, OWNER = "lock", "owner.json"
@@ -67,9 +74,12 @@ class SyncState:
     dropoff: Path
     run_id: str
     # key -> the record's JSON line without its key (``{"sig":...,"files":...}``, see
-    # _line): a string costs a third of the parsed lists and the key is the dict's already,
-    # which matters with a million files; a record is parsed only when it is looked at.
+    # _line), for the records of journals and of this run (and the rare manifest line not
+    # in the form this module writes); they win over the manifest's (_index). A record is
+    # parsed only when it is looked at.
     _lines: dict[str, str] = field(default_factory=dict)
+    _index: _Index | None = None  # where each record of manifest.jsonl is in it
+    _gone: set[str] = field(default_factory=set)  # keys of the manifest forgotten (or found damaged) since
     _journal: TextIO | None = None
     _torn: bool = False  # a journal write failed (a full disk): the next line starts on a line of its own
     _last_fsync: float = 0.0
@@ -268,7 +278,9 @@ class SyncState:
                     _remove(path)
 
     def release(self) -> None:
-        """Remove the lock, if it is still this run's."""
+        """Remove the lock, if it is still this run's (and close the manifest: its records
+        are not read after this)."""
+        self.close_manifest()
         token, self._lock_token = self._lock_token, ""
         if not token:
             return
@@ -299,7 +311,7 @@ class SyncState:
         """Read the manifest, then replay journals left by earlier (possibly killed) runs."""
         path = self.root / MANIFEST
         if path.exists():
-            self._read_lines(path)  # an unreadable line is skipped: its files are checked and adopted again
+            self._read_manifest(path)  # an unreadable line is skipped: its files are checked and adopted again
         for journal in sorted(self.root.glob("journal-*.jsonl")):
             self._changed = True
             self._read_lines(journal)  # a line torn by a kill is skipped the same way
@@ -309,6 +321,41 @@ class SyncState:
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def _read_manifest(self, path: Path) -> None:
+        """Index ``path`` (a manifest): each line this module wrote by its key's hash; any
+        other line parsed and held (:meth:`_read_lines`)."""
+        self.close_manifest()
+        handle = open(path, "rb")  # noqa: SIM115 (kept open: records are read from it as they are looked at; close_manifest)
+        try:
+            lines = 0
+            while chunk := handle.read(1 << 20):
+                lines += chunk.count(b"\n")
+            index = _Index(handle, lines)
+            handle.seek(0)
+            offset = 0
+            others = []
+            last = ""
+            for raw in handle:
+                start, offset = offset, offset + len(raw)
+                if raw.startswith(b'{"key":"') and raw.endswith((b"]]}\n", b"[]}\n")):
+                    line = raw.decode("utf-8", "replace")
+                    try:
+                        key, end = _scan_string(line, 8)
+                    except ValueError:
+                        continue
+                    if line.startswith(',"sig":[', end):
+                        index.add(key, start, len(raw))
+                        if key <= last:
+                            index.sorted = False  # (written by another tool, or appended to)
+                        last = key
+                        continue
+                others.append(raw.decode("utf-8", "replace"))
+        except BaseException:
+            handle.close()
+            raise
+        self._index = index
+        self._parse(others)
 
     def _read_lines(self, path: Path) -> None:
         lines = self._lines
@@ -327,19 +374,32 @@ class SyncState:
                     if line.startswith(',"sig":[', end):
                         lines[key] = "{" + line[end + 1 : -1]
                         continue
-                try:
-                    data = json.loads(line)
-                    key = data["key"]
-                    if not isinstance(key, str) or not isinstance(data["sig"], list) or not isinstance(data["files"], list):
-                        continue
-                except (ValueError, KeyError, TypeError):
+                self._parse([line])
+
+    def _parse(self, others: list[str]) -> None:
+        """Lines not in the form this module writes: parsed now, each kept when whole."""
+        lines = self._lines
+        for line in others:
+            try:
+                data = json.loads(line)
+                key = data["key"]
+                if not isinstance(key, str) or not isinstance(data["sig"], list) or not isinstance(data["files"], list):
                     continue
-                lines[key] = json.dumps({"sig": data["sig"], "files": data["files"]}, separators=(",", ":"))
+            except (ValueError, KeyError, TypeError):
+                continue
+            lines[key] = json.dumps({"sig": data["sig"], "files": data["files"]}, separators=(",", ":"))
 
     # -- records ------------------------------------------------------------------------
 
-    def get(self, key: str) -> Record | None:
+    def _rest(self, key: str) -> str | None:
+        """The record's JSON line without its key, from this run's records or the manifest."""
         rest = self._lines.get(key)
+        if rest is None and self._index is not None and key not in self._gone:
+            rest = self._index.get(key)
+        return rest
+
+    def get(self, key: str) -> Record | None:
+        rest = self._rest(key)
         if rest is None:
             return None
         try:
@@ -348,19 +408,41 @@ class SyncState:
             if not isinstance(signature, list) or not isinstance(files, list):
                 raise TypeError(key)
         except (ValueError, KeyError, TypeError):  # a damaged line: as if never recorded (its files are checked again)
-            del self._lines[key]
-            self._changed = True
+            self.forget(key)
             return None
         return Record(key, signature, files)
 
+    def unchanged_file(self, key: str, signature: str, path: str, size: int) -> bool | None:
+        """Is ``key`` recorded as one file at ``path`` of ``size`` bytes, for the remote
+        version whose signature is ``signature`` (its JSON text)? Answered from the text of
+        the record, not parsed: the no-op re-sync of a million files asks it a million
+        times. None when the text is not of the plain form (then :meth:`get` it)."""
+        rest = self._rest(key)
+        if rest is None:
+            return False
+        head = f'{{"sig":{signature},"files":[["{path}",{size},'
+        if not rest.startswith(head):
+            return None
+        tail = rest[len(head) :]
+        return tail.endswith('"]]}') and tail[0] == '"' and tail.count('"') == 2
+
     def __contains__(self, key: str) -> bool:
-        return key in self._lines
+        return self._rest(key) is not None
 
     def __len__(self) -> int:
-        return len(self._lines)
+        return sum(1 for _ in self.keys())
 
-    def keys(self) -> list[str]:
-        return list(self._lines)
+    def keys(self) -> Iterator[str]:
+        """Every key recorded when asked, once (the manifest's in its order, then this run's),
+        also while records are written or forgotten meanwhile."""
+        mine = list(self._lines)
+        return itertools.chain(self._manifest_keys(set(mine), set(self._gone)), mine)
+
+    def _manifest_keys(self, mine: set[str], gone: set[str]) -> Iterator[str]:
+        if self._index is not None:
+            for key, _, _ in self._index.lines():
+                if key not in gone and key not in mine:
+                    yield key
 
     def record(self, record: Record) -> None:
         """Note a finished remote file: journal line, flushed now, fsynced every second.
@@ -396,6 +478,8 @@ class SyncState:
 
     def forget(self, key: str) -> None:
         self._lines.pop(key, None)
+        if self._index is not None:
+            self._gone.add(key)
         self._changed = True
 
     def save(self) -> None:
@@ -404,8 +488,15 @@ class SyncState:
         next run replays them)."""
         self.close_journal()
         if self._changed or not (self.root / MANIFEST).exists():  # a no-op run rewrites nothing
-            lines = (_line(k, self._lines[k]) + "\n" for k in sorted(self._lines))
-            write_whole(self.root / MANIFEST, lambda fh: fh.writelines(itertools.chain([MANIFEST_VERSION], lines)), durable=True)
+            mine = ((k, _line(k, self._lines[k]) + "\n") for k in sorted(self._lines))
+            kept: Iterable[tuple[str, str]] = ()
+            if self._index is not None:  # the manifest's lines not replaced or forgotten, as they are
+                gone, lines = self._gone, self._lines
+                kept = ((key, text) for key, _, text in self._index.lines(text=True) if key not in gone and key not in lines)
+                if not self._index.sorted:  # sorted on disk first (clpipe/spill.py)
+                    kept = _sorted(kept, self.tmp)
+            merged = (text for _, text in heapq.merge(kept, mine, key=lambda item: item[0]))
+            write_whole(self.root / MANIFEST, lambda fh: fh.writelines(itertools.chain([MANIFEST_VERSION], merged)), durable=True)
             self._changed = False
         for journal in self.root.glob("journal-*.jsonl"):
             journal.unlink(missing_ok=True)
@@ -415,6 +506,12 @@ class SyncState:
             _remove(folder)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def close_manifest(self) -> None:
+        """Close the manifest file the index reads records from (forgetting them)."""
+        index, self._index = self._index, None
+        if index is not None:
+            index.close()
+
     def close_journal(self) -> None:
         """Flush this run's journal to disk and close it (it stays for the next load)."""
         if self._journal is not None:
@@ -423,6 +520,161 @@ class SyncState:
                 os.fsync(self._journal.fileno())
             finally:
                 self._close_journal()
+
+
+CACHE_BLOCK = 1 << 16  # bytes of the manifest read at once when looking a record up
+CACHE_BLOCKS = 64  # blocks kept (4 MB)
+
+
+class _Index:
+    """Where each record line of a manifest file is: the 64-bit hash of its key -> its
+    offset and length, in two arrays (open addressing: 16 bytes a slot, at most 70 % of
+    the slots used). A key is checked against the line it finds (two keys may share a
+    hash); a later line of one key wins, as it would in a dict."""
+
+    LOAD = 0.7
+
+    def __init__(self, handle: BinaryIO, lines: int) -> None:
+        self._handle = handle
+        self._fd = handle.fileno()
+        size = 1 << max(10, int(lines / self.LOAD + 1).bit_length())
+        self._mask = size - 1
+        self._hashes = array("q", bytes(8 * size))  # 0: a free slot
+        self._where = array("q", bytes(8 * size))  # offset << 24 | length (a longer line: _long)
+        self._blocks: dict[int, bytes] = {}  # block number -> its bytes (CACHE_BLOCKS of them, the newest)
+        self._long: dict[int, tuple[int, int]] = {}  # slot -> (offset, length) of a line of 16 MB or more
+        self.count = 0
+        self.sorted = True  # are the file's keys in order?
+
+    @staticmethod
+    def _hash(key: str) -> int:
+        return hash(key) or 1
+
+    def _read(self, slot: int) -> tuple[str, str, int]:
+        """(key, rest of the record, offset) of the line a slot points to. Read through a
+        few cached blocks of the file: the records of one container are neighbours in it
+        (it is sorted by key), and the listing gives a container's files together."""
+        where = self._where[slot]
+        offset, length = self._long[slot] if where < 0 else (where >> 24, where & 0xFFFFFF)
+        number, start = divmod(offset, CACHE_BLOCK)
+        if start + length <= CACHE_BLOCK:
+            block = self._blocks.get(number)
+            if block is None:
+                if len(self._blocks) >= CACHE_BLOCKS:
+                    del self._blocks[next(iter(self._blocks))]  # the oldest
+                block = self._blocks[number] = os.pread(self._fd, CACHE_BLOCK, number * CACHE_BLOCK)
+            data = block[start : start + length]
+        else:
+            data = os.pread(self._fd, length, offset)
+        line = data.decode("utf-8", "replace")
+        key, end = _scan_string(line, 8)
+        return key, "{" + line[end + 1 : -1], offset
+
+    def add(self, key: str, offset: int, length: int) -> None:
+        if self.count + 1 > self.LOAD * (self._mask + 1):
+            self._grow()
+        value, mask = self._hash(key), self._mask
+        slot = value & mask
+        hashes = self._hashes
+        while hashes[slot]:
+            if hashes[slot] == value and self._read(slot)[0] == key:
+                break  # the same key again: the later line wins
+            slot = (slot + 1) & mask
+        else:
+            self.count += 1
+        hashes[slot] = value
+        if length < 1 << 24:
+            self._where[slot] = offset << 24 | length
+        else:
+            self._where[slot] = -1
+            self._long[slot] = (offset, length)
+
+    def _grow(self) -> None:
+        old = [(self._hashes[i], self._where[i], self._long.get(i)) for i in range(self._mask + 1) if self._hashes[i]]
+        size = 2 * (self._mask + 1)
+        self._mask, self._hashes, self._where, self._long = size - 1, array("q", bytes(8 * size)), array("q", bytes(8 * size)), {}
+        for value, where, long in old:
+            slot = value & self._mask
+            while self._hashes[slot]:
+                slot = (slot + 1) & self._mask
+            self._hashes[slot], self._where[slot] = value, where
+            if long is not None:
+                self._long[slot] = long
+
+    def get(self, key: str) -> str | None:
+        value, mask, hashes = self._hash(key), self._mask, self._hashes
+        slot = value & mask
+        while hashes[slot]:
+            if hashes[slot] == value:
+                found, rest, _ = self._read(slot)
+                if found == key:
+                    return rest
+            slot = (slot + 1) & mask
+        return None
+
+    def _slot(self, key: str) -> int:
+        value, mask, hashes = self._hash(key), self._mask, self._hashes
+        slot = value & mask
+        while hashes[slot]:
+            if hashes[slot] == value and self._read(slot)[0] == key:
+                return slot
+            slot = (slot + 1) & mask
+        return -1
+
+    def lines(self, text: bool = False) -> Iterator[tuple[str, int, str]]:
+        """(key, offset, the line if ``text``) of every indexed line, in the file's order,
+        each key once (its line the index points to)."""
+        offset = 0
+        for raw in self._lines_by_pread():
+            start, offset = offset, offset + len(raw)
+            if not (raw.startswith(b'{"key":"') and raw.endswith((b"]]}\n", b"[]}\n"))):
+                continue
+            line = raw.decode("utf-8", "replace")
+            try:
+                key, end = _scan_string(line, 8)
+            except ValueError:
+                continue
+            if not line.startswith(',"sig":[', end):
+                continue
+            slot = self._slot(key)
+            if slot < 0 or self._read(slot)[2] != start:
+                continue  # a line of a key that a later line replaced
+            yield key, start, line if text else ""
+
+    def _lines_by_pread(self) -> Iterator[bytes]:
+        offset, rest = 0, b""
+        while chunk := os.pread(self._fd, 1 << 20, offset):
+            offset += len(chunk)
+            *whole, rest = (rest + chunk).split(b"\n")
+            for raw in whole:
+                yield raw + b"\n"
+        if rest:
+            yield rest
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _sorted(items: Iterable[tuple[str, str]], folder: Path) -> Iterator[tuple[str, str]]:
+    with SortedSpill(folder) as spill:
+        for item in items:
+            spill.append(item)
+        yield from spill
+
+
+def is_plain(text: str) -> bool:
+    """Is ``text`` its own JSON string's content (printable ASCII, no ``"`` or ``\\``)?"""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
+def signature_text(signature: list) -> str:
+    """A remote version's signature as a record's JSON has it; the usual [size, modified,
+    checksum] made without the JSON encoder (the same text)."""
+    if len(signature) == 3:
+        size, modified, checksum = signature
+        if type(size) is int and type(modified) is float and modified - modified == 0 and type(checksum) is str and is_plain(checksum):
+            return f'[{size},{modified!r},"{checksum}"]'
+    return json.dumps(signature, separators=(",", ":"))
 
 
 def lock_holder(lock: Path) -> str | None:

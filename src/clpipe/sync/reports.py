@@ -12,8 +12,8 @@ from typing import TextIO
 
 from ..console import summary_line
 from ..errors import DiskFull, is_disk_full
+from ..spill import SortedSpill
 from .fileio import write_whole
-from .manifest import SyncState
 
 
 @dataclass(slots=True)
@@ -36,7 +36,9 @@ class Outcome:
     bytes: int = 0
     seconds: float = 0.0
     files: list[FileResult] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)  # keys skipped as already synced (rows made when reporting)
+    # the paths of the files skipped as already synced, kept sorted on disk beyond 50,000
+    # (clpipe/spill.py): their rows are all alike, made when reporting
+    unchanged: SortedSpill = field(default_factory=SortedSpill)
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     renamed: int = 0  # entries whose local name is not their remote one (see layout.py)
@@ -50,24 +52,29 @@ class Outcome:
         return summary_line(self.created, self.updated, self.skipped, self.failed, self.bytes, self.seconds)
 
 
-def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: dict, state: SyncState | None = None) -> None:
+_PLAIN_CSV = frozenset(',"\r\n')  # a field without these is written as it is (csv's default dialect)
+
+
+def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: dict) -> None:
     """The audit CSV in fw's columns (properly quoted; failed files get a row too) and a
-    JSON summary beside it. ``state`` gives the files of the unchanged entries.
+    JSON summary beside it.
 
     Each is written whole under a temporary name and renamed, so a full disk never leaves
     half a report: it raises :class:`DiskFull` naming the folder and about how many bytes
     the reports need."""
     rows = sorted(((f.path, f.status, f.existing, f.error, f.action) for f in outcome.files), key=lambda row: row[0])
-    # the unchanged files' rows are all alike: only their paths are held (a no-op re-sync of
+    # the unchanged files' rows are all alike: only their paths are kept (a no-op re-sync of
     # a million files must not cost a million tuples), merged in path order when written
-    unchanged = [f[0] for key in outcome.unchanged for f in _recorded(state, key)] if state is not None else []
-    unchanged.sort()
+    unchanged = outcome.unchanged
 
     def audit(out: TextIO | _Counter) -> None:
         writer = csv.writer(out)
         writer.writerow(["src_path", "dest_path", "status", "existing", "error_message", "action_taken"])
         skipped = ((path, "skipped", True, "", "") for path in unchanged)
         for path, status, existing, error, action in heapq.merge(rows, skipped, key=lambda row: row[0]):
+            if status == "skipped" and not action and _PLAIN_CSV.isdisjoint(path):  # (a million of these: no quoting needed)
+                out.write(f"{path},{path},skipped,True,,\r\n")
+                continue
             writer.writerow(["" if action.startswith("Deleted") else path, path, status, str(existing), error, action])
 
     data = {
@@ -106,13 +113,6 @@ def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: 
             needed=needed,
             purpose=f"the audit log {audit_csv.name} and the summary {summary_json.name}",
         ) from exc
-
-
-def _recorded(state: SyncState, key: str) -> list:
-    """The files of an entry skipped as unchanged: the manifest has it (that is why)."""
-    record = state.get(key)
-    assert record is not None, key
-    return record.files
 
 
 class _Counter:

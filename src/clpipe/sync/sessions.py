@@ -39,7 +39,7 @@ import json
 import os
 import posixpath
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -108,7 +108,7 @@ class Tallies:
         # a series: a folder the entry is unpacked into, else the folder of a single file
         tally.series.add(entry.path if entry.unpack or entry.series else posixpath.dirname(entry.path))
 
-    def in_place(self, entry: RemoteEntry, files: Iterable[list], placed: int = 0) -> None:
+    def in_place(self, entry: RemoteEntry, files: Iterable[Sequence], placed: int = 0) -> None:
         """``entry`` is in place with ``files`` ([path, size, ...] each); ``placed`` of them
         were written or moved by this run."""
         tally = self._tally(entry)

@@ -116,7 +116,7 @@ class ShardState(SyncState):
         journals (an earlier attempt of this shard's task)."""
         main = self.main / MANIFEST
         if main.exists():
-            self._read_lines(main)
+            self._read_manifest(main)
         for journal in sorted(self.main.glob("journal-*.jsonl")):
             self._read_lines(journal)
         for journal in sorted(self.root.glob("journal-*.jsonl")):

@@ -1,0 +1,201 @@
+"""Issue 15: what a run holds of a million files. Items kept on disk beyond a limit
+(clpipe/spill.py), names decided without holding the listing (layout.StreamedNames, the
+same names as layout.NameResolver), the manifest read through an index (sync/manifest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import unicodedata
+
+import pytest
+
+import clpipe.layout as layout
+from clpipe.spill import SortedSpill, Spill
+from clpipe.sync import manifest as manifest_module
+from clpipe.sync.manifest import Record, SyncState, signature_text
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_spill_gives_its_items_back_in_order_as_often_as_asked(tmp_path):
+    items = [(i, f"k{i}", float(i) / 3, None if i % 2 else b"x" * i, i % 3 == 0) for i in range(1000)]
+    fds = open_fds()
+    with Spill(tmp_path, hold=64) as spill:
+        for item in items:
+            spill.append(item)
+        assert spill.on_disk and len(spill) == 1000
+        assert list(spill) == items and list(spill) == items
+        assert os.listdir(tmp_path) == []  # the file has no name: nothing is left behind, however the run ends
+    assert open_fds() == fds
+    with Spill(tmp_path, hold=5000) as small:  # under the limit: nothing touches the disk
+        for item in items:
+            small.append(item)
+        assert not small.on_disk and list(small) == items
+
+
+def test_a_sorted_spill_merges_its_runs():
+    rng = random.Random(3)
+    words = [f"{rng.randrange(10**6):06d}/{rng.choice('abc')}" for _ in range(10_000)] + ["dup"] * 3
+    spill = SortedSpill(hold=700)
+    for word in words:
+        spill.append(word)
+    assert spill.on_disk
+    assert list(spill) == sorted(words) and list(spill) == sorted(words)  # twice (the reports count, then write)
+    spill.close()
+
+
+def streamed(items):
+    """StreamedNames over ``items`` (folders, key, wanted, unchanged, is_folder), as the
+    Flywheel source uses it: note, find the clashes, add those, resolve, final."""
+    resolver = layout.StreamedNames()
+    placed = [(resolver.folder(folders), key, wanted, unchanged, is_folder) for folders, key, wanted, unchanged, is_folder in items]
+    for folder, _, wanted, _, _ in placed:
+        resolver.note(folder, wanted)
+    resolver.find_clashes()
+    for folder, key, wanted, unchanged, is_folder in placed:
+        if resolver.clashes(folder, wanted):
+            resolver.add(folder, key, wanted, unchanged, is_folder)
+    resolver.resolve()
+    out = {}
+    for folder, key, wanted, unchanged, _ in placed:
+        final = resolver.final(folder, key, wanted, unchanged)
+        if final is not None:
+            assert key not in out
+            out[key] = final
+    return out
+
+
+def resolved(items):
+    resolver = layout.NameResolver()
+    placed = []
+    for folders, key, wanted, unchanged, is_folder in items:
+        folder = resolver.folder(folders)
+        if resolver.add(folder, key, wanted, unchanged, is_folder):
+            placed.append((folder, key))
+    resolver.resolve()
+    return {key: resolver.path(folder, key) for folder, key in placed}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_streamed_names_are_the_names_the_resolver_gives(seed):
+    """Random listings full of collisions (case, portable forms, a folder and a file on one
+    name, a suffix that meets a plain name, a file listed twice): the same path and the same
+    'renamed' for every file, whichever way the names are decided."""
+    rng = random.Random(seed)
+    labels = ["T1", "t1", " T1 ", "T1~" + layout.identity_suffix("c1")[1:], unicodedata.normalize("NFD", "Jé"), "Jé", "x"]
+    names = ["a.dcm", "A.dcm", " a.dcm", "a~" + layout.identity_suffix("c0/a.dcm")[1:] + ".dcm", "b.dcm", "T1", "t1", "é.dcm"]
+    items = []
+    for n in range(rng.randrange(20, 200)):
+        depth = rng.randrange(0, 3)
+        folders = tuple((label, layout.portable_name(label)) for label in rng.sample(labels, depth))
+        name = rng.choice(names)
+        wanted = layout.portable_name(name)
+        items.append((folders, f"c{rng.randrange(8)}/{name}#{n}", wanted, wanted == name, rng.random() < 0.2))
+    items += [items[0], items[len(items) // 2]]  # listed twice
+    rng.shuffle(items)
+    expected = resolved(items)
+    assert any(renamed for _, renamed in expected.values())  # the listing did collide
+    assert streamed(items) == expected
+
+
+def test_the_flywheel_listing_names_files_the_same_when_it_is_kept_on_disk(monkeypatch, tmp_path):
+    """The hostile project of test_names (16 files whose names collide every way, one listed
+    twice) through FlywheelSource.entries with the listing in memory and on disk."""
+    from clpipe import spill
+    from clpipe.sources.flywheel import FlywheelSource, credentials_from_api_key, parse_fw_url
+    from clpipe.testing.fwserver import FlywheelTestServer
+    from integration.test_names import hostile_project
+
+    project, _ = hostile_project()
+    url = parse_fw_url("fw://lab/hostile/")
+    with FlywheelTestServer(projects=[project], api_keys={"k"}) as server:
+        source = FlywheelSource(credentials_from_api_key(server.login_key("k")))
+        try:
+            project_id = source.api.lookup_project(url)["_id"]
+
+            def listing(folder):
+                return [(e.key, e.path, e.renamed, e.size) for e in source.entries(project_id, url, {}, {}, spill_dir=folder)]
+
+            held = listing(None)
+            monkeypatch.setattr(spill, "HOLD", 3)
+            kept = listing(tmp_path / "spill")
+        finally:
+            source.close()
+    assert len(held) == 16 and sum(renamed for _, _, renamed, _ in held) == 11
+    assert sorted(kept) == sorted(held)
+    assert os.listdir(tmp_path / "spill") == []
+
+
+def manifest_with(tmp_path, records):
+    state = SyncState(tmp_path, "w")
+    state.acquire()
+    state.load()
+    for record in records:
+        state.record(record)
+    state.save()
+    state.release()
+
+
+def test_the_manifest_is_read_through_its_index(tmp_path, monkeypatch):
+    """Records found by key from the file (also when every key has one hash), a later line
+    of a key wins, a damaged line is as if never recorded, a forgotten key stays forgotten,
+    and the manifest written again holds the same lines, sorted, as one written whole."""
+    records = [Record(f"c{i % 7}/f{i}.dcm", [i, 1.5, f"sha1:{i:x}"], [[f"s/f{i}.dcm", i, ""]]) for i in range(300)]
+    records.append(Record('c/na\u00efve "q".dcm', [10, 1.5, None], [["a/na\u00efve.dcm", 10, ""]]))
+    manifest_with(tmp_path, records)
+    path = tmp_path / ".clpipe-sync" / "manifest.jsonl"
+    with path.open("a") as fh:
+        fh.write('{"key":"c0/f0.dcm","sig":[0,2.5,"new"],"files":[["s/f0.dcm",0,""]]}\n')  # a later line of a key
+        fh.write('{"key":"damaged","sig":[1,0,null],"files":[["d.dcm",1,"]]}\n')
+        fh.write(json.dumps({"files": [["c.dcm", 3, ""]], "sig": [3, 0, None], "key": "other/c.dcm"}) + "\n")
+    monkeypatch.setattr(manifest_module._Index, "_hash", staticmethod(lambda key: 7))  # every key collides
+    state = SyncState(tmp_path, "r")
+    state.acquire()
+    state.load()
+    assert state.get("c0/f0.dcm").signature == [0, 2.5, "new"]
+    assert all(state.get(r.key) == r for r in records[1:])
+    assert state.get("other/c.dcm") == Record("other/c.dcm", [3, 0, None], [["c.dcm", 3, ""]])
+    assert state.get("damaged") is None and "damaged" not in state and state.get("nothing") is None
+    one = records[5]
+    assert state.unchanged_file(one.key, signature_text(one.signature), "s/f5.dcm", 5) is True
+    assert not state.unchanged_file(one.key, signature_text([5, 1.5, "other"]), "s/f5.dcm", 5)
+    assert state.unchanged_file("nothing", '[1,1.0,""]', "x", 1) is False
+    state.forget(records[9].key)
+    assert state.get(records[9].key) is None
+    state.record(Record("new/x.dcm", [1, 0.5, ""], [["x.dcm", 1, ""]]))
+    assert len(state) == len(records) + 1  # + other, + new, - forgotten
+    state.save()
+    state.release()
+    lines = path.read_text().splitlines()[1:]
+    assert lines == sorted(lines) and len(lines) == len(records) + 1
+    want = {json.dumps(r.to_json(), separators=(",", ":")) for r in records[1:] if r.key != records[9].key}
+    assert want <= set(lines) and '{"key":"c0/f0.dcm","sig":[0,2.5,"new"],"files":[["s/f0.dcm",0,""]]}' in lines
+
+
+def test_signature_text_is_the_records_json():
+    for signature in (
+        [1, 1.5, "sha1:ab"],
+        [0, 0.0, ""],
+        [3, 1700000000.123456, "x"],
+        [1, 2, "a"],
+        [1, 1.5, 'q"'],
+        [1, 1.5, "é"],
+        [1, 1.5, "", "v2"],
+    ):
+        assert signature_text(signature) == json.dumps(signature, separators=(",", ":"))
+
+
+def test_a_hash_set_is_a_set():
+    rng = random.Random(5)
+    values = [rng.getrandbits(64) - (1 << 63) for _ in range(5000)] + [0, 1, -1, 1024, 2048]
+    members = layout.HashSet()
+    for value in values[::2]:
+        members.add(value)
+        members.add(value)
+    assert len(members) == len(set(values[::2]))
+    assert all(v in members for v in values[::2])
+    assert not any(v in members for v in values[1::2] if v not in set(values[::2]) and (v or 1) not in {w or 1 for w in values[::2]})
