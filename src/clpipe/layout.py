@@ -288,10 +288,15 @@ class StreamedNames(NameResolver):
     """
 
     @staticmethod
-    def note(folder: PlannedFolder, wanted: str) -> None:
-        folder.hashes.append(hash(wanted.lower()))
+    def note(folder: PlannedFolder, wanted: str) -> int:
+        """Note an item wanting ``wanted`` in ``folder``: the hash to give :meth:`final`."""
+        value = hash(wanted.lower())
+        folder.hashes.append(value)
+        return value
 
-    def find_clashes(self) -> None:
+    def find_clashes(self) -> bool:
+        """Find the names more than one item of a folder wants: are there any?"""
+        found = False
         todo = [self.root]
         while todo:
             node = todo.pop()
@@ -308,6 +313,8 @@ class StreamedNames(NameResolver):
                 seen.add(value)
                 todo.append(child)
             node.clash = clash
+            found = found or bool(clash)
+        return found
 
     @staticmethod
     def clashes(folder: PlannedFolder, wanted: str) -> bool:
@@ -326,10 +333,11 @@ class StreamedNames(NameResolver):
                 todo.append(child)
 
     @staticmethod
-    def final(folder: PlannedFolder, key: str, wanted: str, unchanged: bool) -> tuple[str, bool] | None:
-        """(local path, renamed?) of an item after :meth:`resolve`; None for a repeat of an
-        item given already (the listing had it twice)."""
-        if folder.clash and hash(wanted.lower()) in folder.clash:
+    def final(folder: PlannedFolder, key: str, wanted: str, unchanged: bool, hashed: int | None = None) -> tuple[str, bool] | None:
+        """(local path, renamed?) of an item after :meth:`resolve` (``hashed``: what
+        :meth:`note` gave); None for a repeat of an item given already (the listing had it
+        twice)."""
+        if folder.clash and (hash(wanted.lower()) if hashed is None else hashed) in folder.clash:
             if key not in folder.leaves:
                 return None
             return NameResolver.path(folder, key, pop=True)
@@ -419,25 +427,28 @@ class HashSet:
             slot = (slot + 1) & mask
         return False
 
-    def add(self, value: int) -> None:
+    def add(self, value: int) -> bool:
+        """Add ``value``: False when it was a member already."""
         value = value or 1  # 0 marks a free slot
         slots, mask = self._slots, self._mask
         slot = value & mask
         while slots[slot]:
             if slots[slot] == value:
-                return
+                return False
             slot = (slot + 1) & mask
         slots[slot] = value
         self._count += 1
         if self._count > 0.7 * (mask + 1):
-            old = [v for v in slots if v]
+            old = slots
             self._mask = mask = 2 * (mask + 1) - 1
             self._slots = slots = array("q", bytes(8 * (mask + 1)))
             for v in old:
-                slot = v & mask
-                while slots[slot]:
-                    slot = (slot + 1) & mask
-                slots[slot] = v
+                if v:
+                    slot = v & mask
+                    while slots[slot]:
+                        slot = (slot + 1) & mask
+                    slots[slot] = v
+        return True
 
     def __len__(self) -> int:
         return self._count
@@ -457,6 +468,9 @@ class Claims:
         self._folders: set[str] = set()  # every folder above a claimed path
 
     def claim(self, path: str, key: str, is_folder: bool = False) -> str:
+        parent = path.rpartition("/")[0]
+        if (not parent or parent in self._folders) and path not in self._folders and self._paths.add(hash(path)):
+            return path  # (the usual case, a million times: a new file in a folder known already)
         if self._clash(path) is None:
             return self._take(path)
         original = path.split("/")

@@ -199,3 +199,29 @@ def test_a_hash_set_is_a_set():
     assert len(members) == len(set(values[::2]))
     assert all(v in members for v in values[::2])
     assert not any(v in members for v in values[1::2] if v not in set(values[::2]) and (v or 1) not in {w or 1 for w in values[::2]})
+
+
+def test_a_sorted_manifest_is_read_by_blocks(tmp_path, monkeypatch):
+    """A manifest as this module writes it (sorted by key) is looked up by block: only each
+    block's first key is held, blocks are parsed when looked at and the oldest forgotten;
+    escaped keys, a damaged record and keys that fall between blocks all read right."""
+    monkeypatch.setattr(manifest_module, "CACHE_BLOCK", 300)
+    monkeypatch.setattr(manifest_module, "CACHE_BLOCKS", 2)
+    records = [Record(f"c{i:03d}/f{i}.dcm", [i, 0.5, ""], [[f"p/f{i}.dcm", i, ""]]) for i in range(0, 400, 2)]
+    records += [
+        Record('c1/"quoted"\\.dcm', [1, 0.5, ""], [["q.dcm", 1, ""]]),
+        Record("c2/na\u00efve.dcm", [2, 0.5, ""], [["n.dcm", 2, ""]]),
+    ]
+    manifest_with(tmp_path, records)
+    state = SyncState(tmp_path, "r")
+    state.acquire()
+    state.load()
+    assert isinstance(state._index, manifest_module._Blocks) and len(state._index._firsts) > 20
+    order = records[:]
+    random.Random(1).shuffle(order)
+    assert all(state.get(r.key) == r for r in order)
+    assert all(state.get(f"c{i:03d}/f{i}.dcm") is None for i in range(1, 400, 2))  # between two records
+    assert state.get("a-before-all") is None and state.get("z-after-all") is None
+    assert len(state._index._cache) <= 2
+    assert sorted(state.keys()) == sorted(r.key for r in records)
+    state.release()

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+import orjson
+
 from ..errors import PreflightError
 from .http import LazyModule
 from .http import retry_after as _retry_after
@@ -247,10 +249,18 @@ class FlywheelAPI:
                             raise PreflightError(f"{message}, {attempts} times; check the site's status, then run again")
                         wait = _retry_after(response)
                     else:
-                        for line in response.iter_lines():
-                            if line.strip():
-                                started = True
-                                yield json.loads(line)
+                        # lines split from the raw bytes and parsed by orjson: a million of
+                        # them in a third of the time of iter_lines and json.loads
+                        rest = b""
+                        for chunk in response.iter_bytes(1 << 18):
+                            lines = (rest + chunk).split(b"\n")
+                            rest = lines.pop()
+                            for line in lines:
+                                if line.strip():
+                                    started = True
+                                    yield orjson.loads(line)
+                        if rest.strip():
+                            yield orjson.loads(rest)
                         return
             except httpx.TransportError as exc:
                 if started or last:
@@ -278,6 +288,9 @@ _DST_HEAD = re.compile(
 _LEVELS = (("SUBJECTS", "subject"), ("SESSIONS", "session"), ("ACQUISITIONS", "acquisition"), ("ANALYSES", "analysis"))
 _ZIP_SUFFIX = re.compile(r"(\.(dcm|dicom))?\.zip$", re.IGNORECASE)
 CHUNK = 1 << 20
+
+
+_UNKNOWN: Any = object()
 
 
 def url_segment(value: str) -> str:
@@ -438,7 +451,7 @@ class FlywheelSource:
         number of files (8 bytes a file while the names are decided)."""
         from ..layout import PlannedFolder, StreamedNames, bids_label, check_template, field_values, portable_name, template_parts
         from ..spill import Spill
-        from .base import RemoteEntry, session_of
+        from .base import RemoteEntry, Session, session_of
 
         resolver = StreamedNames()
         self._bulk_body, self._bulk_acqs, self._bulk_heads = body_filters, {}, {}
@@ -498,7 +511,7 @@ class FlywheelSource:
                 name = portable_name(leaf)
                 if not sidecar:  # (zips too: their hashes are prefetched by session; bulk_batches leaves them out)
                     self._note_bulk(head, str(target.get("container_id")), url)
-                StreamedNames.note(planned[number], name)
+                hashed = StreamedNames.note(planned[number], name)
                 inline = json.dumps(target.get("metadata")).encode() if sidecar else None
                 listing.append(
                     (
@@ -513,20 +526,25 @@ class FlywheelSource:
                         is_zip,
                         inline,
                         head_number,
+                        hashed,
                     )
                 )
-            resolver.find_clashes()
-            for number, key, _, name, unchanged, _, _, _, is_zip, _, _ in listing:  # the few items whose names meet
-                if resolver.clashes(planned[number], name):
-                    resolver.add(planned[number], key, name, unchanged, is_zip)
+            if resolver.find_clashes():
+                for number, key, _, name, unchanged, _, _, _, is_zip, _, _, hashed in listing:  # the few items whose names meet
+                    if hashed in planned[number].clash:
+                        resolver.add(planned[number], key, name, unchanged, is_zip)
             resolver.resolve()
-            for number, key, filename, name, unchanged, size, modified, checksum, is_zip, inline, head_number in listing:
-                final = resolver.final(planned[number], key, name, unchanged)
+            by_folder: dict[tuple[int, int], Session | None] = {}  # (folder, head) -> the session of its files
+            for number, key, filename, name, unchanged, size, modified, checksum, is_zip, inline, head_number, hashed in listing:
+                final = resolver.final(planned[number], key, name, unchanged, hashed)
                 if final is None:
                     continue  # the server may list a file twice (fw skips repeats too)
                 path, renamed = final
-                info = where[head_number]
-                session = session_of(path, info[0], info[1], info[2], known_sessions) if info is not None else None
+                session = by_folder.get((number, head_number), _UNKNOWN)
+                if session is _UNKNOWN:  # (one per folder: its files' paths differ only in their names)
+                    info = where[head_number]
+                    session = session_of(path, info[0], info[1], info[2], known_sessions) if info is not None else None
+                    by_folder[(number, head_number)] = session
                 yield RemoteEntry(
                     key=key,
                     path=path,

@@ -119,6 +119,7 @@ class Engine:
         self._renamed = {False: 0, True: 0}
         self._staged: dict[str, tuple[str, bool]] = {}  # entry key -> (part, hash checked): fetched in bulk (sync/bulk.py)
         self.sessions = Tallies()  # what the last run found of each scan session (sync/sessions.py)
+        self._sizes = _Sizes(str(options.dropoff) + "/")
 
     # -- planning ----------------------------------------------------------------------
 
@@ -230,6 +231,7 @@ class Engine:
             elif size(new) != length:
                 return False
         if not self.options.dry_run:
+            self._sizes.close()  # (folders it had open may move)
             try:
                 for old, new in todo:
                     os.makedirs(os.path.dirname(root + new), exist_ok=True)
@@ -422,7 +424,7 @@ class Engine:
         started = time.monotonic()
         outcome = Outcome(unchanged=SortedSpill(self.options.zip_tmp))
         state = self.state
-        root = str(self.options.dropoff) + "/"
+        sizes = self._sizes = _Sizes(str(self.options.dropoff) + "/")
         todo: list[tuple[RemoteEntry, bool]] = []
         listed: set[str] | None = set() if self.options.delete else None
         self.listed = self.listed_bytes = 0
@@ -433,48 +435,51 @@ class Engine:
         self.sessions = sessions = Tallies()
         fresh: list[RemoteEntry] = []  # not in the manifest
         blocked: list[tuple[RemoteEntry, Record, list]] = []
-        for entry in entries:
-            if self._abort.is_set():  # told to stop, its grace over, before the listing ended
-                outcome.listing_cut = True
-                break
-            self.listed += 1
-            self.listed_bytes += entry.size
-            if listed is not None:
-                listed.add(entry.key)
-            sessions.listed(entry)
-            claimed = self._claim(entry, outcome)
-            if claimed is None:
-                continue
-            entry = claimed
-            # the no-op re-sync's path (a million times): one file, as recorded, in place
-            same = None
-            if not (entry.unpack or entry.series) and is_plain(entry.path):
-                same = state.unchanged_file(entry.key, signature_text(entry.signature), entry.path, entry.size)
-                if same and _size(root + entry.path) == entry.size:
-                    outcome.skipped += 1
-                    outcome.unchanged.append(entry.path)
-                    sessions.in_place(entry, ((entry.path, entry.size),))
+        try:
+            for entry in entries:
+                if self._abort.is_set():  # told to stop, its grace over, before the listing ended
+                    outcome.listing_cut = True
+                    break
+                self.listed += 1
+                self.listed_bytes += entry.size
+                if listed is not None:
+                    listed.add(entry.key)
+                sessions.listed(entry)
+                claimed = self._claim(entry, outcome)
+                if claimed is None:
                     continue
-            record = state.get(entry.key) if same is not False else None
-            if record is None:  # adopted or fetched: decided once every recorded file is where it belongs
-                fresh.append(entry)
-                continue
-            if record.signature == entry.signature:
-                moves = self._moves(record, entry)
-                if moves == [] and self._present(record):
-                    outcome.skipped += len(record.files)
-                    for path, *_ in record.files:
-                        outcome.unchanged.append(path)
-                    sessions.in_place(entry, record.files)
-                    continue
-                if moves:  # synced under an earlier name: renamed in place, not fetched again
-                    done = self._relocate(entry, record, moves, outcome)
-                    if done is None:  # its new place is taken, for now: tried again below
-                        blocked.append((entry, record, moves))
-                    if done is not False:
+                entry = claimed
+                # the no-op re-sync's path (a million times): one file, as recorded, in place
+                same = None
+                if not (entry.unpack or entry.series) and is_plain(entry.path):
+                    same = state.unchanged_file(entry.key, signature_text(entry.signature), entry.path, entry.size)
+                    if same and sizes(entry.path) == entry.size:
+                        outcome.skipped += 1
+                        outcome.unchanged.append(entry.path)
+                        sessions.in_place(entry, ((entry.path, entry.size),))
                         continue
-            self._vacating.update(f[0] for f in record.files)
-            todo.append((entry, True))
+                record = state.get(entry.key) if same is not False else None
+                if record is None:  # adopted or fetched: decided once every recorded file is where it belongs
+                    fresh.append(entry)
+                    continue
+                if record.signature == entry.signature:
+                    moves = self._moves(record, entry)
+                    if moves == [] and self._present(record):
+                        outcome.skipped += len(record.files)
+                        for path, *_ in record.files:
+                            outcome.unchanged.append(path)
+                        sessions.in_place(entry, record.files)
+                        continue
+                    if moves:  # synced under an earlier name: renamed in place, not fetched again
+                        done = self._relocate(entry, record, moves, outcome)
+                        if done is None:  # its new place is taken, for now: tried again below
+                            blocked.append((entry, record, moves))
+                        if done is not False:
+                            continue
+                self._vacating.update(f[0] for f in record.files)
+                todo.append((entry, True))
+        finally:
+            sizes.close()
         for _ in range(len(blocked)):  # a place another entry left meanwhile (bounded: one more each time)
             waiting, blocked = blocked, []
             for entry, record, moves in waiting:
@@ -718,11 +723,38 @@ class Engine:
             self.state.forget(record.key)
 
 
-def _size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return -1
+class _Sizes:
+    """The sizes of files in the dropoff (-1: none there), each looked up in its folder,
+    kept open: the entries of one folder come together, so a folder's path is walked once,
+    not once a file (a no-op re-sync of a million files asks a million times)."""
+
+    KEEP = 16  # folders kept open
+
+    def __init__(self, root: str) -> None:
+        self._root = root
+        self._folders: dict[str, int] = {}
+
+    def __call__(self, path: str) -> int:
+        folder, _, name = path.rpartition("/")
+        fd = self._folders.get(folder)
+        if fd is None:
+            try:
+                fd = os.open(self._root + folder, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                return -1
+            if len(self._folders) >= self.KEEP:
+                os.close(self._folders.pop(next(iter(self._folders))))
+            self._folders[folder] = fd
+        try:
+            return os.stat(name, dir_fd=fd).st_size
+        except OSError:
+            return -1
+
+    def close(self) -> None:
+        """Close the folders (also when files were moved between them: they are opened anew)."""
+        for fd in self._folders.values():
+            os.close(fd)
+        self._folders.clear()
 
 
 #: what :func:`_bounded` yields for a transfer left running when the run stopped

@@ -99,14 +99,18 @@ class Tallies:
         return tally
 
     def listed(self, entry: RemoteEntry) -> None:
-        tally = self._tally(entry)
-        if tally is None:
+        session = entry.session  # (inline: a million times in a no-op re-sync)
+        if session is None:
             return
+        tally = self.by_path.get(session.path)
+        if tally is None:
+            tally = self.by_path[session.path] = Tally(session)
         tally.entries += 1
         tally.fingerprint ^= _fingerprint(entry)
-        tally.modified = max(tally.modified, entry.modified)
+        if entry.modified > tally.modified:
+            tally.modified = entry.modified
         # a series: a folder the entry is unpacked into, else the folder of a single file
-        tally.series.add(entry.path if entry.unpack or entry.series else posixpath.dirname(entry.path))
+        tally.series.add(entry.path if entry.unpack or entry.series else entry.path.rpartition("/")[0])
 
     def in_place(self, entry: RemoteEntry, files: Iterable[Sequence], placed: int = 0) -> None:
         """``entry`` is in place with ``files`` ([path, size, ...] each); ``placed`` of them
