@@ -185,9 +185,20 @@ def measure(run: Run, cmd: list[str], env: dict, log: Path, timeout: float, srv,
 
 
 def sync_pair(
-    peer: str, make_cmd, dest: Path, expected: dict, env: dict, work: Path, timeout: float, srv, noop: bool = True, label: str = ""
+    peer: str,
+    make_cmd,
+    dest: Path,
+    expected: dict,
+    env: dict,
+    work: Path,
+    timeout: float,
+    srv,
+    noop: bool = True,
+    label: str = "",
+    after=None,
 ) -> list[Run]:
-    """A full sync into the empty ``dest``, then (if ``noop``) a re-sync with nothing changed."""
+    """A full sync into the empty ``dest``, then (if ``noop``) a re-sync with nothing changed;
+    then ``after()`` (more runs on the synced dropoff) if both went well."""
     files, nbytes = len(expected), sum(size for size, _ in expected.values())
     runs = []
     for kind in ("full", "no-op") if noop else ("full",):
@@ -201,6 +212,8 @@ def sync_pair(
         runs.append(run)
         if run.status.startswith(("FAILED", "TIMEOUT")):
             break  # a re-sync after a failed sync measures nothing useful
+    if after is not None and runs and all(r.ok for r in runs):
+        runs += after()
     shutil.rmtree(dest, ignore_errors=True)
     return runs
 
@@ -238,7 +251,27 @@ def native_unavailable(config: Path, env: dict) -> str:
     return "" if proc.returncode == 0 else last_line(proc)
 
 
-def run_native(work, project, expected, env, timeout, srv, label="") -> list[Run]:
+def status_runs(config: Path, expected: dict, env: dict, work: Path, timeout: float, srv, label: str) -> list[Run]:
+    """`clpipe dicom status` (the table, then -json) on the synced dropoff; the JSON checked
+    (every expected file counted in a complete session)."""
+    runs = []
+    for flag in ("", "-json"):
+        run = Run(f"status {label}{flag or 'table'}".strip(), len(expected))
+        cmd = [sys.executable, "-m", "clpipe", "dicom", "status", "-c", str(config), *([flag] if flag else [])]
+        print(f"  {run.name} ...", end=" ", flush=True)
+        log = work / (re.sub(r"\W+", "-", run.name) + ".log")
+        measure(run, cmd, env, log, timeout, srv, cwd=work)
+        if run.ok and flag:
+            data = json.loads(log.read_text())
+            files = sum(session.get("files", 0) for session in data.get("sessions", []))
+            complete = all(session.get("state") == "complete" for session in data.get("sessions", []))
+            run.status = "ok" if files == len(expected) and complete else f"INVALID: {files} files in the sessions, complete={complete}"
+        print(f"{run.seconds:.2f} s, {run.status}", flush=True)
+        runs.append(run)
+    return runs
+
+
+def run_native(work, project, expected, env, timeout, srv, label="", status=False) -> list[Run]:
     name = f"native-{label.strip() or 'main'}"
     dest = work / f"dropoff-{name}"
     config = native_config(work, name, f"fw://{project.group}/{project.label}/", dest, env)
@@ -249,7 +282,8 @@ def run_native(work, project, expected, env, timeout, srv, label="") -> list[Run
             Run(f"native {label}{kind}", len(expected), status=f"not available: {reason}", noop=kind == "no-op")
             for kind in ("full", "no-op")
         ]
-    return sync_pair("native", lambda: native_command(config), dest, expected, env, work, timeout, srv, label=label)
+    after = (lambda: status_runs(config, expected, env, work, timeout, srv, label)) if status else None
+    return sync_pair("native", lambda: native_command(config), dest, expected, env, work, timeout, srv, label=label, after=after)
 
 
 # ------------------------------------------------------------------------------------ reporting
@@ -378,7 +412,7 @@ def million(args, env: dict, work: Path) -> int:
         timeout = max(args.timeout, 3 * len(expected) / 1000)  # ~330 files/s at least (the full sync of 100,000: ~800)
         with fwserver.FlywheelTestServer([project], api_keys={KEY}) as srv:
             run_env = dict(env, FLYWHEEL_API_KEY=srv.login_key(KEY))
-            runs += run_native(work, project, expected, run_env, timeout, srv, f"{len(expected):,} ")
+            runs += run_native(work, project, expected, run_env, timeout, srv, f"{len(expected):,} ", status=True)
             if n == 0:
                 dest = work / "dropoff-floor"
                 runs += sync_pair(
@@ -484,6 +518,14 @@ def million_goals(runs: list[Run], sizes: list[int]) -> list[tuple[str, str, str
             "{:.1f} MB per 100k files",
             "none (< 1 MB per 100k files)",
             lambda v: v < 1,
+        ),
+        row(
+            f"`clpipe dicom status` on {big:,} files (table; -json)",
+            [f"status {big:,} table", f"status {big:,} -json"],
+            lambda: max(by[f"status {big:,} table"].seconds, by[f"status {big:,} -json"].seconds),
+            "{:.2f} s",
+            "< 10 s",
+            lambda v: v < 10,
         ),
         row(
             f"{small:,}-file full sync: native files/s / raw floor files/s",
