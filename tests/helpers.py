@@ -440,3 +440,68 @@ def check_instance(uid: str, data: bytes, rec: dict, data_root: Path, converts: 
         pixels = bytes(get_decoder(dicomdata.RLE_LOSSLESS).as_buffer(original)[0])
     assert got.PixelData == pixels
     assert int(got.get("NumberOfFrames", 1)) == rec["NumberOfFrames"]
+
+
+# ---------------------------------------------------------------- a project whose names collide
+
+
+def hostile_project() -> tuple:
+    """16 files whose names collide in every way the issue found (one of them listed twice),
+    and where each file's bytes must land: the names that needed no change keep them
+    (a Flywheel test server Project, {bytes: path})."""
+    import unicodedata
+
+    from clpipe.testing.fwserver import Acquisition, FwFile, Project, Session, Subject
+
+    NFC, NFD = unicodedata.normalize("NFC", "José"), unicodedata.normalize("NFD", "José")  # noqa: N806 (as test_names names them)
+
+    def f(name: str, tag: str) -> FwFile:
+        return FwFile(name, f"{tag}:".encode() * 7)  # same size for all: only the bytes tell them apart
+
+    twice = f("twice.dcm", "twice")
+    long1, long2 = "L" * 300 + "1.dcm", "L" * 300 + "2.dcm"
+    project = Project(
+        "lab",
+        "hostile",
+        [
+            Subject(NFC, [Session("s1", [Acquisition("T1", [f("a.dcm", "nfc-subject")])])]),
+            Subject(NFD, [Session("s1", [Acquisition("T1", [f("a.dcm", "nfd-subject")])])]),
+            Subject(
+                "P1",
+                [
+                    Session("a/../normal", [Acquisition("x", [f("b.dcm", "dotdot-session")])]),
+                    Session("normal", [Acquisition("x", [f("b.dcm", "normal-session")])]),
+                    Session("s2", [Acquisition(" x ", [f("c.dcm", "spaced-acq")]), Acquisition("x", [f("c.dcm", "plain-acq")])]),
+                    Session(
+                        "s3",
+                        [
+                            Acquisition(
+                                "files",
+                                [
+                                    f("ctl\x07.dcm", "bell"),
+                                    f("ctl\x1b.dcm", "escape"),
+                                    f("ctl_.dcm", "underscore"),
+                                    f(" sp.dcm", "lead-space"),
+                                    f("sp.dcm", "no-space"),
+                                    f(long1, "long1"),
+                                    f(long2, "long2"),
+                                    f(unicodedata.normalize("NFC", "é.dcm"), "nfc-file"),
+                                    f(unicodedata.normalize("NFD", "é.dcm"), "nfd-file"),
+                                    twice,
+                                    twice,  # the server lists the same file twice: one local file
+                                ],
+                            )
+                        ],
+                    ),
+                ],
+            ),
+        ],
+    )
+    plain = {  # bytes -> the path of the one that keeps the plain name
+        b"normal-session:" * 7: "SUBJECTS/P1/SESSIONS/normal/ACQUISITIONS/x/FILES/b.dcm",
+        b"plain-acq:" * 7: "SUBJECTS/P1/SESSIONS/s2/ACQUISITIONS/x/FILES/c.dcm",
+        b"underscore:" * 7: "SUBJECTS/P1/SESSIONS/s3/ACQUISITIONS/files/FILES/ctl_.dcm",
+        b"no-space:" * 7: "SUBJECTS/P1/SESSIONS/s3/ACQUISITIONS/files/FILES/sp.dcm",
+        b"twice:" * 7: "SUBJECTS/P1/SESSIONS/s3/ACQUISITIONS/files/FILES/twice.dcm",
+    }
+    return project, plain

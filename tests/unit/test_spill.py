@@ -108,7 +108,8 @@ def test_the_flywheel_listing_names_files_the_same_when_it_is_kept_on_disk(monke
     from clpipe import spill
     from clpipe.sources.flywheel import FlywheelSource, credentials_from_api_key, parse_fw_url
     from clpipe.testing.fwserver import FlywheelTestServer
-    from integration.test_names import hostile_project
+
+    from helpers import hostile_project
 
     project, _ = hostile_project()
     url = parse_fw_url("fw://lab/hostile/")
