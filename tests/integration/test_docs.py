@@ -228,7 +228,7 @@ EXTRA_PHRASES = {
     # a full disk, in any step (issue 11): the one line and its parts
     "errors.py": ["no space left", "disk quota exceeded", "then run again: finished files are kept", "free space", "needed for "],
     "engines/native.py": [
-        "this sync's bookkeeping (the dropoff's .clpipe-sync folder)",
+        "this sync's bookkeeping (the dropoff's .clpipe-sync folder; a large listing in TempDirectory)",
         "the manifest of the synced files (the dropoff's .clpipe-sync folder)",
         "the sync's lock",
     ],

@@ -166,7 +166,9 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
         except OSError as exc:  # a full disk before any transfer (the state, the adoption of files)
             if not is_disk_full(exc):
                 raise
-            raise DiskFull.at(exc, folders, purpose="this sync's bookkeeping (the dropoff's .clpipe-sync folder)") from exc
+            raise DiskFull.at(
+                exc, folders, purpose="this sync's bookkeeping (the dropoff's .clpipe-sync folder; a large listing in TempDirectory)"
+            ) from exc
         if isinstance(source, HasNotes):  # what the source skipped or had to change
             outcome.notes += list(source.notes)
         outcome.notes += shard.notes()
