@@ -1,5 +1,5 @@
 """Benchmark the file:// source: clpipe's native engine copying a scanner export folder
-against `cp -r` of the same folder, in one run, on the same data.
+against `cp -r` and `rsync -a` of the same folder, in one run, on the same data.
 
     .venv/bin/python bench/dicom_folder.py           # full run, writes bench/results/dicom_folder.md
     .venv/bin/python bench/dicom_folder.py --quick   # a small tree, every peer and check, nothing saved
@@ -15,12 +15,21 @@ one job, the clpipe command; then again), so a burst of load from other work on 
 machine hits peers of the same round alike:
 
 - ``cp -r TREE DEST``: every file of the tree, nothing checked (the floor);
-- native: ``dicom_folder.py --engine``, the engine with FolderSource as clpipe's runner
-  drives it (lock, manifest, run, save) without the CLI around it; interpreter start and
-  imports included; its phases (listing, copying, saving the manifest) and the jobs it ran
-  (a local folder: no more than the CPUs, see FolderSource.max_jobs) are in the table;
+- ``rsync -a TREE/ DEST/``: rsync's copy, then again into it (rsync's no-op: it compares
+  size and time of every file, on both sides, and copies nothing);
+- native: ``dicom_folder_engine.py``, the engine with FolderSource as clpipe's runner
+  drives it (lock, manifest, listing cache, run, save) without the CLI around it;
+  interpreter start and clpipe's imports included (not this benchmark's); its phases
+  (listing, copying, saving the manifest), the jobs it ran (a local folder: no more than
+  the CPUs, see FolderSource.max_jobs) and the headers served by the listing cache are
+  in the table;
 - ``clpipe dicom sync -c CONFIG -submit``: the whole command (config, logs, audit CSV);
-- no-op: the same native or clpipe run again into the synced folder.
+- no-op: the same native or clpipe run again into the synced folder; "native no-op, no
+  listing cache": the same with every header read again (as before the cache).
+
+The measured processes find their bytecode cached (as after ``pip install``; in the work
+folder, PYTHONPYCACHEPREFIX), whatever PYTHONDONTWRITEBYTECODE says in the caller's
+environment.
 
 Before every run the benchmark calls ``sync`` (the previous run's dirty pages are not
 written during the next). The trees stay in the page cache (dropping it needs
@@ -51,10 +60,12 @@ from benchlib import MB, last_line, run_measured
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results" / "dicom_folder.md"
+ENGINE = BENCH / "dicom_folder_engine.py"  # one native run in a fresh process
 CACHE = BENCH / ".cache"
 STATE_DIR = ".clpipe-sync"  # the native engine's bookkeeping in the dropoff: not a synced file
 JOBS = 4
 GOAL = 1.5  # native full sync time / cp -r time
+NO_CACHE = "no-op, no listing cache"  # the native no-op reading every header again (as before the cache)
 # (label, make_file_tree scale, image rows = columns)
 TREES = {
     "full": [("MR slices", 37, 256), ("small files", 37, 64)],
@@ -145,59 +156,10 @@ def rsync_command(tree: Path, dest: Path) -> list[str]:
     return ["rsync", "-a", f"{tree}/", f"{dest}/"]
 
 
-def engine_command(tree: Path, dest: Path, jobs: int) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--engine", str(tree), str(dest), str(jobs)]
-
-
-def engine_main(tree: str, dest: str, jobs: int) -> int:
-    """The native engine as clpipe's runner drives it (sync/run.py: lock, manifest, run,
-    save), without the CLI around it (config, log files, reports). Prints one JSON line."""
-    started = time.perf_counter()
-    from clpipe.sources.dicom import DicomQuery, SourceSettings, entries, open_source, parse_source_url
-    from clpipe.sync.engine import Engine, Options
-    from clpipe.sync.manifest import SyncState
-
-    imported = time.perf_counter()
-    dropoff = Path(dest)
-    dropoff.mkdir(parents=True, exist_ok=True)
-    source = open_source(parse_source_url(Path(tree).absolute().as_uri()), SourceSettings(jobs=jobs))
-    listed = [0.0]
-
-    def timed(items):
-        yield from items
-        listed[0] = time.perf_counter()  # the engine takes the whole listing before it copies
-
-    state = SyncState(dropoff, f"bench-{os.getpid()}")
-    state.acquire()
-    try:
-        state.load()
-        begun = time.perf_counter()
-        engine = Engine(source, state, Options(dropoff=dropoff, zip_tmp=dropoff.parent / f"{dropoff.name}.zips", jobs=jobs))
-        outcome = engine.run(timed(entries(source, DicomQuery())))
-        copied = time.perf_counter()
-        state.save()
-    finally:
-        state.release()
-        source.close()
-    done = time.perf_counter()
-    print(
-        json.dumps(
-            {
-                "created": outcome.created,
-                "updated": outcome.updated,
-                "skipped": outcome.skipped,
-                "failed": outcome.failed,
-                "failures": outcome.failures[:5],
-                "notes": getattr(source, "notes", []),
-                "import_s": imported - started,
-                "list_s": (listed[0] or copied) - begun,
-                "copy_s": copied - (listed[0] or copied),
-                "save_s": done - copied,
-                "jobs": engine.jobs,
-            }
-        )
-    )
-    return 1 if outcome.failed else 0
+def engine_command(tree: Path, dest: Path, jobs: int, cache: bool = True) -> list[str]:
+    """The engine in a fresh process (bench/dicom_folder_engine.py: interpreter start and
+    clpipe's imports counted, not this benchmark's)."""
+    return [sys.executable, str(ENGINE), str(tree), str(dest), str(jobs), *([] if cache else ["--no-cache"])]
 
 
 def cli_project(work: Path, tree: Path, dest: Path, env: dict) -> Path | str:
@@ -255,6 +217,8 @@ class Run:
     cpu: float | None = None
     status: str = "ok"
     phases: str = ""  # native: list / copy / save seconds
+    import_s: float | None = None  # native: clpipe's imports
+    list_s: float | None = None  # native: the listing, with the engine's check of each series
 
     @property
     def ok(self) -> bool:
@@ -283,9 +247,12 @@ def engine_report(run: Run, output: str, want_copied: int) -> None:
         if run.ok:
             run.status = f"FAILED: no report ({last_line(output)[:120]})"
         return
-    run.phases = f"list {data['list_s']:.2f} / copy {data['copy_s']:.2f} / save {data['save_s']:.2f}"
+    run.import_s, run.list_s = data["import_s"], data["list_s"]
+    run.phases = f"import {data['import_s']:.2f} / list {data['list_s']:.2f} / copy {data['copy_s']:.2f} / save {data['save_s']:.2f}"
     if data.get("jobs"):
         run.phases += f" ({data['jobs']} {'job' if data['jobs'] == 1 else 'jobs'})"
+    if data.get("cached"):
+        run.phases += f"; {data['cached']:,} headers from the listing cache"
     copied = data["created"] + data["updated"]
     if run.ok and copied != want_copied:
         run.status = f"INVALID: copied {copied} instances, expected {want_copied}"
@@ -329,11 +296,11 @@ def bench_tree(label: str, tree: Path, desc: dict, work: Path, env: dict, rounds
             runs.append(run)
         shutil.rmtree(cp_dest, ignore_errors=True)
 
-        for peer, peer_jobs, kinds in (("native", jobs, ("full", "no-op")), ("native jobs=1", 1, ("full",))):
+        for peer, peer_jobs, kinds in (("native", jobs, ("full", "no-op", NO_CACHE)), ("native jobs=1", 1, ("full",))):
             shutil.rmtree(native_dest, ignore_errors=True)
             for kind in kinds:
                 run = Run(label, peer, kind, n, instances, nbytes if kind == "full" else 0)
-                output = timed_run(run, engine_command(tree, native_dest, peer_jobs), env, work, timeout)
+                output = timed_run(run, engine_command(tree, native_dest, peer_jobs, cache=kind != NO_CACHE), env, work, timeout)
                 engine_report(run, output, instances if kind == "full" else 0)
                 if run.ok:
                     run.status = check_dropoff(native_dest, desc) or "ok"
@@ -402,6 +369,7 @@ def goals(runs: list[Run], trees: list[str]) -> list[tuple[str, str, str, str]]:
         for name, base, target in (  # issue 15: no slower than rsync -a, full and no-op
             ("native full", "rsync -a full", "<= 1.0"),
             ("native no-op", "rsync -a no-op", "<= 1.0"),
+            (f"native {NO_CACHE}", "rsync -a no-op", "(for information: before the listing cache)"),
             ("clpipe dicom sync full", "rsync -a full", "(for information)"),
             ("clpipe dicom sync no-op", "rsync -a no-op", "(for information)"),
         ):
@@ -452,7 +420,27 @@ def table(runs: list[Run], header: list[str], trees: list[str]) -> str:
         )
     out += ["", "| goal | value | target | verdict |", "| --- | ---: | --- | --- |"]
     out += [f"| {' | '.join(g)} |" for g in goals(runs, trees)]
+    out += no_op_breakdown(runs, trees)
     return "\n".join(out) + "\n"
+
+
+def no_op_breakdown(runs: list[Run], trees: list[str]) -> list[str]:
+    """Where the native no-op's seconds go (medians over the rounds), beside rsync's."""
+    lines = []
+    for tree in trees:
+        done = [r for r in runs if r.tree == tree and r.name == "native no-op" and r.ok and r.list_s is not None]
+        rsync = [r.seconds for r in runs if r.tree == tree and r.name == "rsync -a no-op" and r.ok and r.seconds is not None]
+        if not done or not rsync:
+            continue
+        total = median_of([r.seconds for r in done if r.seconds is not None])
+        imports = median_of([r.import_s for r in done if r.import_s is not None])
+        listing = median_of([r.list_s for r in done if r.list_s is not None])
+        lines.append(
+            f"- {tree}, where the native no-op's {total:.2f} s go (medians): clpipe's imports {imports:.2f} s, the listing "
+            f"from the cache with the engine's check of each series {listing:.2f} s, the rest (interpreter start, lock, "
+            f"manifest, exit) {max(0.0, total - imports - listing):.2f} s; rsync's whole no-op: {median_of(rsync):.2f} s"
+        )
+    return ["", *lines] if lines else []
 
 
 def describe(label: str, desc: dict, scale: int, size: int) -> str:
@@ -481,16 +469,16 @@ def main(argv: list[str] | None = None) -> int:
         help="where the copies go (default: a temp folder; put it on the filesystem you care about: the trees are read from bench/.cache/)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
-    ap.add_argument("--engine", nargs=3, metavar=("TREE", "DEST", "JOBS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.engine:
-        return engine_main(args.engine[0], args.engine[1], int(args.engine[2]))
     mode = "quick" if args.quick else "full"
     rounds = args.rounds or (1 if args.quick else 5)
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="clpipe-bench-folder-", dir=args.workdir))
     env = dict(os.environ, PYTHONWARNINGS="ignore", HOME=str(work / "home"))
+    # bytecode cached, as after `pip install` (the first run of each peer writes it, in the work folder)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     (work / "home").mkdir()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p)
     try:
@@ -510,12 +498,17 @@ def main(argv: list[str] | None = None) -> int:
             f"native = the engine with FolderSource, jobs={args.jobs} (native jobs=1: one job; for a folder whose reading "
             "does not wait on I/O the engine runs at most as many series at once as there are CPUs: the jobs it ran "
             "are in the phases column), in a fresh Python process "
-            "(`bench/dicom_folder.py --engine`: interpreter start and imports included); `clpipe dicom sync -c CONFIG "
+            "(`bench/dicom_folder_engine.py`: interpreter start and clpipe's imports included); `clpipe dicom sync -c CONFIG "
             "-submit` = the whole command (config, log, audit CSV and summary included); no-op = the same again "
-            "into the synced folder",
+            "into the synced folder, the file headers served by the listing cache in the dropoff's state folder "
+            f"(native {NO_CACHE}: every header read again, as before the cache)",
+            "- bytecode cached for the measured processes (as after `pip install`): PYTHONPYCACHEPREFIX in the work folder",
             "- the trees are in the page cache for every peer (they are read before the first run); "
             "dropping the cache needs privileges a shared machine does not give",
             "- files/s and MB/s: files and bytes written (cp -r: every file of the tree; native: each instance once)",
+            "- native phases: clpipe's imports; the listing (walk, stat, headers) with the engine's check of each series "
+            "against the manifest and the dropoff, made as the listing streams in; the copies; saving the manifest; "
+            "the rest of the seconds is the interpreter's start, the lock and the exit",
         ]
         text = table(runs, header, [label for label, _, _ in TREES[mode]])
         print()

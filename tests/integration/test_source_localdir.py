@@ -6,7 +6,9 @@ No servers needed; everything runs on a temporary folder."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
+import json
 import os
 import shutil
 import time
@@ -631,6 +633,7 @@ def test_benchmark_quick_mode_runs_every_peer(tmp_path):
         "rsync -a no-op",
         "native full",
         "native no-op",
+        "native no-op, no listing cache",
         "native jobs=1 full",
         "clpipe dicom sync full",
         "clpipe dicom sync no-op",
@@ -708,3 +711,311 @@ def test_a_copy_that_breaks_half_way_names_both_ends(own_tree, tmp_path, monkeyp
         for f in outcome.failures
     ), outcome.failures[:2]
     assert not dropoff_files(tmp_path / "dropoff")
+
+
+# ----------------------------------------------------------------------------- the listing cache
+
+
+class Reads:
+    """The files whose header a listing reads (every read goes through localdir.read_header)."""
+
+    def __init__(self, monkeypatch):
+        self.paths: list[str] = []
+        real = localdir.read_header
+
+        def read_header(path, **kw):
+            self.paths.append(path)
+            return real(path, **kw)
+
+        monkeypatch.setattr(localdir, "read_header", read_header)
+
+
+def cached_source(root: Path, cache: Path, write: bool = True, jobs: int = 4) -> FolderSource:
+    source = source_for(root, jobs)
+    source.cache_listing(cache, write=write)
+    return source
+
+
+def snapshot(source: FolderSource) -> tuple:
+    """Everything a listing gives: the series (attributes, files, version) and the stats."""
+    found = [(s.uid, s.attrs, s.count, s.ref, s.version) for s in listed(source)]
+    st = source.stats
+    return found, st.files, st.instances, st.not_dicom, st.duplicates, st.unreadable, source.notes
+
+
+def walked(source: FolderSource) -> int:
+    """The files the last listing had to know (all but those skipped by name: DICOMDIR)."""
+    return source.stats.files - sum(1 for p in source.stats.not_dicom if Path(p).name in localdir.NOT_DICOM_NAMES)
+
+
+def reseal(cache_file: Path, change) -> None:
+    """Apply ``change`` to the cache's body and give it a valid checksum again (damage
+    that the checksum alone does not catch)."""
+    head, _, body = cache_file.read_bytes().partition(b"\n")
+    body = change(body)
+    magic = head.rpartition(b" ")[0]
+    cache_file.write_bytes(magic + b" " + hashlib.sha1(body).hexdigest().encode() + b"\n" + body)
+
+
+@pytest.fixture
+def old_files(monkeypatch):
+    """The test's files count as unchanged for long enough to be kept (they were all
+    written a moment ago, within RACY_NS)."""
+    monkeypatch.setattr(localdir, "RACY_NS", 0)
+
+
+def test_a_second_listing_opens_no_unchanged_file(own_tree, tmp_path, monkeypatch, old_files):
+    root, desc = own_tree
+    cache = tmp_path / "state"
+    cache.mkdir()
+    reads = Reads(monkeypatch)
+    first_source = cached_source(root, cache)
+    first = snapshot(first_source)
+    assert first == snapshot(source_for(root))  # the same listing as without a cache
+    assert len(reads.paths) == 2 * walked(first_source) and first_source.stats.cached == 0
+    cache_file = cache / localdir.LISTING_CACHE
+    written = cache_file.stat()
+
+    reads.paths.clear()
+    second_source = cached_source(root, cache)
+    assert snapshot(second_source) == first
+    assert reads.paths == []  # not one file opened: every header came from the cache
+    assert second_source.stats.cached == walked(second_source) == walked(first_source)
+    after = cache_file.stat()  # nothing changed, so nothing was written
+    assert (after.st_ino, after.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+
+    # the engine's no-op on top of it: nothing retrieved, nothing read
+    dropoff = tmp_path / "dropoff"
+    assert sync(cached_source(root, cache), dropoff, "run1").failed == 0
+    reads.paths.clear()
+    again = sync(cached_source(root, cache), dropoff, "run2")
+    assert (again.created, again.updated, again.skipped) == (0, 0, desc["counts"]["instances"]) and reads.paths == []
+
+
+def test_a_file_changed_with_the_same_size_is_read_again(own_tree, tmp_path, monkeypatch, old_files):
+    """Same size, same mtime (set back), another SOPInstanceUID: the ctime gives it away;
+    same size, new mtime: read again too. Only that file is read."""
+    root, desc = own_tree
+    cache = tmp_path / "state"
+    cache.mkdir()
+    listed(cached_source(root, cache))
+    instance = next(i for i in desc["instances"] if i["SeriesInstanceUID"] == desc["odd"]["implicit_vr_series"])
+    path = root / instance["path"]
+    old_uid = instance["SOPInstanceUID"].encode()
+    new_uid = old_uid[:-1] + (b"1" if old_uid[-1:] != b"1" else b"2")
+    assert new_uid.decode() not in {i["SOPInstanceUID"] for i in desc["instances"]}
+    st = path.stat()
+    data = path.read_bytes()
+    assert old_uid in data
+    time.sleep(0.01)  # a ctime of its own
+    path.write_bytes(data.replace(old_uid, new_uid))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    reads = Reads(monkeypatch)
+    source = cached_source(root, cache)
+    found = {sop: p for s in listed(source) for sop, p in s.ref}
+    assert reads.paths == [str(path)]
+    assert found[new_uid.decode()] == str(path) and old_uid.decode() not in found
+    assert snapshot(source_for(root)) == snapshot(cached_source(root, cache))  # the cache now knows it
+
+    reads.paths.clear()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched: a new mtime, same size
+    source = cached_source(root, cache)
+    versions = {s.uid: s.version for s in listed(source)}
+    assert reads.paths == [str(path)] and source.stats.cached == walked(source) - 1
+    assert versions == {s.uid: s.version for s in listed(source_for(root))}
+
+
+def test_added_and_removed_files_change_the_cache(own_tree, tmp_path, monkeypatch, old_files):
+    root, desc = own_tree
+    cache = tmp_path / "state"
+    cache.mkdir()
+    listed(cached_source(root, cache))
+    gone = root / desc["instances"][5]["path"]
+    gone.unlink()
+    shutil.copy2(root / desc["instances"][6]["path"], root / "copy of six")
+    expected = snapshot(source_for(root))
+    reads = Reads(monkeypatch)
+    assert snapshot(cached_source(root, cache)) == expected
+    assert reads.paths == [str(root / "copy of six")]
+    reads.paths.clear()
+    listed(cached_source(root, cache))
+    assert reads.paths == []
+    text = (cache / localdir.LISTING_CACHE).read_text()
+    assert "\ncopy of six\t" in text and f"\n{gone.relative_to(root).as_posix()}\t" not in text
+
+
+def _flip(body: bytes) -> bytes:
+    middle = len(body) // 2
+    return body[:middle] + bytes([body[middle] ^ 0x01]) + body[middle + 1 :]
+
+
+DAMAGE = {
+    "a flipped bit": lambda f: f.write_bytes(_flip(f.read_bytes())),
+    "cut short": lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+    "empty": lambda f: f.write_bytes(b""),
+    "another format version": lambda f: f.write_bytes(f.read_bytes().replace(b"folder listing 1 ", b"folder listing 99 ", 1)),
+    "another folder": lambda f: reseal(f, lambda body: body.replace(b'"root": "', b'"root": "/elsewhere', 1)),
+    "lines that are not rows": lambda f: reseal(f, lambda body: b"nonsense\n" + body.rstrip(b"\n").rpartition(b"\n")[2] + b"\n"),
+    "JSON that is not": lambda f: reseal(f, lambda body: body.rstrip(b"\n") + b"}\n"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_or_foreign_cache_is_ignored_and_rewritten(own_tree, tmp_path, monkeypatch, old_files, damage):
+    root, _ = own_tree
+    cache = tmp_path / "state"
+    cache.mkdir()
+    expected = snapshot(cached_source(root, cache))
+    DAMAGE[damage](cache / localdir.LISTING_CACHE)
+    reads = Reads(monkeypatch)
+    source = cached_source(root, cache)
+    assert snapshot(source) == expected
+    assert source.stats.cached == 0 and len(reads.paths) == walked(source)  # every file read again
+    reads.paths.clear()
+    listed(cached_source(root, cache))
+    assert reads.paths == []  # and the cache written anew
+
+
+def test_a_row_with_a_bad_values_index_reads_that_file_only(own_tree, tmp_path, monkeypatch, old_files):
+    root, desc = own_tree
+    cache = tmp_path / "state"
+    cache.mkdir()
+    expected = snapshot(cached_source(root, cache))
+    rel = desc["instances"][3]["path"]
+    cache_file = cache / localdir.LISTING_CACHE
+
+    def bad_index(body: bytes) -> bytes:
+        lines = body.split(b"\n")
+        for n, line in enumerate(lines):
+            if line.startswith(rel.encode() + b"\t"):
+                lines[n] = line.rpartition(b"\t")[0] + b"\t9999"
+        return b"\n".join(lines)
+
+    reseal(cache_file, bad_index)
+    reads = Reads(monkeypatch)
+    assert snapshot(cached_source(root, cache)) == expected
+    assert reads.paths == [str(root / rel)]
+
+
+def test_a_dry_run_reads_the_cache_but_writes_none(own_tree, tmp_path, monkeypatch, old_files):
+    root, desc = own_tree
+    cache = tmp_path / "state"
+    cache.mkdir()
+    listed(cached_source(root, cache, write=False))
+    assert not (cache / localdir.LISTING_CACHE).exists()
+    listed(cached_source(root, cache))
+    before = (cache / localdir.LISTING_CACHE).read_bytes()
+    path = root / desc["instances"][2]["path"]
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 5_000_000_000))
+    reads = Reads(monkeypatch)
+    source = cached_source(root, cache, write=False)
+    listed(source)
+    assert reads.paths == [str(path)] and source.stats.cached == walked(source) - 1
+    assert (cache / localdir.LISTING_CACHE).read_bytes() == before
+
+
+def test_files_changed_a_moment_ago_are_not_kept(own_tree, tmp_path, monkeypatch):
+    """A file changed within RACY_NS of the listing could change again within the same
+    timestamp (1 s, 2 s on some filesystems) unseen: it is read again next time."""
+    root, desc = own_tree  # copied just now: every ctime is recent
+    cache = tmp_path / "state"
+    cache.mkdir()
+    listed(cached_source(root, cache))
+    reads = Reads(monkeypatch)
+    source = cached_source(root, cache)
+    listed(source)
+    assert source.stats.cached == 0 and len(reads.paths) == walked(source)
+
+
+def test_on_a_share_that_waits_the_stats_are_made_by_threads(own_tree, tmp_path, monkeypatch, old_files):
+    """The probe's verdict is kept in the cache: when the last listing found that reading
+    waits (a share), the next one's stat calls overlap in ``jobs`` threads; same listing."""
+    root, _ = own_tree
+    cache = tmp_path / "state"
+    cache.mkdir()
+    pools = []
+
+    class Pool(localdir.ThreadPoolExecutor):
+        def __init__(self, *args, **kw):
+            pools.append(kw.get("thread_name_prefix"))
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(localdir, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(localdir, "PROBE", 8)
+    expected = snapshot(source_for(root))
+    pools.clear()
+    with monkeypatch.context() as busy:
+        busy.setattr(localdir.time, "thread_time", localdir.time.perf_counter)  # all of it CPU: a local disk
+        listed(cached_source(root, cache, jobs=3))
+    assert pools == []  # no threads, and the cache says so
+    with monkeypatch.context() as waiting:
+        waiting.setattr(localdir.time, "thread_time", lambda: 0.0)  # no CPU used: all of it was waiting
+        (cache / localdir.LISTING_CACHE).unlink()
+        listed(cached_source(root, cache, jobs=3))
+    assert pools == ["dicom-headers"]
+    reads = Reads(monkeypatch)
+    assert snapshot(cached_source(root, cache, jobs=3)) == expected
+    assert pools == ["dicom-headers", "dicom-stat"] and reads.paths == []
+
+
+def test_a_killed_writer_s_temporary_file_is_removed_an_hour_later(own_tree, tmp_path, old_files):
+    root, _ = own_tree
+    cache = tmp_path / "state"
+    cache.mkdir()
+    stale, recent = cache / f".{localdir.LISTING_CACHE}.123.ab.tmp", cache / f".{localdir.LISTING_CACHE}.456.cd.tmp"
+    for path in (stale, recent):
+        path.write_bytes(b"half a cache")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    listed(cached_source(root, cache))
+    assert sorted(p.name for p in cache.iterdir()) == sorted([localdir.LISTING_CACHE, recent.name])
+
+
+def test_a_cache_that_cannot_be_written_is_no_error(own_tree, tmp_path, old_files):
+    root, _ = own_tree
+    expected = snapshot(source_for(root))
+    assert snapshot(cached_source(root, tmp_path / "no such folder")) == expected
+    assert not (tmp_path / "no such folder").exists()
+
+
+def test_the_sync_command_keeps_the_cache_in_the_dropoff_state_folder(tmp_path):
+    """`clpipe dicom sync`: a dry run writes no cache; a run writes it in
+    .clpipe-sync/; a no-op run leaves it as it was (nothing changed)."""
+    import subprocess
+    import sys
+
+    from helpers import new_project
+
+    root = tmp_path / "export"
+    made = time.time()
+    make_file_tree(root)
+    config = new_project(tmp_path / "p", source_url=f"file://{root}")
+    dropoff = config.parent / "data_DICOMs"
+    time.sleep(max(0.0, made + localdir.RACY_NS / 1e9 + 0.2 - time.time()))  # the files are no longer "just changed"
+
+    def run(dry_run: bool = False):
+        data = json.loads(config.read_text())
+        data["SourceOptions"]["CommandLineOpts"] = "-n" if dry_run else ""
+        config.write_text(json.dumps(data))
+        proc = subprocess.run(
+            [sys.executable, "-m", "clpipe", "dicom", "sync", "-config_file", str(config), "-submit"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    cache_file = dropoff / ".clpipe-sync" / localdir.LISTING_CACHE
+    run(dry_run=True)
+    assert not cache_file.exists()
+    run()
+    rows = cache_file.read_text().split("\n")[1:-2]  # the header line, the rows, the JSON line
+    visible = [p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    assert len(rows) == len([p for p in visible if p.name != "DICOMDIR"])  # a row for every file the listing read
+    written = cache_file.stat()
+    out = run()
+    assert "0 created, 0 updated" in out
+    assert (cache_file.stat().st_ino, cache_file.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)

@@ -179,7 +179,8 @@ def test_refresh_lists_the_source_once_and_shows_new_changed_and_removed_session
     file_sync(nenv, config)
     before = status_json(nenv, config)
     state_file = dropoff / STATE_DIR / "sessions.json"
-    kept = (state_file.read_bytes(), dropoff_files(dropoff))
+    listing_cache = dropoff / STATE_DIR / "folder-listing"  # file://'s listing cache: read by -refresh, never written
+    kept = (state_file.read_bytes(), dropoff_files(dropoff), listing_cache.read_bytes())
     by_patient = studies(export)
     assert {"SUB01", "SUB02", "SUB 03/x"} <= set(by_patient), sorted(by_patient)
 
@@ -211,7 +212,7 @@ def test_refresh_lists_the_source_once_and_shows_new_changed_and_removed_session
     assert proc.returncode == 0, proc.stderr
     assert "source listed just now: 1 new, 1 changed, 1 removed sessions" in proc.stdout
     # nothing was downloaded or written: the dropoff and the sessions file are as they were
-    assert (state_file.read_bytes(), dropoff_files(dropoff)) == kept
+    assert (state_file.read_bytes(), dropoff_files(dropoff), listing_cache.read_bytes()) == kept
     # and without -refresh, status still tells what the last sync saw
     assert [s["state"] for s in status_json(nenv, config)["sessions"]] == [s["state"] for s in before["sessions"]]
 

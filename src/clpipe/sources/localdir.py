@@ -20,12 +20,21 @@ agree (the tests check it on every file of the test tree).
 Incremental: a series' version is a fingerprint of its files (SOPInstanceUID, size,
 mtime), so an unchanged series is skipped, and one whose files changed, or that gained
 or lost files, is copied again.
+
+Re-syncs: the engine gives the source its dropoff's state folder
+(:meth:`FolderSource.cache_listing`), where a :class:`ListingCache` keeps what each file's
+header gave, keyed by the file's (size, mtime, inode, ctime): the next listing calls
+``stat`` on every file, as ``rsync`` does, and opens only those whose stamp changed.
+No pydicom is imported unless a header needs it.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import heapq
+import itertools
+import json
 import os
 import stat
 import struct
@@ -34,7 +43,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,6 +284,7 @@ class FolderStats:
     unreadable: list[str] = field(default_factory=list)  # "path: reason"
     linked_folders: list[str] = field(default_factory=list)
     dropoffs: list[str] = field(default_factory=list)
+    cached: int = 0  # files whose header came from the listing cache (not opened)
 
     def notes(self, root: Path) -> list[str]:
         out = []
@@ -432,6 +442,218 @@ def _vanished(path: str, exc: OSError) -> TransientError:
     )
 
 
+# ----------------------------------------------------------------------------- the listing cache
+
+LISTING_CACHE = "folder-listing"  # in the dropoff's state folder (given by the engine: cache_listing)
+CACHE_MAGIC = b"clpipe folder listing 1"  # and the SHA-1 of the rest: a damaged file is ignored
+CACHED_TAGS = tuple(tag for tag in ATTRIBUTES if tag != 0x00080018)  # a series' values; the instance's UID is per file
+RACY_NS = 2_000_000_000  # a file changed this recently may change again within its timestamp's granularity: not kept
+_NOT_DICOM = "-"
+
+
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+class ListingCache:
+    """What the last listing read of each file, so that a file whose (size, mtime, inode,
+    ctime) did not change is not opened again: its SOPInstanceUID and the raw values of
+    the series' attributes (each distinct set once), or "not DICOM".
+
+    One text file written whole (temporary file, fsync, rename), streamed: a header line
+    with the format and the SHA-1 of the rest, one line per file (path relative to the
+    folder, size, mtime_ns, inode, ctime_ns, SOPInstanceUID, index of its values; ``-``:
+    not DICOM), then a JSON line (the source folder, the tags, the sets of values, the
+    last probe's verdict). It is a speed-up only: one that is missing, damaged, of another
+    version or of another folder is ignored (and rewritten); a file is read again whenever
+    any of the four changed; a file changed less than RACY_NS before it was looked at is
+    not kept (a second change within the same timestamp would not show); files that could
+    not be read are never kept; nothing is written when nothing changed, or when ``write``
+    is false (a dry run)."""
+
+    def __init__(self, path: Path, root: str, write: bool):
+        self.path, self.root, self.write = path, root, write
+        self._old: dict[str, str] = {}  # relative path -> "size\tmtime\tino\tctime\tsop\tindex"
+        self._table: list[tuple[str, dict[int, bytes]]] = []  # index -> (SeriesInstanceUID, raw values)
+        self._raw: list[list] = []  # index -> the values as stored (latin-1 text or None per CACHED_TAGS)
+        self.waits: bool | None = None  # the last probe's verdict (reading waits on I/O)
+        self.valid = False
+        self.hits = self.reads = 0
+        self._new_raw: dict[tuple, int] = {}  # the sets of values of the cache being made -> their index
+
+    def load(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return
+        try:
+            head, _, body = data.partition(b"\n")
+            magic, _, digest = head.rpartition(b" ")
+            if magic != CACHE_MAGIC or digest.decode("ascii") != hashlib.sha1(body).hexdigest():
+                return
+            rows, _, meta_line = body.decode("utf-8", "surrogateescape").rstrip("\n").rpartition("\n")
+            meta = json.loads(meta_line)
+            if meta.get("root") != self.root or meta.get("tags") != list(CACHED_TAGS):
+                return
+            raw, table = meta["values"], []
+            for stored in raw:
+                values = {tag: v.encode("latin_1") for tag, v in zip(CACHED_TAGS, stored, strict=True) if v is not None}
+                table.append((_uid(values.get(0x0020000E, b"")), values))
+            old = dict(line.split("\t", 1) for line in rows.split("\n") if line)
+            waits = meta.get("waits")
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeError):
+            return
+        self._old, self._table, self._raw, self.valid = old, table, raw, True
+        self.waits = waits if isinstance(waits, bool) else None
+
+    def headers(self, files: list[str], jobs: int, on_probe) -> Iterator[tuple[str, Header | None | str]]:
+        """As :func:`read_headers`, the files whose stamp is the cached one served from the
+        cache; only the others are read. The new cache is written when the last is given."""
+        prefix = self.root if self.root.endswith("/") else self.root + "/"
+        old, table = self._old, self._table
+        recent = time.time_ns() - RACY_NS
+        results: list = [None] * len(files)  # Header | None (cached) or the stamp to keep after a read ("" never kept)
+        hit = [False] * len(files)
+        kept: list[tuple[int, str, str]] = []  # (position, relative path, stored line's rest): the new cache, in order
+        misses: list[str] = []
+        skip, get, keep = len(prefix), old.get, kept.append  # (the loop runs once per file)
+        for i, (path, st) in enumerate(zip(files, self._stats(files, jobs), strict=True)):
+            rel = path[skip:]
+            if st is None:  # read_header says why
+                results[i] = ""
+                misses.append(path)
+                continue
+            stamp = f"{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}\t{st.st_ctime_ns}\t"
+            line = get(rel)
+            if line is not None and line.startswith(stamp):
+                sop, _, index = line[len(stamp) :].partition("\t")
+                if index == _NOT_DICOM:
+                    results[i] = None
+                elif index.isascii() and index.isdigit() and int(index) < len(table):
+                    series_uid, values = table[int(index)]
+                    results[i] = Header(sop, series_uid, st.st_size, st.st_mtime_ns, values)
+                else:  # not a line this code wrote: the file is read
+                    line = None
+                if line is not None:
+                    hit[i] = True
+                    keep((i, rel, line))
+                    continue
+            fresh = max(st.st_mtime_ns, st.st_ctime_ns) >= recent or "\t" in rel or "\n" in rel
+            results[i] = "" if fresh else stamp
+            misses.append(path)
+        self.hits, self.reads = len(kept), len(misses)
+        changed = not self.valid or len(kept) != len(old)
+        judge = len(misses) >= PROBE or self.waits is None  # enough files to read to judge whether reading waits
+        verdict: list[bool] = []
+
+        def probed(waits: bool) -> None:
+            verdict.append(waits)
+            if judge and on_probe is not None:
+                on_probe(waits)
+
+        if not judge and on_probe is not None and self.waits is not None:
+            on_probe(self.waits)  # too few files to read to judge: the last run's verdict stands
+        read = read_headers(misses, jobs, probed) if misses else iter(())
+        added: list[tuple[int, str]] = []  # (position, the new line) of each file read now
+        self._new_raw = {}
+        by_bytes: dict[tuple, str] = {}  # a set of raw values read now -> its index in the new cache
+        for i, path in enumerate(files):
+            if hit[i]:
+                yield path, results[i]
+                continue
+            got, header = next(read)
+            stamp, results[i] = results[i], None
+            if stamp and not isinstance(header, str):
+                changed = True
+                if not self.write:  # a dry run: nothing to write
+                    pass
+                elif header is None:
+                    added.append((i, f"{path[skip:]}\t{stamp}\t{_NOT_DICOM}\n"))
+                else:  # the line made now: the header (and its values) are not kept for the save
+                    raw = tuple(map(header._values.get, CACHED_TAGS))
+                    number: str | None = by_bytes.get(raw)
+                    if number is None:
+                        number = by_bytes[raw] = self._index_of(tuple(None if v is None else v.decode("latin_1") for v in raw))
+                    added.append((i, f"{path[skip:]}\t{stamp}{header.sop_uid}\t{number}\n"))
+            yield got, header
+        if verdict and len(misses) >= PROBE:
+            changed = changed or verdict[0] != self.waits
+            self.waits = verdict[0]
+        if changed and self.write:
+            self._save(kept, added)
+
+    def _stats(self, files: list[str], jobs: int) -> Iterator[os.stat_result | None]:
+        """``os.stat`` of each file (None: it cannot be reached). On a share where the last
+        listing found that reading waits (each ``stat`` a round trip to the server), by
+        ``jobs`` threads, which overlap the waits; on a local disk, in this thread."""
+        if not (self.waits and jobs > 1 and len(files) > PROBE):
+            return map(_stat_or_none, files)
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="dicom-stat") as pool:
+            return iter(list(pool.map(_stat_or_none, files, chunksize=64)))
+
+    def _index_of(self, stored: tuple) -> str:
+        """The index of a set of values (latin-1 text or None per CACHED_TAGS) in the new cache."""
+        index = self._new_raw.get(stored)
+        if index is None:
+            index = self._new_raw[stored] = len(self._new_raw)
+        return str(index)
+
+    def _save(self, kept: list[tuple[int, str, str]], added: list[tuple[int, str]]) -> None:
+        """The new cache: the lines kept (their values re-numbered) and those read now, in
+        the listing's order."""
+        by_old: dict[str, str] = {}  # a kept line's index -> the new one
+
+        def kept_lines() -> Iterator[tuple[int, str]]:
+            for i, rel, line in kept:
+                rest, _, index = line.rpartition("\t")
+                if index != _NOT_DICOM:
+                    new = by_old.get(index)
+                    if new is None:
+                        new = by_old[index] = self._index_of(tuple(self._raw[int(index)]))
+                    index = new
+                yield i, f"{rel}\t{rest}\t{index}\n"
+
+        # streamed (a large folder's cache is never held whole), the checksum filled in at the end
+        lines = (line for _, line in heapq.merge(kept_lines(), added, key=lambda row: row[0]))
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")  # shard tasks may race
+        try:
+            with open(temp, "wb") as out:
+                out.write(CACHE_MAGIC + b" " + b"0" * 40 + b"\n")
+                digest = hashlib.sha1()
+                while batch := "".join(itertools.islice(lines, 4096)):
+                    data = batch.encode("utf-8", "surrogateescape")
+                    digest.update(data)
+                    out.write(data)
+                meta = {"root": self.root, "tags": list(CACHED_TAGS), "values": list(self._new_raw), "waits": self.waits}
+                data = (json.dumps(meta) + "\n").encode("ascii")
+                digest.update(data)
+                out.write(data)
+                out.seek(len(CACHE_MAGIC) + 1)
+                out.write(digest.hexdigest().encode("ascii"))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, self.path)
+        except (OSError, ValueError):  # cannot be written (a read-only or full dropoff): the next run reads the files
+            with suppress(OSError):
+                os.unlink(temp)
+            return
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove the temporary files of writers killed before their rename (an hour old:
+        no writer takes that long)."""
+        prefix, old = f".{self.path.name}.", time.time() - 3600
+        with suppress(OSError), os.scandir(self.path.parent) as it:
+            for entry in it:
+                if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
+                    with suppress(OSError):
+                        if entry.stat(follow_symlinks=False).st_mtime < old:
+                            os.unlink(entry.path)
+
+
 # ----------------------------------------------------------------------------- the source
 
 
@@ -444,10 +666,8 @@ class _Found:
 def fingerprint(instances: dict) -> str:
     """A series' version: its files' (SOPInstanceUID, size, mtime), sorted; any change to
     a file, and any file added or removed, gives another one."""
-    digest = hashlib.sha1()
-    for uid, (_, size, mtime_ns) in sorted(instances.items()):
-        digest.update(f"{uid}\t{size}\t{mtime_ns}\n".encode())
-    return f"files:{digest.hexdigest()}"
+    text = "".join([f"{uid}\t{size}\t{mtime_ns}\n" for uid, (_, size, mtime_ns) in sorted(instances.items())])
+    return f"files:{hashlib.sha1(text.encode()).hexdigest()}"
 
 
 class FolderSource:
@@ -466,6 +686,7 @@ class FolderSource:
         self.max_jobs = self.jobs
         self.stats = FolderStats()
         self.notes: list[str] = []
+        self._cache: tuple[Path, bool] | None = None  # (file, write it): see cache_listing
         _check_folder(self.root)
 
     @classmethod
@@ -479,6 +700,12 @@ class FolderSource:
         instances nobody can check, so each one is a failure of the run, not a note."""
         return list(self.stats.unreadable)
 
+    def cache_listing(self, folder: Path | str, *, write: bool = True) -> None:
+        """Keep a :class:`ListingCache` in ``folder`` (the engine gives the dropoff's state
+        folder): the next listing opens only the files that changed since this one.
+        ``write=False`` (a dry run) reads it but writes none."""
+        self._cache = (Path(folder) / LISTING_CACHE, write)
+
     def _probed(self, waits: bool) -> None:
         self.max_jobs = self.jobs if waits else min(self.jobs, _cpus())
 
@@ -488,7 +715,14 @@ class FolderSource:
         _check_folder(self.root)
         self.stats = stats = FolderStats()
         found: dict[str, _Found] = {}
-        for path, header in read_headers(walk_files(str(self.root), stats), self.jobs, self._probed):
+        files = walk_files(str(self.root), stats)
+        if self._cache is None:
+            headers = read_headers(files, self.jobs, self._probed)
+        else:
+            cache = ListingCache(self._cache[0], str(self.root), write=self._cache[1])
+            cache.load()
+            headers = cache.headers(files, self.jobs, self._probed)
+        for path, header in headers:
             if isinstance(header, str):
                 stats.unreadable.append(header)
             elif header is None:
@@ -503,6 +737,8 @@ class FolderSource:
                 else:
                     group.instances[header.sop_uid] = (path, header.size, header.mtime_ns)
         stats.instances = sum(len(g.instances) for g in found.values())
+        if self._cache is not None:
+            stats.cached = cache.hits
         self.notes = stats.notes(self.root)
         studies: set[str] = set()
         for uid, group in found.items():
