@@ -783,12 +783,13 @@ def test_a_release_collision_is_answered_at_once():
     import struct
 
     from clpipe.sources.dimse.association import Channel as _Channel
+    from clpipe.sources.dimse.wire import Wire as _Wire
 
     ours, theirs = socket.socketpair()
     channel = _Channel.__new__(_Channel)  # an established association, without connecting
     channel.source = type("S", (), {"timeout": 5.0})()
-    channel.sock, channel.where, channel.timeout = ours, "the PACS X", 5.0
-    channel._buffer, channel._offset, channel.keep_waiting, channel.usable = bytearray(), 0, None, True
+    _Wire.__init__(channel, ours, "the PACS X", 5.0)
+    channel.usable = True
     theirs.sendall(struct.pack(">BBI", 5, 0, 4) + bytes(4))  # the PACS's release request, already on its way
     started = time.monotonic()
     channel.release()

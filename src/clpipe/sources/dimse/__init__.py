@@ -17,22 +17,28 @@ compressed. (Which transfer syntax it sends is its choice: Orthanc and pynetdico
 each instance as stored; dcmtk's dcmqrscp sends the first context accepted for the SOP
 class, Explicit VR Little Endian, decompressing RLE.)
 
-How the protocol is spoken: the association is negotiated with pynetdicom's PDU classes
-(A-ASSOCIATE-RQ/AC encoded and decoded by ``pynetdicom.pdu``: presentation contexts, SCP
-role selection, maximum PDU length, implementation UID), on both sides:
-:class:`association.Channel` for the associations we request, :class:`storage.StorageSCP`
-for those the PACS opens to deliver a C-MOVE. The per-instance path (P-DATA-TF fragments,
-the group-0000 command sets of C-FIND, C-GET, C-MOVE, C-STORE and C-ECHO from PS3.7,
-A-RELEASE, A-ABORT) is read and written here, on the socket the engine's thread already
-holds. Why not pynetdicom's Association for that path (measured with pynetdicom 3.0.4 and
-py-spy, and in bench/results/dicom_dimse.md, whose pynetdicom C-GET rows use its fastest
-settings): per received instance it runs three threads, a polling loop and pydicom
-encodes and decodes three command sets, ~2 ms of CPU under the GIL, so parallel
-associations in one process do not add up (2,209 instances: 5.2-6.7 s, against 1.3 s for
-dcmtk's getscu, the goal's peer, and 1.0 s here); here the whole run costs ~1 s of CPU and
-the retrieval is bound by the PACS and the disk. Identifiers are pydicom datasets;
-received datasets are never decoded (only read up to SeriesInstanceUID to route a
-C-MOVE's instances).
+How the protocol is spoken: all of it is clpipe's own code, on both sides of an
+association (:class:`association.Channel` for the associations we request,
+:class:`storage.StorageSCP` for those the PACS opens to deliver a C-MOVE): A-ASSOCIATE-RQ/AC
+(presentation contexts, SCP role selection, maximum PDU length, implementation UID; checked
+byte for byte against pynetdicom's encoder in the tests), the per-instance path (P-DATA-TF
+fragments, the group-0000 command sets of C-FIND, C-GET, C-MOVE, C-STORE and C-ECHO from
+PS3.7, A-RELEASE, A-ABORT) and the identifiers of C-FIND, C-GET and C-MOVE
+(``identifiers``). Neither pydicom nor pynetdicom is imported before the first
+association: pynetdicom's tables only name a failure's status code, and pydicom reads
+only what the fast readers cannot follow (an answer in a character set with code
+extensions, a C-MOVE dataset the walker cannot follow); their import (with numpy's, ~0.25
+s) was more than a third of a whole 2,000-instance retrieval (issue 15). Why not
+pynetdicom's Association (measured with pynetdicom 3.0.4 and py-spy, and in
+bench/results/dicom_dimse.md, whose pynetdicom C-GET rows use its fastest settings): per
+received instance it runs three threads, a polling loop and pydicom encodes and decodes
+three command sets, ~2 ms of CPU under the GIL, so parallel associations in one process do
+not add up. Here an instance costs one read and one write on the socket (which is
+non-blocking and polled only when not ready: a socket with a timeout polls before every
+call, and every system call gives the GIL up, which the engine's parallel associations
+contend for) and ~0.1 ms of CPU in all; the rest is the PACS and the file system. Received
+datasets are never decoded (only read up to SeriesInstanceUID to route a C-MOVE's
+instances).
 
 * C-GET runs in the engine's own thread: no hand-off, backpressure for free (the next
   instance is read when the engine asks for it), and a series the engine stops reading
@@ -47,9 +53,10 @@ The modules follow the protocol's layers, lowest first (as pynetdicom's do):
 
 - ``uids``: transfer syntaxes, storage SOP classes, Query/Retrieve models, clpipe's
   implementation UID.
-- ``pdu``: upper-layer PDUs (PS3.8): types, A-ASSOCIATE-RJ/-AC codes, P-DATA-TF framing;
-  A-ASSOCIATE-RQ/AC through pynetdicom's PDU classes. No sockets.
+- ``pdu``: upper-layer PDUs (PS3.8): types, A-ASSOCIATE-RQ/AC encoded and decoded,
+  A-ASSOCIATE-RJ/-AC codes, P-DATA-TF framing. No sockets.
 - ``messages``: DIMSE command sets (PS3.7): command fields, elements, statuses in words.
+- ``identifiers``: the datasets of C-FIND/C-GET/C-MOVE requests and C-FIND answers.
 - ``wire``: PDUs and messages over one socket, either side of an association.
 - ``association``: the associations we request (connect, TLS, negotiate, C-FIND, C-GET,
   C-MOVE, release, abort), and the TLS context.
@@ -63,10 +70,19 @@ Part-10 reader/writer every DICOM source shares.
 
 from __future__ import annotations
 
+from importlib.util import find_spec
+
 from ..part10 import part10_header
 from .association import tls_context
 from .source import DimseSource
 from .uids import COMPRESSED, EXPLICIT_LE, IMAGE_STORAGE, IMPLICIT_LE, OTHER_STORAGE
+
+# pynetdicom (status codes in words) and pydicom (what the fast readers cannot follow) are
+# imported only where they are needed, not at start-up: a missing one is said now, as the
+# registry says it (one line naming the package), not in the middle of a run
+for _package in ("pynetdicom", "pydicom"):
+    if find_spec(_package) is None:
+        raise ModuleNotFoundError(f"No module named {_package!r}", name=_package)
 
 __all__ = [
     "COMPRESSED",

@@ -4,19 +4,19 @@ made from the TLS settings; errors in words, TransientError or PermanentError.""
 
 from __future__ import annotations
 
-import io
 import select
 import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ...errors import ConfigError, PermanentError, TransientError
 from ..dicom import SourceSettings
 from ..part10 import part10_header
 from ..tls import TLSFileError, load_context
+from .identifiers import Identifier, Unreadable, decode, encode
 from .messages import (
     AFFECTED_SOP_CLASS_UID,
     AFFECTED_SOP_INSTANCE_UID,
@@ -62,9 +62,6 @@ from .pdu import (
 )
 from .uids import EXPLICIT_LE, IMPLICIT_LE, QR_FIND, QR_GET, QR_MOVE, QUERY_RETRIEVE
 from .wire import Wire
-
-if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
 
 CONNECT_TIMEOUT = 30.0  # the longest wait for a TCP connection, whatever the NetworkTimeout
 RELEASE_TIMEOUT = 5.0  # the longest wait for the PACS's answer to our A-RELEASE-RQ
@@ -163,6 +160,7 @@ class Channel(Wire):
         self._message_id = 0
         super().__init__(self._connect(), f"the PACS {source.where}", source.timeout)
         try:
+            self._unblock()
             self._negotiate()
         except BaseException:
             self.close()
@@ -212,7 +210,7 @@ class Channel(Wire):
         if kind != A_ASSOCIATE_AC_PDU:
             raise TransientError(f"the PACS {src.where} answered the association request with PDU type {kind}: is this its DICOM port?")
         answer = decode_associate(kind, pdu, self.where)
-        for context in answer.presentation_context_definition_results_list:
+        for context in answer.contexts:
             if context.result == CONTEXT_ACCEPTED and context.context_id in requested and context.transfer_syntax:
                 self.accepted[context.context_id] = (requested[context.context_id], str(context.transfer_syntax[0]))
         self.peer_max = answer.maximum_length_received or MAX_PDU_BYTES
@@ -270,25 +268,18 @@ class Channel(Wire):
 
     # -- DIMSE -------------------------------------------------------------------------
 
-    def _request(self, model: str, command: int, identifier: Dataset, destination: str = "") -> None:
+    def _request(self, model: str, command: int, identifier: Identifier, destination: str = "") -> None:
         """Send a C-FIND/C-GET/C-MOVE request: its command set, then the identifier."""
-        from pydicom.filebase import DicomBytesIO
-        from pydicom.filewriter import write_dataset
-
         context, (_, syntax) = next((c, a) for c, a in self.accepted.items() if a[0] == model)
-        encoded = DicomBytesIO()
-        encoded.is_little_endian, encoded.is_implicit_VR = True, syntax == IMPLICIT_LE
-        write_dataset(encoded, identifier)
+        encoded = encode(identifier, implicit=syntax == IMPLICIT_LE)
         self._message_id = self._message_id % 0xFFFF + 1
         self.usable = False  # until the final response: an abandoned request leaves the association unusable
         self.final = Final(None)
         self._send_message(context, request(model, command, self._message_id, destination), True)
-        self._send_message(context, encoded.getvalue(), False)
+        self._send_message(context, encoded, False)
 
-    def find(self, identifier: Dataset) -> list[Dataset]:
-        """A Study Root C-FIND: the identifiers of its matches (pydicom datasets)."""
-        from pydicom.filereader import read_dataset
-
+    def find(self, identifier: Identifier) -> list[Identifier]:
+        """A Study Root C-FIND: the identifiers of its matches (keyword -> text)."""
         self._request(QR_FIND, C_FIND_RQ, identifier)
         matches = []
         for context, fields, data in self.messages():
@@ -298,14 +289,17 @@ class Channel(Wire):
             if status in PENDING:
                 if data:
                     implicit = self.accepted.get(context, ("", EXPLICIT_LE))[1] == IMPLICIT_LE
-                    matches.append(read_dataset(io.BytesIO(b"".join(data)), implicit, True))
+                    try:
+                        matches.append(decode(b"".join(data), implicit))
+                    except Unreadable as exc:
+                        raise TransientError(f"the PACS {self.source.where} sent a C-FIND answer that cannot be read ({exc})") from None
                 continue
             self.final = Final(status, 0, field_text(fields, ERROR_COMMENT))
             self.usable = True
             return matches
         raise AssertionError("unreachable: messages() ends only by raising")
 
-    def get(self, identifier: Dataset) -> Iterator[tuple[str, bytes]]:
+    def get(self, identifier: Identifier) -> Iterator[tuple[str, bytes]]:
         """Send a C-GET and yield ``(SOPInstanceUID, Part-10 bytes)`` for each C-STORE it
         causes (answered with success as it arrives); ``self.final`` says how it ended.
         The next message is read only when the engine asks for the next instance."""
@@ -332,7 +326,7 @@ class Channel(Wire):
                     f"the PACS {self.source.where} sent an unexpected DIMSE message (command 0x{command:04X}) during a C-GET"
                 )
 
-    def move(self, identifier: Dataset, destination: str, keep_waiting: Callable[[], bool] | None = None) -> Final:
+    def move(self, identifier: Identifier, destination: str, keep_waiting: Callable[[], bool] | None = None) -> Final:
         """Send a C-MOVE to ``destination`` and wait for its final response (the
         instances go to that AE's storage SCP, not here). Pending responses are optional
         (PS3.4 C.4.2.1.5): while ``keep_waiting()`` says so (the delivery has received an

@@ -1,22 +1,13 @@
 """DIMSE messages (PS3.7): the group-0000 command sets of C-FIND, C-GET, C-MOVE, C-STORE
 and C-ECHO, always Implicit VR Little Endian, encoded and parsed here (no pydicom on the
-per-instance path); status codes named, and described in words from pynetdicom's tables.
-Identifiers (the datasets of C-FIND/C-GET/C-MOVE requests and C-FIND answers) are pydicom
-datasets."""
+per-instance path); status codes named, and described in words from pynetdicom's tables
+(imported only to say what went wrong). Identifiers are in identifiers.py."""
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 from typing import Any
-
-from pynetdicom.status import (
-    GENERAL_STATUS,
-    QR_FIND_SERVICE_CLASS_STATUS,
-    QR_GET_SERVICE_CLASS_STATUS,
-    QR_MOVE_SERVICE_CLASS_STATUS,
-    code_to_category,
-)
 
 from ..part10 import padded
 
@@ -66,13 +57,20 @@ UNABLE_TO_PROCESS_RANGE = range(0xC000, 0xCFFF + 1)
 UNABLE_TO_PROCESS = 0xC000
 NO_STATUS = UNABLE_TO_PROCESS  # a response without a Status element is read as a failure, never as success
 
-#: pynetdicom's tables of what each status code means, the retrieval's own first
-STATUS_TABLES = (QR_MOVE_SERVICE_CLASS_STATUS, QR_GET_SERVICE_CLASS_STATUS, QR_FIND_SERVICE_CLASS_STATUS, GENERAL_STATUS)
-
 
 def status_words(code: int) -> str:
-    """A status code in words, e.g. ``status 0xA801, Move destination unknown``."""
-    words = next((table[code][1] for table in STATUS_TABLES if table.get(code, ("", ""))[1]), "")
+    """A status code in words, e.g. ``status 0xA801, Move destination unknown``, from
+    pynetdicom's tables of what each code means (the retrieval's own first)."""
+    from pynetdicom.status import (
+        GENERAL_STATUS,
+        QR_FIND_SERVICE_CLASS_STATUS,
+        QR_GET_SERVICE_CLASS_STATUS,
+        QR_MOVE_SERVICE_CLASS_STATUS,
+        code_to_category,
+    )
+
+    tables = (QR_MOVE_SERVICE_CLASS_STATUS, QR_GET_SERVICE_CLASS_STATUS, QR_FIND_SERVICE_CLASS_STATUS, GENERAL_STATUS)
+    words = next((table[code][1] for table in tables if table.get(code, ("", ""))[1]), "")
     if not words:
         words = "cancelled" if code == CANCEL else code_to_category(code).lower()
     return f"status 0x{code:04X}, {words}"

@@ -1,23 +1,16 @@
-"""Upper-layer PDUs (PS3.8 9.3): their types and codes named, the A-ASSOCIATE PDUs
-encoded and decoded by pynetdicom's PDU classes (presentation contexts, SCP role
-selection, maximum PDU length, implementation UID), the small fixed ones and P-DATA-TF
-framing written here. Nothing here touches a socket (see wire.py)."""
+"""Upper-layer PDUs (PS3.8 9.3): their types and codes named, the A-ASSOCIATE-RQ and -AC
+PDUs encoded and decoded (presentation contexts, SCP role selection, maximum PDU length,
+implementation UID and version; other user information sub-items are skipped when read),
+the small fixed ones and P-DATA-TF framing. Nothing here touches a socket (see wire.py).
+Written here rather than through pynetdicom's PDU classes: importing pynetdicom imports
+pydicom and numpy (~0.25 s), more than a whole small retrieval's work; the tests check
+these encodings against pynetdicom's decoder and encoder."""
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-    SCP_SCU_RoleSelectionNegotiation,
-)
-from pynetdicom.presentation import PresentationContext
+from dataclasses import dataclass, field
 
 from ...errors import TransientError
 from ..part10 import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
@@ -113,21 +106,67 @@ def p_data_tf(context_id: int, data: bytes, command: bool, max_pdu: int) -> Iter
         yield pdu(P_DATA_TF_PDU, pdv)
 
 
-def user_information(max_pdu: int, roles: Sequence[str] = ()) -> list[Any]:
-    """Our A-ASSOCIATE user information: maximum PDU length, implementation class UID and
-    version name, and SCP role selection for the given SOP classes."""
-    length = MaximumLengthNotification()
-    length.maximum_length_received = max_pdu
-    uid = ImplementationClassUIDNotification()
-    uid.implementation_class_uid = IMPLEMENTATION_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = IMPLEMENTATION_VERSION
-    items: list[Any] = [length, uid, version]
+# -- A-ASSOCIATE-RQ/AC items (PS3.8 9.3.2, 9.3.3, Annex D) ---------------------------------
+
+PROTOCOL_VERSION = 0x0001
+ITEM = struct.Struct(">BBH")  # item type, reserved, item length
+FIXED = struct.Struct(">HH16s16s32x")  # protocol version, reserved, called AE, calling AE, reserved
+APPLICATION_CONTEXT_ITEM = 0x10
+RQ_CONTEXT_ITEM = 0x20  # a proposed presentation context
+AC_CONTEXT_ITEM = 0x21  # a presentation context's result
+ABSTRACT_SYNTAX_ITEM = 0x30
+TRANSFER_SYNTAX_ITEM = 0x40
+USER_INFORMATION_ITEM = 0x50
+MAXIMUM_LENGTH_ITEM = 0x51
+IMPLEMENTATION_CLASS_UID_ITEM = 0x52
+ROLE_SELECTION_ITEM = 0x54
+IMPLEMENTATION_VERSION_ITEM = 0x55
+
+
+@dataclass
+class Context:
+    """A presentation context as an A-ASSOCIATE-RQ proposes it (abstract syntax, transfer
+    syntaxes) or an A-ASSOCIATE-AC answers it (result, the transfer syntax chosen)."""
+
+    context_id: int
+    abstract_syntax: str = ""  # none in an AC
+    transfer_syntax: list[str] = field(default_factory=list)
+    result: int = CONTEXT_ACCEPTED  # an AC's result (0: acceptance); a proposal has none
+
+
+@dataclass
+class Associate:
+    """What clpipe reads of an A-ASSOCIATE-RQ or -AC."""
+
+    called_ae_title: str
+    calling_ae_title: str
+    contexts: list[Context]
+    maximum_length_received: int = 0  # 0: no limit given
+    implementation_class_uid: str = ""
+
+
+def _item(kind: int, body: bytes) -> bytes:
+    return ITEM.pack(kind, 0, len(body)) + body
+
+
+def _uid_item(kind: int, uid: str) -> bytes:
+    return _item(kind, uid.encode("ascii", "replace"))
+
+
+def _ae(title: str) -> bytes:
+    return title.strip().encode("ascii", "replace")[:16].ljust(16, b" ")
+
+
+def user_information(max_pdu: int, roles: Sequence[str] = ()) -> bytes:
+    """Our A-ASSOCIATE user information item: maximum PDU length, implementation class UID,
+    SCP role selection for the given SOP classes (we take the SCP role, not the SCU role),
+    implementation version name; sub-items in the order of their types."""
+    items = [_item(MAXIMUM_LENGTH_ITEM, struct.pack(">I", max_pdu)), _uid_item(IMPLEMENTATION_CLASS_UID_ITEM, IMPLEMENTATION_UID)]
     for sop_class in roles:
-        role = SCP_SCU_RoleSelectionNegotiation()
-        role.sop_class_uid, role.scu_role, role.scp_role = sop_class, False, True
-        items.append(role)
-    return items
+        uid = sop_class.encode("ascii", "replace")
+        items.append(_item(ROLE_SELECTION_ITEM, struct.pack(">H", len(uid)) + uid + bytes((0, 1))))
+    items.append(_item(IMPLEMENTATION_VERSION_ITEM, IMPLEMENTATION_VERSION.encode("ascii", "replace")))
+    return _item(USER_INFORMATION_ITEM, b"".join(items))
 
 
 def context_id(n: int) -> int:
@@ -135,49 +174,70 @@ def context_id(n: int) -> int:
     return 2 * n + 1
 
 
+def _associate(kind: int, called: str, calling: str, contexts: bytes, max_pdu: int, roles: Sequence[str] = ()) -> bytes:
+    fixed = FIXED.pack(PROTOCOL_VERSION, 0, _ae(called), _ae(calling))
+    return pdu(kind, fixed + _uid_item(APPLICATION_CONTEXT_ITEM, APPLICATION_CONTEXT) + contexts + user_information(max_pdu, roles))
+
+
 def associate_rq(called: str, calling: str, contexts: Sequence[tuple[str, Sequence[str]]], roles: Sequence[str], max_pdu: int) -> bytes:
-    """An A-ASSOCIATE-RQ PDU (encoded by pynetdicom) proposing ``contexts`` as IDs 1, 3, 5..."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = APPLICATION_CONTEXT
-    primitive.called_ae_title, primitive.calling_ae_title = called, calling
-    offers = []
+    """An A-ASSOCIATE-RQ PDU proposing ``contexts`` as IDs 1, 3, 5..."""
+    items = []
     for n, (abstract, syntaxes) in enumerate(contexts):
-        offer = PresentationContext()
-        offer.context_id, offer.abstract_syntax, offer.transfer_syntax = context_id(n), abstract, list(syntaxes)
-        offers.append(offer)
-    primitive.presentation_context_definition_list = offers
-    primitive.user_information = user_information(max_pdu, roles)
-    encoded = A_ASSOCIATE_RQ()
-    encoded.from_primitive(primitive)
-    return encoded.encode()
+        subs = _uid_item(ABSTRACT_SYNTAX_ITEM, abstract) + b"".join(_uid_item(TRANSFER_SYNTAX_ITEM, ts) for ts in syntaxes)
+        items.append(_item(RQ_CONTEXT_ITEM, bytes((context_id(n), 0, 0, 0)) + subs))
+    return _associate(A_ASSOCIATE_RQ_PDU, called, calling, b"".join(items), max_pdu, roles)
 
 
-def associate_ac(request: A_ASSOCIATE, results: Sequence[tuple[int, str, bool]], max_pdu: int) -> bytes:
-    """The A-ASSOCIATE-AC PDU answering ``request`` (a decoded A-ASSOCIATE primitive);
+def associate_ac(request: Associate, results: Sequence[tuple[int, str, bool]], max_pdu: int) -> bytes:
+    """The A-ASSOCIATE-AC PDU answering ``request`` (a decoded A-ASSOCIATE-RQ);
     ``results`` holds (context ID, transfer syntax, accepted) per proposed context."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = APPLICATION_CONTEXT
-    primitive.called_ae_title, primitive.calling_ae_title = request.called_ae_title, request.calling_ae_title
-    primitive.result, primitive.result_source = ASSOCIATION_ACCEPTED, RESULT_SOURCE_USER
-    answers = []
+    items = []
     for number, syntax, accepted in results:
-        answer = PresentationContext()
-        answer.context_id, answer.transfer_syntax = number, [syntax]
-        answer.result = CONTEXT_ACCEPTED if accepted else CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED
-        answers.append(answer)
-    primitive.presentation_context_definition_results_list = answers
-    primitive.user_information = user_information(max_pdu)
-    encoded = A_ASSOCIATE_AC()
-    encoded.from_primitive(primitive)
-    return encoded.encode()
+        result = CONTEXT_ACCEPTED if accepted else CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED
+        items.append(_item(AC_CONTEXT_ITEM, bytes((number, 0, result, 0)) + _uid_item(TRANSFER_SYNTAX_ITEM, syntax)))
+    return _associate(A_ASSOCIATE_AC_PDU, request.called_ae_title, request.calling_ae_title, b"".join(items), max_pdu)
 
 
-def decode_associate(kind: int, body: bytes, where: str) -> A_ASSOCIATE:
-    """An A-ASSOCIATE-RQ or -AC PDU read off the wire, decoded by pynetdicom into its
-    primitive; TransientError naming ``where`` when it cannot be read."""
-    decoder = A_ASSOCIATE_RQ() if kind == A_ASSOCIATE_RQ_PDU else A_ASSOCIATE_AC()
+def _items(data: bytes, pos: int) -> Iterator[tuple[int, bytes]]:
+    """(item type, item value) of the items from ``pos`` to the end of ``data``."""
+    while pos < len(data):
+        kind, _reserved, length = ITEM.unpack_from(data, pos)
+        end = pos + ITEM.size + length
+        if end > len(data):
+            raise ValueError(f"item type 0x{kind:02X} runs past the end of the PDU")
+        yield kind, data[pos + ITEM.size : end]
+        pos = end
+
+
+def _text(value: bytes) -> str:
+    return value.rstrip(b"\x00 ").lstrip(b" ").decode("ascii", "replace")
+
+
+def _decode(kind: int, body: bytes) -> Associate:
+    _version, _reserved, called, calling = FIXED.unpack_from(body, 0)
+    found = Associate(_text(called), _text(calling), [])
+    for item, value in _items(body, FIXED.size):
+        if item in (RQ_CONTEXT_ITEM, AC_CONTEXT_ITEM) and len(value) >= 4:
+            context = Context(value[0], result=value[2] if kind == A_ASSOCIATE_AC_PDU else CONTEXT_ACCEPTED)
+            for sub, sub_value in _items(value, 4):
+                if sub == ABSTRACT_SYNTAX_ITEM:
+                    context.abstract_syntax = _text(sub_value)
+                elif sub == TRANSFER_SYNTAX_ITEM:
+                    context.transfer_syntax.append(_text(sub_value))
+            found.contexts.append(context)
+        elif item == USER_INFORMATION_ITEM:
+            for sub, sub_value in _items(value, 0):
+                if sub == MAXIMUM_LENGTH_ITEM and len(sub_value) >= 4:
+                    found.maximum_length_received = struct.unpack_from(">I", sub_value)[0]
+                elif sub == IMPLEMENTATION_CLASS_UID_ITEM:
+                    found.implementation_class_uid = _text(sub_value)
+    return found
+
+
+def decode_associate(kind: int, body: bytes, where: str) -> Associate:
+    """An A-ASSOCIATE-RQ or -AC PDU's body (the bytes after its header) read off the wire;
+    TransientError naming ``where`` when it cannot be read."""
     try:
-        decoder.decode(pdu(kind, body))
-        return decoder.to_primitive()
-    except Exception as exc:  # noqa: BLE001 - pynetdicom raises several kinds on malformed bytes
+        return _decode(kind, body)
+    except (struct.error, ValueError) as exc:
         raise TransientError(f"{where} sent an association PDU that cannot be read ({exc})") from None

@@ -18,6 +18,7 @@ from ...errors import ConfigError, PermanentError, TransientError
 from ..dicom import DicomQuery, Series, SourceSettings, SourceURL, is_ae_title
 from ..part10 import part10_header
 from .association import Channel, tls_context
+from .identifiers import UTF8, Identifier
 from .messages import (
     AFFECTED_SOP_CLASS_UID,
     AFFECTED_SOP_INSTANCE_UID,
@@ -50,7 +51,6 @@ from .uids import (
 )
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
     from typing_extensions import Self
 
 #: DICOM keywords kept in ``Series.attrs``
@@ -72,7 +72,7 @@ RETRIEVE_ENDED = (SUCCESS, SUBOPERATIONS_FAILED)
 Instances = Generator[tuple[str, bytes], None, None]
 
 
-def _unanswered(query: DicomQuery, identifier: Dataset) -> DicomQuery:
+def _unanswered(query: DicomQuery, identifier: Identifier) -> DicomQuery:
     """The query without the study filters whose key the PACS left out of its answer: it
     was given them and matched them itself, and "" would never match here."""
     missing: dict[str, Any] = {name: "" for name, keyword in STUDY_FILTERS.items() if getattr(query, name) and keyword not in identifier}
@@ -200,16 +200,11 @@ class DimseSource:
 
     # -- C-FIND ------------------------------------------------------------------------
 
-    def _find(self, channel: Channel, level: str, keys: dict[str, str]) -> list[Dataset]:
+    def _find(self, channel: Channel, level: str, keys: dict[str, str]) -> list[Identifier]:
         """One C-FIND; the identifiers of its matches."""
-        from pydicom.dataset import Dataset
-
-        query = Dataset()
-        query.QueryRetrieveLevel = level
-        if any(isinstance(v, str) and not v.isascii() for v in keys.values()):
-            query.SpecificCharacterSet = "ISO_IR 192"
-        for keyword, value in keys.items():
-            setattr(query, keyword, value)
+        query = {"QueryRetrieveLevel": level, **keys}
+        if any(not v.isascii() for v in keys.values()):
+            query["SpecificCharacterSet"] = UTF8
         matches = channel.find(query)
         code = channel.final.status
         assert code is not None  # find() ends with a final status or raises
@@ -356,14 +351,10 @@ class DimseSource:
             raise TransientError(f"C-MOVE of series {series.uid} from {self.where} failed: {end.error.__class__.__name__}: {end.error}")
         self._verdict(series, end.status, delivery.received, expected)
 
-    def _request(self, series: Series) -> Dataset:
-        from pydicom.dataset import Dataset
-
-        query = Dataset()
-        query.QueryRetrieveLevel = "SERIES"
-        query.StudyInstanceUID = series.attrs.get("StudyInstanceUID", "")
-        query.SeriesInstanceUID = series.uid
-        return query
+    @staticmethod
+    def _request(series: Series) -> Identifier:
+        study = series.attrs.get("StudyInstanceUID", "")
+        return {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": study, "SeriesInstanceUID": series.uid}
 
     def _drive(self, channel: Channel, series: Series, delivery: Delivery) -> None:
         """In a thread of its own: send the C-MOVE and wait for its end, while the C-STOREs

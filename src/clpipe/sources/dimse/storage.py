@@ -14,7 +14,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from ...errors import PermanentError, TransientError
 from ..part10 import Unfollowable, dataset_text
@@ -127,6 +127,7 @@ class Connection(Wire):
         try:
             if self.scp.tls is not None:
                 self.sock = self.scp.tls.wrap_socket(self.sock, server_side=True)
+            self._unblock()
             self._accept()
             for context, fields, data in self.messages():
                 command = field_us(fields, COMMAND_FIELD)
@@ -155,20 +156,19 @@ class Connection(Wire):
             raise TransientError(f"{self.where} sent PDU type {kind} instead of an association request")
         request = decode_associate(kind, pdu, self.where)
         self.calling_aet = request.calling_ae_title
-        if request.called_ae_title.strip() != self.scp.aet:
+        if request.called_ae_title != self.scp.aet:
             # only a move to our AE title is ours
             self._send(associate_rj(RJ_PERMANENT, RJ_SOURCE_USER, RJ_USER_CALLED_AE))
-            raise Released(f"{self.where} called AE {request.called_ae_title.strip()!r}, not ours ({self.scp.aet!r}); refused")
+            raise Released(f"{self.where} called AE {request.called_ae_title!r}, not ours ({self.scp.aet!r}); refused")
         self.peer_max = request.maximum_length_received or MAX_PDU_BYTES
-        if str(request.implementation_class_uid or "").startswith(PYNETDICOM_ROOT):
+        if request.implementation_class_uid.startswith(PYNETDICOM_ROOT):
             self.respond_delay = PYNETDICOM_DELAY
         results: list[tuple[int, str, bool]] = []
-        for offer in request.presentation_context_definition_list:
-            number = cast(int, offer.context_id)  # always set in a decoded request
-            syntaxes = [str(ts) for ts in offer.transfer_syntax]
+        for offer in request.contexts:
+            number, syntaxes = offer.context_id, offer.transfer_syntax
             chosen = next((ts for ts in syntaxes if ts != EXPLICIT_BE), "")
             if chosen:
-                self.accepted[number] = (str(offer.abstract_syntax), chosen)
+                self.accepted[number] = (offer.abstract_syntax, chosen)
             results.append((number, chosen or (syntaxes or [EXPLICIT_LE])[0], bool(chosen)))
         self._send(associate_ac(request, results, self.scp.max_pdu))
 

@@ -1,10 +1,12 @@
 """PDUs and DIMSE messages over one socket, either side of an association: reading PDUs
 through a buffer, P-DATA-TF fragments joined into messages, the fixed PDUs answered.
-Every wait is bounded by the socket's timeout; errors are TransientError in words."""
+Every wait is bounded by the timeout; errors are TransientError in words."""
 
 from __future__ import annotations
 
+import select
 import socket
+import ssl
 from collections.abc import Callable, Iterator
 
 from ...errors import TransientError
@@ -31,7 +33,7 @@ from .pdu import (
     p_data_tf,
 )
 
-READ_SIZE = 1 << 18  # bytes asked of the socket at a time
+READ_SIZE = 1 << 18  # the receive buffer's size (grown for a larger PDU): bytes asked of the socket at a time
 PDV_LENGTH_FIELD = 4  # the PDV item length counts the bytes after its own four
 
 
@@ -47,20 +49,52 @@ class Wire:
         self.sock, self.where, self.timeout = sock, where, timeout
         self.peer_max = DEFAULT_MAX_PDU
         self.accepted: dict[int, tuple[str, str]] = {}  # context ID -> (abstract syntax, transfer syntax)
-        self._buffer, self._offset = bytearray(), 0
+        #: received bytes not yet read are ``_buffer[_offset:_end]``; the socket reads into
+        #: the buffer itself (recv_into), so no large block is allocated per read
+        self._buffer, self._offset, self._end = bytearray(READ_SIZE), 0, 0
         #: asked when a read times out: True to wait another timeout (a C-MOVE whose PACS
         #: sends no Pending responses is alive while its instances keep arriving)
         self.keep_waiting: Callable[[], bool] | None = None
+        self._readable: select.poll | None = None  # set by _unblock(): waits polled here
+        self._writable: select.poll | None = None
+
+    def _unblock(self) -> None:
+        """A plain TCP socket made non-blocking, its waits bounded here: each read and write
+        is tried first and the socket polled only when it is not ready, where a socket with
+        a timeout polls before every call (a second system call per read and per write,
+        each giving up the GIL, which parallel associations in one process contend for).
+        A TLS socket keeps its timeout."""
+        if isinstance(self.sock, ssl.SSLSocket) or not hasattr(select, "poll"):
+            return
+        self.sock.setblocking(False)
+        self._readable, self._writable = select.poll(), select.poll()
+        self._readable.register(self.sock, select.POLLIN)
+        self._writable.register(self.sock, select.POLLOUT)
+
+    def _recv_into(self, view: memoryview) -> int:
+        """``sock.recv_into``; TimeoutError when nothing arrives within the timeout."""
+        if self._readable is None:
+            return self.sock.recv_into(view)
+        while True:
+            try:
+                return self.sock.recv_into(view)
+            except BlockingIOError:
+                if not self._readable.poll(self.timeout * 1000):
+                    raise TimeoutError("timed out") from None
 
     def _recv(self, size: int) -> bytes:
         """Exactly ``size`` bytes, read through a buffer (one recv() often holds a whole
         C-STORE: its command PDU, its data PDU and the next response's header)."""
-        while len(self._buffer) - self._offset < size:
-            if self._offset:
-                del self._buffer[: self._offset]
-                self._offset = 0
+        buffer = self._buffer
+        while self._end - self._offset < size:
+            if self._offset:  # what is left to the front (a few bytes, usually none)
+                left = self._end - self._offset
+                buffer[:left] = buffer[self._offset : self._end]
+                self._offset, self._end = 0, left
+            if len(buffer) < size:
+                buffer.extend(bytes(size - len(buffer)))
             try:
-                chunk = self.sock.recv(max(READ_SIZE, size - len(self._buffer)))
+                got = self._recv_into(memoryview(buffer)[self._end :])
             except TimeoutError:  # socket.timeout is TimeoutError
                 if self.keep_waiting is not None and self.keep_waiting():
                     continue
@@ -69,12 +103,12 @@ class Wire:
                 ) from None
             except OSError as exc:
                 raise TransientError(f"the connection to {self.where} broke ({exc})") from None
-            if not chunk:
+            if not got:
                 raise TransientError(f"{self.where} closed the connection")
-            self._buffer += chunk
+            self._end += got
         start = self._offset
         self._offset += size
-        return bytes(self._buffer[start : self._offset])
+        return bytes(memoryview(buffer)[start : self._offset])
 
     def _read_pdu(self) -> tuple[int, bytes]:
         """(PDU type, the bytes after its header) of the next PDU."""
@@ -85,7 +119,16 @@ class Wire:
 
     def _send(self, data: bytes) -> None:
         try:
-            self.sock.sendall(data)
+            if self._writable is None:
+                self.sock.sendall(data)
+                return
+            view = memoryview(data)
+            while view:
+                try:
+                    view = view[self.sock.send(view) :]
+                except BlockingIOError:
+                    if not self._writable.poll(self.timeout * 1000):
+                        raise TimeoutError("timed out") from None
         except OSError as exc:
             raise TransientError(f"the connection to {self.where} broke ({exc})") from None
 
