@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,3 +164,18 @@ class Run:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+
+def save_results(path: Path, text: str) -> None:
+    """Write a benchmark's table to ``path`` (under bench/results/) and say so."""
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    print(f"saved to {path}")
+
+
+def leave(work: Path, keep: bool) -> None:
+    """The end of a benchmark: its work folder kept (``--keep``) or removed."""
+    if keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)

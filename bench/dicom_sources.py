@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import benchlib
 from benchlib import MB, Run, last_line, machine, orthanc_data_lock, run_measured
 
 BENCH = Path(__file__).resolve().parent
@@ -593,10 +594,7 @@ def run_benchmark(args: argparse.Namespace, infra: dict) -> int:
             print(f"saved to {RESULTS}")
         return 0
     finally:
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        benchlib.leave(work, args.keep)
 
 
 if __name__ == "__main__":

@@ -444,9 +444,7 @@ def million(args, env: dict, work: Path) -> int:
     text = table(runs, header, million_goals(runs, sizes)) + "\n" + growth_curve(runs)
     print("\n" + text)
     if not quick:
-        MILLION_RESULTS.parent.mkdir(exist_ok=True)
-        MILLION_RESULTS.write_text(text)
-        print(f"saved to {MILLION_RESULTS}")
+        benchlib.save_results(MILLION_RESULTS, text)
     return 0 if all(r.ok for r in runs) else 1
 
 
@@ -578,10 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return million(args, env, work)
         finally:
-            if args.keep:
-                print(f"kept {work}")
-            else:
-                shutil.rmtree(work, ignore_errors=True)
+            benchlib.leave(work, args.keep)
     try:
         t0 = time.perf_counter()
         project, expected = load_project("study", sizes["main"])
@@ -630,15 +625,10 @@ def main(argv: list[str] | None = None) -> int:
         text = table(runs, header)
         print("\n" + text)
         if not args.quick:
-            RESULTS.parent.mkdir(exist_ok=True)
-            RESULTS.write_text(text)
-            print(f"saved to {RESULTS}")
+            benchlib.save_results(RESULTS, text)
         return 0
     finally:
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        benchlib.leave(work, args.keep)
 
 
 def fw_version(fw: Path) -> str:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import benchlib
 import flywheel_sync as fs
 from benchlib import isolated_env, machine
 
@@ -165,15 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         text = table(runs, header)
         print("\n" + text)
         if not args.quick:
-            RESULTS.parent.mkdir(exist_ok=True)
-            RESULTS.write_text(text)
-            print(f"saved to {RESULTS}")
+            benchlib.save_results(RESULTS, text)
         return 0
     finally:
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        benchlib.leave(work, args.keep)
 
 
 if __name__ == "__main__":

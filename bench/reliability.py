@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import reliabilitylib as rl
 from benchlib import machine
 
@@ -1494,9 +1495,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("\n" + text, flush=True)
         if not args.quick and only is None and not args.clpipe_src:
-            RESULTS.parent.mkdir(exist_ok=True)
-            RESULTS.write_text(text)
-            print(f"saved to {RESULTS}")
+            benchlib.save_results(RESULTS, text)
         if args.output:
             args.output.write_text(text)
         if args.keep:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -249,15 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         text = table(rows, header, baseline)
         print("\n" + text)
         if not args.quick:
-            RESULTS.parent.mkdir(exist_ok=True)
-            RESULTS.write_text(text)
-            print(f"saved to {RESULTS}")
+            benchlib.save_results(RESULTS, text)
         return 0 if all(r.ok for r in rows) else 1
     finally:
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        benchlib.leave(work, args.keep)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ..console import say
 from ..errors import DiskFull, PreflightError, TransferError, is_disk_full
 from ..layout import STATE_DIR
-from ..sources.base import HasNotes
+from ..sources.base import HasListingCache, HasNotes
 from ..sources.registry import source_class
 from ..sync import sessions as session_states
 from ..sync.engine import Engine, Options
@@ -106,7 +106,7 @@ def list_sessions(plan: SyncPlan) -> session_states.Tallies:
 
     assert isinstance(plan.url, SourceURL)
     dicom = open_source(plan.url, SourceSettings(**plan.settings))
-    if hasattr(dicom, "cache_listing"):  # file://: the last sync's listing cache, read only (no lock is held)
+    if isinstance(dicom, HasListingCache):  # file://: the last sync's listing cache, read only (no lock is held)
         dicom.cache_listing(Path(plan.dropoff) / STATE_DIR, write=False)
     try:
         tally(entries(dicom, DicomQuery(**plan.query), plan.layout_template or DEFAULT_TEMPLATE))
@@ -143,7 +143,7 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
     try:
         try:
             state.load()
-            if hasattr(source, "cache_listing"):  # file://: a file unchanged since the last run is not opened again
+            if isinstance(source, HasListingCache):  # file://: a file unchanged since the last run is not opened again
                 source.cache_listing(dropoff / STATE_DIR, write=not opts.dry_run)
             engine = Engine(
                 source,

@@ -157,6 +157,15 @@ class HasMaxJobs(Protocol):
 
 
 @runtime_checkable
+class HasListingCache(Protocol):
+    """``cache_listing(folder, write=)``: keep what a listing read in ``folder`` (the
+    dropoff's state folder), so the next listing reads only what changed; ``write=False``
+    reads it but writes none (a dry run, ``status -refresh``)."""
+
+    def cache_listing(self, folder: Path | str, *, write: bool = True) -> None: ...
+
+
+@runtime_checkable
 class HasProblems(Protocol):
     """``problems``: what the source holds but could not read, as "path: reason"."""
 
