@@ -47,6 +47,7 @@ NAME_MAX = 255  # bytes in one path component: ext4, XFS, GPFS, Lustre, NTFS (as
 SUFFIX_SEP = "~"  # name~3fa2c1.dcm
 SUFFIX_HEX = 6  # hex digits of the suffix (longer only if two suffixes meet)
 _LENGTHS = (SUFFIX_HEX, 10, 16, 40)
+_MASK = (1 << 64) - 1  # a name's hash() as an unsigned 64-bit number
 
 _BAD = '\\s\\x00-\\x1f\\x7f/\\\\:*?"<>|'  # whitespace, control characters, / \ : * ? " < > |
 _BAD_RUN = re.compile(f"[{_BAD}]+")
@@ -208,18 +209,19 @@ class PlannedFolder:
     """A local folder being planned: its sub-folders (remote identity -> [wanted name,
     folder]) and its files (key -> wanted name when the remote name needed no change, else
     (wanted, unchanged?, is a folder)); after :meth:`NameResolver.resolve`, the final names.
-    For :class:`StreamedNames`: the hashes of its items' wanted names, and those that more
-    than one item (or sub-folder) wants."""
+    For :class:`StreamedNames`: its number, the hashes that more than one item (or
+    sub-folder) wants and, only then, the hashes of all its items' wanted names."""
 
-    __slots__ = ("clash", "dirs", "hashes", "leaves", "path", "renamed")
+    __slots__ = ("clash", "dirs", "hashes", "leaves", "number", "path", "renamed")
 
     def __init__(self) -> None:
         self.dirs: dict[str, list] = {}
         self.leaves: dict[str, str | tuple] = {}
         self.path = ""
         self.renamed = False
-        self.hashes = array("q")
+        self.hashes = array("Q")  # (StreamedNames: of a folder with a clash, while names are settled)
         self.clash: set[int] = set()
+        self.number = -1  # (StreamedNames: its number, once it has one)
 
 
 class NameResolver:
@@ -278,55 +280,76 @@ class StreamedNames(NameResolver):
     names, decided in three passes over a listing kept on disk (:class:`Spill`).
 
     1. :meth:`note` every item: only the 64-bit hash of its wanted name (without case) is
-       kept, 8 bytes a file, in its folder's array.
-    2. :meth:`find_clashes`: per folder, the hashes more than one item or sub-folder has.
-       The items with such a hash are :meth:`add`-ed (a few, as in :class:`NameResolver`)
-       in a second pass; :meth:`resolve` then settles them exactly as :class:`NameResolver`
-       does, with the folder's other names known by hash (a suffixed name is never one of
-       them; two names with one hash only make a suffix longer).
+       kept, with its folder's number, in a :class:`~clpipe.spill.SortedSpill` (on disk in
+       ``folder`` beyond 50,000 items: memory does not grow with the listing).
+    2. :meth:`find_clashes`: read back sorted, the hashes more than one item or sub-folder
+       of a folder has. The items with such a hash are :meth:`add`-ed (a few, as in
+       :class:`NameResolver`) in a second pass; :meth:`resolve` then settles them exactly
+       as :class:`NameResolver` does, with the folder's other names known by hash (a
+       suffixed name is never one of them; two names with one hash only make a suffix
+       longer). Only a folder with a clash keeps its hashes for that.
     3. :meth:`final`: every other item keeps its wanted name.
     """
 
-    @staticmethod
-    def note(folder: PlannedFolder, wanted: str) -> int:
+    def __init__(self, folder: str | Path | None = None) -> None:
+        super().__init__()
+        from .spill import SortedSpill
+
+        self._keys = SortedSpill(folder)  # (folder number << 64) | hash, one per item and sub-folder
+        self._numbered: list[PlannedFolder] = []
+
+    def _number(self, folder: PlannedFolder) -> int:
+        if folder.number < 0:
+            folder.number = len(self._numbered)
+            self._numbered.append(folder)
+        return folder.number
+
+    def note(self, folder: PlannedFolder, wanted: str) -> int:
         """Note an item wanting ``wanted`` in ``folder``: the hash to give :meth:`final`."""
-        value = hash(wanted.lower())
-        folder.hashes.append(value)
+        value = hash(wanted.lower()) & _MASK
+        number = folder.number if folder.number >= 0 else self._number(folder)
+        self._keys.append((number << 64) | value)
         return value
 
     def find_clashes(self) -> bool:
         """Find the names more than one item of a folder wants: are there any?"""
-        found = False
         todo = [self.root]
-        while todo:
+        while todo:  # the sub-folders' names are a folder's names too
             node = todo.pop()
-            seen: set[int] = set()
-            clash: set[int] = set()
-            for value in node.hashes:
-                if value in seen:
-                    clash.add(value)
-                seen.add(value)
+            number = self._number(node)
             for wanted, child in node.dirs.values():
-                value = hash(wanted.lower())
-                if value in seen:
-                    clash.add(value)
-                seen.add(value)
+                self._keys.append((number << 64) | (hash(wanted.lower()) & _MASK))
                 todo.append(child)
-            node.clash = clash
-            found = found or bool(clash)
+        found = False
+        current, previous = -1, -1
+        hashes = array("Q")
+        for key in self._keys:
+            number = key >> 64
+            if number != current:
+                if current >= 0 and self._numbered[current].clash:
+                    self._numbered[current].hashes = hashes
+                current, hashes = number, array("Q")
+            hashes.append(key & _MASK)
+            if key == previous:
+                self._numbered[number].clash.add(key & _MASK)
+                found = True
+            previous = key
+        if current >= 0 and self._numbered[current].clash:
+            self._numbered[current].hashes = hashes
+        self._keys.close()
         return found
 
     @staticmethod
     def clashes(folder: PlannedFolder, wanted: str) -> bool:
         """Does an item wanting ``wanted`` in ``folder`` share its name (see :meth:`add`)?"""
-        return bool(folder.clash) and hash(wanted.lower()) in folder.clash
+        return bool(folder.clash) and hash(wanted.lower()) & _MASK in folder.clash
 
     def resolve(self) -> None:
         todo = [self.root]
         while todo:
             node = todo.pop()
             _settle(node, _HashedNames(node) if node.clash else None)
-            node.hashes = array("q")  # done with: freed
+            node.hashes = array("Q")  # done with: freed
             for identity, (local, child) in node.dirs.items():
                 child.path = f"{node.path}/{local}" if node.path else local
                 child.renamed = node.renamed or local != identity
@@ -337,7 +360,7 @@ class StreamedNames(NameResolver):
         """(local path, renamed?) of an item after :meth:`resolve` (``hashed``: what
         :meth:`note` gave); None for a repeat of an item given already (the listing had it
         twice)."""
-        if folder.clash and (hash(wanted.lower()) if hashed is None else hashed) in folder.clash:
+        if folder.clash and (hash(wanted.lower()) & _MASK if hashed is None else hashed) in folder.clash:
             if key not in folder.leaves:
                 return None
             return NameResolver.path(folder, key, pop=True)
@@ -353,7 +376,7 @@ class _HashedNames:
         self._names: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
-        return name in self._names or hash(name) in self._hashes
+        return name in self._names or hash(name) & _MASK in self._hashes
 
     def add(self, name: str) -> None:
         self._names.add(name)
@@ -503,6 +526,10 @@ class Claims:
             parent = parent.rpartition("/")[0]
         return None
 
+    def hold(self, path: str) -> None:
+        """Take ``path`` as it is (a file in place already, claimed in an earlier run)."""
+        self._take(path)
+
     def _take(self, path: str) -> str:
         self._paths.add(hash(path))
         parent = path.rpartition("/")[0]
@@ -510,3 +537,60 @@ class Claims:
             self._folders.add(parent)
             parent = parent.rpartition("/")[0]
         return path
+
+
+class SpilledClaims:
+    """The :class:`Claims` of a run whose source promises every entry a path of its own
+    (``HasUniquePaths``: it named them all from its whole listing, :class:`NameResolver`):
+    during the listing each path is only kept on disk (a :class:`~clpipe.spill.Spill` in
+    ``folder``), so a no-op re-sync of a million files holds none of them. The guard is
+    built from them only when it is needed: :meth:`check` for the entries the run will
+    fetch or move (each may still be told apart, as :meth:`Claims.claim` does), or the
+    first :meth:`taken`."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        from .spill import Spill
+
+        self._spill = Spill(folder)
+        self._claims: Claims | None = None
+
+    def claim(self, path: str, key: str, is_folder: bool = False) -> str:
+        if self._claims is not None:
+            return self._claims.claim(path, key, is_folder)
+        self._spill.append(path)
+        return path
+
+    def check(self, pending: Sequence[tuple[str, str, bool]]) -> list[str | None]:
+        """The paths of ``pending`` entries ``(path, key, is a folder)`` that were claimed
+        (in this order), each told apart from every other claimed path as :class:`Claims`
+        would (None: no free name); the other claimed paths keep theirs (in place)."""
+        waiting: dict[str, int] = {}
+        for path, _, _ in pending:
+            waiting[path] = waiting.get(path, 0) + 1
+        claims = self._build(waiting)
+        finals: list[str | None] = []
+        for path, key, is_folder in pending:
+            try:
+                finals.append(claims.claim(path, key, is_folder))
+            except ValueError:
+                finals.append(None)
+        return finals
+
+    def taken(self, path: str) -> bool:
+        """Is ``path`` an entry's path in this run (or a folder above one)?"""
+        return (self._claims or self._build({})).taken(path)
+
+    def _build(self, waiting: dict[str, int]) -> Claims:
+        """The guard, holding every claimed path but (one time each) those ``waiting``."""
+        claims = Claims()
+        for path in self._spill:
+            if waiting.get(path):
+                waiting[path] -= 1
+            else:
+                claims.hold(path)
+        self._spill.close()
+        self._claims = claims
+        return claims
+
+    def close(self) -> None:
+        self._spill.close()

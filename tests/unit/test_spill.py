@@ -8,6 +8,7 @@ import json
 import os
 import random
 import unicodedata
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,6 +16,8 @@ import clpipe.layout as layout
 from clpipe.spill import SortedSpill, Spill
 from clpipe.sync import manifest as manifest_module
 from clpipe.sync.manifest import Record, SyncState, signature_text
+
+from helpers import landed_files, run_engine
 
 
 def open_fds() -> int:
@@ -81,10 +84,15 @@ def resolved(items):
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_streamed_names_are_the_names_the_resolver_gives(seed):
+def test_streamed_names_are_the_names_the_resolver_gives(seed, monkeypatch):
     """Random listings full of collisions (case, portable forms, a folder and a file on one
     name, a suffix that meets a plain name, a file listed twice): the same path and the same
-    'renamed' for every file, whichever way the names are decided."""
+    'renamed' for every file, whichever way the names are decided (the names' hashes held,
+    or sorted on disk in runs of 7)."""
+    from clpipe import spill
+
+    if seed % 2:
+        monkeypatch.setattr(spill, "HOLD", 7)
     rng = random.Random(seed)
     labels = ["T1", "t1", " T1 ", "T1~" + layout.identity_suffix("c1")[1:], unicodedata.normalize("NFD", "Jé"), "Jé", "x"]
     names = ["a.dcm", "A.dcm", " a.dcm", "a~" + layout.identity_suffix("c0/a.dcm")[1:] + ".dcm", "b.dcm", "T1", "t1", "é.dcm"]
@@ -226,3 +234,80 @@ def test_a_sorted_manifest_is_read_by_blocks(tmp_path, monkeypatch):
     assert len(state._index._cache) <= 2
     assert sorted(state.keys()) == sorted(r.key for r in records)
     state.release()
+
+
+class _Files:
+    """A source of plain files (key -> bytes) whose entries are given as they are; it says
+    it names every entry a path of its own (``unique_paths``), truthfully or not."""
+
+    def __init__(self, files: dict[str, bytes], unique_paths: bool):
+        self.files, self.unique_paths, self.opened = files, unique_paths, []
+
+    @contextmanager
+    def open(self, entry):
+        self.opened.append(entry.key)
+        yield iter([self.files[entry.key]])
+
+    def close(self):
+        pass
+
+
+def _entries(paths: dict[str, str], files: dict[str, bytes]):
+    from clpipe.sources.base import RemoteEntry
+
+    return [RemoteEntry(key, path, len(files[key]), 1.0, None, False) for key, path in paths.items()]
+
+
+@pytest.mark.parametrize("unique_paths", [True, False], ids=["spilled-claims", "claims"])
+def test_a_source_that_breaks_its_promise_of_unique_paths_merges_nothing(tmp_path, unique_paths, monkeypatch):
+    """Three entries on one path, one inside another's file: with the claimed paths kept on
+    disk (SpilledClaims, the guard built after the listing) they land on the same distinct
+    paths as with the guard held in memory, and the next run finds each in place."""
+    from clpipe import spill
+
+    monkeypatch.setattr(spill, "HOLD", 2)  # the claimed paths go to disk
+    files = {f"k{n}": f"content {n}".encode() * (n + 1) for n in range(5)}
+    paths = {"k0": "s/a.dcm", "k1": "s/x.dcm", "k2": "s/x.dcm", "k3": "s/x.dcm/y.dcm", "k4": "s/b.dcm"}
+    source = _Files(files, unique_paths)
+    dropoff = tmp_path / "dropoff"
+    outcome = run_engine(source, dropoff, _entries(paths, files))
+    assert (outcome.created, outcome.failed) == (5, 0), outcome.failures
+    landed = landed_files(dropoff)
+    assert sorted(landed.values()) == sorted(files.values())  # five files, none merged or lost
+    assert landed["s/x.dcm"] == files["k1"]  # the first listed keeps the path
+    assert landed["s/x" + layout.identity_suffix("k2") + ".dcm"] == files["k2"]
+    assert landed["s/" + layout.fit_name("x.dcm", layout.identity_suffix("k3"), True) + "/y.dcm"] == files["k3"]
+    again = run_engine(source, dropoff, _entries(paths, files), "run2")
+    assert (again.created, again.updated, again.skipped, again.failed) == (0, 0, 5, 0), again.failures
+    assert sorted(source.opened) == sorted(files)  # none fetched twice
+    assert landed_files(dropoff) == landed
+
+
+def test_a_no_op_of_a_source_with_unique_paths_builds_no_guard(tmp_path, monkeypatch):
+    """Every entry in place: the claimed paths were only spilled, never held (the guard is
+    built for entries to fetch, or when --delete asks whether a path is taken)."""
+    from clpipe import spill
+    from clpipe.sync.engine import Engine, Options
+    from clpipe.sync.manifest import SyncState
+
+    monkeypatch.setattr(spill, "HOLD", 2)
+    files = {f"k{n}": b"x" * n for n in range(1, 7)}
+    paths = {key: f"s{n % 2}/f{n}.dcm" for n, key in enumerate(files)}
+    source = _Files(files, True)
+    dropoff = tmp_path / "dropoff"
+    assert run_engine(source, dropoff, _entries(paths, files)).created == 6
+    state = SyncState(dropoff, "run2")
+    state.acquire()
+    try:
+        state.load()
+        engine = Engine(source, state, Options(dropoff=dropoff, zip_tmp=tmp_path / "z"))
+        outcome = engine.run(_entries(paths, files))
+        assert outcome.skipped == 6 and isinstance(engine._claims, layout.SpilledClaims)
+        assert engine._claims._claims is None  # never built
+        assert engine._claims.taken("s0/f0.dcm") and engine._claims.taken("s1") and not engine._claims.taken("s0/f9.dcm")
+    finally:
+        state.release()
+    # a file gone from the listing is deleted (--delete asks the guard), the others stay
+    del paths["k6"]
+    outcome = run_engine(source, dropoff, _entries(paths, files), "run3", delete=True)
+    assert outcome.deleted == 1 and sorted(landed_files(dropoff)) == sorted(paths.values())

@@ -22,7 +22,10 @@ protocols are ``runtime_checkable``), as rclone discovers a backend's optional f
 - :class:`HasBulk`: ``bulk_batches(entries)`` and ``open_bulk(batch)``, many small files in
   one archive (a tar) per batch instead of one request each (``sync/bulk.py``);
 - :class:`HasPrefetch`: ``prefetch(entries, jobs)``, what the source can fetch for the
-  entries about to be transferred in a few requests, ahead of them (Flywheel: the hashes).
+  entries about to be transferred in a few requests, ahead of them (Flywheel: the hashes);
+- :class:`HasUniquePaths`: ``unique_paths``, True when the source gave every entry a path
+  of its own, named from its whole listing (Flywheel): the engine then keeps the claimed
+  paths on disk and builds its guard only for what it fetches (``layout.SpilledClaims``).
 
 The listing is not part of :class:`Source`: what to list takes different arguments for
 each kind (a Flywheel project and its filters: ``FlywheelSource.entries``; a DICOM query:
@@ -163,6 +166,15 @@ class HasListingCache(Protocol):
     reads it but writes none (a dry run, ``status -refresh``)."""
 
     def cache_listing(self, folder: Path | str, *, write: bool = True) -> None: ...
+
+
+@runtime_checkable
+class HasUniquePaths(Protocol):
+    """``unique_paths``: no two entries of a listing on one local path, and none inside
+    another's file or unpacked folder (the names were settled from the whole listing)."""
+
+    @property
+    def unique_paths(self) -> bool: ...
 
 
 @runtime_checkable

@@ -394,6 +394,9 @@ def _session_info(head: str, template_depths: tuple[int, int] | None, trailing_s
 class FlywheelSource:
     """Lists a project with one ``download/targets`` request and streams its files."""
 
+    #: every entry of :meth:`entries` has a path of its own (named from the whole listing)
+    unique_paths = True
+
     def __init__(self, credentials: Credentials, jobs: int = 4, timeout: float = 60.0, verify: bool | str = True):
         self.credentials = credentials
         self._client = httpx.Client(
@@ -448,12 +451,12 @@ class FlywheelSource:
         order (the engine plans nothing before the listing has ended anyway). The listing
         is kept in ``spill_dir`` beyond 50,000 files (clpipe/spill.py), and names are
         decided by :class:`~clpipe.layout.StreamedNames`: memory does not grow with the
-        number of files (8 bytes a file while the names are decided)."""
+        number of files."""
         from ..layout import PlannedFolder, StreamedNames, bids_label, check_template, field_values, portable_name, template_parts
         from ..spill import Spill
         from .base import RemoteEntry, Session, session_of
 
-        resolver = StreamedNames()
+        resolver = StreamedNames(spill_dir)
         self._bulk_body, self._bulk_acqs, self._bulk_heads = body_filters, {}, {}
         self._project_id = project_id
         known_sessions: dict = {}  # one Session per session folder
@@ -511,7 +514,7 @@ class FlywheelSource:
                 name = portable_name(leaf)
                 if not sidecar:  # (zips too: their hashes are prefetched by session; bulk_batches leaves them out)
                     self._note_bulk(head, str(target.get("container_id")), url)
-                hashed = StreamedNames.note(planned[number], name)
+                hashed = resolver.note(planned[number], name)
                 inline = json.dumps(target.get("metadata")).encode() if sidecar else None
                 listing.append(
                     (

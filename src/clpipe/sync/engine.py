@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ..console import human_bytes
 from ..errors import DiskFull, PermanentError, TransientError, VerifyError, is_disk_full
-from ..layout import Claims, flatten_members, inside, is_portable, portable_name
+from ..layout import Claims, SpilledClaims, flatten_members, inside, is_portable, portable_name
 from ..sources.base import (
     HasBulk,
     HasChecksum,
@@ -51,6 +51,7 @@ from ..sources.base import (
     HasMembers,
     HasPrefetch,
     HasProblems,
+    HasUniquePaths,
     RemoteEntry,
     Source,
 )
@@ -114,7 +115,7 @@ class Engine:
         self._stop = self._request.stop  # set: no transfer starts after it
         self._abort = self._request.abort  # set: the transfers under way end (at their next chunk) or are left behind
         self._unverified = 0  # files placed whose content the server gave no hash to check against
-        self._claims = Claims()  # the local paths of this run's entries (set anew by run)
+        self._claims: Claims | SpilledClaims = Claims()  # the local paths of this run's entries (set anew by run)
         self._vacating: set[str] = set()
         self._renamed = {False: 0, True: 0}
         self._staged: dict[str, tuple[str, bool]] = {}  # entry key -> (part, hash checked): fetched in bulk (sync/bulk.py)
@@ -177,16 +178,75 @@ class Engine:
         try:
             path = self._claims.claim(entry.path, entry.key, entry.unpack or entry.series)
         except ValueError as exc:
-            outcome.failed += 1
-            outcome.failures.append(f"{entry.describe()}: {exc}")
-            outcome.files.append(FileResult(entry.path, "failed", False, "", str(exc)))
-            self.sessions.failed(entry, str(exc))
+            self._unclaimed(entry, str(exc), outcome)
             return None
         if path != entry.path:  # the source gave two entries one path: told apart here
             entry = replace(entry, path=path, renamed=True)
         if entry.renamed:
             self._renamed[entry.series] += 1
         return entry
+
+    def _unclaimed(self, entry: RemoteEntry, reason: str, outcome: Outcome) -> None:
+        outcome.failed += 1
+        outcome.failures.append(f"{entry.describe()}: {reason}")
+        outcome.files.append(FileResult(entry.path, "failed", False, "", reason))
+        self.sessions.failed(entry, reason)
+
+    def _check_claims(
+        self,
+        todo: list[tuple[RemoteEntry, bool]],
+        fresh: list[RemoteEntry],
+        moving: list[tuple[RemoteEntry, Record, list]],
+        outcome: Outcome,
+    ) -> tuple[list[tuple[RemoteEntry, bool]], list[RemoteEntry], list[tuple[RemoteEntry, Record, list]]]:
+        """After a listing whose paths were only kept on disk (:class:`SpilledClaims`): the
+        guard for what the run will fetch or move, each checked against every path of the
+        run as :meth:`_claim` does, and told apart if the source broke its promise (such an
+        entry is fetched anew, never moved onto another's path)."""
+        claims = self._claims
+        if not isinstance(claims, SpilledClaims) or not (todo or fresh or moving):
+            return todo, fresh, moving
+        pending = [e for e, _ in todo] + fresh + [e for e, _, _ in moving]
+        finals = claims.check([(e.path, e.key, e.unpack or e.series) for e in pending])
+        placed: dict[str, str | None] = {e.key: path for path, e in zip(finals, pending, strict=True) if path != e.path}
+        if not placed:
+            return todo, fresh, moving
+
+        def told_apart(entry: RemoteEntry) -> RemoteEntry | None:
+            path = placed[entry.key]
+            if path is None:
+                self._unclaimed(entry, f"no free local name for {entry.key} at {entry.path}", outcome)
+                return None
+            self._renamed[entry.series] += not entry.renamed
+            return replace(entry, path=path, renamed=True)
+
+        kept: list[tuple[RemoteEntry, bool]] = []
+        for entry, existing in todo:
+            if entry.key in placed:
+                moved = told_apart(entry)
+                if moved is not None:
+                    kept.append((moved, os.path.lexists(os.path.join(self.options.dropoff, moved.path))))
+            else:
+                kept.append((entry, existing))
+        new = [e for e in fresh if e.key not in placed]
+        new += [m for e in fresh if e.key in placed and (m := told_apart(e)) is not None]
+        waiting = []
+        for entry, record, moves in moving:
+            if entry.key not in placed:
+                waiting.append((entry, record, moves))
+            elif (moved := told_apart(entry)) is not None:
+                again = self._moves(record, moved)  # (told apart as in the run that fetched it: in place)
+                if again == [] and self._present(record):
+                    outcome.skipped += len(record.files)
+                    for path, *_ in record.files:
+                        outcome.unchanged.append(path)
+                    self.sessions.in_place(moved, record.files)
+                elif again:
+                    waiting.append((moved, record, again))
+                else:
+                    self._vacating.update(f[0] for f in record.files)
+                    kept.append((moved, os.path.lexists(os.path.join(self.options.dropoff, moved.path))))
+        return kept, new, waiting
 
     @staticmethod
     def _moves(record: Record, entry: RemoteEntry) -> list[tuple[str, str, int]] | None:
@@ -429,7 +489,9 @@ class Engine:
         listed: set[str] | None = set() if self.options.delete else None
         self.listed = self.listed_bytes = 0
         # no two entries of the run on one path (the sources see to it: this is the last guard)
-        self._claims = Claims()
+        self._claims = (
+            SpilledClaims(self.options.zip_tmp) if isinstance(self.source, HasUniquePaths) and self.source.unique_paths else Claims()
+        )
         self._renamed = {False: 0, True: 0}  # entries renamed: files, series
         self._vacating = set()  # recorded files of entries fetched again: never adopted by another
         self.sessions = sessions = Tallies()
@@ -470,6 +532,9 @@ class Engine:
                             outcome.unchanged.append(path)
                         sessions.in_place(entry, record.files)
                         continue
+                    if moves and isinstance(self._claims, SpilledClaims):  # moved once the guard is built (below)
+                        blocked.append((entry, record, moves))
+                        continue
                     if moves:  # synced under an earlier name: renamed in place, not fetched again
                         done = self._relocate(entry, record, moves, outcome)
                         if done is None:  # its new place is taken, for now: tried again below
@@ -480,7 +545,8 @@ class Engine:
                 todo.append((entry, True))
         finally:
             sizes.close()
-        for _ in range(len(blocked)):  # a place another entry left meanwhile (bounded: one more each time)
+        todo, fresh, blocked = self._check_claims(todo, fresh, blocked, outcome)
+        for _ in range(len(blocked) + 1):  # a place another entry left meanwhile (bounded: one more each time)
             waiting, blocked = blocked, []
             for entry, record, moves in waiting:
                 done = self._relocate(entry, record, moves, outcome)
