@@ -931,19 +931,26 @@ def test_files_changed_a_moment_ago_are_not_kept(own_tree, tmp_path, monkeypatch
 
 def test_on_a_share_that_waits_the_stats_are_made_by_threads(own_tree, tmp_path, monkeypatch, old_files):
     """The probe's verdict is kept in the cache: when the last listing found that reading
-    waits (a share), the next one's stat calls overlap in ``jobs`` threads; same listing."""
+    waits (a share), the next one's stat calls overlap in ``jobs`` threads, STAT_CHUNK
+    files a task (a task a file cost more than the stat); same listing."""
     root, _ = own_tree
     cache = tmp_path / "state"
     cache.mkdir()
     pools = []
+    tasks = []
 
     class Pool(localdir.ThreadPoolExecutor):
         def __init__(self, *args, **kw):
             pools.append(kw.get("thread_name_prefix"))
             super().__init__(*args, **kw)
 
+        def submit(self, *args, **kw):
+            tasks.append(pools[-1])
+            return super().submit(*args, **kw)
+
     monkeypatch.setattr(localdir, "ThreadPoolExecutor", Pool)
     monkeypatch.setattr(localdir, "PROBE", 8)
+    monkeypatch.setattr(localdir, "STAT_CHUNK", 5)
     expected = snapshot(source_for(root))
     pools.clear()
     with monkeypatch.context() as busy:
@@ -956,8 +963,10 @@ def test_on_a_share_that_waits_the_stats_are_made_by_threads(own_tree, tmp_path,
         listed(cached_source(root, cache, jobs=3))
     assert pools == ["dicom-headers"]
     reads = Reads(monkeypatch)
-    assert snapshot(cached_source(root, cache, jobs=3)) == expected
+    source = cached_source(root, cache, jobs=3)
+    assert snapshot(source) == expected
     assert pools == ["dicom-headers", "dicom-stat"] and reads.paths == []
+    assert walked(source) > 10 and tasks.count("dicom-stat") == -(-walked(source) // 5)
 
 
 def test_a_killed_writer_s_temporary_file_is_removed_an_hour_later(own_tree, tmp_path, old_files):

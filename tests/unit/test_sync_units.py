@@ -177,3 +177,24 @@ def test_audit_csv_holds_only_the_paths_of_unchanged_files(tmp_path):
     assert rows[-1][1:] == ["z.dcm", "failed", "True", "boom", ""]
     assert outcome.unchanged.on_disk and len(outcome.unchanged) == count + 1
     assert peak / count < 40, f"{peak / count:.0f} bytes per unchanged file while writing the reports"
+
+
+def test_all_portable_is_is_portable_of_each():
+    """The one-match check of many names (a series' instances in a re-sync) says what
+    is_portable says of every name, for names near every rule: reserved, dots, dashes,
+    whitespace, non-ASCII, 255 characters and one more, a newline inside a name."""
+    import random
+
+    from clpipe.layout import NAME_MAX, all_portable, is_portable
+
+    rng = random.Random(11)
+    parts = ["a", "Z", "0", ".", "-", "_", " ", "\n", "\t", "é", "CON", "nul", "com1", "LPT9", "x" * (NAME_MAX - 2), ":", "~"]
+    names = ["".join(rng.choice(parts) for _ in range(rng.randrange(1, 5))) for _ in range(3000)]
+    names += ["a" * NAME_MAX, "a" * (NAME_MAX + 1), "CON", "con.dcm", "CONX", "a.", "1.2.3.dcm"]
+    for name in names:
+        assert all_portable([name]) == is_portable(name), repr(name)
+    for _ in range(500):
+        group = rng.sample(names, rng.randrange(0, 6))
+        assert all_portable(group) == all(map(is_portable, group)), group
+    good = [name for name in names if is_portable(name)]
+    assert len(good) > 100 and all_portable(good)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ..console import human_bytes
 from ..errors import DiskFull, PermanentError, TransientError, VerifyError, is_disk_full
-from ..layout import Claims, SpilledClaims, flatten_members, inside, is_portable, portable_name
+from ..layout import Claims, SpilledClaims, all_portable, flatten_members, inside, portable_name
 from ..sources.base import (
     HasBulk,
     HasChecksum,
@@ -125,14 +125,8 @@ class Engine:
     # -- planning ----------------------------------------------------------------------
 
     def _present(self, record: Record) -> bool:
-        root = str(self.options.dropoff) + "/"
-        for path, size, *_ in record.files:
-            try:
-                if os.stat(root + path).st_size != size:
-                    return False
-            except OSError:
-                return False
-        return True
+        sizes = self._sizes  # (each folder opened once: a series' thousands of files are in one)
+        return all(sizes(path) == size for path, size, *_ in record.files)
 
     def _adopt(self, entry: RemoteEntry) -> Record | None:
         """A file or unpacked series already in the dropoff (written by ``fw sync`` or by a
@@ -260,7 +254,7 @@ class Engine:
                 return None
             return [] if files[0][0] == entry.path else [(files[0][0], entry.path, files[0][1])]
         prefix = entry.path + "/"
-        if all(f[0].startswith(prefix) and is_portable(f[0][len(prefix) :]) for f in files):
+        if all(f[0].startswith(prefix) for f in files) and all_portable([f[0][len(prefix) :] for f in files]):
             return []
         names = flatten_members([f[0] for f in files])
         return [(f[0], prefix + names[f[0]], f[1]) for f in files if f[0] != prefix + names[f[0]]]
@@ -492,6 +486,7 @@ class Engine:
         self._claims = (
             SpilledClaims(self.options.zip_tmp) if isinstance(self.source, HasUniquePaths) and self.source.unique_paths else Claims()
         )
+        spilled = self._claims.note if isinstance(self._claims, SpilledClaims) else None
         self._renamed = {False: 0, True: 0}  # entries renamed: files, series
         self._vacating = set()  # recorded files of entries fetched again: never adopted by another
         self.sessions = sessions = Tallies()
@@ -507,10 +502,15 @@ class Engine:
                 if listed is not None:
                     listed.add(entry.key)
                 sessions.listed(entry)
-                claimed = self._claim(entry, outcome)
-                if claimed is None:
-                    continue
-                entry = claimed
+                if spilled is not None:  # the path kept on disk, checked after the listing (_check_claims)
+                    spilled(entry.path)
+                    if entry.renamed:
+                        self._renamed[entry.series] += 1
+                else:
+                    claimed = self._claim(entry, outcome)
+                    if claimed is None:
+                        continue
+                    entry = claimed
                 # the no-op re-sync's path (a million times): one file, as recorded, in place
                 same = None
                 if not (entry.unpack or entry.series) and is_plain(entry.path):
@@ -546,6 +546,7 @@ class Engine:
         finally:
             sizes.close()
         todo, fresh, blocked = self._check_claims(todo, fresh, blocked, outcome)
+        sizes.close()
         for _ in range(len(blocked) + 1):  # a place another entry left meanwhile (bounded: one more each time)
             waiting, blocked = blocked, []
             for entry, record, moves in waiting:
