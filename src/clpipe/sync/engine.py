@@ -501,7 +501,8 @@ class Engine:
                 self.listed_bytes += entry.size
                 if listed is not None:
                     listed.add(entry.key)
-                sessions.listed(entry)
+                signature = entry.signature
+                sessions.listed(entry, signature)
                 if spilled is not None:  # the path kept on disk, checked after the listing (_check_claims)
                     spilled(entry.path)
                     if entry.renamed:
@@ -514,7 +515,7 @@ class Engine:
                 # the no-op re-sync's path (a million times): one file, as recorded, in place
                 same = None
                 if not (entry.unpack or entry.series) and is_plain(entry.path):
-                    same = state.unchanged_file(entry.key, signature_text(entry.signature), entry.path, entry.size)
+                    same = state.unchanged_file(entry.key, signature_text(signature), entry.path, entry.size)
                     if same and sizes(entry.path) == entry.size:
                         outcome.skipped += 1
                         outcome.unchanged.append(entry.path)

@@ -556,6 +556,20 @@ def _key_of(raw: bytes) -> str | None:
     return _split(raw)[0]
 
 
+def _key_and_rest(raw: bytes) -> tuple[str | None, str]:
+    """What :func:`_split` gives, for a line of the form this module writes (else (None,
+    "")); a key without escapes is cut from the bytes, not scanned."""
+    if not (raw.startswith(b'{"key":"') and raw.endswith(_ENDS)):
+        return None, ""
+    end = raw.find(b'","sig":[', 8)
+    if end < 0:
+        return None, ""
+    text = raw[8:end]
+    if b"\\" in text:
+        return _split(raw)
+    return text.decode("utf-8", "replace"), "{" + raw[end + 2 : -1].decode("utf-8", "replace")
+
+
 def _split(raw: bytes) -> tuple[str | None, str]:
     """(key, rest of the record: ``{"sig":...,"files":...}``) of a manifest line ((None,
     "") when it is not of the form this module writes)."""
@@ -610,10 +624,9 @@ class _Blocks:
             stop = self._starts[number + 1] if number + 1 < len(self._starts) else self._size
             found = self._cache[number] = {}
             for _, raw in _chunked_lines(self._fd, self._starts[number], stop):
-                if _key_of(raw) is not None:
-                    key, rest = _split(raw)
-                    if key is not None:
-                        found[key] = rest
+                key, rest = _key_and_rest(raw)
+                if key is not None:
+                    found[key] = rest
         return found
 
     def get(self, key: str) -> str | None:

@@ -58,10 +58,11 @@ STATUS_LOG_HEADER = ("subject", "session", "step", "event", "timestamp", "source
 STATUS_LOG_SOURCE = "clpipe dicom sync"
 
 
-def _fingerprint(entry: RemoteEntry) -> int:
-    """64 bits of the entry's identity and version: XORed over a session, so the listing's
-    order does not matter, and any added, removed or changed entry changes the sum."""
-    text = f"{entry.key}\0{entry.signature}".encode("utf-8", "surrogatepass")
+def _fingerprint(entry: RemoteEntry, signature: list | None = None) -> int:
+    """64 bits of the entry's identity and version (``signature``: its signature, when
+    known already): XORed over a session, so the listing's order does not matter, and any
+    added, removed or changed entry changes the sum."""
+    text = f"{entry.key}\0{entry.signature if signature is None else signature}".encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
 
 
@@ -98,7 +99,7 @@ class Tallies:
             tally = self.by_path[session.path] = Tally(session)
         return tally
 
-    def listed(self, entry: RemoteEntry) -> None:
+    def listed(self, entry: RemoteEntry, signature: list | None = None) -> None:
         session = entry.session  # (inline: a million times in a no-op re-sync)
         if session is None:
             return
@@ -106,7 +107,7 @@ class Tallies:
         if tally is None:
             tally = self.by_path[session.path] = Tally(session)
         tally.entries += 1
-        tally.fingerprint ^= _fingerprint(entry)
+        tally.fingerprint ^= _fingerprint(entry, signature)
         if entry.modified > tally.modified:
             tally.modified = entry.modified
         # a series: a folder the entry is unpacked into, else the folder of a single file

@@ -63,7 +63,11 @@ class ShardView:
         return ShardState(dropoff, run_id, index=self.index) if self.active else SyncState(dropoff, run_id)
 
     def filter(self, entries: Iterable[RemoteEntry]) -> Iterator[RemoteEntry]:
-        """The entries of this shard (all of them for a plan that is not a shard task)."""
+        """The entries of this shard (all of them, as they come, for a plan that is not a
+        shard task: nothing counted, nothing to say)."""
+        return self._filtered(entries) if self.active else iter(entries)
+
+    def _filtered(self, entries: Iterable[RemoteEntry]) -> Iterator[RemoteEntry]:
         for entry in entries:
             self.listed += 1
             if self.active and shard_of(entry.subject, self.shards) != self.index:
