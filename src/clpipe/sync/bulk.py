@@ -19,6 +19,7 @@ match none of the batch's paths (a server that names them otherwise) is abandone
 
 from __future__ import annotations
 
+import itertools
 import os
 import tarfile
 import threading
@@ -41,14 +42,21 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 @dataclass
 class Staged:
-    """What :func:`stage` fetched: entry key -> (staged part file, whether a hash was
-    checked), and how it went, for the run's notes."""
+    """What :func:`stage` fetched: entry key -> its part's code (:meth:`part` gives the
+    staged part file and whether a hash was checked: an int, not a path and a tuple, for
+    each of 100,000 files), and how it went, for the run's notes."""
 
-    parts: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    parts: dict[str, int] = field(default_factory=dict)
+    stem: str = ""  # every part file is "<stem>-<number>.part"
+    numbers: Iterator[int] = field(default_factory=itertools.count)  # (next() is atomic: the batches' threads share it)
     batches: int = 0  # tars asked for
     missing: int = 0  # ".MISSING" members: content the server does not have
     rejected: int = 0  # members of the right path but the wrong size or hash
     problems: list[str] = field(default_factory=list)  # batches that broke off, and why
+
+    def part(self, code: int) -> tuple[str, bool]:
+        """(the staged part file, whether its hash was checked) of a code in :attr:`parts`."""
+        return f"{self.stem}-{code >> 1}.part", bool(code & 1)
 
 
 class _Reader:
@@ -85,7 +93,7 @@ def stage(
     under way end at their next member. Never raises for a batch: what it did not deliver
     is simply not in the result."""
     abort = abort or stop
-    staged = Staged()
+    staged = Staged(stem=f"{tmp}/bulk-{uuid.uuid4().hex}")
     batches = source.bulk_batches(entries)
     if not batches:
         return staged
@@ -123,13 +131,13 @@ def _fetch_batch(
 ) -> None:
     # the hashes first (a failed look-up raises: the whole batch goes file by file, retried there)
     expected = {key: checksum(entry) for key, entry in batch.members.items()}
-    stem = f"{tmp}/bulk-{uuid.uuid4().hex}"
     seen = matched = 0
     with source.open_bulk(batch) as chunks:
         if chunks is None:
             return
         with tarfile.open(fileobj=_Reader(chunks), mode="r|") as archive:  # type: ignore[call-overload]
             for member in archive:
+                archive.members = []  # (stream mode keeps every member read: 5,000 a tar, never looked at again)
                 if stop.is_set():
                     return
                 seen += 1
@@ -143,14 +151,15 @@ def _fetch_batch(
                         return  # not one path as expected: the rest goes file by file
                     continue
                 matched += 1
-                part = f"{stem}-{seen}.part"
+                number = next(staged.numbers)
+                part = f"{staged.stem}-{number}.part"
                 # a member of another size is not written at all (it is read past)
                 ok = _write_member(archive, member, part, entry, expected[member.name], progress) if member.size == entry.size else None
                 with lock:
                     if ok is None:
                         staged.rejected += 1
                     else:
-                        staged.parts[entry.key] = (part, ok)
+                        staged.parts[entry.key] = number << 1 | ok
 
 
 def _write_member(

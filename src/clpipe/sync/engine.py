@@ -33,7 +33,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -118,7 +118,8 @@ class Engine:
         self._claims: Claims | SpilledClaims = Claims()  # the local paths of this run's entries (set anew by run)
         self._vacating: set[str] = set()
         self._renamed = {False: 0, True: 0}
-        self._staged: dict[str, tuple[str, bool]] = {}  # entry key -> (part, hash checked): fetched in bulk (sync/bulk.py)
+        self._staged: dict[str, int] = {}  # entry key -> its staged part's code (sync/bulk.py): fetched in bulk
+        self._part_of: Callable[[int], tuple[str, bool]] | None = None  # a code -> (part, hash checked)
         self.sessions = Tallies()  # what the last run found of each scan session (sync/sessions.py)
         self._sizes = _Sizes(str(options.dropoff) + "/")
 
@@ -431,7 +432,8 @@ class Engine:
             return self._fetch_series(entry, progress)
         dropoff, tmp = self.options.dropoff, self.state.tmp
         if not entry.unpack:
-            staged = self._staged.pop(entry.key, None)  # already here, checked, from a bulk tar
+            code = self._staged.pop(entry.key, None)  # already here, checked, from a bulk tar
+            staged = self._part_of(code) if code is not None and self._part_of is not None else None
             part = Path(staged[0]) if staged else tmp / f"{uuid.uuid4().hex}.part"
             try:
                 verified = ("bulk" if staged[1] else None) if staged else self._download(entry, part, progress)
@@ -705,7 +707,7 @@ class Engine:
             return entry.checksum if entry.checksum is not None or self._checksum is None else self._checksum.checksum(entry)
 
         done = stage(self.source, [entry for entry, _ in todo], self.state.tmp, progress, jobs, self._stop, checksum, self._abort)
-        self._staged = done.parts
+        self._staged, self._part_of = done.parts, done.part
         if done.batches:
             outcome.notes.append(
                 f"bulk download: {len(done.parts)} files in {done.batches} archives; the rest one by one"
