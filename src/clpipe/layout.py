@@ -556,33 +556,28 @@ class Claims:
 class SpilledClaims:
     """The :class:`Claims` of a run whose source promises every entry a path of its own
     (``HasUniquePaths``: it named them all from its whole listing, :class:`NameResolver`):
-    during the listing each path is only kept on disk (a :class:`~clpipe.spill.Spill` in
-    ``folder``), so a no-op re-sync of a million files holds none of them. The guard is
-    built from them only when it is needed: :meth:`check` for the entries the run will
-    fetch or move (each may still be told apart, as :meth:`Claims.claim` does), or the
-    first :meth:`taken`."""
+    the engine :meth:`hold`-s the path of each entry it finds in place, which is only kept
+    on disk (a :class:`~clpipe.spill.Spill` in ``folder``), so a no-op re-sync of a million
+    files holds none of them. The guard is built from them only when it is needed:
+    :meth:`check` for the entries the run will fetch or move (each may still be told
+    apart, as :meth:`Claims.claim` does), or the first :meth:`taken`."""
 
     def __init__(self, folder: str | Path | None = None) -> None:
         from .spill import Spill
 
         self._spill = Spill(folder)
         self._claims: Claims | None = None
-        self.note = self._spill.append  # the engine's listing loop: a path claimed (a million times)
+        self.hold = self._spill.append  # the engine's listing loop: an entry in place (a million times)
 
     def claim(self, path: str, key: str, is_folder: bool = False) -> str:
-        if self._claims is not None:
-            return self._claims.claim(path, key, is_folder)
-        self._spill.append(path)
-        return path
+        """(After :meth:`check`: as :meth:`Claims.claim`.)"""
+        return (self._claims or self._build()).claim(path, key, is_folder)
 
-    def check(self, pending: Sequence[tuple[str, str, bool]]) -> list[str | None]:
-        """The paths of ``pending`` entries ``(path, key, is a folder)`` that were claimed
-        (in this order), each told apart from every other claimed path as :class:`Claims`
-        would (None: no free name); the other claimed paths keep theirs (in place)."""
-        waiting: dict[str, int] = {}
-        for path, _, _ in pending:
-            waiting[path] = waiting.get(path, 0) + 1
-        claims = self._build(waiting)
+    def check(self, pending: Iterable[tuple[str, str, bool]]) -> list[str | None]:
+        """The paths of the ``pending`` entries ``(path, key, is a folder)``, the entries
+        to fetch or move, claimed in this order after every path held, each told apart as
+        :class:`Claims` would (None: no free name)."""
+        claims = self._claims or self._build()
         finals: list[str | None] = []
         for path, key, is_folder in pending:
             try:
@@ -593,16 +588,13 @@ class SpilledClaims:
 
     def taken(self, path: str) -> bool:
         """Is ``path`` an entry's path in this run (or a folder above one)?"""
-        return (self._claims or self._build({})).taken(path)
+        return (self._claims or self._build()).taken(path)
 
-    def _build(self, waiting: dict[str, int]) -> Claims:
-        """The guard, holding every claimed path but (one time each) those ``waiting``."""
+    def _build(self) -> Claims:
+        """The guard, holding every path held."""
         claims = Claims()
         for path in self._spill:
-            if waiting.get(path):
-                waiting[path] -= 1
-            else:
-                claims.hold(path)
+            claims.hold(path)
         self._spill.close()
         self._claims = claims
         return claims

@@ -202,7 +202,7 @@ class Engine:
         if not isinstance(claims, SpilledClaims) or not (todo or fresh or moving):
             return todo, fresh, moving
         pending = [e for e, _ in todo] + fresh + [e for e, _, _ in moving]
-        finals = claims.check([(e.path, e.key, e.unpack or e.series) for e in pending])
+        finals = claims.check((e.path, e.key, e.unpack or e.series) for e in pending)
         placed: dict[str, str | None] = {e.key: path for path, e in zip(finals, pending, strict=True) if path != e.path}
         if not placed:
             return todo, fresh, moving
@@ -488,7 +488,7 @@ class Engine:
         self._claims = (
             SpilledClaims(self.options.zip_tmp) if isinstance(self.source, HasUniquePaths) and self.source.unique_paths else Claims()
         )
-        spilled = self._claims.note if isinstance(self._claims, SpilledClaims) else None
+        held = self._claims.hold if isinstance(self._claims, SpilledClaims) else None
         self._renamed = {False: 0, True: 0}  # entries renamed: files, series
         self._vacating = set()  # recorded files of entries fetched again: never adopted by another
         self.sessions = sessions = Tallies()
@@ -505,8 +505,7 @@ class Engine:
                     listed.add(entry.key)
                 signature = entry.signature
                 sessions.listed(entry, signature)
-                if spilled is not None:  # the path kept on disk, checked after the listing (_check_claims)
-                    spilled(entry.path)
+                if held is not None:  # claimed once in place (kept on disk), or after the listing (_check_claims)
                     if entry.renamed:
                         self._renamed[entry.series] += 1
                 else:
@@ -519,6 +518,8 @@ class Engine:
                 if not (entry.unpack or entry.series) and is_plain(entry.path):
                     same = state.unchanged_file(entry.key, signature_text(signature), entry.path, entry.size)
                     if same and sizes(entry.path) == entry.size:
+                        if held is not None:
+                            held(entry.path)
                         outcome.skipped += 1
                         outcome.unchanged.append(entry.path)
                         sessions.in_place(entry, ((entry.path, entry.size),))
@@ -530,6 +531,8 @@ class Engine:
                 if record.signature == entry.signature:
                     moves = self._moves(record, entry)
                     if moves == [] and self._present(record):
+                        if held is not None:
+                            held(entry.path)
                         outcome.skipped += len(record.files)
                         for path, *_ in record.files:
                             outcome.unchanged.append(path)
