@@ -311,3 +311,23 @@ def test_a_no_op_of_a_source_with_unique_paths_builds_no_guard(tmp_path, monkeyp
     del paths["k6"]
     outcome = run_engine(source, dropoff, _entries(paths, files), "run3", delete=True)
     assert outcome.deleted == 1 and sorted(landed_files(dropoff)) == sorted(paths.values())
+
+
+def test_the_hash_index_grows_and_finds_every_record(tmp_path):
+    """An index sized for one line, given 3,000 (as a manifest longer than counted): it
+    doubles its slots as it fills, moving every member, and finds each record after."""
+    path = tmp_path / "manifest.jsonl"
+    keys = [f"c{i % 13}/f{i}.dcm" for i in range(3000)]
+    with path.open("wb") as out:
+        where = []
+        for i, key in enumerate(keys):
+            line = (manifest_module._line(key, f'{{"sig":[{i},0.5,""],"files":[["p/{i}.dcm",{i},""]]}}') + "\n").encode()
+            where.append((key, out.tell(), len(line)))
+            out.write(line)
+    with path.open("rb") as handle:
+        index = manifest_module._Index(handle, 1)
+        for key, offset, length in where:
+            index.add(key, offset, length)
+        assert index.count == len(keys) and index._mask + 1 >= len(keys) / index.LOAD
+        assert all(json.loads(index.get(key))["sig"][0] == i for i, key in enumerate(keys))
+        assert index.get("c0/none.dcm") is None

@@ -121,7 +121,7 @@ class Engine:
         self._staged: dict[str, int] = {}  # entry key -> its staged part's code (sync/bulk.py): fetched in bulk
         self._part_of: Callable[[int], tuple[str, bool]] | None = None  # a code -> (part, hash checked)
         self.sessions = Tallies()  # what the last run found of each scan session (sync/sessions.py)
-        self._sizes = _Sizes(str(options.dropoff) + "/")
+        self._sizes = _Sizes(str(options.dropoff) + "/")  # (each run opens its own: run)
 
     # -- planning ----------------------------------------------------------------------
 

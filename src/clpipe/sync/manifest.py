@@ -694,16 +694,19 @@ class _Index:
             self._long[slot] = (offset, length)
 
     def _grow(self) -> None:
-        old = [(self._hashes[i], self._where[i], self._long.get(i)) for i in range(self._mask + 1) if self._hashes[i]]
+        """Twice the slots, every member moved over from the old arrays (no list of them)."""
+        hashes, wheres, longs = self._hashes, self._where, self._long
         size = 2 * (self._mask + 1)
         self._mask, self._hashes, self._where, self._long = size - 1, array("q", bytes(8 * size)), array("q", bytes(8 * size)), {}
-        for value, where, long in old:
-            slot = value & self._mask
-            while self._hashes[slot]:
-                slot = (slot + 1) & self._mask
-            self._hashes[slot], self._where[slot] = value, where
-            if long is not None:
-                self._long[slot] = long
+        mask, new_hashes, new_wheres = self._mask, self._hashes, self._where
+        for old, value in enumerate(hashes):
+            if value:
+                slot = value & mask
+                while new_hashes[slot]:
+                    slot = (slot + 1) & mask
+                new_hashes[slot], new_wheres[slot] = value, wheres[old]
+                if old in longs:
+                    self._long[slot] = longs[old]
 
     def get(self, key: str) -> str | None:
         value, mask, hashes = self._hash(key), self._mask, self._hashes
