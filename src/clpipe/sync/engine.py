@@ -33,7 +33,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -613,7 +613,7 @@ class Engine:
             with _closing(ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sync"), self._request) as pool:
                 try:
                     for future, (entry, existing) in _bounded(
-                        pool, self._with_retries, todo, progress, jobs * 4, self._stop, self._abort, self._placeable
+                        pool, self._with_retries, _drained(todo), progress, jobs * 4, self._stop, self._abort, self._placeable
                     ):
                         try:
                             if future is None or future is ABANDONED:  # never started, or left behind: the run stopped first
@@ -845,10 +845,18 @@ def _closing(pool: ThreadPoolExecutor, request: StopRequest):
         pool.shutdown(wait=not request.abandoned, cancel_futures=True)
 
 
+def _drained(items: list) -> Iterator:
+    """Each of ``items`` in order, the list forgetting it as it is taken: the entries of a
+    million-file sync are not all held until the last transfer ends."""
+    items.reverse()
+    while items:
+        yield items.pop()
+
+
 def _bounded(
     pool: ThreadPoolExecutor,
     work,
-    todo: list,
+    todo: Iterable,
     progress: Progress,
     window: int,
     stop: threading.Event,
