@@ -150,6 +150,20 @@ def test_a_full_dropoff_stops_a_dicom_folder_sync_and_the_next_run_completes(sma
     assert summary and summary[0] == len(expected) - len(first), out
 
 
+@pytest.mark.parametrize("key", ["DropoffDirectory", "TempDirectory"])
+def test_a_read_only_folder_is_one_line_naming_the_key_and_the_filesystem(no_fw_env, small_disk, tmp_path, key):
+    """A folder on a filesystem mounted read-only (as root, who may write anywhere else):
+    refused before the sync starts, in one line naming the key and saying why (not "no
+    write permission", which would send a user after the folder's mode)."""
+    folder = small_disk(tmp_path / "ro", "1m")
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, timeout=MOUNT_TIMEOUT)
+    config = new_project(tmp_path / "p", **{key: str(folder)})
+    code, out, err, _ = run(no_fw_env, config)
+    assert code != 0 and "internal error" not in out + err and "Traceback" not in out + err
+    assert len(err.splitlines()) == 1, err
+    assert f"SourceOptions.{key}" in err and f"{folder} is on a read-only filesystem" in err, err
+
+
 @pytest.mark.parametrize("free_pages", [0, 2])
 def test_a_full_log_folder_is_one_line_and_leaves_no_half_report(nenv, server, demo_project, small_disk, tmp_path, free_pages):
     """The logs folder on a full filesystem: with no room at all the plan cannot be written

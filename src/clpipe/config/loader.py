@@ -136,7 +136,13 @@ def check_writable_dir(path: Path, what: str) -> None:
     if probe.exists() and not probe.is_dir():
         raise ConfigError(f"{what}: {path} cannot be created because {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what}: {path} cannot be written (no write permission on {probe})")
+        why = f"no write permission on {probe}"
+        try:
+            if os.statvfs(probe).f_flag & os.ST_RDONLY:
+                why = f"{probe} is on a read-only filesystem"
+        except OSError:
+            pass
+        raise ConfigError(f"{what}: {path} cannot be written ({why})")
 
 
 def load_project_config(
