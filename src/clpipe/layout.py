@@ -318,6 +318,16 @@ class StreamedNames(NameResolver):
             self._numbered.append(folder)
         return folder.number
 
+    def folder(self, parts: Iterable[tuple[str, str]]) -> PlannedFolder:
+        """As :meth:`NameResolver.folder`, numbered: :meth:`numbered` gives it back."""
+        node = super().folder(parts)
+        self._number(node)
+        return node
+
+    def numbered(self, number: int) -> PlannedFolder:
+        """The planned folder whose ``number`` this is (a spilled listing keeps numbers)."""
+        return self._numbered[number]
+
     def note(self, folder: PlannedFolder, wanted: str) -> int:
         """Note an item wanting ``wanted`` in ``folder``: the hash to give :meth:`final`."""
         value = hash(wanted.lower()) & _MASK
@@ -573,17 +583,17 @@ class SpilledClaims:
         """(After :meth:`check`: as :meth:`Claims.claim`.)"""
         return (self._claims or self._build()).claim(path, key, is_folder)
 
-    def check(self, pending: Iterable[tuple[str, str, bool]]) -> list[str | None]:
+    def check(self, pending: Iterable[tuple[str, str, bool]]) -> list[str | ValueError]:
         """The paths of the ``pending`` entries ``(path, key, is a folder)``, the entries
         to fetch or move, claimed in this order after every path held, each told apart as
-        :class:`Claims` would (None: no free name)."""
+        :class:`Claims` would (its ValueError: no free name)."""
         claims = self._claims or self._build()
-        finals: list[str | None] = []
+        finals: list[str | ValueError] = []
         for path, key, is_folder in pending:
             try:
                 finals.append(claims.claim(path, key, is_folder))
-            except ValueError:
-                finals.append(None)
+            except ValueError as exc:
+                finals.append(exc)
         return finals
 
     def taken(self, path: str) -> bool:
@@ -598,6 +608,3 @@ class SpilledClaims:
         self._spill.close()
         self._claims = claims
         return claims
-
-    def close(self) -> None:
-        self._spill.close()

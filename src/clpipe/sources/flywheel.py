@@ -452,7 +452,7 @@ class FlywheelSource:
         is kept in ``spill_dir`` beyond 50,000 files (clpipe/spill.py), and names are
         decided by :class:`~clpipe.layout.StreamedNames`: memory does not grow with the
         number of files."""
-        from ..layout import PlannedFolder, StreamedNames, bids_label, check_template, field_values, portable_name, template_parts
+        from ..layout import StreamedNames, bids_label, check_template, field_values, portable_name, template_parts
         from ..spill import Spill
         from .base import RemoteEntry, Session, session_of
 
@@ -467,8 +467,6 @@ class FlywheelSource:
         labels_seen: dict[tuple[str, str], str] = {}  # (field, BIDS label) -> Flywheel label
         used = check_template(template) if template else []
         folders: dict[str, int] = {}  # dst_path's folder part -> planned folder's number (when the file name is not in it)
-        numbers: dict[int, int] = {}  # id() of a planned folder -> its number
-        planned: list[PlannedFolder] = []  # by number
         with Spill(spill_dir) as listing:
             for target in self.api.download_targets(project_id, body_filters, params):
                 dst = str(target.get("dst_path", ""))
@@ -499,10 +497,7 @@ class FlywheelSource:
                     else:
                         parts = [(part, portable_name(part)) for part in (raw[1:] if url.trailing_slash else raw)]
                     node = resolver.folder(parts)
-                    number = numbers.get(id(node))
-                    if number is None:
-                        number = numbers[id(node)] = len(planned)
-                        planned.append(node)
+                    number = node.number
                     folders[head] = number
                 head_number = heads.get(head)
                 if head_number is None:
@@ -514,7 +509,7 @@ class FlywheelSource:
                 name = portable_name(leaf)
                 if not sidecar:  # (zips too: their hashes are prefetched by session; bulk_batches leaves them out)
                     self._note_bulk(head, str(target.get("container_id")), url)
-                hashed = resolver.note(planned[number], name)
+                hashed = resolver.note(resolver.numbered(number), name)
                 inline = json.dumps(target.get("metadata")).encode() if sidecar else None
                 listing.append(
                     (
@@ -534,12 +529,13 @@ class FlywheelSource:
                 )
             if resolver.find_clashes():
                 for number, key, _, name, unchanged, _, _, _, is_zip, _, _, hashed in listing:  # the few items whose names meet
-                    if hashed in planned[number].clash:
-                        resolver.add(planned[number], key, name, unchanged, is_zip)
+                    folder = resolver.numbered(number)
+                    if hashed in folder.clash:
+                        resolver.add(folder, key, name, unchanged, is_zip)
             resolver.resolve()
             by_folder: dict[tuple[int, int], Session | None] = {}  # (folder, head) -> the session of its files
             for number, key, filename, name, unchanged, size, modified, checksum, is_zip, inline, head_number, hashed in listing:
-                final = resolver.final(planned[number], key, name, unchanged, hashed)
+                final = resolver.final(resolver.numbered(number), key, name, unchanged, hashed)
                 if final is None:
                     continue  # the server may list a file twice (fw skips repeats too)
                 path, renamed = final

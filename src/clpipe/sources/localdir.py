@@ -459,10 +459,6 @@ def _stat_or_none(path: str) -> os.stat_result | None:
         return None
 
 
-def _stat_all(paths: list[str]) -> list[os.stat_result | None]:
-    return list(map(_stat_or_none, paths))
-
-
 def _stat_by_folder(paths: list[str]) -> Iterator[os.stat_result | None]:
     """``_stat_or_none`` of each path, each folder of consecutive paths opened once and
     its files looked up in it (the walk gives a folder's files together): the folders'
@@ -626,7 +622,7 @@ class ListingCache:
         # chunksize) cost more than the stat itself, 18 µs a file
         chunks = [files[i : i + STAT_CHUNK] for i in range(0, len(files), STAT_CHUNK)]
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="dicom-stat") as pool:
-            return itertools.chain.from_iterable(list(pool.map(_stat_all, chunks)))
+            return itertools.chain.from_iterable(list(pool.map(lambda chunk: list(_stat_by_folder(chunk)), chunks)))
 
     def _index_of(self, stored: tuple) -> str:
         """The index of a set of values (latin-1 text or None per CACHED_TAGS) in the new cache."""

@@ -104,7 +104,7 @@ def stage(
         if stop.is_set():
             return
         try:
-            _fetch_batch(source, batch, tmp, progress, abort, checksum, staged, lock)
+            _fetch_batch(source, batch, progress, abort, checksum, staged, lock)
         except (TransferError, OSError, tarfile.TarError, EOFError, ValueError) as exc:
             with lock:
                 staged.problems.append(f"{exc.__class__.__name__}: {exc}")
@@ -122,7 +122,6 @@ def stage(
 def _fetch_batch(
     source: HasBulk,
     batch: BulkBatch,
-    tmp: Path,
     progress: Progress,
     stop: threading.Event,
     checksum: Callable[[RemoteEntry], str | None],

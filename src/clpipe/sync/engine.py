@@ -181,6 +181,13 @@ class Engine:
             self._renamed[entry.series] += 1
         return entry
 
+    def _in_place(self, entry: RemoteEntry, record: Record, outcome: Outcome) -> None:
+        """``entry`` is in place as ``record`` says: counted unchanged."""
+        outcome.skipped += len(record.files)
+        for path, *_ in record.files:
+            outcome.unchanged.append(path)
+        self.sessions.in_place(entry, record.files)
+
     def _unclaimed(self, entry: RemoteEntry, reason: str, outcome: Outcome) -> None:
         outcome.failed += 1
         outcome.failures.append(f"{entry.describe()}: {reason}")
@@ -203,14 +210,14 @@ class Engine:
             return todo, fresh, moving
         pending = [e for e, _ in todo] + fresh + [e for e, _, _ in moving]
         finals = claims.check((e.path, e.key, e.unpack or e.series) for e in pending)
-        placed: dict[str, str | None] = {e.key: path for path, e in zip(finals, pending, strict=True) if path != e.path}
+        placed = {e.key: path for path, e in zip(finals, pending, strict=True) if path != e.path}
         if not placed:
             return todo, fresh, moving
 
         def told_apart(entry: RemoteEntry) -> RemoteEntry | None:
             path = placed[entry.key]
-            if path is None:
-                self._unclaimed(entry, f"no free local name for {entry.key} at {entry.path}", outcome)
+            if isinstance(path, ValueError):
+                self._unclaimed(entry, str(path), outcome)
                 return None
             self._renamed[entry.series] += not entry.renamed
             return replace(entry, path=path, renamed=True)
@@ -232,10 +239,7 @@ class Engine:
             elif (moved := told_apart(entry)) is not None:
                 again = self._moves(record, moved)  # (told apart as in the run that fetched it: in place)
                 if again == [] and self._present(record):
-                    outcome.skipped += len(record.files)
-                    for path, *_ in record.files:
-                        outcome.unchanged.append(path)
-                    self.sessions.in_place(moved, record.files)
+                    self._in_place(moved, record, outcome)
                 elif again:
                     waiting.append((moved, record, again))
                 else:
@@ -533,10 +537,7 @@ class Engine:
                     if moves == [] and self._present(record):
                         if held is not None:
                             held(entry.path)
-                        outcome.skipped += len(record.files)
-                        for path, *_ in record.files:
-                            outcome.unchanged.append(path)
-                        sessions.in_place(entry, record.files)
+                        self._in_place(entry, record, outcome)
                         continue
                     if moves and isinstance(self._claims, SpilledClaims):  # moved once the guard is built (below)
                         blocked.append((entry, record, moves))

@@ -541,33 +541,33 @@ CACHE_BLOCKS = 64  # blocks kept parsed (about 4 MB of records)
 _ENDS = (b"]]}\n", b"[]}\n")
 
 
-def _key_of(raw: bytes) -> str | None:
-    """The key of a manifest line of the form this module writes (``raw`` with its
-    newline), or None. Only the key is decoded: a million lines are read in a fraction of
-    the time of parsing each."""
+def _key_end(raw: bytes) -> int:
+    """Where the key of a manifest line of the form this module writes (``raw`` with its
+    newline) ends, or -1 (not of that form)."""
     if not (raw.startswith(b'{"key":"') and raw.endswith(_ENDS)):
-        return None
-    end = raw.find(b'","sig":[', 8)
+        return -1
+    return raw.find(b'","sig":[', 8)
+
+
+def _key_of(raw: bytes) -> str | None:
+    """The key of a manifest line of the form this module writes, or None. Only the key
+    is decoded: a million lines are read in a fraction of the time of parsing each."""
+    end = _key_end(raw)
     if end < 0:
         return None
     text = raw[8:end]
-    if b"\\" not in text:
-        return text.decode("utf-8", "replace")
-    return _split(raw)[0]
+    return text.decode("utf-8", "replace") if b"\\" not in text else _split(raw)[0]
 
 
 def _key_and_rest(raw: bytes) -> tuple[str | None, str]:
     """What :func:`_split` gives, for a line of the form this module writes (else (None,
     "")); a key without escapes is cut from the bytes, not scanned."""
-    if not (raw.startswith(b'{"key":"') and raw.endswith(_ENDS)):
-        return None, ""
-    end = raw.find(b'","sig":[', 8)
+    end = _key_end(raw)
     if end < 0:
         return None, ""
-    text = raw[8:end]
-    if b"\\" in text:
+    if b"\\" in raw[8:end]:
         return _split(raw)
-    return text.decode("utf-8", "replace"), "{" + raw[end + 2 : -1].decode("utf-8", "replace")
+    return raw[8:end].decode("utf-8", "replace"), "{" + raw[end + 2 : -1].decode("utf-8", "replace")
 
 
 def _split(raw: bytes) -> tuple[str | None, str]:

@@ -70,7 +70,7 @@ class ShardView:
     def _filtered(self, entries: Iterable[RemoteEntry]) -> Iterator[RemoteEntry]:
         for entry in entries:
             self.listed += 1
-            if self.active and shard_of(entry.subject, self.shards) != self.index:
+            if shard_of(entry.subject, self.shards) != self.index:
                 continue
             self.kept += 1
             if entry.subject:
