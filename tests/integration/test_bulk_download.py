@@ -44,7 +44,9 @@ class NoBulk(FlywheelSource):
         return []
 
 
-def engine_sync(server, dropoff: Path, source_class=FlywheelSource, jobs: int = 4, retries: int = 2) -> Outcome:
+def engine_sync(server, dropoff: Path, source_class=FlywheelSource, jobs: int = 4, retries: int = 2, stop=None) -> Outcome:
+    """One engine run of the test server's project into ``dropoff`` (its DICOM files), told
+    to stop by ``stop`` (a StopRequest) if one is given."""
     source = source_class(credentials_from_api_key(server.login_key(KEY)), jobs=jobs)
     try:
         project = source.api.lookup_project(URL)
@@ -52,7 +54,7 @@ def engine_sync(server, dropoff: Path, source_class=FlywheelSource, jobs: int = 
         state.acquire()
         try:
             state.load()
-            options = Options(dropoff=dropoff, zip_tmp=dropoff.parent / "ziptmp", jobs=jobs, retries=retries, backoff=0.01)
+            options = Options(dropoff=dropoff, zip_tmp=dropoff.parent / "ziptmp", jobs=jobs, retries=retries, backoff=0.01, stop=stop)
             outcome = Engine(source, state, options).run(source.entries(project["_id"], URL, DICOM_ONLY, {}))
             state.save()
         finally:
@@ -203,19 +205,9 @@ def test_a_stop_while_tars_stream_starts_no_tar_and_places_nothing_half(tmp_path
         server.add_fault(r"^/api/download$", "delay", method="GET", delay=2.0)  # each tar 2 s late
         request = StopRequest()
         request.after(1.0, "after MaxDuration", MAX_DURATION, 0)
-        source = FlywheelSource(credentials_from_api_key(server.login_key(KEY)), jobs=4)
-        state = SyncState(dropoff, "run-stop")
-        state.acquire()
-        try:
-            state.load()
-            options = Options(dropoff=dropoff, zip_tmp=tmp_path / "z", jobs=4, retries=1, backoff=0.01, stop=request)
-            started = time.monotonic()
-            outcome = Engine(source, state, options).run(source.entries(source.api.lookup_project(URL)["_id"], URL, DICOM_ONLY, {}))
-            took = time.monotonic() - started
-            state.save()
-        finally:
-            state.release()
-            source.close()
+        started = time.monotonic()
+        outcome = engine_sync(server, dropoff, retries=1, stop=request)
+        took = time.monotonic() - started
         assert took < 10 and counts(server)["tar"] <= 4, (took, counts(server))
         assert outcome.failed == 0 and outcome.not_synced > 0, (outcome.failures, outcome.not_synced)
         landed = files_under(dropoff)
@@ -240,17 +232,7 @@ def test_what_a_tar_brought_before_a_stop_is_placed(tmp_path):
         server.add_fault(r"^/api/download$", "delay", method="GET", delay=3.0)  # the others late
         request = StopRequest()
         request.after(1.0, "at the time limit", TIME_LIMIT, 10.0)
-        source = FlywheelSource(credentials_from_api_key(server.login_key(KEY)), jobs=4)
-        state = SyncState(dropoff, "run-stop")
-        state.acquire()
-        try:
-            state.load()
-            options = Options(dropoff=dropoff, zip_tmp=tmp_path / "z", jobs=4, retries=1, backoff=0.01, stop=request)
-            outcome = Engine(source, state, options).run(source.entries(source.api.lookup_project(URL)["_id"], URL, DICOM_ONLY, {}))
-            state.save()
-        finally:
-            state.release()
-            source.close()
+        outcome = engine_sync(server, dropoff, retries=1, stop=request)
         landed = files_under(dropoff)
         assert outcome.created > 0 and outcome.created == len(landed) < len(expected), (outcome.created, len(landed))
         assert outcome.not_synced > 0 and outcome.failed == 0
