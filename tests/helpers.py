@@ -246,6 +246,29 @@ def dicoms(root: Path) -> dict[str, bytes]:
     return files_under(root)
 
 
+def resync_renames_in_place(env, server, config: Path, wanted: dict[str, bytes]) -> None:
+    """The project's dropoff, synced under other names (an earlier layout or earlier names),
+    synced again: every file is renamed in place to where ``wanted`` has it, with its bytes,
+    nothing is downloaded (no request for a file at all, not even a zip's ``?info``) and the
+    output says so."""
+    mark = len(server.requests)
+    code, out, summary = native(env, config)
+    n = len(wanted)
+    assert code == 0 and summary == (0, 0, n, 0), out
+    assert file_gets(server, mark) == []  # nothing downloaded
+    assert [r for r in server.requests[mark:] if "/files/" in r["path"]] == []  # not even a zip's ?info
+    assert dicoms(config.parent / "data_DICOMs") == wanted  # every file at its new place, with its bytes
+    assert f"{n} files synced under earlier names were renamed in place (nothing downloaded)" in out
+
+
+def resync_has_nothing_to_do(env, server, config: Path, n: int) -> None:
+    """The next sync of a dropoff renamed in place: its ``n`` files skipped, nothing downloaded
+    and nothing renamed."""
+    mark = len(server.requests)
+    code, out, summary = native(env, config)
+    assert code == 0 and summary == (0, 0, n, 0) and file_gets(server, mark) == [] and "renamed in place" not in out
+
+
 class SeriesSource:
     """A source of DICOM series as the DICOMweb and DIMSE sources are (``(SOPInstanceUID,
     bytes)``), or the file source (``(SOPInstanceUID, Path)``); ``fail_after`` instances

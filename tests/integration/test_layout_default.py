@@ -19,7 +19,7 @@ import pytest
 
 from clpipe.testing.fwserver import Acquisition, FlywheelTestServer, FwFile, Project, Session, Subject
 
-from helpers import KEY, dicoms, file_gets, login, native, need_tool, new_project, zip_bytes
+from helpers import KEY, dicoms, login, native, need_tool, new_project, resync_has_nothing_to_do, resync_renames_in_place, zip_bytes
 
 
 @pytest.fixture
@@ -149,19 +149,11 @@ def test_an_existing_project_moves_to_the_new_layout_without_downloads(nenv, ser
     data["SourceOptions"]["LayoutTemplate"] = new_keys["SourceOptions"]["LayoutTemplate"]
     data["DICOMToBIDSOptions"]["DICOMFormatString"] = new_keys["DICOMToBIDSOptions"]["DICOMFormatString"]
     config.write_text(json.dumps(data, indent=4))
-    mark = len(server.requests)
-    code, out, summary = native(nenv, config)
-    assert code == 0 and summary == (0, 0, n, 0), out
-    assert file_gets(server, mark) == []  # nothing downloaded
-    assert [r for r in server.requests[mark:] if "/files/" in r["path"]] == []  # not even a zip's ?info
-    assert dicoms(dropoff) == wanted  # every file at its new place, with its bytes
+    assert len(wanted) == n
+    resync_renames_in_place(nenv, server, config, wanted)
     assert sorted(wanted.values()) == sorted(before.values())
     assert not (dropoff / top).exists()  # the emptied old folders are gone
-    assert f"{n} files synced under earlier names were renamed in place (nothing downloaded)" in out
-
-    mark = len(server.requests)  # and the next run has nothing to do
-    code, out, summary = native(nenv, config)
-    assert code == 0 and summary == (0, 0, n, 0) and file_gets(server, mark) == [] and "renamed in place" not in out
+    resync_has_nothing_to_do(nenv, server, config, n)  # and the next run has nothing to do
 
 
 @pytest.mark.fw  # the bundled Flywheel test server
@@ -214,10 +206,7 @@ def test_labels_that_change_and_colliding_zip_members_move_too(nenv, tmp_path):
         data = json.loads(config.read_text())
         data["SourceOptions"]["LayoutTemplate"] = "{subject}/{session}/{acquisition}"
         config.write_text(json.dumps(data, indent=4))
-        mark = len(server.requests)
-        code, out, summary = native(nenv, config)
-        assert code == 0 and summary == (0, 0, 6, 0), out
-        assert [r for r in server.requests[mark:] if "/files/" in r["path"]] == []
-        assert dicoms(config.parent / "data_DICOMs") == wanted
+        assert len(wanted) == 6
+        resync_renames_in_place(nenv, server, config, wanted)
         # the sync wrote the DICOMFormatString the new layout needs into the config
         assert json.loads(config.read_text())["DICOMToBIDSOptions"]["DICOMFormatString"] == "{subject}/{session}/"

@@ -33,6 +33,8 @@ from helpers import (
     login,
     native,
     new_project,
+    resync_has_nothing_to_do,
+    resync_renames_in_place,
     run_engine,
     series_entry,
     zip_bytes,
@@ -342,21 +344,15 @@ def test_a_dropoff_synced_under_the_earlier_names_is_renamed_in_place(nenv, tmp_
         state.release()
         assert sorted(dicoms(dropoff)) == sorted(earlier.values())
 
-        mark = len(server.requests)
-        code, out, summary = native(nenv, config)
-        assert code == 0 and summary == (0, 0, 4, 0), out
-        assert [r for r in server.requests[mark:] if "/files/" in r["path"]] == []  # no download, not even ?info
-        assert dicoms(dropoff) == expected  # every file once, under its new name
+        assert len(expected) == 4
+        resync_renames_in_place(nenv, server, config, expected)  # every file once, under its new name
         assert not (dropoff / "SUBJECTS" / old_name("Jörg")).exists()  # the emptied old folders are gone
-        assert "4 files synced under earlier names were renamed in place (nothing downloaded)" in out
         assert summary_json(config)["renamed_in_place"] == 4
         state = SyncState(dropoff, "check")
         state.load()
         assert {f[0] for key in state.keys() for f in state.get(key).files} == set(expected)
 
-        mark = len(server.requests)
-        code, out, summary = native(nenv, config)
-        assert code == 0 and summary == (0, 0, 4, 0) and file_gets(server, mark) == [] and "renamed in place" not in out
+        resync_has_nothing_to_do(nenv, server, config, 4)
 
 
 def test_a_series_synced_under_its_earlier_folder_name_moves_without_a_retrieval(tmp_path):
