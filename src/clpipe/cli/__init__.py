@@ -17,7 +17,7 @@ from .. import __version__
 from ..config.options import ENGINES, flag_help
 from ..errors import ClpipeError, ConfigError, DiskFull, EndsHere, Terminated, is_disk_full
 from .modulefile import modulefile_cli
-from .options import CONFIG_HELP, STATE, SUBMIT_HELP, debug_option
+from .options import STATE, SUBMIT_HELP, config_file_option, debug_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help", "-help"]})
@@ -44,13 +44,42 @@ _BATCH_HELP = 'Batch configuration: a built-in profile (e.g. slurmUNCConfig.json
 _AFTER_HELP = "Start the sync only after this batch job has completed successfully."
 
 
+SOURCE_FLAGS_META = "clpipe.source_flags"
+
+
+def _keep_source_flag(ctx: click.Context, param: click.Parameter, value: object) -> object:
+    """The callback of a SourceOptions flag: its value, when given, kept in the command's
+    context for load_project_config (:func:`_source_flags`)."""
+    if value is not None:
+        ctx.meta.setdefault(SOURCE_FLAGS_META, {})[param.name] = value
+    return value
+
+
+def _source_flags() -> dict:
+    """The SourceOptions flags given (-stable_after, :func:`_run_options`, :func:`_stop_options`)."""
+    return dict(click.get_current_context().meta.get(SOURCE_FLAGS_META, {}))
+
+
+def _stable_after_option(func):
+    """-stable_after (the sync commands and status): a SourceOptions flag (:func:`_source_flags`)."""
+    return click.option(
+        "-stable_after",
+        "--stable-after",
+        "stable_after",
+        metavar="DURATION",
+        help=flag_help("stable_after"),
+        callback=_keep_source_flag,
+        expose_value=False,
+    )(func)
+
+
 def _common_options(func):
     for option in reversed(
         [
-            click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP),
+            config_file_option,
             click.option("-dropoff_dir", "--dropoff-dir", "dropoff_dir", help=flag_help("dropoff_directory")),
             click.option("-temp_dir", "--temp-dir", "temp_dir", help=flag_help("temp_directory")),
-            click.option("-stable_after", "--stable-after", "stable_after", metavar="DURATION", help=flag_help("stable_after")),
+            _stable_after_option,
             click.option("-batch_config", "--batch-config", "batch_config", help=_BATCH_HELP),
             click.option("-after", "--after", "after", metavar="JOBID", help=_AFTER_HELP),
             click.option("-submit", "-s", "--submit", "submit", is_flag=True, help=SUBMIT_HELP),
@@ -60,20 +89,13 @@ def _common_options(func):
     return func
 
 
-SOURCE_FLAGS_META = "clpipe.source_flags"
-
-
 def _run_options(func):
     """-shards and -every (clpipe/arrays.py, clpipe/schedule.py): SourceOptions flags, kept
     in the command's context for load_project_config (:func:`_source_flags`)."""
-
-    def keep(ctx: click.Context, param: click.Parameter, value: object) -> object:
-        if value is not None:
-            ctx.meta.setdefault(SOURCE_FLAGS_META, {})[param.name] = value
-        return value
-
     for option in (
-        click.option("-every", "--every", "every", metavar="DURATION", help=flag_help("every"), callback=keep, expose_value=False),
+        click.option(
+            "-every", "--every", "every", metavar="DURATION", help=flag_help("every"), callback=_keep_source_flag, expose_value=False
+        ),
         click.option(
             "-shards",
             "--shards",
@@ -81,7 +103,7 @@ def _run_options(func):
             type=click.IntRange(min=0),
             metavar="N",
             help=flag_help("shards"),
-            callback=keep,
+            callback=_keep_source_flag,
             expose_value=False,
         ),
     ):
@@ -92,12 +114,6 @@ def _run_options(func):
 def _stop_options(func):
     """-max_duration and -continue/-no_continue (sync/stopping.py, clpipe/continuation.py):
     SourceOptions flags, kept with those of :func:`_run_options` (:func:`_source_flags`)."""
-
-    def keep(ctx: click.Context, param: click.Parameter, value: object) -> object:
-        if value is not None:
-            ctx.meta.setdefault(SOURCE_FLAGS_META, {})[param.name] = value
-        return value
-
     for option in (
         click.option(
             "-max_duration",
@@ -105,7 +121,7 @@ def _stop_options(func):
             "max_duration",
             metavar="DURATION",
             help=flag_help("max_duration"),
-            callback=keep,
+            callback=_keep_source_flag,
             expose_value=False,
         ),
         click.option(
@@ -114,17 +130,12 @@ def _stop_options(func):
             "continue_job",
             default=None,
             help=flag_help("continue_job"),
-            callback=keep,
+            callback=_keep_source_flag,
             expose_value=False,
         ),
     ):
         func = option(func)
     return func
-
-
-def _source_flags() -> dict:
-    """The values of the -shards and -every flags given (:func:`_run_options`)."""
-    return dict(click.get_current_context().meta.get(SOURCE_FLAGS_META, {}))
 
 
 @dicom.command("flywheel_sync")
@@ -139,22 +150,13 @@ def _source_flags() -> dict:
 @_run_options
 @_stop_options
 @debug_option
-def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, stable_after, engine, batch_config, after, submit) -> int:
+def flywheel_sync_cli(config_file, source_url, dropoff_dir, temp_dir, engine, batch_config, after, submit) -> int:
     """Sync DICOM data from a Flywheel project into the dropoff folder.
 
     Reads SourceOptions from the config file. Log in with `fw login` first. Logs and the
     audit CSV go to <project>/logs/sync_logs.
     """
-    from ..config import load_project_config
-
-    config = load_project_config(
-        _find_config(config_file),
-        source_url=source_url,
-        dropoff_dir=dropoff_dir,
-        temp_dir=temp_dir,
-        engine=engine,
-        flags={"stable_after": stable_after, **_source_flags()},
-    )
+    config = _sync_config(config_file, source_url, dropoff_dir, temp_dir, engine=engine)
     if not config.source.is_flywheel:
         raise ConfigError(
             f"{config.key('source_url')} is {config.source.url}: "
@@ -204,7 +206,6 @@ def dicom_sync_cli(
     limit,
     dropoff_dir,
     temp_dir,
-    stable_after,
     batch_config,
     after,
     submit,
@@ -216,8 +217,6 @@ def dicom_sync_cli(
     Every instance lands once, as <SOPInstanceUID>.dcm, in one folder per subject, session
     and series. Logs, the audit CSV and a JSON summary go to <project>/logs/sync_logs.
     """
-    from ..config import load_project_config
-
     query = {
         "patient_id": patient_id,
         "patient_name": patient_name,
@@ -227,20 +226,22 @@ def dicom_sync_cli(
         "accession_number": accession_number,
         "limit": limit,
     }
-    config = load_project_config(
-        _find_config(config_file),
-        source_url=source_url,
-        dropoff_dir=dropoff_dir,
-        temp_dir=temp_dir,
-        query=query,
-        flags={"stable_after": stable_after, **_source_flags()},
-    )
+    config = _sync_config(config_file, source_url, dropoff_dir, temp_dir, query=query)
     if config.source.is_flywheel and any(v is not None for v in query.values()):
         raise ConfigError(
             "the query flags (-patient_id, -study_date, ...) are for DICOM sources; filter a Flywheel "
             "project with CommandLineOpts (e.g. --include-container-tags)"
         )
     return _sync_job(config, batch_config, after, submit)
+
+
+def _sync_config(config_file, source_url, dropoff_dir, temp_dir, **more):
+    """The project config a sync command runs: the file, with the options given over it."""
+    from ..config import load_project_config
+
+    return load_project_config(
+        _find_config(config_file), source_url=source_url, dropoff_dir=dropoff_dir, temp_dir=temp_dir, flags=_source_flags(), **more
+    )
 
 
 def _sync_job(config, batch_config, after, submit) -> int:
@@ -256,7 +257,7 @@ def _sync_job(config, batch_config, after, submit) -> int:
 
 
 @dicom.command("status")
-@click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_file_option
 @click.option("-json", "--json", "as_json", is_flag=True, help="Print the status as one JSON object (see docs/status.schema.json).")
 @click.option(
     "-html", "--html", "html_file", type=click.Path(dir_okay=False), metavar="FILE", help="Also write it as one self-contained HTML page."
@@ -271,9 +272,9 @@ def _sync_job(config, batch_config, after, submit) -> int:
     is_flag=True,
     help="Print only the sessions ready for BIDS conversion (complete, stable, not converted): subject<TAB>session<TAB>path.",
 )
-@click.option("-stable_after", "--stable-after", "stable_after", metavar="DURATION", help=flag_help("stable_after"))
+@_stable_after_option
 @debug_option
-def status_cli(config_file, as_json, html_file, refresh, ready, stable_after) -> int:
+def status_cli(config_file, as_json, html_file, refresh, ready) -> int:
     """Show the state of every session in the dropoff: complete, arriving, partial, new,
     removed or converted, with the last sync and the history of the runs.
 
@@ -286,7 +287,7 @@ def status_cli(config_file, as_json, html_file, refresh, ready, stable_after) ->
     if as_json and ready:
         raise ConfigError("-json and -ready are two different outputs; give one of them")
     found = _find_config(config_file)
-    config = load_project_config(found, flags={"stable_after": stable_after})
+    config = load_project_config(found, flags=_source_flags())
     status = read_status(config, refresh=refresh)
     machine = as_json or ready  # stdout is for a program: messages go to stderr
     if html_file:
@@ -338,7 +339,7 @@ def merge_shards_cli(plan_file) -> int:
 
 
 @dicom.command("unschedule")
-@click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_file_option
 @debug_option
 def unschedule_cli(config_file) -> int:
     """Stop a sync scheduled with -every: cancel its pending next run (recorded in

@@ -1,5 +1,5 @@
 """Click helpers every ``clpipe`` command shares: the ``-debug`` flag (and whether it was
-given), the help texts of the common options."""
+given), the ``-config_file`` option, the help texts of the common options."""
 
 from __future__ import annotations
 
@@ -29,3 +29,9 @@ def debug_option(func: F) -> F:
     return click.option(
         "-debug", "-d", "--debug", "debug", is_flag=True, help=DEBUG_HELP, callback=remember, expose_value=False, is_eager=True
     )(func)
+
+
+def config_file_option(func: F) -> F:
+    """``-config_file`` / ``-c`` / ``--config-file``: the project's config (the command finds
+    ``./clpipe_config.json`` when it is not given)."""
+    return click.option("-config_file", "-c", "--config-file", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)(func)
