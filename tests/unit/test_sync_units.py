@@ -18,7 +18,7 @@ from clpipe.layout import (
     portable_name,
     template_parts,
 )
-from clpipe.sources.flywheel import parse_hash
+from clpipe.sources.flywheel import packed_hash, parse_hash, unpacked_hash
 from clpipe.sync.manifest import Record, SyncState
 
 
@@ -71,6 +71,21 @@ def test_hash_forms():
     assert parse_hash(f"v0-sha384-{hexd}") == f"sha384:{hexd}"
     assert parse_hash(hexd) == f"sha384:{hexd}"
     assert parse_hash("md5:123") is None and parse_hash(None) is None
+    assert parse_hash(f"v0-sha256-{'cd' * 32}") == f"sha256:{'cd' * 32}"
+
+
+def test_a_hash_of_the_wrong_length_or_an_unknown_algorithm_is_no_hash_not_a_mismatch():
+    """A digest that cannot be what its algorithm gives would fail every download's check
+    for ever: it counts as no hash (size only), as any other form parse_hash does not know."""
+    assert parse_hash("v0-sha384-abc") is None  # 3 digits, not 96
+    assert parse_hash(f"v0-sha384-{'ab' * 32}") is None  # a sha256's length
+    assert parse_hash(f"v0-sha999-{'ab' * 48}") is None  # no such algorithm
+
+
+def test_a_packed_hash_gives_back_the_parsed_text():
+    for value in (f"v0-sha384-{'0a' * 48}", "3a" * 48, f"v0-sha256-{'3a' * 32}", f"v0-sha1-{'ff' * 20}", "md5:1", None, 7):
+        assert unpacked_hash(packed_hash(value)) == parse_hash(value)
+    assert len(packed_hash("ab" * 48) or b"") == len(b"sha384:") + 48  # the raw digest, not its hex
 
 
 def test_journal_survives_a_torn_line_and_is_folded_into_the_manifest(tmp_path):
