@@ -17,6 +17,10 @@ machine hits peers of the same round alike:
 - ``cp -r TREE DEST``: every file of the tree, nothing checked (the floor);
 - ``rsync -a TREE/ DEST/``: rsync's copy, then again into it (rsync's no-op: it compares
   size and time of every file, on both sides, and copies nothing);
+- the Python floor (``python_floor.py``, no-op only, against rsync's copy): rsync's no-op
+  checks written in plain Python (interpreter start, the walk, two ``stat`` calls a file)
+  and nothing else: not a sync tool, the least any Python process can take, so that the
+  native no-op's distance to rsync is split into what Python costs and what clpipe adds;
 - native: ``dicom_folder_engine.py``, the engine with FolderSource as clpipe's runner
   drives it (lock, manifest, listing cache, run, save) without the CLI around it;
   interpreter start and clpipe's imports included (not this benchmark's); its phases
@@ -61,6 +65,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results" / "dicom_folder.md"
 ENGINE = BENCH / "dicom_folder_engine.py"  # one native run in a fresh process
+FLOOR = BENCH / "python_floor.py"  # the least a Python process can do for a no-op
 CACHE = BENCH / ".cache"
 STATE_DIR = ".clpipe-sync"  # the native engine's bookkeeping in the dropoff: not a synced file
 JOBS = 4
@@ -154,6 +159,13 @@ def rsync_command(tree: Path, dest: Path) -> list[str]:
     """rsync's own copy of a folder: every file, times and modes kept; again into the
     copy, it finds nothing to do (same size and time)."""
     return ["rsync", "-a", f"{tree}/", f"{dest}/"]
+
+
+def floor_command(tree: Path, copy: Path) -> list[str]:
+    """The least a Python process can do for a no-op (bench/python_floor.py): walk the tree
+    and compare each file's size and time with its copy's, as rsync's no-op does; exits 1
+    if a file differs."""
+    return [sys.executable, str(FLOOR), str(tree), str(copy)]
 
 
 def engine_command(tree: Path, dest: Path, jobs: int, cache: bool = True) -> list[str]:
@@ -294,6 +306,12 @@ def bench_tree(label: str, tree: Path, desc: dict, work: Path, env: dict, rounds
                 if run.ok:
                     run.status = check_copy(cp_dest, desc) or "ok"
             runs.append(run)
+        run = Run(label, "Python floor", "no-op", n, tree_files, 0)  # rsync's no-op checks, in Python, nothing else
+        if not (cp_dest / ".").is_dir():
+            run.status = "not available: no rsync copy to compare with"
+        else:
+            timed_run(run, floor_command(tree, cp_dest), env, work, timeout)
+        runs.append(run)
         shutil.rmtree(cp_dest, ignore_errors=True)
 
         for peer, peer_jobs, kinds in (("native", jobs, ("full", "no-op", NO_CACHE)), ("native jobs=1", 1, ("full",))):
@@ -369,6 +387,8 @@ def goals(runs: list[Run], trees: list[str]) -> list[tuple[str, str, str, str]]:
         for name, base, target in (  # issue 15: no slower than rsync -a, full and no-op
             ("native full", "rsync -a full", "<= 1.0"),
             ("native no-op", "rsync -a no-op", "<= 1.0"),
+            ("Python floor no-op", "rsync -a no-op", "(for information: the least a Python process can do)"),
+            ("native no-op", "Python floor no-op", "(for information)"),
             (f"native {NO_CACHE}", "rsync -a no-op", "(for information: before the listing cache)"),
             ("clpipe dicom sync full", "rsync -a full", "(for information)"),
             ("clpipe dicom sync no-op", "rsync -a no-op", "(for information)"),
@@ -430,6 +450,7 @@ def no_op_breakdown(runs: list[Run], trees: list[str]) -> list[str]:
     for tree in trees:
         done = [r for r in runs if r.tree == tree and r.name == "native no-op" and r.ok and r.list_s is not None]
         rsync = [r.seconds for r in runs if r.tree == tree and r.name == "rsync -a no-op" and r.ok and r.seconds is not None]
+        floor = [r.seconds for r in runs if r.tree == tree and r.name == "Python floor no-op" and r.ok and r.seconds is not None]
         if not done or not rsync:
             continue
         total = median_of([r.seconds for r in done if r.seconds is not None])
@@ -439,6 +460,7 @@ def no_op_breakdown(runs: list[Run], trees: list[str]) -> list[str]:
             f"- {tree}, where the native no-op's {total:.2f} s go (medians): clpipe's imports {imports:.2f} s, the listing "
             f"from the cache with the engine's check of each series {listing:.2f} s, the rest (interpreter start, lock, "
             f"manifest, exit) {max(0.0, total - imports - listing):.2f} s; rsync's whole no-op: {median_of(rsync):.2f} s"
+            + (f"; the Python floor (start, walk, rsync's two `stat` calls a file): {median_of(floor):.2f} s" if floor else "")
         )
     return ["", *lines] if lines else []
 
@@ -495,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
             *[f"- tree {line}" for line in lines],
             f"- peers, alternating, {rounds} round(s), each into a fresh folder after `sync`: `cp -r TREE DEST`; "
             f"`rsync -a TREE/ DEST/` ({rsync_version()}), then the same again into its copy (rsync no-op: nothing to do); "
+            "Python floor = `bench/python_floor.py TREE COPY` against rsync's copy: rsync's no-op checks (walk, size and "
+            "time of each file on both sides) in plain Python and nothing else, the least a Python process can take; "
             f"native = the engine with FolderSource, jobs={args.jobs} (native jobs=1: one job; for a folder whose reading "
             "does not wait on I/O the engine runs at most as many series at once as there are CPUs: the jobs it ran "
             "are in the phases column), in a fresh Python process "

@@ -443,8 +443,10 @@ def million(args, env: dict, work: Path) -> int:
     ]
     text = table(runs, header, million_goals(runs, sizes)) + "\n" + growth_curve(runs)
     print("\n" + text)
-    if not quick:
+    if not quick and not args.million_sizes:  # (other sizes: not the growth curve the results file holds)
         benchlib.save_results(MILLION_RESULTS, text)
+    elif args.million_sizes:
+        print("(--million-sizes: results not saved)")
     return 0 if all(r.ok for r in runs) else 1
 
 
@@ -487,6 +489,8 @@ def million_goals(runs: list[Run], sizes: list[int]) -> list[tuple[str, str, str
         bad = [f"{n}: {by[n].status if n in by else 'not run'}" for n in names if n not in by or not by[n].ok]
         if bad:
             return what, "n/a", target, "n/a (" + "; ".join(b[:80] for b in bad) + ")"
+        if len(set(names)) < len(names):  # (the growth between two sizes, run at one size)
+            return what, "n/a", target, "n/a (one project size)"
         v = value()
         return what, fmt.format(v), target, "-" if met is None else "met" if met(v) else "NOT met"
 
@@ -549,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: the growth curve of the native engine at 100,000, 300,000 and 1,000,000 files "
         f"(about an hour; writes {MILLION_RESULTS.relative_to(BENCH.parent)})",
     )
-    ap.add_argument("--million-sizes", metavar="N,N,...", help="--million at these project sizes (files)")
+    ap.add_argument("--million-sizes", metavar="N,N,...", help="--million at these project sizes (files; results not saved)")
     ap.add_argument(
         "--fw",
         type=Path,
