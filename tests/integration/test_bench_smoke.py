@@ -95,3 +95,21 @@ def test_status_benchmark_quick_mode_measures_every_command(tmp_path):
         for command in ("table", "-json", "-ready", "-html"):
             assert re.search(rf"^\| {project} \| {re.escape(command)} \|.*\| ok \|$", out, re.MULTILINE), (project, command, out[-3000:])
         assert re.search(rf"^\| status on [\d,]+ files \({project}\).*\| (met|NOT met) \|$", out, re.MULTILINE), out[-3000:]
+
+
+def test_a_measured_run_ends_when_the_process_does_and_a_timeout_kills_it(tmp_path):
+    """benchlib.run_measured times a run by the process's exit, not by a poll: Popen.wait
+    with a timeout polls at last every 50 ms, which made a 0.07 s run read 0.11 s or more
+    (rsync's no-op and the Python floor are that short). A run past its timeout is killed
+    with its whole session and reported as a timeout."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from benchlib import run_measured
+
+    short = run_measured(["sleep", "0.07"], {}, tmp_path / "short.log", 30)
+    assert short.code == 0 and short.failure(30) == ""
+    assert 0.07 <= short.seconds < 0.105, short.seconds  # a poll would have seen the exit at 0.1135 s at the earliest
+    long = run_measured(["sh", "-c", "sleep 30 & sleep 30"], {}, tmp_path / "long.log", 0.5)
+    assert long.code is None and long.failure(0.5).startswith("TIMEOUT") and long.seconds < 5
