@@ -631,6 +631,7 @@ def test_benchmark_quick_mode_runs_every_peer(tmp_path):
         "cp -r full",
         "rsync -a full",
         "rsync -a no-op",
+        "Python floor no-op",
         "native full",
         "native no-op",
         "native no-op, no listing cache",
@@ -641,6 +642,7 @@ def test_benchmark_quick_mode_runs_every_peer(tmp_path):
     assert re.search(
         r"^\| quick: native no-op / rsync -a no-op, median of the rounds' ratios \| [\d.]+ .*\| <= 1.0 \| (met|NOT met) \|$", out, re.M
     )
+    assert re.search(r"^\| quick: native no-op / Python floor no-op, median of the rounds' ratios \| [\d.]+ ", out, re.M)
     assert all(row.rstrip().endswith("| ok |") for row in rows), rows
 
 
