@@ -307,7 +307,7 @@ def bench_tree(label: str, tree: Path, desc: dict, work: Path, env: dict, rounds
                     run.status = check_copy(cp_dest, desc) or "ok"
             runs.append(run)
         run = Run(label, "Python floor", "no-op", n, tree_files, 0)  # rsync's no-op checks, in Python, nothing else
-        if not (cp_dest / ".").is_dir():
+        if not cp_dest.is_dir():
             run.status = "not available: no rsync copy to compare with"
         else:
             timed_run(run, floor_command(tree, cp_dest), env, work, timeout)

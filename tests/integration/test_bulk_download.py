@@ -168,6 +168,35 @@ def test_the_hash_prefetch_keeps_the_hashes_and_no_answer_behind():
     assert held < 800 * len(entries), f"{held:,} bytes held after the prefetch of {len(entries)} files' hashes"
 
 
+def test_hashes_asked_per_container_keep_no_answer_behind():
+    """When the listings ahead fail, the hashes are asked for one container at a time
+    (``GET containers/{id}``): those answers too are read into bodies of our own, so that
+    none stays on an httpx Response until the garbage collector runs."""
+    project = singles(slices=150, non_dicom=False)
+    with FlywheelTestServer([project], api_keys={KEY}) as server:
+        server.add_fault(r"/acquisitions$", "status", status=500)
+        source = FlywheelSource(credentials_from_api_key(server.login_key(KEY)), jobs=2)
+        try:
+            entries = list(source.entries(source.api.lookup_project(URL)["_id"], URL, DICOM_ONLY, {}))
+            source.prefetch(entries, 2)  # fails: nothing fetched ahead
+            mark = len(server.requests)
+            gc.collect()
+            gc.disable()
+            tracemalloc.start()
+            try:
+                hashes = {e.key: source.checksum(e) for e in entries}
+                held = tracemalloc.get_traced_memory()[0]
+            finally:
+                tracemalloc.stop()
+                gc.enable()
+        finally:
+            source.close()
+    assert counts(server, mark)["container"] == 8 and all(h and h.startswith("sha384:") for h in hashes.values())
+    # measured: about 660 bytes a file held (the hashes, a lock per container, the test
+    # server's own records); with each container's answer kept on its Response, about 1,470
+    assert held < 1000 * len(entries), f"{held:,} bytes held after asking {len(entries)} files' hashes per container"
+
+
 def test_a_small_session_is_fetched_file_by_file(tmp_path):
     project = singles(subjects=1, sessions=1, acquisitions=1, slices=5)
     with FlywheelTestServer([project], api_keys={KEY}) as server:

@@ -598,17 +598,29 @@ class FlywheelSource:
         except httpx.TransportError as exc:
             raise _transport_error(exc) from None
 
+    def _get(self, path: str, params: dict[str, str] | None = None) -> tuple[httpx.Response, bytes]:
+        """``GET path``: the answer and its body (b"" for a failed answer, whose message
+        stays readable on the answer). The body is read as a stream into bytes of our own:
+        httpx keeps a ``read()`` answer's bytes on its Response, which is in a reference
+        cycle and freed only when the garbage collector runs (a 100,000-file project's
+        session listings, 4 MB each, were all held at once). Raises httpx's errors."""
+        with self._client.stream("GET", path, params=params) as response:
+            if response.status_code != 200:
+                response.read()
+                return response, b""
+            return response, b"".join(response.iter_bytes())
+
     def members(self, entry) -> list[tuple[str, int]] | None:
         """The members of a zipped series (``?info=true``), to adopt an unpacked folder."""
         container_id, filename = entry.key.split("/", 1)
         try:
-            response = self._client.get(f"/containers/{url_segment(container_id)}/files/{url_segment(filename)}", params={"info": "true"})
+            response, body = self._get(f"/containers/{url_segment(container_id)}/files/{url_segment(filename)}", {"info": "true"})
         except httpx.HTTPError:
             return None
         if response.status_code != 200:
             return None
         try:
-            return [(m["path"], int(m["size"])) for m in response.json().get("members", []) if int(m.get("size") or 0) > 0]
+            return [(m["path"], int(m["size"])) for m in json.loads(body).get("members", []) if int(m.get("size") or 0) > 0]
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -637,13 +649,13 @@ class FlywheelSource:
 
         what = f"file hashes of container {container_id}: "
         try:
-            response = self._client.get(f"/containers/{url_segment(container_id)}")
+            response, body = self._get(f"/containers/{url_segment(container_id)}")
         except httpx.TransportError as exc:
             raise _transport_error(exc, what) from None
         if response.status_code != 200:
             raise _http_error(response, what)
         try:
-            files = _decoded(response.content, CONTAINER_KEYS).get("files") or []
+            files = _decoded(body, CONTAINER_KEYS).get("files") or []
             return {f["name"]: packed_hash(f.get("hash")) for f in files if isinstance(f.get("name"), str)}
         except (ValueError, AttributeError, TypeError) as exc:  # a damaged answer: worth another try
             raise TransientError(f"{what}the answer is not a container ({exc.__class__.__name__})") from None
@@ -708,13 +720,9 @@ class FlywheelSource:
         after = ""
         for _ in range(10_000):  # bounded: 10 million items
             params = {"limit": str(limit), **({"after_id": after} if after else {})}
-            # read as a stream into a body of our own: httpx keeps a read answer's bytes on
-            # its Response, which is in a reference cycle (freed by the garbage collector,
-            # late: a 100,000-file project's session listings, 4 MB each, were all held)
-            with self._client.stream("GET", path, params=params) as response:
-                if response.status_code != 200:
-                    raise ValueError(f"HTTP {response.status_code}")
-                body = b"".join(response.iter_bytes())
+            response, body = self._get(path, params)
+            if response.status_code != 200:
+                raise ValueError(f"HTTP {response.status_code}")
             page = _decoded(body, keep)
             del body
             if not isinstance(page, list):
