@@ -53,6 +53,29 @@ def test_session_of_shares_one_object_per_folder_and_skips_files_of_no_session()
     assert only_subject is not None and (only_subject.path, only_subject.session) == ("sub02", "")
 
 
+def test_dicom_series_come_largest_first_and_keep_their_sessions():
+    """The engine retrieves ``jobs`` series at a time: the DICOM entries come largest
+    first (a large series listed last would run on alone), equal counts in listing order,
+    and the order changes neither a series' folder nor its session."""
+    from clpipe.sources.dicom import DicomQuery, Series, entries
+
+    listed = [("1.1", "20240101", 5), ("1.2", "20240101", 300), ("1.3", "20240202", 40), ("1.4", "20240101", 40), ("1.5", "20240202", None)]
+
+    class Listing:
+        def series(self, query):
+            for number, (uid, date, count) in enumerate(listed, 1):
+                attrs = {"PatientID": "P1", "SeriesInstanceUID": uid, "StudyDate": date, "SeriesNumber": str(number)}
+                yield Series(attrs, count)
+
+    got = list(entries(Listing(), DicomQuery(), "{subject}/{session}/{series}"))
+    assert [e.key for e in got] == ["series/1.2", "series/1.3", "series/1.4", "series/1.1", "series/1.5"]
+    assert [e.count for e in got] == [300, 40, 40, 5, 0]  # no count given: last
+    by_uid = {e.key: e for e in got}
+    assert by_uid["series/1.1"].session is by_uid["series/1.2"].session is by_uid["series/1.4"].session
+    assert by_uid["series/1.3"].session is by_uid["series/1.5"].session is not by_uid["series/1.1"].session
+    assert by_uid["series/1.2"].path.startswith(by_uid["series/1.2"].session.path + "/")
+
+
 def test_complete_arriving_partial_new_and_their_counts():
     s1, s2, s3 = one_session("s01"), one_session("s02"), one_session("s03")
     listed = [

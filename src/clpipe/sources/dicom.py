@@ -324,7 +324,13 @@ def entries(source: DicomSource, query: DicomQuery, template: str = DEFAULT_TEMP
     any remote items are (clpipe/layout.py :class:`NameResolver`): the series whose folder
     name needed no change, else the one with the smallest SeriesInstanceUID, keeps it; the
     others get ``~`` and hex digits from their UID. Every series is listed before the first
-    is yielded, so that does not depend on the order the source lists them in."""
+    is yielded, so that does not depend on the order the source lists them in.
+
+    The entries come largest series first (by the instance count the source gave; series
+    of equal count in listing order): the engine retrieves ``jobs`` series at a time, and
+    a large series started last would leave the others' associations idle while it alone
+    runs on (measured on the DIMSE benchmark: 0.58 s instead of 0.63 s for 2,209
+    instances). The order changes nothing but the time: every series is retrieved."""
     from .base import RemoteEntry, session_of
 
     check_dicom_template(template)
@@ -348,24 +354,29 @@ def entries(source: DicomSource, query: DicomQuery, template: str = DEFAULT_TEMP
         resolver.add(folder, key, name, name == raw, is_folder=True)
         planned.append((series, folder, key))
     resolver.resolve()
+    found = []
     for series, folder, key in planned:
         path, renamed = resolver.path(folder, key)
         count = series.count if series.count is not None and series.count >= 0 else None
         values = _values(series.attrs)
         subject = _text(series.attrs, "PatientID") or _text(series.attrs, "PatientName")
         session = session_of(path, depths, subject, values["study"], known_sessions)
-        yield RemoteEntry(
-            key=key,
-            path=path,
-            size=0,  # bytes are not known before retrieval
-            modified=0.0,
-            checksum=None,
-            unpack=True,
-            ref=series,
-            count=count or 0,
-            version=series.version or (f"n={count}" if count is not None else ""),
-            series=True,
-            renamed=renamed,
-            session=session,
-            subject=subject,
+        found.append(
+            RemoteEntry(
+                key=key,
+                path=path,
+                size=0,  # bytes are not known before retrieval
+                modified=0.0,
+                checksum=None,
+                unpack=True,
+                ref=series,
+                count=count or 0,
+                version=series.version or (f"n={count}" if count is not None else ""),
+                series=True,
+                renamed=renamed,
+                session=session,
+                subject=subject,
+            )
         )
+    found.sort(key=lambda entry: -entry.count)  # stable: equal counts keep the listing's order
+    yield from found
