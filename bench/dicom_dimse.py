@@ -38,7 +38,9 @@ MB = 10^6 bytes. Goal (issue 15): native C-GET with 4 jobs at least as fast as t
 getscu row of the same run (per patient, one after the other or 3 at once; per series from
 xargs -P 2, 4 or 8): its seconds / native seconds >= 1; and, informational, the same ratio
 against the faster pynetdicom row. Every row writes into a folder of its own, none deleted
-before the section ends (see run_section: deleting files slows the next ones' creation).
+before the section ends (see run_section: deleting files slows the next ones' creation),
+and each row starts after a ``sync`` (untimed): none shares the disk with the writeback of
+the upload or of the rows before it.
 """
 
 from __future__ import annotations
@@ -581,6 +583,7 @@ def run_section(args, env: dict, orthanc: Orthanc, work: Path, scale: int, size:
     ) -> None:
         run = Run(name, len(data.files), data.nbytes, noop=noop, associations=associations)
         print(f"  {name} ...", end=" ", flush=True)
+        os.sync()  # the rows before (and the upload) written out: no row shares the disk with their writeback
         text = measure(run, cmd, work / (re.sub(r"\W+", "-", f"{scale} {name}") + ".log"), args.timeout)
         if run.ok:
             run.status = check(dest, data, name_to_uid, exact)
@@ -722,7 +725,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "- every row writes into a folder of its own, all deleted when the section ends, and the next section starts "
             f"{INODE_REUSE_WAIT:.0f} s later: this ext4 (no journal) looks up every inode freed in the last minute for each "
             "new file, which made a row that ran right after another row's files were deleted several times slower to create "
-            "its files (0.4 ms instead of 0.08 ms a file)",
+            "its files (0.4 ms instead of 0.08 ms a file); before each row, `sync` (untimed) writes out what the upload "
+            "and the rows before left dirty, so that no row shares the disk with another's writeback",
             "- every row checked: exactly the data set's SOP Instance UIDs, each dataset (after the file meta) "
             "byte for byte as uploaded (getscu: same elements and pixels where Orthanc re-encoded for it); "
             "seconds = wall time of the subprocess; CPU s = user + system of its process tree (not Orthanc's); "

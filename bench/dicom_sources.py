@@ -43,6 +43,9 @@ STATE_DIR = ".clpipe-sync"  # the native engine's bookkeeping in the dropoff: no
 JOBS = 4  # parallel series retrievals of the native engine
 HTTP_TIMEOUT = 60.0
 BENCH_PREFIX = "BENCH"  # PatientIDs of benchmark data in shared servers: tests leave them out
+#: this benchmark's own patients (BENCH01..03), matched exactly: dicom_dimse.py's BENCHDIMSE*
+#: patients (left in Orthanc by its --keep) are neither taken for this data set nor deleted
+OWN_PATIENTS = BENCH_PREFIX + "0*"
 START = 'eval "$(scripts/infra/dicom-up.sh)"'
 PLANNED = ("dicomweb",)  # the sections, in the order they run (file://: bench/dicom_folder.py)
 
@@ -244,7 +247,7 @@ class Orthanc:
         self.http.close()
 
     def find(self, level: str) -> list[str]:
-        body = {"Level": level, "Query": {"PatientID": BENCH_PREFIX + "*"}}
+        body = {"Level": level, "Query": {"PatientID": OWN_PATIENTS}}
         return self.http.post("/tools/find", json=body).raise_for_status().json()
 
     def versions(self) -> str:
@@ -283,9 +286,7 @@ class Orthanc:
             for client in clients:
                 client.close()
         if len(self.find("Instance")) != len(data.files):
-            raise SystemExit(
-                f"Orthanc holds {len(self.find('Instance'))} {BENCH_PREFIX}* instances after the upload, not {len(data.files)}"
-            )
+            raise SystemExit(f"Orthanc holds {len(self.find('Instance'))} {OWN_PATIENTS} instances after the upload, not {len(data.files)}")
 
 
 def check_dropoff(dest: Path, data: DataSet) -> str:
@@ -346,7 +347,7 @@ def native_command(config: Path, source_url: str) -> list[str]:
         "-source_url",
         source_url,
         "-patient_id",
-        BENCH_PREFIX + "*",
+        OWN_PATIENTS,
         "-batch_config",
         "",
         "-submit",
@@ -370,7 +371,7 @@ def engine_worker(args: list[str]) -> int:
         state.acquire()
         state.load()
         outcome = Engine(source, state, Options(dropoff=dropoff, zip_tmp=dropoff.parent / "zip-tmp", jobs=JOBS)).run(
-            entries(source, DicomQuery(patient_id=BENCH_PREFIX + "*"))
+            entries(source, DicomQuery(patient_id=OWN_PATIENTS))
         )
         state.save()
     finally:
@@ -482,7 +483,7 @@ def dicomweb_section(bench: Bench) -> Section:
             print(f"  clpipe dicom sync not available ({reason}): the engine is run directly")
             command, how = worker_command("dicomweb-engine", source_url, dest), "the engine run directly (bench worker)"
         else:
-            command, how = native_command(config, source_url), "`clpipe dicom sync -patient_id 'BENCH*'`"
+            command, how = native_command(config, source_url), f"`clpipe dicom sync -patient_id '{OWN_PATIENTS}'`"
         for kind in ("full", "no-op"):
             run = measured(bench, Run(f"native {kind}", files, nbytes, noop=kind == "no-op"), command, lambda: check_dropoff(dest, data))
             sec.runs.append(run)
@@ -511,7 +512,7 @@ def dicomweb_section(bench: Bench) -> Section:
     finally:
         if not bench.keep_data:
             removed = orthanc.remove_bench()
-            print(f"  removed the {removed} {BENCH_PREFIX}* patients from Orthanc")
+            print(f"  removed the {removed} {OWN_PATIENTS} patients from Orthanc")
         orthanc.close()
     sec.goals = [
         goal(
@@ -562,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per run (default 600)")
     ap.add_argument("--workdir", type=Path, help="where dropoffs go (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, dropoffs)")
-    ap.add_argument("--keep-data", action="store_true", help=f"leave the {BENCH_PREFIX}* data in the servers")
+    ap.add_argument("--keep-data", action="store_true", help=f"leave the {OWN_PATIENTS} data in the servers")
     ap.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:

@@ -46,13 +46,46 @@ def test_million_benchmark_quick_mode_prints_the_growth_curve(tmp_path):
     assert re.search(r"^\| 1,200-file no-op re-sync, native peak RSS \| \d+ MB \| < 200 MB \| (met|NOT met) \|$", out, re.MULTILINE)
 
 
+def other_benchmarks_patient(dicom_env, patient: str) -> bytes:
+    """One instance of the test data set under ``patient`` with UIDs of its own."""
+    import io
+    from pathlib import Path
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    first = next(p for p in sorted(Path(dicom_env["CLPIPE_DICOM_DATA"]).rglob("*")) if p.is_file() and p.suffix == ".dcm")
+    ds = pydicom.dcmread(first)
+    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient, generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
 def test_dicomweb_benchmark_quick_mode_runs_every_peer(tmp_path, dicom_env):
-    _, rows = run_quick_bench(
-        "dicom_sources.py", "dicom_sources.md", "--only", "dicomweb", "--workdir", tmp_path, timeout=300, env=dicom_env
-    )
+    """Every peer runs and is checked; another benchmark's patient left in Orthanc (the
+    DIMSE benchmark's BENCHDIMSE*, after its --keep) is neither synced with this
+    benchmark's data nor deleted by it."""
+    import os
+
+    import httpx
+
+    patient = f"BENCHDIMSE{os.getpid()}"
+    with httpx.Client(base_url=dicom_env["CLPIPE_ORTHANC_HTTP"], timeout=60, trust_env=False) as http:
+        http.post("/instances", content=other_benchmarks_patient(dicom_env, patient)).raise_for_status()
+        try:
+            _, rows = run_quick_bench(
+                "dicom_sources.py", "dicom_sources.md", "--only", "dicomweb", "--workdir", tmp_path, timeout=300, env=dicom_env
+            )
+            left = http.post("/tools/find", json={"Level": "Patient", "Query": {"PatientID": patient}}).raise_for_status().json()
+        finally:
+            for ident in http.post("/tools/find", json={"Level": "Patient", "Query": {"PatientID": patient}}).json():
+                http.delete(f"/patients/{ident}")
     for run in ("native full", "native no-op", "dicomweb-client loop", "dicomweb-client retrieve_series, 4 threads"):
         assert run in rows and rows[run].rstrip().endswith("| ok |"), rows.get(run, f"no row {run!r}")
     assert "full sync: native speed-up over dicomweb-client retrieve_series, 4 threads" in rows
+    assert len(left) == 1, f"the benchmark deleted another benchmark's patient {patient}"
 
 
 def test_reliability_quick_mode_prints_every_table_and_meets_the_done_criteria(tmp_path, dicom_env):
