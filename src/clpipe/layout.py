@@ -35,8 +35,6 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
-from anyascii import anyascii
-
 STATE_DIR = ".clpipe-sync"  # in every dropoff: the manifest, journal, lock and staging area
 
 FIELDS = ("group", "project", "subject", "session", "acquisition", "filename")
@@ -83,6 +81,16 @@ def all_portable(names: Sequence[str]) -> bool:
     return all(map(is_portable, names))
 
 
+def _ascii(text: str) -> str:
+    """``text`` transliterated to ASCII (``anyascii``, imported only for a name that needs
+    it: its import costs every command's start a few milliseconds)."""
+    if text.isascii():
+        return text
+    from anyascii import anyascii
+
+    return anyascii(text)
+
+
 @lru_cache(maxsize=65536)  # folder names repeat across thousands of files
 def portable_name(text: str) -> str:
     """One path component that works everywhere: ASCII (``José`` -> ``Jose``, ``ß`` ->
@@ -95,8 +103,7 @@ def portable_name(text: str) -> str:
     if is_portable(text):
         return text
     text = unicodedata.normalize("NFC", text)
-    if not text.isascii():
-        text = anyascii(text)
+    text = _ascii(text)
     text = _BAD_RUN.sub("_", text.strip(_STRIP))
     text = re.sub(r"^[.\-]+", "_", text).rstrip(".")
     reserved = _RESERVED.fullmatch(text)
@@ -146,7 +153,7 @@ def bids_label(text: str, field: str = "") -> str:
     """A BIDS label: letters and digits only (transliterated, ``ß`` -> ``ss``), without a
     leading ``sub-``/``ses-`` (clpipe's BIDS step adds the prefix back). ``"sub-01"`` ->
     ``"01"``, ``"Pilot 3_b"`` -> ``"Pilot3b"``."""
-    text = anyascii(unicodedata.normalize("NFC", str(text)))
+    text = _ascii(unicodedata.normalize("NFC", str(text)))
     prefix = _BIDS_PREFIX.get(field)
     if prefix and text.lower().startswith(prefix):
         text = text[len(prefix) :]

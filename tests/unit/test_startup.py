@@ -1,7 +1,8 @@
 """Start-up cost (issue 15): the command line validates a config and writes a plan without
 importing what only the transfers need (httpx, ~30 ms) or what a JSON config never needs
 (yaml), and no clpipe process imports httpx's own command line tool (rich and pygments,
-~40 ms). bench/startup.py measures the effect."""
+~40 ms), and transliteration (anyascii) is loaded only for a name that needs it.
+bench/startup.py measures the effect."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import clpipe
 
-HEAVY = ("httpx", "yaml", "rich", "pygments")
+HEAVY = ("httpx", "yaml", "rich", "pygments", "anyascii")
 
 
 def loaded_after(code: str) -> list[str]:
@@ -40,3 +41,16 @@ def test_a_clpipe_process_imports_httpx_without_its_command_line_tool():
     assert set(loaded_after("import httpx")) >= {"httpx", "rich"}  # ... and what that avoids
     main = (Path(clpipe.__file__).parent / "__main__.py").read_text()
     assert main.index('sys.modules.setdefault("httpx._main", None)') < main.index("from clpipe.cli import main")
+
+
+def test_anyascii_is_imported_only_for_a_name_that_needs_it():
+    """Transliteration (anyascii, with importlib.resources: ~3 ms of every start) is loaded
+    by the first name that is not ASCII, not by importing the engine and the sources."""
+    code = (
+        "import clpipe.sync.engine, clpipe.sources.dimse, clpipe.sources.localdir\n"
+        "from clpipe.layout import bids_label, portable_name\n"
+        "assert portable_name('T1w MPRAGE') == 'T1w_MPRAGE' and bids_label('Pilot 3_b') == 'Pilot3b'\n"
+        "assert 'anyascii' not in sys.modules\n"
+        "assert portable_name('Müller José') == 'Muller_Jose' and bids_label('Straße') == 'Strasse'"
+    )
+    assert loaded_after(code) == ["anyascii"]
