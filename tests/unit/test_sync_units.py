@@ -194,6 +194,52 @@ def test_audit_csv_holds_only_the_paths_of_unchanged_files(tmp_path):
     assert peak / count < 40, f"{peak / count:.0f} bytes per unchanged file while writing the reports"
 
 
+def test_audit_csv_holds_only_the_paths_of_the_files_a_run_wrote(tmp_path):
+    """The files a full sync wrote (new or replaced) are kept as their paths only, sorted on
+    disk beyond ``hold`` (a full sync of a million files holds no row per file), and
+    written in path order with every other row, each with its action."""
+    import csv
+    import tracemalloc
+
+    from clpipe.spill import SortedSpill
+    from clpipe.sync.reports import FileResult, Outcome, write_reports
+
+    outcome = Outcome(
+        files=[FileResult("m.dcm", "failed", False, "", "boom"), FileResult("c,d.dcm", "skipped", True, "adopted: already intact")],
+        unchanged=SortedSpill(tmp_path / "spill", hold=5000),
+        created_paths=SortedSpill(tmp_path / "spill", hold=5000),
+        updated_paths=SortedSpill(tmp_path / "spill", hold=5000),
+    )
+    count = 20000
+    for i in range(count):
+        outcome.created_paths.append(f"sub-01/ses-01/acq-{i % 50}/{'x' * 30}{i}.dcm")
+    outcome.updated_paths.append("b,1.dcm")  # a comma: quoted as csv quotes it
+    outcome.updated_paths.append("n.dcm")
+    outcome.unchanged.append("a.dcm")
+    tracemalloc.start()
+    try:
+        write_reports(outcome, tmp_path / "audit.csv", tmp_path / "summary.json", {})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    with open(tmp_path / "audit.csv", newline="") as fh:
+        rows = list(csv.reader(fh))[1:]
+    paths = [row[1] for row in rows]
+    assert paths == sorted(paths) and len(rows) == count + 5
+    by_path = {row[1]: row for row in rows}
+    assert by_path["a.dcm"][2:] == ["skipped", "True", "", ""]
+    assert by_path["b,1.dcm"] == ["b,1.dcm", "b,1.dcm", "completed", "True", "", "Updated file on destination"]
+    assert by_path["n.dcm"][2:] == ["completed", "True", "", "Updated file on destination"]
+    assert by_path["c,d.dcm"][2:] == ["skipped", "True", "", "adopted: already intact"]
+    assert by_path["m.dcm"][2:] == ["failed", "False", "boom", ""]
+    created = [row for row in rows if row[1].startswith("sub-01/")]
+    assert len(created) == count and all(
+        row[0] == row[1] and row[2:] == ["completed", "False", "", "Created file on destination"] for row in created
+    )
+    assert outcome.created_paths.on_disk
+    assert peak / count < 40, f"{peak / count:.0f} bytes per written file while writing the reports"
+
+
 def test_all_portable_is_is_portable_of_each():
     """The one-match check of many names (a series' instances in a re-sync) says what
     is_portable says of every name, for names near every rule: reserved, dots, dashes,

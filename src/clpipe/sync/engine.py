@@ -482,7 +482,8 @@ class Engine:
         manifest as it arrives and dropped at once when it is already in place, so a no-op
         re-sync of 100,000 files never holds 100,000 entries."""
         started = time.monotonic()
-        outcome = Outcome(unchanged=SortedSpill(self.options.zip_tmp))
+        spill = self.options.zip_tmp
+        outcome = Outcome(unchanged=SortedSpill(spill), created_paths=SortedSpill(spill), updated_paths=SortedSpill(spill))
         state = self.state
         sizes = self._sizes = _Sizes(str(self.options.dropoff) + "/")
         todo: list[tuple[RemoteEntry, bool]] = []
@@ -654,20 +655,14 @@ class Engine:
                         for path, *_ in dropped:  # files of the old version that the new one no longer has
                             (self.options.dropoff / path).unlink(missing_ok=True)
                         sessions.in_place(entry, files, placed=len(files))
+                        written = outcome.updated_paths if existing else outcome.created_paths  # (their audit rows: reports.py)
                         for path, size, _ in files:
                             outcome.bytes += size
-                            if existing:
-                                outcome.updated += 1
-                            else:
-                                outcome.created += 1
-                            outcome.files.append(
-                                FileResult(
-                                    path,
-                                    "completed",
-                                    existing,
-                                    "Updated file on destination" if existing else "Created file on destination",
-                                )
-                            )
+                            written.append(path)
+                        if existing:
+                            outcome.updated += len(files)
+                        else:
+                            outcome.created += len(files)
                         progress.advance(0, 1)
                 except BaseException:  # SIGTERM (Terminated), Ctrl-C: start nothing more, end what runs
                     self._halt()

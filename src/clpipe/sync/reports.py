@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import heapq
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -39,6 +40,11 @@ class Outcome:
     # the paths of the files skipped as already synced, kept sorted on disk beyond 50,000
     # (clpipe/spill.py): their rows are all alike, made when reporting
     unchanged: SortedSpill = field(default_factory=SortedSpill)
+    # the same for the files this run wrote: new ("Created file on destination") and
+    # replaced ("Updated file on destination"); a full sync of a million files holds no
+    # row per file
+    created_paths: SortedSpill = field(default_factory=SortedSpill)
+    updated_paths: SortedSpill = field(default_factory=SortedSpill)
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     renamed: int = 0  # entries whose local name is not their remote one (see layout.py)
@@ -53,6 +59,14 @@ class Outcome:
 
 
 _PLAIN_CSV = frozenset(',"\r\n')  # a field without these is written as it is (csv's default dialect)
+CREATED = "Created file on destination"  # the audit's action of a file this run wrote new
+UPDATED = "Updated file on destination"  # ... and of one it replaced
+
+
+def _rows_of(paths: SortedSpill, status: str, existing: bool, action: str) -> Iterator[tuple[str, str, bool, str, str]]:
+    """The audit rows of files whose rows are alike, made from their paths."""
+    for path in paths:
+        yield path, status, existing, "", action
 
 
 def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: dict) -> None:
@@ -63,18 +77,27 @@ def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: 
     half a report: it raises :class:`DiskFull` naming the folder and about how many bytes
     the reports need."""
     rows = sorted(((f.path, f.status, f.existing, f.error, f.action) for f in outcome.files), key=lambda row: row[0])
-    # the unchanged files' rows are all alike: only their paths are kept (a no-op re-sync of
-    # a million files must not cost a million tuples), merged in path order when written
-    unchanged = outcome.unchanged
+    # the unchanged, created and updated files' rows are alike: only their paths are kept
+    # (a sync of a million files must not cost a million tuples), merged in path order
+    # when written
+    alike = (
+        (outcome.unchanged, "skipped", True, ""),
+        (outcome.created_paths, "completed", False, CREATED),
+        (outcome.updated_paths, "completed", True, UPDATED),
+    )
 
     def audit(out: TextIO | _Counter) -> None:
         writer = csv.writer(out)
         writer.writerow(["src_path", "dest_path", "status", "existing", "error_message", "action_taken"])
-        skipped = ((path, "skipped", True, "", "") for path in unchanged)
-        for path, status, existing, error, action in heapq.merge(rows, skipped, key=lambda row: row[0]):
-            if status == "skipped" and not action and _PLAIN_CSV.isdisjoint(path):  # (a million of these: no quoting needed)
-                out.write(f"{path},{path},skipped,True,,\r\n")
-                continue
+        streams = [_rows_of(*kind) for kind in alike]
+        for path, status, existing, error, action in heapq.merge(rows, *streams, key=lambda row: row[0]):
+            if not error and _PLAIN_CSV.isdisjoint(path):  # (a million of these: no quoting needed)
+                if status == "skipped" and not action:
+                    out.write(f"{path},{path},skipped,True,,\r\n")
+                    continue
+                if status == "completed" and action in (CREATED, UPDATED):
+                    out.write(f"{path},{path},completed,{existing},,{action}\r\n")
+                    continue
             writer.writerow(["" if action.startswith("Deleted") else path, path, status, str(existing), error, action])
 
     data = {
