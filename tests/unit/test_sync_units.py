@@ -159,15 +159,31 @@ def test_manifest_holds_each_key_once_and_writes_the_same_lines(tmp_path):
     assert held / len(records) < line + 200, f"{held / len(records):.0f} bytes held per record of {line} characters"
 
 
+def audit_rows(outcome, tmp_path) -> tuple[list[list[str]], int]:
+    """The audit CSV's rows that write_reports writes for ``outcome`` (without the
+    header), and the most memory it held meanwhile."""
+    import csv
+    import tracemalloc
+
+    from clpipe.sync.reports import write_reports
+
+    tracemalloc.start()
+    try:
+        write_reports(outcome, tmp_path / "audit.csv", tmp_path / "summary.json", {})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    with open(tmp_path / "audit.csv", newline="") as fh:
+        return list(csv.reader(fh))[1:], peak
+
+
 def test_audit_csv_holds_only_the_paths_of_unchanged_files(tmp_path):
     """Issue 15: the audit CSV of a no-op re-sync lists every unchanged file, in path order
     with the other rows, without a row or a path per file in memory: beyond ``hold`` paths
     they are sorted on disk (clpipe/spill.py) and merged as the CSV is written."""
-    import csv
-    import tracemalloc
 
     from clpipe.spill import SortedSpill
-    from clpipe.sync.reports import FileResult, Outcome, write_reports
+    from clpipe.sync.reports import FileResult, Outcome
 
     outcome = Outcome(
         files=[FileResult("b/2.dcm", "completed", False, "Created file on destination"), FileResult("z.dcm", "failed", True, "", "boom")],
@@ -177,14 +193,7 @@ def test_audit_csv_holds_only_the_paths_of_unchanged_files(tmp_path):
     for i in range(count):
         outcome.unchanged.append(f"sub-01/ses-01/acq-{i % 50}/{'x' * 30}{i}.dcm")
     outcome.unchanged.append("a.dcm")
-    tracemalloc.start()
-    try:
-        write_reports(outcome, tmp_path / "audit.csv", tmp_path / "summary.json", {})
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    with open(tmp_path / "audit.csv", newline="") as fh:
-        rows = list(csv.reader(fh))[1:]
+    rows, peak = audit_rows(outcome, tmp_path)
     paths = [row[1] for row in rows]
     assert paths == sorted(paths) and len(rows) == count + 3
     assert paths[0] == "a.dcm" and rows[0][2:] == ["skipped", "True", "", ""]
@@ -198,11 +207,9 @@ def test_audit_csv_holds_only_the_paths_of_the_files_a_run_wrote(tmp_path):
     """The files a full sync wrote (new or replaced) are kept as their paths only, sorted on
     disk beyond ``hold`` (a full sync of a million files holds no row per file), and
     written in path order with every other row, each with its action."""
-    import csv
-    import tracemalloc
 
     from clpipe.spill import SortedSpill
-    from clpipe.sync.reports import FileResult, Outcome, write_reports
+    from clpipe.sync.reports import FileResult, Outcome
 
     outcome = Outcome(
         files=[FileResult("m.dcm", "failed", False, "", "boom"), FileResult("c,d.dcm", "skipped", True, "adopted: already intact")],
@@ -216,14 +223,7 @@ def test_audit_csv_holds_only_the_paths_of_the_files_a_run_wrote(tmp_path):
     outcome.updated_paths.append("b,1.dcm")  # a comma: quoted as csv quotes it
     outcome.updated_paths.append("n.dcm")
     outcome.unchanged.append("a.dcm")
-    tracemalloc.start()
-    try:
-        write_reports(outcome, tmp_path / "audit.csv", tmp_path / "summary.json", {})
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    with open(tmp_path / "audit.csv", newline="") as fh:
-        rows = list(csv.reader(fh))[1:]
+    rows, peak = audit_rows(outcome, tmp_path)
     paths = [row[1] for row in rows]
     assert paths == sorted(paths) and len(rows) == count + 5
     by_path = {row[1]: row for row in rows}
