@@ -473,7 +473,7 @@ def growth_curve(runs: list[Run]) -> str:
                 cells += [f"{r.seconds:.1f}", f"{r.files / r.seconds:,.0f}", f"{r.rss_mb:.0f}"]
         slope = "-"
         if previous and noop and noop.ok and previous[1].ok:
-            slope = f"{(noop.rss_mb - previous[1].rss_mb) / ((files - previous[0]) / 100_000):.0f}"
+            slope = str(round((noop.rss_mb - previous[1].rss_mb) / ((files - previous[0]) / 100_000)))  # (an int: never "-0")
         if noop is not None:
             previous = (files, noop)
         out.append(f"| {files:,} | {' | '.join(cells)} | {slope} |")
@@ -516,7 +516,7 @@ def million_goals(runs: list[Run], sizes: list[int]) -> list[tuple[str, str, str
         row(
             f"no-op memory growth with unchanged files, {small:,} to {big:,} files",
             [noop_small, noop_big],
-            lambda: (by[noop_big].rss_mb - by[noop_small].rss_mb) / ((big - small) / 100_000),
+            lambda: round((by[noop_big].rss_mb - by[noop_small].rss_mb) / ((big - small) / 100_000), 1) + 0.0,  # (+ 0.0: never "-0.0")
             "{:.1f} MB per 100k files",
             "none (< 1 MB per 100k files)",
             lambda v: v < 1,

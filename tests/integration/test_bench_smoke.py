@@ -146,3 +146,21 @@ def test_a_measured_run_ends_when_the_process_does_and_a_timeout_kills_it(tmp_pa
     assert 0.07 <= short.seconds < 0.105, short.seconds  # a poll would have seen the exit at 0.1135 s at the earliest
     long = run_measured(["sh", "-c", "sleep 30 & sleep 30"], {}, tmp_path / "long.log", 0.5)
     assert long.code is None and long.failure(0.5).startswith("TIMEOUT") and long.seconds < 5
+
+
+def test_the_growth_curve_never_prints_a_negative_zero():
+    """A no-op's peak RSS a fraction of a MB lower at the larger size is no growth: the
+    goal row and the curve say 0.0 and 0, not -0.0 and -0."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import flywheel_sync as fs
+
+    runs = []
+    for files, rss in ((100_000, 58.3), (300_000, 58.2), (1_000_000, 58.1)):
+        runs += [fs.Run(f"native {files:,} full", files, 1, 10.0, 100.0), fs.Run(f"native {files:,} no-op", files, 1, 1.0, rss)]
+    curve = fs.growth_curve(runs)
+    assert curve.rstrip().endswith("| 58 | 0 |") and "| -0 |" not in curve, curve
+    growth = next(row for row in fs.million_goals(runs, [100_000, 1_000_000]) if row[0].startswith("no-op memory growth"))
+    assert growth[1:] == ("0.0 MB per 100k files", "none (< 1 MB per 100k files)", "met")
