@@ -130,7 +130,7 @@ def test_a_full_dropoff_stops_a_dicom_folder_sync_and_the_next_run_completes(sma
     code, out, err, _ = run(env, reference, command="sync")
     assert code == 0, out + err
     expected = dicoms(reference.parent / "data_DICOMs")
-    dropoff = small_disk(tmp_path / "dropoff", "300k")
+    dropoff = small_disk(tmp_path / "dropoff", "600k")  # room for the largest series (they come first), not for all
     config = new_project(tmp_path / "p", source_url=f"file://{export}", DropoffDirectory=str(dropoff))
     code, out, err, _ = run(env, config, command="sync")
     assert code == 1, out + err
@@ -148,6 +148,24 @@ def test_a_full_dropoff_stops_a_dicom_folder_sync_and_the_next_run_completes(sma
     assert dicoms(dropoff) == expected
     assert {path: (dropoff / path).stat().st_ino for path in first} == inodes
     assert summary and summary[0] == len(expected) - len(first), out
+
+
+def test_a_dropoff_too_small_for_any_whole_series_still_says_about_how_much_is_needed(small_disk, tmp_path):
+    """No series fits (the largest come first, two at once): the line still says about
+    how much more the series need, estimated from the instances written before the disk
+    filled, and nothing is left under a final name."""
+    from clpipe.testing import dicomdata
+
+    export = tmp_path / "export"
+    dicomdata.make_file_tree(export)
+    dropoff = small_disk(tmp_path / "dropoff", "100k")  # less than either of the two largest series
+    config = new_project(tmp_path / "p", source_url=f"file://{export}", DropoffDirectory=str(dropoff))
+    code, out, err, _ = run(Env(tmp_path, dict(os.environ)), config, command="sync")
+    assert code == 1, out + err
+    match = FULL_RE.match(err.strip())
+    assert match and len(err.splitlines()) == 1, err
+    assert match["more"] and re.fullmatch(r"the 13 series still to sync", match["what"]), err
+    assert not dicoms(dropoff)
 
 
 @pytest.mark.parametrize("key", ["DropoffDirectory", "TempDirectory"])

@@ -110,6 +110,9 @@ class Engine:
         self._retry = RetryPolicy(options.retries, options.backoff, options.backoff_cap)
         self._lock = threading.Lock()
         self._parts = itertools.count()  # this run's staged instances: .clpipe-sync/tmp/series-<n>.part
+        #: (instances, bytes) written by this run's series retrievals, finished or not: what
+        #: a series' instance weighs, for the estimate of a full disk's message
+        self._instances_written = [0, 0]
         self.jobs = 0  # transfers the last run ran at once (0: it had none to do)
         self._request = options.stop or StopRequest()  # a stop asked for (sync/stopping.py); a full disk sets it too
         self._stop = self._request.stop  # set: no transfer starts after it
@@ -429,6 +432,9 @@ class Engine:
             raise
         finally:
             shutil.rmtree(stage, ignore_errors=True)  # what was not placed (renamed in whole: gone already)
+            with self._lock:
+                self._instances_written[0] += len(staged)
+                self._instances_written[1] += received
 
     def _fetch(self, entry: RemoteEntry, progress: Progress) -> list[list]:
         """Download (and unpack) one entry into place; returns the manifest file list."""
@@ -743,9 +749,13 @@ class Engine:
     def _disk_full(self, exc: OSError, unsynced: list[RemoteEntry], outcome: Outcome) -> DiskFull:
         """The one-line error of a run stopped by a full disk: the folder, its free space and
         about how much the entries still to sync need (a series' size is not known before
-        its retrieval: estimated from the instances this run wrote, when it wrote any)."""
+        its retrieval: estimated from the instances this run wrote, when it wrote any, also
+        those of series it could not finish)."""
         placed = outcome.created + outcome.updated
-        per_file = outcome.bytes / placed if placed else 0
+        instances, written = self._instances_written
+        # a series' instances weigh what this run's instances weighed, finished series or not
+        # (the first series may be the one the disk could not hold: the largest comes first)
+        per_file = written / instances if instances else outcome.bytes / placed if placed else 0
         needed = sum(e.size or int(e.count * per_file) for e in unsynced)
         series = bool(unsynced) and all(e.series for e in unsynced)
         folders = [(self.options.dropoff, "set DropoffDirectory elsewhere"), (self.options.zip_tmp, "set TempDirectory elsewhere")]
