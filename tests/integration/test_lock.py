@@ -325,6 +325,42 @@ def test_of_runs_racing_to_break_a_stale_lock_exactly_one_wins(tmp_path, stale):
         assert owner(dropoff)["run"].startswith("racer")  # the winner's lock, whole
 
 
+def test_a_run_never_moves_a_lock_it_did_not_judge(tmp_path, monkeypatch):
+    """Run B judged a stale lock; run A broke it and took lock/ before B claimed it (A's
+    claim already gone from the old folder, which A had not removed yet), so B's claim in
+    the old folder succeeds. B must then leave lock/ alone: it is A's. Moving it away, even
+    to put it back at once, let a third run take lock/ in between: two runs won the race
+    (seen once in CI, test_of_runs_racing_to_break_a_stale_lock_exactly_one_wins)."""
+    from clpipe.sync import manifest as M
+
+    stale_lock_of_a_dead_run(tmp_path)
+    lock = lock_dir(tmp_path)
+    a, b = SyncState(tmp_path, "a"), SyncState(tmp_path, "b")
+    real_inspect, real_remove, real_rename = M._inspect_lock, M._remove, os.rename
+    moved: list[str] = []
+
+    def a_takes_over_after_b_judged(fd):
+        judged = real_inspect(fd)
+        monkeypatch.setattr(M, "_inspect_lock", real_inspect)
+        monkeypatch.setattr(M, "_remove", lambda path: None)  # A has not removed the old lock yet
+        a.acquire()
+        monkeypatch.setattr(M, "_remove", real_remove)
+        monkeypatch.setattr(M.os, "rename", rename)
+        return judged
+
+    def rename(src, dst, *args, **kwargs):
+        if str(src) == str(lock):
+            moved.append(str(dst))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(M, "_inspect_lock", a_takes_over_after_b_judged)
+    with pytest.raises(PreflightError, match="another sync is writing to"):
+        b.acquire()
+    assert moved == [], f"B moved A's lock to {moved}"
+    assert owner(tmp_path)["run"] == "a"
+    a.release()
+
+
 # ----------------------------------------------------- real runs killed with SIGKILL
 
 

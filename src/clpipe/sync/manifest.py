@@ -222,13 +222,20 @@ class SyncState:
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another run claimed it first
                     raise PreflightError(self._busy(lock, {}, None, breaking=True)) from None
                 return False  # removed meanwhile
-            # This run alone breaks that lock now: nobody else moves it from lock/.
+            # This run alone breaks that lock now: nobody else moves it from lock/. Unless it
+            # left lock/ already: a run that judged it too took it over meanwhile (its claim
+            # gone from the old folder, which it has not removed yet), and lock/ is that run's
+            # now: never moved, not even for an instant (a third run could take lock/ then).
+            now_at, held = _lstat(lock), os.fstat(fd)
+            if now_at is None or (now_at.st_dev, now_at.st_ino) != (held.st_dev, held.st_ino):
+                _rename_quietly(claim, staged, src_dir_fd=fd)  # take the claim back, then try again
+                return False
             try:
                 os.rename(lock, away)
             except OSError:
                 _rename_quietly(claim, staged, src_dir_fd=fd)  # take the claim back, then try again
                 return False
-            held, moved = os.fstat(fd), _lstat(away)
+            moved = _lstat(away)
             if moved is None or (moved.st_dev, moved.st_ino) != (held.st_dev, held.st_ino):
                 _rename_quietly(away, lock)  # not the lock judged (cannot happen while claims are honoured)
                 raise PreflightError(self._busy(lock, {}, None, breaking=True))
