@@ -341,6 +341,28 @@ def test_upload(srv, api, project):
 # --- faults ---------------------------------------------------------------------------------
 
 
+def test_a_request_is_in_the_log_before_its_answer_arrives(srv, api, project, monkeypatch):
+    """A client holding an answer finds its request in ``srv.requests``: the server logs
+    it before the answer goes out (it logged it after the body was written, so a test
+    that read the log right after a response could miss the last request; seen in CI in
+    test_fault_status)."""
+    import time
+
+    from clpipe.testing import fwserver
+
+    real = fwserver.write_body
+
+    def write_then_linger(handler, data, fault, link):
+        real(handler, data, fault, link)
+        time.sleep(0.3)  # the client has the whole answer; the server's thread is not done yet
+
+    monkeypatch.setattr(fwserver, "write_body", write_then_linger)
+    acq, zf = zip_file(project)
+    before = len(srv.requests)
+    assert api.get(f"/containers/{acq.id}/files/{zf.name}").content == zf.content
+    assert len(srv.requests) == before + 1 and srv.requests[-1]["status"] == 200, srv.requests[before:]
+
+
 def test_fault_status(srv, api, project):
     acq, zf = zip_file(project)
     fault = srv.add_fault(re.escape(zf.name) + "$", "status", count=1, status=503)

@@ -1019,6 +1019,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so every response carries Content-Length
     server_version = "FlywheelTestServer/1.0"
     timeout = 60  # seconds an idle keep-alive connection is kept
+    _record: dict | None = None  # this request, until it is in the server's log (_log_request)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)  # request line only, no headers
@@ -1045,6 +1046,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._status = 0
         auth_ok = app._auth_ok(self.headers.get("Authorization"))
         self._fault = fault = app._faults.take(self.command, path)
+        self._record = {"method": self.command, "path": path, "query": query, "auth_ok": auth_ok, "fault": fault.kind if fault else None}
         try:
             body = self._read_body()  # always read it, so a kept-alive connection stays in step
             app.link.wait()
@@ -1073,17 +1075,16 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client went away
             self.close_connection = True
         finally:
+            self._log_request()  # (no answer was sent: a dropped connection, the client gone)
+
+    def _log_request(self) -> None:
+        """Add this request to ``app.requests``, once: before its answer goes out, so that a
+        client holding the answer finds the request in the log."""
+        record, self._record = self._record, None
+        if record is not None:
+            app: FlywheelTestServer = self.server.app
             with app._lock:
-                app.requests.append(
-                    {
-                        "method": self.command,
-                        "path": path,
-                        "query": query,
-                        "status": self._status,
-                        "auth_ok": auth_ok,
-                        "fault": fault.kind if fault else None,
-                    }
-                )
+                app.requests.append({**record, "status": self._status})
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch
 
@@ -1091,6 +1092,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self._fault
         data = corrupted(data, fault)
         self._status = status
+        self._log_request()
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
