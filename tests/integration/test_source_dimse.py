@@ -671,9 +671,17 @@ def test_engine_run_lands_every_instance_once_and_a_second_run_retrieves_nothing
 
 
 def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
-    """bench/dicom_dimse.py --quick: every row runs and is checked ok, and the saved table is
-    left alone (it proves no speed: that is the full run's job)."""
+    """bench/dicom_dimse.py --quick: every row runs and is checked ok, every row shows the
+    CPU time the Orthanc of dicom-up.sh spent on it (what makes the rows CPU-bound on a
+    2-core machine), and the saved table is left alone (it proves no speed: that is the
+    full run's job)."""
     _, rows = run_quick_bench("dicom_dimse.py", "dicom_dimse.md", "--workdir", tmp_path)
+    header = next(line for first, line in rows.items() if first == "run")
+    columns = [cell.strip() for cell in header.split("|")[1:-1]]
+    server_cpu, busy = columns.index("Orthanc CPU s"), columns.index("cores busy")
+    native = [cell.strip() for cell in rows["native C-GET, 4 jobs"].split("|")[1:-1]]
+    assert float(native[server_cpu]) > 0, native  # Orthanc served every instance of the row
+    assert float(native[busy]) > 0, native
     for name in (
         "getscu, per patient",
         "getscu, per patient, 3 at once",
@@ -682,6 +690,7 @@ def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
         "getscu, per series, xargs -P 8",
         "native C-GET, 4 jobs",
         "native C-GET, 4 jobs, no-op re-sync",
+        "native C-GET, 2 jobs",
         "native C-GET, 1 job",
         "native C-GET, 4 jobs, new association per series",
         "native C-MOVE, 4 jobs",
