@@ -629,8 +629,40 @@ class Counting:
             self.retrievals += 1
         return self.source.instances(entry)
 
+    @property
+    def max_jobs(self) -> int:
+        return self.source.max_jobs
+
     def close(self):
         self.source.close()
+
+
+def test_a_pacs_on_this_machine_gets_no_more_associations_than_cpus(dicom_env, expected, tmp_path, monkeypatch):
+    """From a PACS at a loopback address the engine retrieves one series per CPU at a time:
+    both ends share the CPUs and nothing waits on a network, so more associations only add
+    work on both sides (bench/results/dicom_dimse.md). A PACS elsewhere gets every job, and
+    so does this one with the cap off."""
+    from clpipe.sources.dimse import source as dimse_source
+
+    monkeypatch.setattr(dimse_source, "cpus", lambda: 1)
+    dropoff = tmp_path / "dropoff"
+    dropoff.mkdir()
+    source = Counting(open_source(dicom_env, "orthanc", "get"))
+    try:
+        assert source.max_jobs == 1
+        outcome = run_engine(source, dropoff, jobs=4)
+        assert outcome.failed == 0, outcome.failures
+        assert source.retrievals == expected["counts"]["series"] > 4
+        assert source.source.associations_opened == 1  # the listing's, then every series on it, one at a time
+    finally:
+        source.close()
+    four = SourceSettings(jobs=4)
+    assert DimseSource(parse_source_url("dimse://PACS@pacs.example.org:104"), four).max_jobs == 4
+    assert DimseSource(parse_source_url("dimse://PACS@10.1.2.3:104"), four).max_jobs == 4
+    assert DimseSource(parse_source_url("dimse://PACS@localhost:104"), four).max_jobs == 1
+    assert DimseSource(parse_source_url("dimse://PACS@127.0.0.1:104"), SourceSettings(jobs=4, extra={"local_cpu_cap": False})).max_jobs == 4
+    monkeypatch.setattr(dimse_source, "cpus", lambda: 8)
+    assert DimseSource(parse_source_url("dimse://PACS@127.0.0.1:104"), four).max_jobs == 4  # never more than asked
 
 
 @pytest.mark.parametrize("server,retrieve", [("orthanc", "get"), ("dcmqrscp", "move"), ("qrscp", "get")])
@@ -682,6 +714,11 @@ def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
     native = [cell.strip() for cell in rows["native C-GET, 4 jobs"].split("|")[1:-1]]
     assert float(native[server_cpu]) > 0, native  # Orthanc served every instance of the row
     assert float(native[busy]) > 0, native
+    # 4 jobs asked of a PACS on this machine: one association per CPU (DimseSource.max_jobs),
+    # and 4 with the cap off
+    associations = columns.index("associations")
+    assert int(native[associations]) == min(4, len(os.sched_getaffinity(0))), native
+    assert rows["native C-GET, 4 jobs, no CPU cap"].split("|")[1:-1][associations].strip() == "4"
     for name in (
         "getscu, per patient",
         "getscu, per patient, 3 at once",
@@ -690,7 +727,7 @@ def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
         "getscu, per series, xargs -P 8",
         "native C-GET, 4 jobs",
         "native C-GET, 4 jobs, no-op re-sync",
-        "native C-GET, 2 jobs",
+        "native C-GET, 4 jobs, no CPU cap",
         "native C-GET, 1 job",
         "native C-GET, 4 jobs, new association per series",
         "native C-MOVE, 4 jobs",

@@ -199,7 +199,7 @@ def test_copy_jobs_follow_the_cpus_unless_reading_waits(tree, tmp_path, monkeypa
     import clpipe.sync.engine as engine_module
 
     root, desc = tree
-    monkeypatch.setattr(localdir, "_cpus", lambda: 2)
+    monkeypatch.setattr(localdir, "cpus", lambda: 2)
     # the probe times wall clock against CPU: all of it CPU, or none of it
     monkeypatch.setattr(localdir.time, "thread_time", (lambda: 0.0) if waits else localdir.time.perf_counter)
     pools = []

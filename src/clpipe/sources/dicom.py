@@ -17,6 +17,7 @@ one file per SOPInstanceUID (``<uid>.dcm``), which also removes duplicates.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -241,6 +242,14 @@ class SourceSettings:
     jobs: int = 4
     timeout: float = 60.0
     extra: dict = field(default_factory=dict)
+
+
+def cpus() -> int:
+    """The CPUs this process may run on (its affinity: a batch job's share, not the node's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def open_source(url: SourceURL, settings: SourceSettings) -> DicomSource:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, PreflightError, TransientError
 from ..layout import STATE_DIR
-from .dicom import DicomQuery, Series, SourceSettings, SourceURL
+from .dicom import DicomQuery, Series, SourceSettings, SourceURL, cpus
 from .part10 import (
     DEFLATED,
     EXPLICIT_BE,
@@ -429,13 +429,6 @@ def read_headers(files: list[str], jobs: int, on_probe=None) -> Iterator[tuple[s
         yield from zip(rest, pool.map(_read_or_note, rest, chunksize=32), strict=True)
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def _vanished(path: str, exc: OSError) -> TransientError:
     reason = "it is gone" if isinstance(exc, FileNotFoundError) else f"it cannot be read ({exc.strerror or exc})"
     return TransientError(
@@ -737,7 +730,7 @@ class FolderSource:
         self._cache = (Path(folder) / LISTING_CACHE, write)
 
     def _probed(self, waits: bool) -> None:
-        self.max_jobs = self.jobs if waits else min(self.jobs, _cpus())
+        self.max_jobs = self.jobs if waits else min(self.jobs, cpus())
 
     def series(self, query: DicomQuery) -> Iterator[Series]:
         """Every series in the folder that matches ``query``, each once, in the order of

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError, PermanentError, TransientError
-from ..dicom import DicomQuery, Series, SourceSettings, SourceURL, is_ae_title
+from ..dicom import DicomQuery, Series, SourceSettings, SourceURL, cpus, is_ae_title
 from ..part10 import part10_header
 from .association import Channel, tls_context
 from .identifiers import UTF8, Identifier
@@ -94,7 +94,8 @@ class DimseSource:
     ``settings``: calling_aet (our AE title), retrieve ("get" or "move"), move_port (our
     storage SCP, C-MOVE), tls_ca/tls_cert/tls_key, timeout (every connect, read and
     answer); ``settings.extra`` (for tests and benchmarks): ``reuse_associations``
-    (default True), ``max_pdu`` (the largest PDU we accept, default 1 MiB)."""
+    (default True), ``max_pdu`` (the largest PDU we accept, default 1 MiB),
+    ``local_cpu_cap`` (default True: see :attr:`max_jobs`)."""
 
     def __init__(self, url: SourceURL, settings: SourceSettings):
         self.url, self.settings = url, settings
@@ -112,6 +113,8 @@ class DimseSource:
             )
         self.timeout = float(settings.timeout or 60.0)
         self.reuse = bool(settings.extra.get("reuse_associations", True))
+        self.jobs = max(1, int(settings.jobs or 1))
+        self.local_cpu_cap = bool(settings.extra.get("local_cpu_cap", True))
         self.max_pdu = int(settings.extra.get("max_pdu", MAX_PDU))
         self._tls = tls_context(settings)
         #: the presentation contexts we propose: C-FIND, and C-GET with one storage context
@@ -150,6 +153,19 @@ class DimseSource:
     def tls(self) -> ssl.SSLContext | None:
         """The TLS context of the associations we request (None: plain TCP)."""
         return self._tls
+
+    @property
+    def max_jobs(self) -> int:
+        """How many series are worth retrieving at once (read by the engine after the
+        listing): ``jobs`` from a PACS elsewhere, whose answers each association waits for;
+        no more than this machine's CPUs from a PACS on this machine (a loopback address).
+        Then both ends share the CPUs and nothing waits on a network, so associations beyond
+        the CPUs only add work on both sides (measured with Orthanc on 2 CPUs, 2,209
+        instances: 4 associations took 0.75 s of our CPU and 0.70 s of Orthanc's, 2 took
+        0.54 s and 0.52 s, and finished sooner: bench/results/dicom_dimse.md)."""
+        if self.local_cpu_cap and _is_loopback(self.host):
+            return min(self.jobs, cpus())
+        return self.jobs
 
     # -- associations ------------------------------------------------------------------
 
