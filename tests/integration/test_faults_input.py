@@ -416,10 +416,12 @@ def test_a_local_runs_errors_reach_stderr_and_the_log_keeps_both_streams(nenv, s
 
 
 def test_a_journal_line_torn_by_a_full_disk_costs_only_its_own_record(small_disk, tmp_path):
-    """The journal on a full filesystem: the record that did not fit raises ENOSPC and is
-    not kept; once there is room the next record is written on a line of its own, and the
-    journal reads back every record that was written whole. The manifest is written whole
-    or not at all."""
+    """The journal on a full filesystem: the record that did not fit raises ENOSPC; once
+    there is room the next record is written on a line of its own, and the journal reads
+    back every record that was written whole (what a run killed then would find). The
+    record that did not fit is kept for the manifest: its files are in place, and the
+    manifest, written whole or not at all, may fit once the run's staged files are gone,
+    so the next run does not fetch them again."""
     import errno
 
     from clpipe.sync.manifest import MANIFEST, Record, SyncState
@@ -437,7 +439,7 @@ def test_a_journal_line_torn_by_a_full_disk_costs_only_its_own_record(small_disk
     big = Record("b", [1, 0.0, ""], [[f"b/{'x' * 200}-{n}.dcm", 1, ""] for n in range(100)])  # ~25 kB: more than a page
     with pytest.raises(OSError) as info:
         state.record(big)
-    assert info.value.errno == errno.ENOSPC and "b" not in state
+    assert info.value.errno == errno.ENOSPC and "b" in state
     journal = state.root / "journal-run1.jsonl"
     assert not journal.read_text().endswith("\n")  # torn
     with pytest.raises(OSError) as info:
@@ -451,6 +453,9 @@ def test_a_journal_line_torn_by_a_full_disk_costs_only_its_own_record(small_disk
     assert set(again.keys()) == {"a", "c"}
     state.save()
     assert (state.root / MANIFEST).exists() and not journal.exists()
+    saved = SyncState(dropoff, "run3")
+    saved.load()
+    assert set(saved.keys()) == {"a", "b", "c"} and saved.get("b").files == big.files
 
 
 # ------------------------------------------------- the one listing request: transient faults

@@ -642,22 +642,20 @@ class Engine:
                         old = state.get(entry.key)
                         keep = {f[0] for f in files}
                         dropped = [f for f in old.files if f[0] not in keep and not self._claims.taken(f[0])] if old is not None else []
+                        recorded = files
+                        if dropped and self._source_problems():
+                            # the source could not read everything, so "no longer there" may be
+                            # "could not be read": the old files stay, and stay recorded
+                            recorded, dropped = [*files, *dropped], []
                         try:
-                            if dropped and self._source_problems():
-                                # the source could not read everything, so "no longer there" may be
-                                # "could not be read": the old files stay, and stay recorded
-                                state.record(Record(entry.key, entry.signature, [*files, *dropped]))
-                                dropped = []
-                            else:
-                                state.record(Record(entry.key, entry.signature, files))
+                            state.record(Record(entry.key, entry.signature, recorded))
                         except OSError as exc:
                             if not is_disk_full(exc):
                                 raise
-                            # the journal is full: its files are in place, whole, but not recorded
-                            # (the next run adopts them, or fetches a series again); stop here
+                            # the journal is full: its files are in place, whole, and the record
+                            # waits for the manifest (SyncState.record); stop here
                             full = full or exc
                             self._halt()
-                            dropped = []
                         for path, *_ in dropped:  # files of the old version that the new one no longer has
                             (self.options.dropoff / path).unlink(missing_ok=True)
                         sessions.in_place(entry, files, placed=len(files))

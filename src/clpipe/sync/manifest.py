@@ -465,10 +465,15 @@ class SyncState:
 
     def record(self, record: Record) -> None:
         """Note a finished remote file: journal line, flushed now, fsynced every second.
-        A write that fails (a full disk) raises its ``OSError`` and the record is not kept;
-        a line it tore is skipped when the journal is read."""
+        A write that fails (a full disk) raises its ``OSError``, and a line it tore is
+        skipped when the journal is read; the record is kept all the same, for
+        :meth:`save`: its files are in place and whole, and the manifest may fit where
+        the journal did not (the run's staged files are gone by then). Only a run that
+        cannot save either leaves it unrecorded (the next run fetches it again)."""
         rest = json.dumps({"sig": record.signature, "files": record.files}, separators=(",", ":"))
         line = _line(record.key, rest)  # the same bytes as json.dumps(record.to_json(), separators=(",", ":"))
+        self._lines[record.key] = rest
+        self._changed = True
         try:
             if self._journal is None:
                 self._journal = open(self.root / f"journal-{self.run_id}.jsonl", "a", encoding="utf-8")
@@ -483,8 +488,6 @@ class SyncState:
             self._torn = True
             self._close_journal()
             raise
-        self._lines[record.key] = rest
-        self._changed = True
 
     def _close_journal(self) -> None:
         journal, self._journal = self._journal, None
