@@ -38,9 +38,9 @@ Columns: seconds = wall time of the subprocess (interpreter start and imports in
 in-process s = the native run's listing and retrieval alone; CPU s = user + system time of
 the process tree (not Orthanc's); Orthanc CPU s = the server's own during the row; cores
 busy = both CPU times over the wall time (the machine has 2); peak RSS = summed over the
-process tree, 50 ms samples; MB = 10^6 bytes. Goal (issue 15): native C-GET with 4 jobs at least as fast as the fastest
-getscu row of the same run (per patient, one after the other or 3 at once; per series from
-xargs -P 2, 4 or 8): its seconds / native seconds >= 1; and, informational, the same ratio
+process tree, 50 ms samples; MB = 10^6 bytes. Goal (issue 15): native C-GET with 4 jobs
+at least as fast as the fastest getscu row of the same run (per patient, one after the
+other or 3 at once; per series from xargs -P 2, 4 or 8): its seconds / native seconds >= 1; and, informational, the same ratio
 against the faster pynetdicom row. Every row writes into a folder of its own, none deleted
 before the section ends (see run_section: deleting files slows the next ones' creation),
 and each row starts after a ``sync`` (untimed): none shares the disk with the writeback of

@@ -5,8 +5,9 @@ The server tests use real clients (httpx for QIDO-RS/WADO-RS, pynetdicom for C-E
 C-GET and C-MOVE) and check that each server holds exactly the data set described by
 $CLPIPE_DICOM_EXPECTED, beside the patients whose PatientID starts with BENCH: those belong
 to the benchmarks (bench/dicom_dimse.py, bench/dicom_sources.py), which may be running, or
-may have been stopped before they removed them, and are left out. They never skip: without the servers they fail, saying how to start
-them (scripts/test.sh does it). Every network call is bounded by a timeout.
+may have been stopped before they removed them, and are left out. They never skip: without
+the servers they fail, saying how to start them (scripts/test.sh does it). Every network
+call is bounded by a timeout.
 """
 
 from __future__ import annotations
