@@ -447,9 +447,7 @@ class Engine:
             part = Path(staged[0]) if staged else tmp / f"{uuid.uuid4().hex}.part"
             try:
                 verified = ("bulk" if staged[1] else None) if staged else self._download(entry, part, progress)
-                final = inside(dropoff, entry.path)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(part, final)
+                _place(part, inside(dropoff, entry.path))
             except BaseException:
                 part.unlink(missing_ok=True)
                 raise
@@ -837,6 +835,18 @@ class _Sizes:
 #: what :func:`_bounded` yields for a transfer left running when the run stopped
 ABANDONED = object()
 ABANDON_WAIT = 2.0  # seconds the transfers under way get to end at their next chunk once ``abort`` is set
+
+
+def _place(part: Path, final: Path) -> None:
+    """Rename ``part`` to ``final``, making ``final``'s folders only when the rename finds
+    them missing: most files go into a folder an earlier file of the run made, and asking
+    for the folder each time cost two more file-system calls a file (a ``mkdir`` that fails
+    and a ``stat``; on a network file system, two more round trips)."""
+    try:
+        os.replace(part, final)
+    except (FileNotFoundError, NotADirectoryError):  # (a missing part raises again below)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)
 
 
 @contextmanager
