@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import tarfile
+import threading
 import time
 import tracemalloc
 from collections import Counter
@@ -95,10 +96,28 @@ def sessions_of(project: Project) -> int:
 # --------------------------------------------------------------------------------- the bulk path
 
 
-def test_bulk_lands_every_file_once_checked(tmp_path):
+@pytest.mark.parametrize("file_system", ["fast", "slow"])
+def test_bulk_lands_every_file_once_checked(tmp_path, monkeypatch, file_system):
+    # fast: tars write in turn and the staged files are placed by the run's own thread;
+    # slow (every file-system call counts as slow, as on NFS): side by side, in the pool
+    from clpipe.sync import bulk, engine
+
+    monkeypatch.setattr(bulk, "SLOW_IO", 1e9 if file_system == "fast" else 0.0)
+    placed_by: set[str] = set()
+    place = engine._place
+
+    def watched(part, final):
+        placed_by.add(threading.current_thread().name)
+        place(part, final)
+
+    monkeypatch.setattr(engine, "_place", watched)
     project = singles()
     with FlywheelTestServer([project], api_keys={KEY}) as server:
         outcome = engine_sync(server, tmp_path / "dropoff")
+        if file_system == "fast":
+            assert placed_by == {"MainThread"}
+        else:
+            assert placed_by and all(name.startswith("sync") for name in placed_by), placed_by
         assert outcome.failed == 0, outcome.failures
         expected = project.expected_dicom_paths(strip_root=True)
         assert outcome.created == len(expected)

@@ -186,3 +186,29 @@ def test_placing_a_file_under_a_file_or_from_a_missing_part_fails(tmp_path):
     with pytest.raises(FileNotFoundError):
         _place(tmp_path / "gone.part", tmp_path / "new" / "a.dcm")
     assert not os.path.lexists(tmp_path / "new" / "a.dcm")
+
+
+def test_cheap_items_run_in_the_callers_thread_and_the_rest_in_the_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clpipe.sync.engine import _bounded
+
+    me = threading.get_ident()
+    ran: dict[str, int] = {}
+
+    def work(entry: str, progress) -> str:
+        ran[entry] = threading.get_ident()
+        if entry.endswith("bad"):
+            raise OSError(f"{entry} failed")
+        return entry.upper()
+
+    items = [(f"{'staged' if i % 2 else 'remote'}-{i}{'-bad' if i % 5 == 0 else ''}", None) for i in range(40)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(_bounded(pool, work, iter(items), _Progress(), 4, threading.Event(), inline=lambda e: e.startswith("staged")))
+    assert sorted(item for _, item in results) == sorted(items)  # each once
+    for future, (entry, _) in results:
+        assert (ran[entry] == me) == entry.startswith("staged")
+        if entry.endswith("bad"):
+            assert isinstance(future.exception(), OSError)  # reported by the caller, as from the pool
+        else:
+            assert future.result() == entry.upper()

@@ -57,6 +57,7 @@ class Staged:
     missing: int = 0  # ".MISSING" members: content the server does not have
     rejected: int = 0  # members of the right path but the wrong size or hash
     problems: list[str] = field(default_factory=list)  # batches that broke off, and why
+    slow_fs: bool = False  # the file system's calls were slow at the end (_Turn): the engine places side by side
 
     def part(self, code: int) -> tuple[str, bool]:
         """(the staged part file, whether its hash was checked) of a code in :attr:`parts`."""
@@ -143,6 +144,7 @@ def stage(
             stop.set()
             abort.set()
             raise
+    staged.slow_fs = turn.slow
     return staged
 
 

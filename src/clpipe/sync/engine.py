@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -123,6 +123,7 @@ class Engine:
         self._renamed = {False: 0, True: 0}
         self._staged: dict[str, int] = {}  # entry key -> its staged part's code (sync/bulk.py): fetched in bulk
         self._part_of: Callable[[int], tuple[str, bool]] | None = None  # a code -> (part, hash checked)
+        self._fast_fs = False  # the staging found the dropoff's file system fast: staged files are placed in this thread
         self.sessions = Tallies()  # what the last run found of each scan session (sync/sessions.py)
         self._sizes = _Sizes(str(options.dropoff) + "/")  # (each run opens its own: run)
 
@@ -475,6 +476,13 @@ class Engine:
             return self._fetch(entry, progress)
         return self._retry.run(lambda: self._fetch(entry, progress), entry.describe, self._stop)
 
+    def _inline(self, entry: RemoteEntry) -> bool:
+        """Placed in the run's own thread, not the pool's: a staged file (one rename) when
+        the staging found the file system fast (sync/bulk.py's ``_Turn``). Renames by
+        several threads at once cost more in GIL hand-offs than they take there; on a slow
+        (network) file system they are better side by side."""
+        return self._fast_fs and entry.key in self._staged
+
     def _placeable(self, entry: RemoteEntry) -> bool:
         """Worth starting even when the run is stopping: staged already, a rename to do."""
         return entry.key in self._staged and not self._abort.is_set()
@@ -619,7 +627,15 @@ class Engine:
             with _closing(ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sync"), self._request) as pool:
                 try:
                     for future, (entry, existing) in _bounded(
-                        pool, self._with_retries, _drained(todo), progress, jobs * 4, self._stop, self._abort, self._placeable
+                        pool,
+                        self._with_retries,
+                        _drained(todo),
+                        progress,
+                        jobs * 4,
+                        self._stop,
+                        self._abort,
+                        self._placeable,
+                        self._inline,
                     ):
                         try:
                             if future is None or future is ABANDONED:  # never started, or left behind: the run stopped first
@@ -708,7 +724,7 @@ class Engine:
             return entry.checksum if entry.checksum is not None or self._checksum is None else self._checksum.checksum(entry)
 
         done = stage(self.source, [entry for entry, _ in todo], self.state.tmp, progress, jobs, self._stop, checksum, self._abort)
-        self._staged, self._part_of = done.parts, done.part
+        self._staged, self._part_of, self._fast_fs = done.parts, done.part, not done.slow_fs
         if done.batches:
             outcome.notes.append(
                 f"bulk download: {len(done.parts)} files in {done.batches} archives; the rest one by one"
@@ -876,17 +892,30 @@ def _bounded(
     stop: threading.Event,
     abort: threading.Event | None = None,
     placeable=lambda entry: False,
+    inline=lambda entry: False,
 ):
     """Run ``work(entry, progress)`` for every item, keeping at most ``window`` in flight
     (a queue of 100,000 futures would cost memory for nothing); yield each as it ends.
     Once ``stop`` is set no more are started (but those ``placeable(entry)`` says are cheap
     to finish: staged already): each of the rest is yielded with ``None``.
     Once ``abort`` is set, those still running :data:`ABANDON_WAIT` seconds later are
-    yielded with :data:`ABANDONED` (left running in their threads)."""
+    yielded with :data:`ABANDONED` (left running in their threads). Those ``inline(entry)``
+    says are cheap are run in this thread as they are taken, their future already done."""
     pending: dict = {}
     items = iter(todo)
+
+    def submit(entry: RemoteEntry) -> Future:
+        if not inline(entry):
+            return pool.submit(work, entry, progress)
+        done: Future = Future()
+        try:
+            done.set_result(work(entry, progress))
+        except Exception as exc:  # noqa: BLE001 (as a pool's future keeps it: the caller reports it)
+            done.set_exception(exc)
+        return done
+
     for item in items:
-        pending[pool.submit(work, item[0], progress)] = item
+        pending[submit(item[0])] = item
         if len(pending) >= window:
             break
     aborted_at = 0.0
@@ -907,7 +936,7 @@ def _bounded(
                 if stop.is_set() and not placeable(extra[0]):
                     yield None, extra
                     continue
-                pending[pool.submit(work, extra[0], progress)] = extra
+                pending[submit(extra[0])] = extra
                 break
             yield done, item
     for item in items:  # stopped before the queue ran dry
