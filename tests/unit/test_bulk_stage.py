@@ -81,7 +81,9 @@ def test_the_tar_reader_gives_the_stream_back_for_any_pieces_and_reads():
     for _ in range(200):
         cuts = sorted(rng.sample(range(1, len(data)), rng.randrange(0, 40)))
         pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
-        reader = bulk._Reader(iter(pieces))
+        turn = threading.Lock()
+        turn.acquire()  # (read by the turn's holder, as in stage)
+        reader = bulk._Reader(iter(pieces), turn)
         out = []
         while True:
             size = rng.choice([-1, 0, 1, 7, 512, 10240, 70_000]) if rng.random() < 0.1 else rng.randrange(1, 12_000)

@@ -19,7 +19,6 @@ match none of the batch's paths (a server that names them otherwise) is abandone
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import tarfile
@@ -69,15 +68,14 @@ class _Reader:
 
     A read takes what it needs from the current piece by position, so a piece is copied
     once, not again for every read that takes part of it (tarfile reads 10 KiB at a time;
-    the pieces are up to 256 KiB)."""
+    the pieces are what the network delivered, tens of KiB). Read by the holder of
+    ``turn`` (:class:`_Turn`), which it gives up while it waits for the next piece."""
 
-    def __init__(self, chunks: Iterator[bytes], turn: threading.Lock | None = None):
+    def __init__(self, chunks: Iterator[bytes], turn: threading.Lock):
         self._chunks, self._piece, self._at, self._turn = chunks, b"", 0, turn
 
     def _next(self) -> bytes:
         """The next piece, waited for without the turn (another tar's members go on)."""
-        if self._turn is None:
-            return next(self._chunks, b"")
         self._turn.release()
         try:
             return next(self._chunks, b"")
@@ -156,7 +154,7 @@ def _fetch_batch(
     checksum: Callable[[RemoteEntry], str | None],
     staged: Staged,
     lock: threading.Lock,
-    turn: _Turn | None = None,
+    turn: _Turn,
 ) -> None:
     # the hashes first (a failed look-up raises: the whole batch goes file by file, retried there)
     expected = {key: checksum(entry) for key, entry in batch.members.items()}
@@ -164,8 +162,7 @@ def _fetch_batch(
     with source.open_bulk(batch) as chunks:
         if chunks is None:
             return
-        lock_turn = turn.lock if turn is not None else None
-        with lock_turn or contextlib.nullcontext(), tarfile.open(fileobj=_Reader(chunks, lock_turn), mode="r|") as archive:  # type: ignore[call-overload]
+        with turn.lock, tarfile.open(fileobj=_Reader(chunks, turn.lock), mode="r|") as archive:  # type: ignore[call-overload]
             for member in archive:
                 archive.members = []  # (stream mode keeps every member read: 5,000 a tar, never looked at again)
                 if stop.is_set():
@@ -194,10 +191,6 @@ def _fetch_batch(
                         staged.rejected += 1
                     else:
                         staged.parts[entry.key] = number << 1 | ok
-
-
-def _direct(call: Callable[..., Any], *args: Any) -> Any:
-    return call(*args)
 
 
 class _Turn:
@@ -241,7 +234,7 @@ def _write_member(
     entry: RemoteEntry,
     checksum: str | None,
     progress: Progress,
-    turn: _Turn | None = None,
+    turn: _Turn,
 ) -> bool | None:
     """Write one member to ``part`` and check it: True (hash checked), False (size only),
     None (wrong size or hash: ``part`` removed)."""
@@ -250,7 +243,7 @@ def _write_member(
     source = archive.extractfile(member)
     if source is None:
         return None
-    io = turn.io if turn is not None else _direct
+    io = turn.io
     fd = io(os.open, part, _CREATE, 0o666)
     try:
         try:
