@@ -180,6 +180,7 @@ def test_the_manifest_is_read_through_its_index(tmp_path, monkeypatch):
     state.save()
     state.release()
     lines = path.read_text().splitlines()[1:]
+    assert lines.pop() == f'{{"clpipe_sync_manifest_end":{{"records":{len(records) + 1}}}}}'
     assert lines == sorted(lines) and len(lines) == len(records) + 1
     want = {json.dumps(r.to_json(), separators=(",", ":")) for r in records[1:] if r.key != records[9].key}
     assert want <= set(lines) and '{"key":"c0/f0.dcm","sig":[0,2.5,"new"],"files":[["s/f0.dcm",0,""]]}' in lines
@@ -234,6 +235,56 @@ def test_a_sorted_manifest_is_read_by_blocks(tmp_path, monkeypatch):
     assert len(state._index._cache) <= 2
     assert sorted(state.keys()) == sorted(r.key for r in records)
     state.release()
+
+
+def _blocks_read_whole(tmp_path, monkeypatch) -> tuple[list[int], list[str]]:
+    with monkeypatch.context() as patch:
+        patch.setattr(manifest_module, "_sampled_blocks", lambda handle: None)
+        state = SyncState(tmp_path, "whole")
+        state.load()
+        index = state._index
+        assert isinstance(index, manifest_module._Blocks)
+        state.close_manifest()
+    return index._starts, index._firsts
+
+
+def test_a_manifest_written_whole_is_opened_by_reading_a_line_a_block(tmp_path, monkeypatch):
+    """Issue 15: the no-op re-sync of a million files read every line of the manifest
+    before its listing began (0.85 s). A manifest as save() writes it (its end line last)
+    is opened by reading the first line of each block only, and finds the same blocks, with
+    lines longer than a block among them; a line appended after the end line, or keys out
+    of order, and the file is read whole as before."""
+    monkeypatch.setattr(manifest_module, "CACHE_BLOCK", 300)
+    records = [Record(f"c{i:03d}/f{i}.dcm", [i, 0.5, ""], [[f"p/f{i}.dcm", i, ""]]) for i in range(0, 400, 2)]
+    records += [Record(f"c{i:03d}/long{i}.dcm", [i, 0.5, ""], [[f"p/{'y' * 700}{i}.dcm", i, ""]]) for i in range(1, 40, 4)]
+    manifest_with(tmp_path, records)
+    path = tmp_path / ".clpipe-sync" / "manifest.jsonl"
+    read: list[int] = []
+    line_at = manifest_module._line_at
+    monkeypatch.setattr(manifest_module, "_line_at", lambda fd, start, end: read.append(start) or line_at(fd, start, end))
+    state = SyncState(tmp_path, "r")
+    state.load()
+    index = state._index
+    assert isinstance(index, manifest_module._Blocks) and len(index._starts) > 20
+    assert read == index._starts  # one line a block, no more
+    assert (index._starts, index._firsts) == _blocks_read_whole(tmp_path, monkeypatch)
+    assert all(state.get(r.key) == r for r in records) and state.get("c001/f1.dcm") is None
+    state.close_manifest()
+
+    text = path.read_text().split("\n")
+    head, body, end = text[0], text[1:-2], text[-2]
+    late = '{"key":"c000/late.dcm","sig":[1,0.5,""],"files":[["late.dcm",1,""]]}'
+    sampled = manifest_module._sampled_blocks
+    found: list = []
+    monkeypatch.setattr(manifest_module, "_sampled_blocks", lambda handle: found.append(sampled(handle)) or found[-1])
+    for lines in (body + [end, late], body[40:] + body[:40] + [end]):  # a line appended; keys out of order
+        path.write_text("\n".join([head, *lines]) + "\n")
+        state = SyncState(tmp_path, "r")
+        state.load()
+        assert found.pop() is None and isinstance(state._index, manifest_module._Index)  # read whole
+        assert all(state.get(r.key) == r for r in records)
+        assert (state.get("c000/late.dcm") is not None) == (late in lines)  # the appended line is read
+        state.close_manifest()
 
 
 class _Files:

@@ -108,7 +108,8 @@ def test_journal_survives_a_torn_line_and_is_folded_into_the_manifest(tmp_path):
     assert not list((tmp_path / ".clpipe-sync").glob("journal-*"))
     lines = (tmp_path / ".clpipe-sync" / "manifest.jsonl").read_text().splitlines()
     assert json.loads(lines[0]) == {"clpipe_sync_manifest": 2}
-    assert {json.loads(line)["key"] for line in lines[1:]} == {"c/a.dcm", "c/b.dcm"}
+    assert json.loads(lines[-1]) == {"clpipe_sync_manifest_end": {"records": 2}}  # written whole, in key order
+    assert {json.loads(line)["key"] for line in lines[1:-1]} == {"c/a.dcm", "c/b.dcm"}
 
 
 def test_a_live_lock_stops_a_second_writer(tmp_path):
@@ -140,7 +141,7 @@ def test_manifest_holds_each_key_once_and_writes_the_same_lines(tmp_path):
     state.release()
     manifest = tmp_path / ".clpipe-sync" / "manifest.jsonl"
     lines = manifest.read_text().splitlines()
-    assert lines[1:] == sorted(json.dumps(r.to_json(), separators=(",", ":")) for r in records)
+    assert lines[1:-1] == sorted(json.dumps(r.to_json(), separators=(",", ":")) for r in records)
     with manifest.open("a") as fh:  # another writer's member order; a line damaged inside that ends as a whole one
         fh.write(json.dumps({"files": [["c.dcm", 3, ""]], "sig": [3, 0, None], "key": "other/c.dcm"}) + "\n")
         fh.write('{"key":"damaged","sig":[1,0,null],"files":[["d.dcm",1,"]]}\n')

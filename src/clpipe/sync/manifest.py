@@ -66,6 +66,9 @@ class Record:
 
 MANIFEST = "manifest.jsonl"
 MANIFEST_VERSION = '{"clpipe_sync_manifest": 2}\n'
+#: the last line of a manifest :meth:`SyncState.save` wrote: its records are in key order,
+#: one a line (a line appended by anything else comes after it, and the file is read whole)
+MANIFEST_END = '{{"clpipe_sync_manifest_end":{{"records":{}}}}}\n'
 
 
 @dataclass
@@ -339,6 +342,10 @@ class SyncState:
         self.close_manifest()
         handle = open(path, "rb")  # noqa: SIM115 (kept open: records are read from it as they are looked at; close_manifest)
         try:
+            sampled = _sampled_blocks(handle)
+            if sampled is not None:  # as save() wrote it: only a line a block is read (not a million)
+                self._index = sampled
+                return
             starts: list[int] = []
             firsts: list[str] = []
             others = []
@@ -518,7 +525,16 @@ class SyncState:
                 if not self._index.sorted:  # sorted on disk first (clpipe/spill.py)
                     kept = _sorted(kept, self.tmp)
             merged = (text for _, text in heapq.merge(kept, mine, key=lambda item: item[0]))
-            write_whole(self.root / MANIFEST, lambda fh: fh.writelines(itertools.chain([MANIFEST_VERSION], merged)), durable=True)
+
+            def fill(fh: TextIO) -> None:
+                fh.write(MANIFEST_VERSION)
+                count = 0
+                for text in merged:
+                    fh.write(text)
+                    count += 1
+                fh.write(MANIFEST_END.format(count))
+
+            write_whole(self.root / MANIFEST, fill, durable=True)
             self._changed = False
         for journal in self.root.glob("journal-*.jsonl"):
             journal.unlink(missing_ok=True)
@@ -549,6 +565,7 @@ CACHE_BLOCKS = 64  # blocks kept parsed (about 4 MB of records)
 
 
 _ENDS = (b"]]}\n", b"[]}\n")
+_TEXT_ENDS = ("]]}", "[]}")
 
 
 def _key_end(raw: bytes) -> int:
@@ -569,15 +586,103 @@ def _key_of(raw: bytes) -> str | None:
     return text.decode("utf-8", "replace") if b"\\" not in text else _split(raw)[0]
 
 
-def _key_and_rest(raw: bytes) -> tuple[str | None, str]:
-    """What :func:`_split` gives, for a line of the form this module writes (else (None,
-    "")); a key without escapes is cut from the bytes, not scanned."""
-    end = _key_end(raw)
-    if end < 0:
-        return None, ""
-    if b"\\" in raw[8:end]:
-        return _split(raw)
-    return raw[8:end].decode("utf-8", "replace"), "{" + raw[end + 2 : -1].decode("utf-8", "replace")
+def _sampled_blocks(handle: BinaryIO) -> _Blocks | None:
+    """The blocks of a manifest as :meth:`SyncState.save` wrote it (its version line first,
+    :data:`MANIFEST_END` last), found by reading the one line that starts each block, not
+    every line; None for any other file (read whole: :meth:`SyncState._read_manifest`)."""
+    fd = handle.fileno()
+    size = os.fstat(fd).st_size
+    first = len(MANIFEST_VERSION)
+    if os.pread(fd, first, 0) != MANIFEST_VERSION.encode():
+        return None
+    tail = os.pread(fd, min(size - first, 256), size - min(size - first, 256))
+    cut = tail.rfind(b"\n", 0, len(tail) - 1)
+    last = tail[cut + 1 :]
+    if not (last.startswith(b'{"clpipe_sync_manifest_end":') and last.endswith(b"\n")) or (cut < 0 and size - len(last) != first):
+        return None
+    end = size - len(last)  # where the records end
+    starts: list[int] = []
+    firsts: list[str] = []
+    at = first
+    while at < end:
+        line = _line_at(fd, at, end)
+        key = _key_of(line)
+        if key is None or (firsts and key <= firsts[-1]):  # not as save() writes it: read whole
+            return None
+        starts.append(at)
+        firsts.append(key)
+        at = _line_after(fd, at + CACHE_BLOCK, end)
+    return _Blocks(handle, starts, firsts, end)
+
+
+def _line_at(fd: int, start: int, end: int) -> bytes:
+    """The line of the file ``fd`` that starts at ``start``, with its newline (up to ``end``)."""
+    parts = []
+    while start < end:
+        chunk = os.pread(fd, min(4096, end - start), start)
+        if not chunk:
+            break
+        cut = chunk.find(b"\n")
+        if cut >= 0:
+            parts.append(chunk[: cut + 1])
+            break
+        parts.append(chunk)
+        start += len(chunk)
+    return b"".join(parts)
+
+
+def _line_after(fd: int, at: int, end: int) -> int:
+    """Where the first line of the file ``fd`` starting at or after ``at`` starts (``end``
+    when none does before it)."""
+    at -= 1  # the newline ending the line before
+    while at < end:
+        chunk = os.pread(fd, min(4096, end - at), at)
+        if not chunk:
+            return end
+        cut = chunk.find(b"\n")
+        if cut >= 0:
+            return at + cut + 1
+        at += len(chunk)
+    return end
+
+
+def _records(raw: bytes) -> dict[str, str]:
+    """key -> rest of the record (``{"sig":...,"files":...}``) of every line of ``raw`` (a
+    span of a manifest from a line's start) of the form this module writes, ending with its
+    newline. The span is decoded at once and each key cut from the text (a no-op re-sync of
+    a million files parses every block of its manifest)."""
+    found: dict[str, str] = {}
+    lines = raw.decode("utf-8", "replace").split("\n")
+    lines.pop()  # what follows the last newline: nothing, or a line without its newline (parsed at load)
+    for line in lines:
+        if not (line.startswith('{"key":"') and line.endswith(_TEXT_ENDS)):
+            continue
+        end = line.find('","sig":[', 8)
+        if end < 0:
+            continue
+        key = line[8:end]
+        if "\\" not in key:
+            found[key] = "{" + line[end + 2 :]
+            continue
+        try:  # a key with escapes: scanned as JSON
+            key, end = _scan_string(line, 8)
+        except ValueError:
+            continue
+        if line.startswith(',"sig":[', end):
+            found[key] = "{" + line[end + 1 :]
+    return found
+
+
+def _read_span(fd: int, start: int, stop: int) -> bytes:
+    """The bytes of the file ``fd`` from ``start`` to ``stop`` (fewer at its end)."""
+    parts = []
+    while start < stop:
+        chunk = os.pread(fd, stop - start, start)
+        if not chunk:
+            break
+        parts.append(chunk)
+        start += len(chunk)
+    return b"".join(parts)
 
 
 def _split(raw: bytes) -> tuple[str | None, str]:
@@ -631,12 +736,9 @@ class _Blocks:
         if found is None:
             if len(self._cache) >= CACHE_BLOCKS:
                 del self._cache[next(iter(self._cache))]  # the oldest
+            start = self._starts[number]
             stop = self._starts[number + 1] if number + 1 < len(self._starts) else self._size
-            found = self._cache[number] = {}
-            for _, raw in _chunked_lines(self._fd, self._starts[number], stop):
-                key, rest = _key_and_rest(raw)
-                if key is not None:
-                    found[key] = rest
+            found = self._cache[number] = _records(_read_span(self._fd, start, stop))
         return found
 
     def get(self, key: str) -> str | None:
