@@ -204,6 +204,32 @@ def test_audit_csv_holds_only_the_paths_of_unchanged_files(tmp_path):
     assert peak / count < 40, f"{peak / count:.0f} bytes per unchanged file while writing the reports"
 
 
+@pytest.mark.parametrize("kind", ["unchanged", "created_paths"])
+def test_audit_rows_all_alike_are_written_a_block_at_a_time_as_csv_writes_them(tmp_path, kind):
+    """Issue 15: a no-op re-sync of a million files writes a million audit rows that differ
+    only in their path; they are made a block of paths at a time, each block by one join.
+    The file is byte for byte what csv writes row by row, also for blocks holding a path
+    that must be quoted (a comma, a quote, a line break)."""
+    import csv
+    import io
+
+    from clpipe.spill import SortedSpill
+    from clpipe.sync.reports import Outcome, write_reports
+
+    paths = [f"sub-01/ses-01/acq-{i % 7}/IM{i:05d}.dcm" for i in range(9000)]
+    paths += ["sub-01/a,b.dcm", 'sub-01/q"uote.dcm', "sub-01/line\nbreak.dcm", "sub-01/cr\rx.dcm"]
+    outcome = Outcome(**{kind: SortedSpill(tmp_path / "spill", hold=2000)})
+    for path in paths:
+        getattr(outcome, kind).append(path)
+    write_reports(outcome, tmp_path / "audit.csv", tmp_path / "summary.json", {})
+    status, existing, action = ("skipped", True, "") if kind == "unchanged" else ("completed", False, "Created file on destination")
+    want = io.StringIO(newline="")
+    writer = csv.writer(want)
+    writer.writerow(["src_path", "dest_path", "status", "existing", "error_message", "action_taken"])
+    writer.writerows([path, path, status, str(existing), "", action] for path in sorted(paths))
+    assert (tmp_path / "audit.csv").read_bytes() == want.getvalue().encode()
+
+
 def test_audit_csv_holds_only_the_paths_of_the_files_a_run_wrote(tmp_path):
     """The files a full sync wrote (new or replaced) are kept as their paths only, sorted on
     disk beyond ``hold`` (a full sync of a million files holds no row per file), and

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import csv
 import heapq
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from ..console import summary_line
 from ..errors import DiskFull, is_disk_full
@@ -58,6 +59,7 @@ class Outcome:
         return summary_line(self.created, self.updated, self.skipped, self.failed, self.bytes, self.seconds)
 
 
+_BLOCK = 4096  # audit rows made at once (_write_alike)
 _PLAIN_CSV = frozenset(',"\r\n')  # a field without these is written as it is (csv's default dialect)
 CREATED = "Created file on destination"  # the audit's action of a file this run wrote new
 UPDATED = "Updated file on destination"  # ... and of one it replaced
@@ -67,6 +69,20 @@ def _rows_of(paths: SortedSpill, status: str, existing: bool, action: str) -> It
     """The audit rows of files whose rows are alike, made from their paths."""
     for path in paths:
         yield path, status, existing, "", action
+
+
+def _write_alike(out: TextIO | _Counter, writer: Any, paths: SortedSpill, status: str, existing: bool, action: str) -> None:
+    """The audit rows of files whose rows differ only in their path, a block of paths at a
+    time: a block with no path that needs quoting (no ``,``, ``"`` or line break) is one
+    join (a million rows in half the time of one ``write`` a row)."""
+    end = f",{status},{existing},,{action}\r\n"
+    it = iter(paths)
+    while block := list(itertools.islice(it, _BLOCK)):
+        joined = "\n".join(block)
+        if "," in joined or '"' in joined or "\r" in joined or joined.count("\n") != len(block) - 1:
+            writer.writerows([path, path, status, str(existing), "", action] for path in block)
+            continue
+        out.write("".join([f"{path},{path}{end}" for path in block]))
 
 
 def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: dict) -> None:
@@ -89,7 +105,11 @@ def write_reports(outcome: Outcome, audit_csv: Path, summary_json: Path, extra: 
     def audit(out: TextIO | _Counter) -> None:
         writer = csv.writer(out)
         writer.writerow(["src_path", "dest_path", "status", "existing", "error_message", "action_taken"])
-        streams = [_rows_of(*kind) for kind in alike]
+        filled = [kind for kind in alike if len(kind[0])]
+        if not rows and len(filled) == 1:  # every row alike (a no-op re-sync, a first sync): a block at a time
+            _write_alike(out, writer, *filled[0])
+            return
+        streams = [_rows_of(*kind) for kind in filled]
         for path, status, existing, error, action in heapq.merge(rows, *streams, key=lambda row: row[0]):
             if not error and _PLAIN_CSV.isdisjoint(path):  # (a million of these: no quoting needed)
                 if status == "skipped" and not action:
