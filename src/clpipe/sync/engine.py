@@ -498,6 +498,8 @@ class Engine:
         outcome = Outcome(unchanged=SortedSpill(spill), created_paths=SortedSpill(spill), updated_paths=SortedSpill(spill))
         state = self.state
         sizes = self._sizes = _Sizes(str(self.options.dropoff) + "/")
+        # the recorded files checked while the listing is read (stopped at its first entry)
+        ahead: _Ahead | None = _Ahead(state, str(self.options.dropoff) + "/")
         todo: list[tuple[RemoteEntry, bool]] = []
         listed: set[str] | None = set() if self.options.delete else None
         self.listed = self.listed_bytes = 0
@@ -516,6 +518,8 @@ class Engine:
                 if self._abort.is_set():  # told to stop, its grace over, before the listing ended
                     outcome.listing_cut = True
                     break
+                if ahead is not None and not ahead.stopped:
+                    ahead.stop()
                 self.listed += 1
                 self.listed_bytes += entry.size
                 if listed is not None:
@@ -534,7 +538,8 @@ class Engine:
                 same = None
                 if not (entry.unpack or entry.series) and is_plain(entry.path):
                     same = state.unchanged_file(entry.key, signature_text(signature), entry.path, entry.size)
-                    if same and sizes(entry.path) == entry.size:
+                    known = ahead.in_place(entry.key) if same and ahead is not None else None
+                    if same and (sizes(entry.path) == entry.size if known is None else known):
                         if held is not None:
                             held(entry.path)
                         outcome.skipped += 1
@@ -556,6 +561,7 @@ class Engine:
                         blocked.append((entry, record, moves))
                         continue
                     if moves:  # synced under an earlier name: renamed in place, not fetched again
+                        ahead = None  # files move: what was checked ahead may no longer hold
                         done = self._relocate(entry, record, moves, outcome)
                         if done is None:  # its new place is taken, for now: tried again below
                             blocked.append((entry, record, moves))
@@ -564,6 +570,8 @@ class Engine:
                 self._vacating.update(f[0] for f in record.files)
                 todo.append((entry, True))
         finally:
+            if ahead is not None:
+                ahead.stop()
             sizes.close()
         todo, fresh, blocked = self._check_claims(todo, fresh, blocked, outcome)
         sizes.close()
@@ -812,6 +820,63 @@ class Engine:
                 outcome.deleted += 1
                 outcome.files.append(FileResult(path, "completed", True, "Deleted from destination"))
             self.state.forget(record.key)
+
+
+class _Ahead:
+    """The recorded files checked in the dropoff while the source's listing is read: a
+    thread reads the manifest block by block and looks up the size of each plain file it
+    records (:meth:`SyncState.plain_files`). A listing read whole before its first entry
+    (Flywheel's) mostly waits for the server, so the checks cost the run no time; a no-op
+    re-sync of a million files then looks each file up once, before, not one by one after.
+
+    Per block it keeps only the keys whose file is not as recorded (none, in a no-op); a
+    block with more than ``MAX_BAD`` of them, or not reached, is not answered for (the
+    engine looks at each file as before). It is stopped, and only then asked, when the
+    first entry arrives, before the run changes anything in the dropoff."""
+
+    MAX_BAD = 64  # keys kept per block (beyond: the block is looked at file by file)
+
+    def __init__(self, state: SyncState, root: str) -> None:
+        self._state = state
+        self._sizes = _Sizes(root)
+        self._checked: dict[int, frozenset[str]] = {}  # block number -> keys not in place
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._check, daemon=True, name="clpipe-ahead")
+        self._thread.start()
+
+    def _check(self) -> None:
+        try:
+            for number, files in self._state.plain_files():
+                bad: set[str] = set()
+                for key, path, size in files:
+                    if self._halt.is_set():
+                        return
+                    if self._sizes(path) != size:
+                        bad.add(key)
+                        if len(bad) > self.MAX_BAD:
+                            break
+                else:
+                    self._checked[number] = frozenset(bad)
+        except (OSError, ValueError):  # a manifest unreadable meanwhile: its files are looked at one by one
+            return
+        finally:
+            self._sizes.close()
+
+    @property
+    def stopped(self) -> bool:
+        return self._halt.is_set()
+
+    def stop(self) -> None:
+        """Stop checking (the answers so far stay)."""
+        self._halt.set()
+        self._thread.join()
+
+    def in_place(self, key: str) -> bool | None:
+        """Is the file recorded for ``key`` in the dropoff with its recorded size? None:
+        not known (looked at as before)."""
+        number = self._state.block_of(key)
+        bad = self._checked.get(number) if number is not None else None
+        return None if bad is None else key not in bad
 
 
 class _Sizes:

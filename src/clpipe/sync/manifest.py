@@ -455,6 +455,28 @@ class SyncState:
     def __contains__(self, key: str) -> bool:
         return self._rest(key) is not None
 
+    # -- the recorded files, checked ahead (sync/engine.py's _Ahead) ---------------------
+
+    def plain_files(self) -> Iterator[tuple[int, list[tuple[str, str, int]]]]:
+        """(block number, [(key, path, size), ...]) of the manifest's records of one file
+        with a plain path (those :meth:`unchanged_file` answers), block by block in the
+        file's order; nothing when the manifest is not read by blocks. Safe in another
+        thread: each block is read for this alone (not the lookups' cache)."""
+        index = self._index
+        if not isinstance(index, _Blocks):
+            return
+        for number in range(len(index.firsts)):
+            yield number, _plain_files(index.span(number))
+
+    def block_of(self, key: str) -> int | None:
+        """The number of the manifest block whose record of ``key`` :meth:`unchanged_file`
+        reads (as :meth:`plain_files` numbers them), or None when it reads another: this
+        run's or a journal's, or a manifest not read by blocks."""
+        index = self._index
+        if not isinstance(index, _Blocks) or key in self._lines or key in self._gone:
+            return None
+        return index.number(key)
+
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
 
@@ -673,6 +695,34 @@ def _records(raw: bytes) -> dict[str, str]:
     return found
 
 
+_FILES = '],"files":[["'
+
+
+def _plain_files(raw: bytes) -> list[tuple[str, str, int]]:
+    """(key, path, size) of each record in ``raw`` (as :func:`_records` reads it) that is of
+    one file whose path needs no JSON escapes (``{"sig":[...],"files":[["<path>",<size>,
+    "<hash>"]]}``): the records :meth:`SyncState.unchanged_file` answers."""
+    found = []
+    for key, rest in _records(raw).items():
+        at = rest.find(_FILES)
+        if at < 0:
+            continue
+        at += len(_FILES)
+        end = rest.find('",', at)
+        comma = rest.find(",", end + 2)
+        if end < 0 or comma < 0 or "\\" in rest[at:end]:
+            continue
+        tail = rest[comma + 1 :]
+        if not (tail.endswith('"]]}') and tail[0] == '"' and tail.count('"') == 2):
+            continue
+        try:
+            size = int(rest[end + 2 : comma])
+        except ValueError:
+            continue
+        found.append((key, rest[at:end], size))
+    return found
+
+
 def _read_span(fd: int, start: int, stop: int) -> bytes:
     """The bytes of the file ``fd`` from ``start`` to ``stop`` (fewer at its end)."""
     parts = []
@@ -736,10 +786,21 @@ class _Blocks:
         if found is None:
             if len(self._cache) >= CACHE_BLOCKS:
                 del self._cache[next(iter(self._cache))]  # the oldest
-            start = self._starts[number]
-            stop = self._starts[number + 1] if number + 1 < len(self._starts) else self._size
-            found = self._cache[number] = _records(_read_span(self._fd, start, stop))
+            found = self._cache[number] = _records(self.span(number))
         return found
+
+    @property
+    def firsts(self) -> list[str]:
+        return self._firsts
+
+    def number(self, key: str) -> int:
+        """The block ``key`` would be in (-1: before the first)."""
+        return bisect.bisect_right(self._firsts, key) - 1
+
+    def span(self, number: int) -> bytes:
+        """Block ``number``'s bytes, read anew (not cached)."""
+        stop = self._starts[number + 1] if number + 1 < len(self._starts) else self._size
+        return _read_span(self._fd, self._starts[number], stop)
 
     def get(self, key: str) -> str | None:
         number = bisect.bisect_right(self._firsts, key) - 1
