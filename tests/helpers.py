@@ -301,6 +301,22 @@ def series_entry(key: str, folder: str, count: int, version: str = "v1") -> Remo
     return RemoteEntry(key=key, path=folder, size=0, modified=0.0, checksum=None, unpack=True, count=count, version=version, series=True)
 
 
+class PlainFiles:
+    """A source of plain files (key -> bytes) whose entries are given as they are; it says
+    it names every entry a path of its own (``unique_paths``), truthfully or not."""
+
+    def __init__(self, files: dict[str, bytes], unique_paths: bool):
+        self.files, self.unique_paths, self.opened = files, unique_paths, []
+
+    @contextmanager
+    def open(self, entry):
+        self.opened.append(entry.key)
+        yield iter([self.files[entry.key]])
+
+    def close(self):
+        pass
+
+
 def run_engine(source, dropoff: Path, entries: list, run_id: str = "run1", **options):
     from clpipe.sync.engine import Engine, Options
     from clpipe.sync.manifest import SyncState

@@ -4,7 +4,6 @@ listing is read (sync/engine.py's ``_Ahead``), not one by one after it."""
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 
 import pytest
 
@@ -13,24 +12,7 @@ from clpipe.sync import engine as engine_module
 from clpipe.sync import manifest as manifest_module
 from clpipe.sync.manifest import Record, SyncState
 
-from helpers import landed_files, run_engine
-
-
-class _Files:
-    """Plain files (key -> bytes), each on a path of its own."""
-
-    unique_paths = True
-
-    def __init__(self, files: dict[str, bytes]):
-        self.files, self.opened = files, []
-
-    @contextmanager
-    def open(self, entry):
-        self.opened.append(entry.key)
-        yield iter([self.files[entry.key]])
-
-    def close(self):
-        pass
+from helpers import PlainFiles, landed_files, run_engine
 
 
 def _project(n: int = 300) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -79,7 +61,7 @@ def test_a_no_op_looks_each_recorded_file_up_once_while_the_listing_is_read(tmp_
     skipped."""
     made, looked = watched
     files, paths = _project()
-    source = _Files(files)
+    source = PlainFiles(files, True)
     dropoff = tmp_path / "dropoff"
     assert run_engine(source, dropoff, _entries(paths, files)).created == len(files)
     (dropoff / paths["c01/f0060.dcm"]).unlink()
@@ -102,7 +84,7 @@ def test_a_block_with_many_files_missing_is_looked_at_file_by_file(tmp_path, wat
     made, looked = watched
     monkeypatch.setattr(engine_module._Ahead, "MAX_BAD", 2)
     files, paths = _project()
-    source = _Files(files)
+    source = PlainFiles(files, True)
     dropoff = tmp_path / "dropoff"
     run_engine(source, dropoff, _entries(paths, files))
     gone = [key for key in files if key.startswith("c03/")][:10]
@@ -123,7 +105,7 @@ def test_a_listing_that_streams_stops_the_check_at_its_first_entry(tmp_path, wat
     (before the run changes anything), whatever it reached, and the run is the same."""
     made, _ = watched
     files, paths = _project()
-    source = _Files(files)
+    source = PlainFiles(files, True)
     dropoff = tmp_path / "dropoff"
     run_engine(source, dropoff, _entries(paths, files))
     (dropoff / paths["c05/f0299.dcm"]).unlink()

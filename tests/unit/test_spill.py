@@ -8,7 +8,6 @@ import json
 import os
 import random
 import unicodedata
-from contextlib import contextmanager
 
 import pytest
 
@@ -17,7 +16,7 @@ from clpipe.spill import SortedSpill, Spill
 from clpipe.sync import manifest as manifest_module
 from clpipe.sync.manifest import Record, SyncState, signature_text
 
-from helpers import landed_files, run_engine
+from helpers import PlainFiles, landed_files, run_engine
 
 
 def open_fds() -> int:
@@ -287,22 +286,6 @@ def test_a_manifest_written_whole_is_opened_by_reading_a_line_a_block(tmp_path, 
         state.close_manifest()
 
 
-class _Files:
-    """A source of plain files (key -> bytes) whose entries are given as they are; it says
-    it names every entry a path of its own (``unique_paths``), truthfully or not."""
-
-    def __init__(self, files: dict[str, bytes], unique_paths: bool):
-        self.files, self.unique_paths, self.opened = files, unique_paths, []
-
-    @contextmanager
-    def open(self, entry):
-        self.opened.append(entry.key)
-        yield iter([self.files[entry.key]])
-
-    def close(self):
-        pass
-
-
 def _entries(paths: dict[str, str], files: dict[str, bytes]):
     from clpipe.sources.base import RemoteEntry
 
@@ -319,7 +302,7 @@ def test_a_source_that_breaks_its_promise_of_unique_paths_merges_nothing(tmp_pat
     monkeypatch.setattr(spill, "HOLD", 2)  # the claimed paths go to disk
     files = {f"k{n}": f"content {n}".encode() * (n + 1) for n in range(5)}
     paths = {"k0": "s/a.dcm", "k1": "s/x.dcm", "k2": "s/x.dcm", "k3": "s/x.dcm/y.dcm", "k4": "s/b.dcm"}
-    source = _Files(files, unique_paths)
+    source = PlainFiles(files, unique_paths)
     dropoff = tmp_path / "dropoff"
     outcome = run_engine(source, dropoff, _entries(paths, files))
     assert (outcome.created, outcome.failed) == (5, 0), outcome.failures
@@ -344,7 +327,7 @@ def test_a_no_op_of_a_source_with_unique_paths_builds_no_guard(tmp_path, monkeyp
     monkeypatch.setattr(spill, "HOLD", 2)
     files = {f"k{n}": b"x" * n for n in range(1, 7)}
     paths = {key: f"s{n % 2}/f{n}.dcm" for n, key in enumerate(files)}
-    source = _Files(files, True)
+    source = PlainFiles(files, True)
     dropoff = tmp_path / "dropoff"
     assert run_engine(source, dropoff, _entries(paths, files)).created == 6
     state = SyncState(dropoff, "run2")
