@@ -145,3 +145,18 @@ def test_plain_files_are_the_records_unchanged_file_answers(tmp_path, monkeypatc
     state.record(Record("c/f007.dcm", [8, 0.5, ""], [["s/f007.dcm", 8, ""]]))
     assert state.block_of("c/f007.dcm") is None and state.block_of("c/f008.dcm") is not None
     state.release()
+
+
+def test_a_source_that_names_entries_as_it_lists_gets_no_check(tmp_path, watched):
+    """A source whose entries come as it lists (no unique paths: the folder, DIMSE and
+    DICOMweb sources) gains nothing from the check: none is started, and the run looks at
+    its files itself, as before."""
+    made, looked = watched
+    files, paths = _project(60)
+    source = PlainFiles(files, False)
+    dropoff = tmp_path / "dropoff"
+    run_engine(source, dropoff, _entries(paths, files))
+    looked.clear()
+    outcome = run_engine(source, dropoff, _entries(paths, files), "run2")
+    assert outcome.skipped == len(files) and made == []
+    assert sorted(path for thread, path in looked if thread == "MainThread") == sorted(paths.values())

@@ -498,8 +498,6 @@ class Engine:
         outcome = Outcome(unchanged=SortedSpill(spill), created_paths=SortedSpill(spill), updated_paths=SortedSpill(spill))
         state = self.state
         sizes = self._sizes = _Sizes(str(self.options.dropoff) + "/")
-        # the recorded files checked while the listing is read (stopped at its first entry)
-        ahead: _Ahead | None = _Ahead(state, str(self.options.dropoff) + "/")
         todo: list[tuple[RemoteEntry, bool]] = []
         listed: set[str] | None = set() if self.options.delete else None
         self.listed = self.listed_bytes = 0
@@ -508,6 +506,9 @@ class Engine:
             SpilledClaims(self.options.zip_tmp) if isinstance(self.source, HasUniquePaths) and self.source.unique_paths else Claims()
         )
         held = self._claims.hold if isinstance(self._claims, SpilledClaims) else None
+        # the recorded files checked while the listing is read (stopped at its first entry):
+        # for a source that reads its whole listing first (its paths unique: named from it)
+        ahead = _Ahead(state, str(self.options.dropoff) + "/") if held is not None else None
         self._renamed = {False: 0, True: 0}  # entries renamed: files, series
         self._vacating = set()  # recorded files of entries fetched again: never adopted by another
         self.sessions = sessions = Tallies()
@@ -826,8 +827,9 @@ class _Ahead:
     """The recorded files checked in the dropoff while the source's listing is read: a
     thread reads the manifest block by block and looks up the size of each plain file it
     records (:meth:`SyncState.plain_files`). A listing read whole before its first entry
-    (Flywheel's) mostly waits for the server, so the checks cost the run no time; a no-op
-    re-sync of a million files then looks each file up once, before, not one by one after.
+    (a source with unique paths: Flywheel's) mostly waits for the server, so the checks
+    cost the run no time; a no-op re-sync of a million files then looks each file up once,
+    before, not one by one after.
 
     Per block it keeps only the keys whose file is not as recorded (none, in a no-op); a
     block with more than ``MAX_BAD`` of them, or not reached, is not answered for (the
