@@ -507,7 +507,8 @@ class Engine:
         )
         held = self._claims.hold if isinstance(self._claims, SpilledClaims) else None
         # the recorded files checked while the listing is read (stopped at its first entry):
-        # for a source that reads its whole listing first (its paths unique: named from it)
+        # for a source that reads its whole listing first (its paths unique: named from it);
+        # nothing in the dropoff changes in this loop then (files to rename wait: blocked)
         ahead = _Ahead(state, str(self.options.dropoff) + "/") if held is not None else None
         self._renamed = {False: 0, True: 0}  # entries renamed: files, series
         self._vacating = set()  # recorded files of entries fetched again: never adopted by another
@@ -562,7 +563,6 @@ class Engine:
                         blocked.append((entry, record, moves))
                         continue
                     if moves:  # synced under an earlier name: renamed in place, not fetched again
-                        ahead = None  # files move: what was checked ahead may no longer hold
                         done = self._relocate(entry, record, moves, outcome)
                         if done is None:  # its new place is taken, for now: tried again below
                             blocked.append((entry, record, moves))
