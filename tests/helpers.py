@@ -333,6 +333,19 @@ def run_engine(source, dropoff: Path, entries: list, run_id: str = "run1", **opt
     return outcome
 
 
+def manifest_with(dropoff: Path, records: list) -> None:
+    """A manifest in ``dropoff`` holding ``records``, as a run's save() writes it."""
+    from clpipe.sync.manifest import SyncState
+
+    state = SyncState(dropoff, "w")
+    state.acquire()
+    state.load()
+    for record in records:
+        state.record(record)
+    state.save()
+    state.release()
+
+
 def landed_files(dropoff: Path) -> dict[str, bytes]:
     return {
         p.relative_to(dropoff).as_posix(): p.read_bytes()

@@ -12,7 +12,7 @@ from clpipe.sync import engine as engine_module
 from clpipe.sync import manifest as manifest_module
 from clpipe.sync.manifest import Record, SyncState
 
-from helpers import PlainFiles, landed_files, run_engine
+from helpers import PlainFiles, landed_files, manifest_with, run_engine
 
 
 def _project(n: int = 300) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -75,7 +75,7 @@ def test_a_no_op_looks_each_recorded_file_up_once_while_the_listing_is_read(tmp_
     assert sorted(path for thread, path in looked if thread == "clpipe-ahead") == sorted(paths.values())
     mine = {path for thread, path in looked if thread == "MainThread"}
     assert mine <= {paths["c01/f0060.dcm"], paths["c04/f0210.dcm"]}, "the run's own thread looked files up one by one"
-    assert made[-1].stopped and not made[-1]._thread.is_alive()
+    assert made[-1]._halt.is_set() and not made[-1]._thread.is_alive()
 
 
 def test_a_block_with_many_files_missing_is_looked_at_file_by_file(tmp_path, watched, monkeypatch):
@@ -112,7 +112,7 @@ def test_a_listing_that_streams_stops_the_check_at_its_first_entry(tmp_path, wat
     source.opened.clear()
     outcome = run_engine(source, dropoff, _entries(paths, files), "run2")
     assert (outcome.skipped, outcome.failed) == (len(files) - 1, 0) and source.opened == ["c05/f0299.dcm"]
-    assert made[-1].stopped and not made[-1]._thread.is_alive()
+    assert made[-1]._halt.is_set() and not made[-1]._thread.is_alive()
 
 
 def test_plain_files_are_the_records_unchanged_file_answers(tmp_path, monkeypatch):
@@ -127,13 +127,7 @@ def test_plain_files_are_the_records_unchanged_file_answers(tmp_path, monkeypatc
         Record("c/two.zip", [2, 0.5, ""], [["s/two/a.dcm", 1, ""], ["s/two/b.dcm", 1, ""]]),
         Record("c/none.zip", [0, 0.5, ""], []),
     ]
-    state = SyncState(tmp_path, "w")
-    state.acquire()
-    state.load()
-    for record in records:
-        state.record(record)
-    state.save()
-    state.release()
+    manifest_with(tmp_path, records)
     state = SyncState(tmp_path, "r")
     state.acquire()
     state.load()

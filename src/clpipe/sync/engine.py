@@ -510,7 +510,7 @@ class Engine:
         # for a source that reads its whole listing first (its paths unique: named from it);
         # nothing in the dropoff changes in this loop then (files to rename wait: blocked)
         ahead = _Ahead(state, str(self.options.dropoff) + "/") if held is not None else None
-        self._renamed = {False: 0, True: 0}  # entries renamed: files, series
+        checking = ahead  # until the first entry        self._renamed = {False: 0, True: 0}  # entries renamed: files, series
         self._vacating = set()  # recorded files of entries fetched again: never adopted by another
         self.sessions = sessions = Tallies()
         fresh: list[RemoteEntry] = []  # not in the manifest
@@ -520,8 +520,9 @@ class Engine:
                 if self._abort.is_set():  # told to stop, its grace over, before the listing ended
                     outcome.listing_cut = True
                     break
-                if ahead is not None and not ahead.stopped:
-                    ahead.stop()
+                if checking is not None:
+                    checking.stop()
+                    checking = None
                 self.listed += 1
                 self.listed_bytes += entry.size
                 if listed is not None:
@@ -863,10 +864,6 @@ class _Ahead:
             return
         finally:
             self._sizes.close()
-
-    @property
-    def stopped(self) -> bool:
-        return self._halt.is_set()
 
     def stop(self) -> None:
         """Stop checking (the answers so far stay)."""

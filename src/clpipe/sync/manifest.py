@@ -450,7 +450,7 @@ class SyncState:
         if not rest.startswith(head):
             return None
         tail = rest[len(head) :]
-        return tail.endswith('"]]}') and tail[0] == '"' and tail.count('"') == 2
+        return _hash_tail(tail)
 
     def __contains__(self, key: str) -> bool:
         return self._rest(key) is not None
@@ -610,8 +610,9 @@ def _key_of(raw: bytes) -> str | None:
 
 def _sampled_blocks(handle: BinaryIO) -> _Blocks | None:
     """The blocks of a manifest as :meth:`SyncState.save` wrote it (its version line first,
-    :data:`MANIFEST_END` last), found by reading the one line that starts each block, not
-    every line; None for any other file (read whole: :meth:`SyncState._read_manifest`)."""
+    :data:`MANIFEST_END` last), found by reading the line that starts each block and the
+    one its end cuts, not every line; None for any other file (read whole:
+    :meth:`SyncState._read_manifest`)."""
     fd = handle.fileno()
     size = os.fstat(fd).st_size
     first = len(MANIFEST_VERSION)
@@ -633,7 +634,8 @@ def _sampled_blocks(handle: BinaryIO) -> _Blocks | None:
             return None
         starts.append(at)
         firsts.append(key)
-        at = _line_after(fd, at + CACHE_BLOCK, end)
+        at += CACHE_BLOCK - 1  # the next block starts after the newline at or after here
+        at += len(_line_at(fd, at, end))
     return _Blocks(handle, starts, firsts, end)
 
 
@@ -651,21 +653,6 @@ def _line_at(fd: int, start: int, end: int) -> bytes:
         parts.append(chunk)
         start += len(chunk)
     return b"".join(parts)
-
-
-def _line_after(fd: int, at: int, end: int) -> int:
-    """Where the first line of the file ``fd`` starting at or after ``at`` starts (``end``
-    when none does before it)."""
-    at -= 1  # the newline ending the line before
-    while at < end:
-        chunk = os.pread(fd, min(4096, end - at), at)
-        if not chunk:
-            return end
-        cut = chunk.find(b"\n")
-        if cut >= 0:
-            return at + cut + 1
-        at += len(chunk)
-    return end
 
 
 def _records(raw: bytes) -> dict[str, str]:
@@ -698,6 +685,11 @@ def _records(raw: bytes) -> dict[str, str]:
 _FILES = '],"files":[["'
 
 
+def _hash_tail(tail: str) -> bool:
+    """Is ``tail`` the end of a record of one file after its size: ``"<hash>"]]}``?"""
+    return tail.endswith('"]]}') and tail[0] == '"' and tail.count('"') == 2
+
+
 def _plain_files(raw: bytes) -> list[tuple[str, str, int]]:
     """(key, path, size) of each record in ``raw`` (as :func:`_records` reads it) that is of
     one file whose path needs no JSON escapes (``{"sig":[...],"files":[["<path>",<size>,
@@ -713,7 +705,7 @@ def _plain_files(raw: bytes) -> list[tuple[str, str, int]]:
         if end < 0 or comma < 0 or "\\" in rest[at:end]:
             continue
         tail = rest[comma + 1 :]
-        if not (tail.endswith('"]]}') and tail[0] == '"' and tail.count('"') == 2):
+        if not _hash_tail(tail):
             continue
         try:
             size = int(rest[end + 2 : comma])
@@ -803,7 +795,7 @@ class _Blocks:
         return _read_span(self._fd, self._starts[number], stop)
 
     def get(self, key: str) -> str | None:
-        number = bisect.bisect_right(self._firsts, key) - 1
+        number = self.number(key)
         return self._block(number).get(key) if number >= 0 else None
 
     def lines(self, text: bool = False) -> Iterator[tuple[str, int, str]]:
