@@ -510,7 +510,8 @@ class Engine:
         # for a source that reads its whole listing first (its paths unique: named from it);
         # nothing in the dropoff changes in this loop then (files to rename wait: blocked)
         ahead = _Ahead(state, str(self.options.dropoff) + "/") if held is not None else None
-        checking = ahead  # until the first entry        self._renamed = {False: 0, True: 0}  # entries renamed: files, series
+        checking = ahead  # until the first entry
+        self._renamed = {False: 0, True: 0}  # entries renamed: files, series
         self._vacating = set()  # recorded files of entries fetched again: never adopted by another
         self.sessions = sessions = Tallies()
         fresh: list[RemoteEntry] = []  # not in the manifest
