@@ -24,7 +24,7 @@ Rows (each run ``--repeat`` times, the median shown, every try listed):
   off), each instance written from ``event.encoded_dataset()`` (never decoded); "3 at
   once": the three patients in threads. The field library's speed on the same data: the
   measured reason clpipe speaks DIMSE itself (an informational goal row).
-* native C-GET, 4 jobs: ``bench/dicom_dimse.py --native`` in a fresh interpreter: a
+* native C-GET, 4 jobs: ``bench/dicom_dimse_native.py`` in a fresh interpreter: a
   DimseSource and the Engine as ``clpipe dicom`` runs them (C-FIND listing of the BENCHDIMSE
   patients, then one C-GET per series on pooled associations) into an empty dropoff; then
   the no-op re-sync into the same dropoff (nothing may be retrieved). 4 jobs are asked (the
@@ -67,13 +67,13 @@ from pathlib import Path
 
 import benchlib
 from benchlib import MB, machine, orthanc_data_lock, run_measured
+from dicom_dimse_native import PREFIX
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results" / "dicom_dimse.md"
 CACHE = BENCH / ".cache"
 PATIENTS = {"SUB01": "BENCHDIMSE01", "SUB02": "BENCHDIMSE02", "SUB 03/x": "BENCHDIMSE03"}
-PREFIX = "BENCHDIMSE"
 SEED = "bench-dimse"  # other UIDs than the test data set (and the DICOMweb benchmark's)
 SIZES = {"full": dict(scale=16, size=64), "quick": dict(scale=2, size=32)}  # --scale 16: 2,209 instances
 JOBS = 4
@@ -194,45 +194,6 @@ def servers() -> dict[str, str]:
 # ----------------------------------------------------------------------------- the peers
 
 
-def native_main(address: str, dest: Path, jobs: int, retrieve: str, reuse: bool, move_port: int, cap: bool = True) -> int:
-    """One native run (a subprocess of the benchmark): list the benchmark's patients and sync
-    them with the engine, as `clpipe dicom` would; a JSON summary on the last line."""
-    from clpipe.sources.dicom import DicomQuery, SourceSettings, entries, parse_source_url
-    from clpipe.sources.dimse import DimseSource
-    from clpipe.sync.engine import Engine, Options
-    from clpipe.sync.manifest import SyncState
-
-    settings = SourceSettings(
-        retrieve=retrieve, move_port=move_port, jobs=jobs, timeout=60, extra={"reuse_associations": reuse, "local_cpu_cap": cap}
-    )
-    started = time.perf_counter()
-    source = DimseSource(parse_source_url(f"dimse://{address}"), settings)
-    dest.mkdir(parents=True, exist_ok=True)
-    state = SyncState(dest, "bench")
-    state.acquire()
-    try:
-        state.load()
-        engine = Engine(source, state, Options(dropoff=dest, zip_tmp=dest.parent / "zip-tmp", jobs=jobs))
-        outcome = engine.run(entries(source, DicomQuery(patient_id=PREFIX + "*")))
-        state.save()
-    finally:
-        state.release()
-        source.close()
-    print(
-        json.dumps(
-            {
-                "created": outcome.created,
-                "skipped": outcome.skipped,
-                "failed": outcome.failed,
-                "failures": outcome.failures[:3],
-                "associations": source.associations_opened,
-                "seconds": round(time.perf_counter() - started, 3),
-            }
-        )
-    )
-    return 1 if outcome.failed else 0
-
-
 def this_module() -> list[str]:
     """A fresh interpreter running this file's main() as an imported module (its bytecode
     cached like clpipe's: a script run by name is compiled at every start, ~8 ms here)."""
@@ -246,9 +207,12 @@ def this_module() -> list[str]:
 def native_command(
     address: str, dest: Path, jobs: int = JOBS, retrieve: str = "get", reuse: bool = True, move_port: int = 0, cap: bool = True
 ) -> list[str]:
+    """A fresh interpreter running one native sync (bench/dicom_dimse_native.py: only the
+    engine's imports, none of this benchmark's), its bytecode cached as clpipe's."""
     return [
-        *this_module(),
-        "--native",
+        sys.executable,
+        "-c",
+        f"import sys; sys.path.insert(0, {str(BENCH)!r}); import dicom_dimse_native; sys.exit(dicom_dimse_native.main(sys.argv[1:]))",
         address,
         str(dest),
         str(jobs),
@@ -432,7 +396,10 @@ def row_environment(work: Path) -> dict[str, str]:
     (~35 ms a run)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env.update(PYTHONWARNINGS="ignore", PYTHONPYCACHEPREFIX=str(work / "pycache"))
-    warm = "import dicom_dimse, pynetdicom, clpipe.sources.dicom, clpipe.sources.dimse, clpipe.sync.engine, clpipe.sync.manifest"
+    warm = (
+        "import dicom_dimse, dicom_dimse_native, pynetdicom, "
+        "clpipe.sources.dicom, clpipe.sources.dimse, clpipe.sync.engine, clpipe.sync.manifest"
+    )
     subprocess.run([sys.executable, "-c", warm], env=dict(env, PYTHONPATH=str(BENCH)), cwd=ROOT, check=True, timeout=120)
     return env
 
@@ -723,12 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--move-port", type=int, help="port of the C-MOVE row's storage SCP (default $CLPIPE_MOVE_PORT: Orthanc knows AE CLPIPE there)"
     )
-    ap.add_argument("--native", nargs=7, help=argparse.SUPPRESS)
     ap.add_argument("--pynetdicom", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.native:
-        address, dest, jobs, retrieve, reuse, port, cap = args.native
-        return native_main(address, Path(dest), int(jobs), retrieve, reuse == "1", int(port), cap == "1")
     if args.pynetdicom:
         address, dest, patients, parallel = args.pynetdicom
         return pynetdicom_main(address, Path(dest), patients.split(","), parallel == "1")
@@ -765,7 +728,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
             f"- server: Orthanc {orthanc.version()} of scripts/infra/dicom-up.sh on 127.0.0.1 (TCP_NODELAY=1), {versions()}",
             f"- rows write under {work.parent} (--workdir); Python rows run with their bytecode compiled before the first "
             "row (PYTHONPYCACHEPREFIX in the work folder), as an installed clpipe runs",
-            "- native = `bench/dicom_dimse.py --native` (a fresh interpreter: DimseSource + Engine as `clpipe dicom` "
+            "- native = `bench/dicom_dimse_native.py` (a fresh interpreter importing only what the run needs: "
+            "DimseSource + Engine as `clpipe dicom` "
             "runs them: C-FIND listing, then C-GET (or C-MOVE) per series, into an empty dropoff; clpipe's own "
             "DICOM network code); getscu = one dcmtk `getscu -P` (Patient Root, PATIENT level) per patient, "
             "or one `getscu -S` (Study Root, SERIES level) per series from `xargs -P N` (the series' UIDs given), "
@@ -774,7 +738,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "selection, max PDU unlimited, TCP_NODELAY, LOG_HANDLER_LEVEL none, files from "
             "`event.encoded_dataset()`)",
             f"- tries per row: {args.repeat}, the median shown; in-process s = the native (or pynetdicom) run "
-            "without interpreter start and imports (native: ~0.1 s; pynetdicom's import, with pydicom's and numpy's: ~0.3 s)",
+            "without interpreter start and imports (native: ~0.08 s; pynetdicom's import, with pydicom's and numpy's: ~0.3 s)",
             "- every row writes into a folder of its own, all deleted when the section ends, and the next section starts "
             f"{INODE_REUSE_WAIT:.0f} s later: this ext4 (no journal) looks up every inode freed in the last minute for each "
             "new file, which made a row that ran right after another row's files were deleted several times slower to create "
