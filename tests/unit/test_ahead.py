@@ -155,23 +155,3 @@ def test_a_source_that_names_entries_as_it_lists_gets_no_check(tmp_path, watched
     assert outcome.skipped == len(files) and made == []
     assert sorted(path for thread, path in looked if thread == "MainThread") == sorted(paths.values())
 
-
-def test_each_run_counts_only_its_own_renamed_entries(tmp_path):
-    """An Engine run twice says how many entries each run renamed, not the sum of both runs
-    (the per-run count was reset in run(); a line lost in a review made it add up)."""
-    from clpipe.sync.engine import Engine, Options
-
-    files, paths = _project(20)
-    entries = [RemoteEntry(key, path, len(files[key]), 1.0, None, False, renamed=i % 4 == 0) for i, (key, path) in enumerate(paths.items())]
-    dropoff = tmp_path / "dropoff"
-    state = SyncState(dropoff, "twice")
-    state.acquire()
-    try:
-        state.load()
-        engine = Engine(PlainFiles(files, False), state, Options(dropoff=dropoff, zip_tmp=tmp_path / "ziptmp", jobs=1, retries=1))
-        first = engine.run(list(entries))
-        second = engine.run(list(entries))
-    finally:
-        state.release()
-    assert first.created == 20 and second.skipped == 20
-    assert first.renamed == second.renamed == 5

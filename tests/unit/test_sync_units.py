@@ -286,3 +286,27 @@ def test_all_portable_is_is_portable_of_each():
         assert all_portable(group) == all(map(is_portable, group)), group
     good = [name for name in names if is_portable(name)]
     assert len(good) > 100 and all_portable(good)
+
+
+def test_each_engine_run_counts_only_its_own_renamed_entries(tmp_path):
+    """An Engine run twice says how many entries each run renamed, not the sum of both runs
+    (run() resets the count; a line lost in a review made it add up)."""
+    from clpipe.sources.base import RemoteEntry
+    from clpipe.sync.engine import Engine, Options
+
+    from helpers import PlainFiles
+
+    files = {f"c/f{i:02d}.dcm": bytes([i]) * (10 + i) for i in range(20)}
+    entries = [RemoteEntry(key, f"sub-1/{key}", len(data), 1.0, None, False, renamed=i % 4 == 0) for i, (key, data) in enumerate(files.items())]
+    dropoff = tmp_path / "dropoff"
+    state = SyncState(dropoff, "twice")
+    state.acquire()
+    try:
+        state.load()
+        engine = Engine(PlainFiles(files, False), state, Options(dropoff=dropoff, zip_tmp=tmp_path / "ziptmp", jobs=1, retries=1))
+        first = engine.run(list(entries))
+        second = engine.run(list(entries))
+    finally:
+        state.release()
+    assert (first.created, second.skipped) == (20, 20)
+    assert first.renamed == second.renamed == 5
