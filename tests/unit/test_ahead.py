@@ -154,4 +154,3 @@ def test_a_source_that_names_entries_as_it_lists_gets_no_check(tmp_path, watched
     outcome = run_engine(source, dropoff, _entries(paths, files), "run2")
     assert outcome.skipped == len(files) and made == []
     assert sorted(path for thread, path in looked if thread == "MainThread") == sorted(paths.values())
-

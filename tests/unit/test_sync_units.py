@@ -297,7 +297,9 @@ def test_each_engine_run_counts_only_its_own_renamed_entries(tmp_path):
     from helpers import PlainFiles
 
     files = {f"c/f{i:02d}.dcm": bytes([i]) * (10 + i) for i in range(20)}
-    entries = [RemoteEntry(key, f"sub-1/{key}", len(data), 1.0, None, False, renamed=i % 4 == 0) for i, (key, data) in enumerate(files.items())]
+    entries = [
+        RemoteEntry(key, f"sub-1/{key}", len(data), 1.0, None, False, renamed=i % 4 == 0) for i, (key, data) in enumerate(files.items())
+    ]
     dropoff = tmp_path / "dropoff"
     state = SyncState(dropoff, "twice")
     state.acquire()
