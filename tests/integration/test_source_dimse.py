@@ -850,3 +850,229 @@ def test_a_release_collision_is_answered_at_once():
     assert got[:10] == struct.pack(">BBI", 5, 0, 4) + bytes(4)  # our request
     assert got[10:20] == struct.pack(">BBI", 6, 0, 4) + bytes(4)  # our answer to theirs
     theirs.close()
+
+
+# ------------------------------------------------------------------ several series from one thread
+
+
+def ours(found) -> list:
+    return [s for s in found if not s.attrs.get("PatientID", "").startswith(BENCH)]
+
+
+def test_one_thread_only_for_c_get_over_plain_tcp_from_this_machine(certificate):
+    """The engine retrieves from one thread only where the CPU is the bound: C-GET from a
+    PACS at a loopback address, without TLS, the CPU cap on (DimseSource.one_thread)."""
+    cert, _ = certificate
+    url = parse_source_url("dimse://PACS@127.0.0.1:104")
+    assert DimseSource(url, SourceSettings()).one_thread
+    assert DimseSource(parse_source_url("dimse://PACS@localhost:104"), SourceSettings()).one_thread
+    assert not DimseSource(parse_source_url("dimse://PACS@pacs.example.org:104"), SourceSettings()).one_thread
+    assert not DimseSource(url, SourceSettings(retrieve="move", move_port=11112)).one_thread
+    assert not DimseSource(url, SourceSettings(tls_ca=str(cert))).one_thread
+    assert not DimseSource(url, SourceSettings(extra={"local_cpu_cap": False})).one_thread
+
+
+def test_instances_many_brings_every_series_from_this_thread(dicom_env, expected):
+    """Every series of the data set retrieved on two associations read from the calling
+    thread: each instance once, unchanged, each series ended without error, no thread
+    started, the listing's association reused."""
+    data_root = Path(dicom_env["CLPIPE_DICOM_DATA"])
+    with open_source(dicom_env, "orthanc") as source:
+        found = listing(source)
+        threads = threading.active_count()
+        received: dict[str, dict[str, bytes]] = {s.uid: {} for s in found}
+        ended: dict[str, object] = {}
+        for series, uid, payload in source.instances_many(iter(found), 2):
+            assert threading.active_count() == threads
+            if series is None:
+                continue
+            assert series.uid not in ended
+            if uid:
+                assert uid not in received[series.uid]
+                received[series.uid][uid] = payload
+            else:
+                ended[series.uid] = payload
+        assert ended == {s.uid: None for s in found}
+        assert source.associations_opened <= 2
+    for series_uid, got in received.items():
+        want = instances_of(expected, series_uid)
+        assert set(got) == set(want)
+        for uid, data in got.items():
+            check_instance(uid, data, want[uid], data_root)
+
+
+def test_the_engine_retrieves_from_one_thread_and_a_second_run_retrieves_nothing(dicom_env, expected, tmp_path, monkeypatch):
+    """From Orthanc on this machine the engine takes the one-thread way: with the
+    per-series way broken, every instance still lands, once; the next run retrieves nothing."""
+
+    def broken(*args):
+        raise AssertionError("retrieved one series per thread")
+
+    monkeypatch.setattr(Engine, "_fetch_series", broken)
+    dropoff = tmp_path / "dropoff"
+    dropoff.mkdir()
+    source = open_source(dicom_env, "orthanc", jobs=4)
+    source.series = lambda query: iter(ours(DimseSource.series(source, query)))  # type: ignore[method-assign]
+    try:
+        first = run_engine(source, dropoff)
+        assert first.failed == 0, first.failures
+        assert first.created == expected["counts"]["instances"]
+        landed = sorted(p.name for p in dropoff.rglob("*.dcm") if ".clpipe" not in p.parts[0])
+        assert landed == sorted(f"{r['SOPInstanceUID']}.dcm" for r in expected["instances"])
+        assert not list(dropoff.glob(".clpipe-sync/tmp/*"))
+        second = run_engine(source, dropoff)
+        assert (second.failed, second.created, second.skipped) == (0, 0, expected["counts"]["instances"])
+    finally:
+        source.close()
+
+
+@pytest.fixture
+def stalling_pacs(expected, dicom_env):
+    """A Q/R SCP (pynetdicom, in this process, plain TCP) holding three series of the data
+    set, that answers the first C-GET of the first one only after ``stall[0]`` seconds;
+    (its address, the three series UIDs, the C-GETs it answered per series)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+
+    data_root = Path(dicom_env["CLPIPE_DICOM_DATA"])
+    chosen = [s["SeriesInstanceUID"] for s in expected["series"] if s["instances"] >= 8][:3]
+    stored = {uid: [pydicom.dcmread(data_root / r["path"]) for r in instances_of(expected, uid).values()] for uid in chosen}
+    asked = {uid: 0 for uid in chosen}
+    stall = [3.0]
+
+    def on_find(event):
+        level, ident = event.identifier.QueryRetrieveLevel, event.identifier
+        first = [group[0] for group in stored.values()]
+        if level == "STUDY":
+            answers = list({ds.StudyInstanceUID: ds for ds in first}.values())
+        else:
+            answers = [ds for ds in first if ds.StudyInstanceUID == ident.StudyInstanceUID]
+        for ds in answers:
+            answer = pydicom.Dataset()
+            answer.QueryRetrieveLevel = level
+            for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "Modality", "SeriesInstanceUID", "SeriesNumber"):
+                if keyword in ds and keyword in ident:
+                    setattr(answer, keyword, ds.data_element(keyword).value)
+            if level == "SERIES":
+                answer.NumberOfSeriesRelatedInstances = len(stored[ds.SeriesInstanceUID])
+            yield 0xFF00, answer
+
+    def on_get(event):
+        uid = event.identifier.SeriesInstanceUID
+        asked[uid] += 1
+        if uid == chosen[0] and asked[uid] == 1:
+            time.sleep(stall[0])
+        yield len(stored[uid])
+        for ds in stored[uid]:
+            yield 0xFF00, ds
+
+    ae = AE(ae_title="SLOWPACS")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
+    ae.add_supported_context(FIND)
+    ae.add_supported_context(GET)
+    for sop_class, syntax in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for group in stored.values() for ds in group}:
+        ae.add_supported_context(sop_class, [syntax], scu_role=True, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)])
+    yield f"SLOWPACS@127.0.0.1:{port}", chosen, asked
+    server.shutdown()
+
+
+def test_a_silent_association_fails_its_series_alone_and_it_is_tried_again(stalling_pacs, expected, tmp_path, capsys):
+    """The PACS keeps one series' first C-GET silent past the timeout (1 s): that series
+    fails alone (the other two arrive meanwhile on the other association), is said in a
+    [retry] line and retrieved again after them; every instance lands."""
+    address, chosen, asked = stalling_pacs
+    source = DimseSource(parse_source_url(f"dimse://{address}"), SourceSettings(timeout=1.0, jobs=2))
+    assert source.one_thread
+    dropoff = tmp_path / "dropoff"
+    dropoff.mkdir()
+    started = time.monotonic()
+    try:
+        outcome = run_engine(source, dropoff, jobs=2)
+    finally:
+        source.close()
+    assert outcome.failed == 0, outcome.failures
+    assert time.monotonic() - started < 10
+    assert asked == {chosen[0]: 2, chosen[1]: 1, chosen[2]: 1}
+    want = {r["SOPInstanceUID"] for uid in chosen for r in instances_of(expected, uid).values()}
+    assert outcome.created == len(want)
+    assert {p.stem for p in dropoff.rglob("*.dcm") if ".clpipe" not in p.parts[0]} == want
+    out = capsys.readouterr().out
+    retries = [line for line in out.splitlines() if line.startswith("[retry]")]
+    assert len(retries) == 1 and f"C-GET of series {chosen[0]}" in retries[0] and "no answer within 1 s" in retries[0], out
+
+
+def synced_series(dropoff: Path, expected: dict) -> tuple[int, int]:
+    """(series folders holding all their instances, series folders holding only some)."""
+    count = {}
+    for r in expected["instances"]:
+        count.setdefault(r["SeriesInstanceUID"], set()).add(f"{r['SOPInstanceUID']}.dcm")
+    whole = partial = 0
+    for folder in {p.parent for p in dropoff.rglob("*.dcm") if ".clpipe" not in p.parts[0]}:
+        names = {p.name for p in folder.iterdir()}
+        owner = next(uid for uid, want in count.items() if names <= want)
+        whole += names == count[owner]
+        partial += names != count[owner]
+    return whole, partial
+
+
+@pytest.mark.parametrize("how", ["stop", "abort", "disk full"])
+def test_one_thread_stops_as_the_per_series_way_does(dicom_env, expected, tmp_path, monkeypatch, how):
+    """Told to stop at the first instance, the two series under way end whole and no other
+    starts; told to abort (the grace over), or when the disk is full, they are abandoned:
+    their staged instances removed, no series folder half filled. A second run, not
+    stopped, syncs the rest."""
+    from clpipe.errors import DiskFull
+    from clpipe.sync import engine as engine_module
+    from clpipe.sync.stopping import TIME_LIMIT, StopRequest
+
+    request = StopRequest()
+    real = engine_module._Series.add
+    written = [0]
+
+    def add(self, uid, payload, progress):
+        written[0] += 1
+        if written[0] == 1 and how != "disk full":
+            request.request("at the time limit", TIME_LIMIT, 60.0 if how == "stop" else 0.0)
+        if written[0] == 5 and how == "disk full":
+            raise OSError(28, "No space left on device", f"{self.stage}/{uid}.dcm")
+        real(self, uid, payload, progress)
+
+    monkeypatch.setattr(engine_module._Series, "add", add)
+    dropoff = tmp_path / "dropoff"
+    dropoff.mkdir()
+    source = open_source(dicom_env, "orthanc", jobs=2)
+    source.series = lambda query: iter(ours(DimseSource.series(source, query)))  # type: ignore[method-assign]
+    total = len(expected["series"])
+    try:
+        state = SyncState(dropoff, "test")
+        state.acquire()
+        try:
+            state.load()
+            engine = Engine(source, state, Options(dropoff=dropoff, zip_tmp=tmp_path / "ziptmp", jobs=2, retries=1, stop=request))
+            if how == "disk full":
+                with pytest.raises(DiskFull) as info:
+                    engine.run(entries(source, DicomQuery()))
+                outcome = info.value.outcome
+            else:
+                outcome = engine.run(entries(source, DicomQuery()))
+            state.save()
+        finally:
+            state.release()
+        whole, partial = synced_series(dropoff, expected)
+        assert (whole, partial) == (2 if how == "stop" else 0, 0)
+        landed = [p for p in dropoff.rglob("*.dcm") if ".clpipe" not in p.parts[0]]
+        assert outcome.created == len(landed)
+        assert not list(dropoff.glob(".clpipe-sync/tmp/*"))
+        if how == "disk full":
+            assert outcome.failed == total and str(info.value).startswith(f"no space left on {dropoff}")
+        else:
+            assert (outcome.failed, outcome.not_synced, outcome.stopped) == (0, total - whole, "at the time limit")
+        monkeypatch.setattr(engine_module._Series, "add", real)
+        again = run_engine(source, dropoff, jobs=2)
+        assert again.failed == 0, again.failures
+        assert synced_series(dropoff, expected) == (total, 0)
+    finally:
+        source.close()

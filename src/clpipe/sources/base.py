@@ -41,7 +41,7 @@ depend on it, never the other way round.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +133,24 @@ class HasInstances(Protocol):
     ``(SOPInstanceUID, payload)`` for every instance of the series ``entry``."""
 
     def instances(self, entry: RemoteEntry) -> AbstractContextManager[Iterator[tuple[str, Payload]]]: ...
+
+
+@runtime_checkable
+class HasManyInstances(Protocol):
+    """Several series retrieved from one thread: where ``one_thread`` says it is the better
+    way (read after the listing), ``instances_many(entries, jobs)`` retrieves the series
+    ``entries`` gives, up to ``jobs`` at once, taking the next one as one ends; it yields
+    ``(entry, SOPInstanceUID, payload)`` for each instance, ``(entry, "", None)`` when a
+    series ended with all its instances, ``(entry, "", error)`` when it did not, and
+    ``(None, "", None)`` now and then while nothing arrives. Closing it abandons the
+    series under way (sources/dimse: C-GET on several associations, read as they answer)."""
+
+    @property
+    def one_thread(self) -> bool: ...
+
+    def instances_many(
+        self, entries: Iterator[RemoteEntry], jobs: int
+    ) -> Generator[tuple[RemoteEntry | None, str, Payload | BaseException | None], None, None]: ...
 
 
 @runtime_checkable

@@ -47,6 +47,7 @@ from ..sources.base import (
     HasChecksum,
     HasFiles,
     HasInstances,
+    HasManyInstances,
     HasMaxJobs,
     HasMembers,
     HasPrefetch,
@@ -370,72 +371,106 @@ class Engine:
         return expected
 
     def _fetch_series(self, entry: RemoteEntry, progress: Progress) -> list[list]:
-        """Retrieve one DICOM series: every instance staged as ``<SOPInstanceUID>.dcm`` in a
-        folder of its own under ``.clpipe-sync/tmp/`` (a repeated UID is written once), the
-        count checked, then that folder renamed to the series' folder (one rename for the
-        whole series), or, when the series' folder exists already, each instance renamed
-        into it.
-
-        A source yields each instance as bytes (a server's answer) or as the ``Path`` of a
-        local file, which is copied by the kernel (:func:`copy_file`). tmp/ is on the
-        dropoff's filesystem, so the renames are atomic; nothing but whole instances under
-        their final names is ever in a series folder, not even after kill -9 (the next run
-        empties tmp/). A failure removes what it staged, and the series' folder if this
-        fetch made it and placed nothing in it."""
-        folder = inside(self.options.dropoff, entry.path)
-        stage = f"{self.state.tmp}/series-{next(self._parts)}"
-        staged: dict[str, tuple[str, int]] = {}  # final name -> (staged path, size)
-        made = False
-        placed = 0
-        received = 0
+        """Retrieve one DICOM series in this thread: each instance staged as it arrives,
+        then the series placed (:class:`_Series`)."""
+        if self._instances is None:
+            raise PermanentError(f"{type(self.source).__name__} has no series to retrieve (it is not a HasInstances source)")
+        series = _Series(self, entry)
         try:
-            os.mkdir(stage)
-            if self._instances is None:
-                raise PermanentError(f"{type(self.source).__name__} has no series to retrieve (it is not a HasInstances source)")
             with self._instances.instances(entry) as items:
                 for uid, payload in items:
                     if self._abort.is_set():  # the run is stopping: this series is not finished
                         raise Stopped()
-                    name = portable_name(f"{uid}.dcm") if uid else ""
-                    if not uid or name in staged:
-                        continue
-                    part = f"{stage}/{name}"
-                    size = copy_file(payload, part) if isinstance(payload, Path) else write_new(part, payload)
-                    staged[name] = (part, size)
-                    received += size
-                    progress.advance(size)
-            if entry.count and len(staged) < entry.count:
-                raise VerifyError(f"received {len(staged)} of the series' {entry.count} instances")
-            if not staged:
-                raise VerifyError("the series has no instances to retrieve")
-            if not os.path.isdir(folder):  # a new series: its staged folder becomes it
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.rename(stage, folder)
-                    placed = len(staged)
-                except OSError:
-                    pass  # made meanwhile: instance by instance, below
-            if not placed:
-                made = not os.path.isdir(folder)
-                folder.mkdir(parents=True, exist_ok=True)
-                prefix = f"{folder}/"
-                for name, (part, _) in staged.items():
-                    os.replace(part, prefix + name)
-                    placed += 1
-            return [[f"{entry.path}/{name}", size, ""] for name, (_, size) in staged.items()]
+                    series.add(uid, payload, progress)
+            return series.place()
         except BaseException:
-            progress.advance(-received)
-            if made and not placed:
-                try:
-                    folder.rmdir()  # only when empty: nothing of this series is left behind
-                except OSError:
-                    pass
+            series.undo(progress)
             raise
         finally:
-            shutil.rmtree(stage, ignore_errors=True)  # what was not placed (renamed in whole: gone already)
-            with self._lock:
-                self._instances_written[0] += len(staged)
-                self._instances_written[1] += received
+            series.close()
+
+    def _one_thread(
+        self, todo: list[tuple[RemoteEntry, bool]], progress: Progress, jobs: int, again: list[tuple[RemoteEntry, bool]]
+    ) -> Iterator[tuple[Future | None, tuple[RemoteEntry, bool]]]:
+        """The series of ``todo`` retrieved from this thread, ``jobs`` at once, by a source
+        that can (HasManyInstances: no GIL handed between threads at each instance), staged
+        and placed as :meth:`_fetch_series` does; yields ``(done future, item)`` as each
+        ends, as :func:`_bounded` does. A series that fails with a transient fault is put
+        in ``again`` (tried again one at a time with the retry policy, after these). A stop
+        starts no more series and lets those under way end; an abort (or a full disk)
+        abandons those under way: their staged instances are removed and they are yielded
+        with None, as are those never started."""
+        assert isinstance(self.source, HasManyInstances)
+        started: dict[str, tuple[RemoteEntry, bool]] = {}
+        staging: dict[str, _Series] = {}
+        broken: set[str] = set()  # failed writing an instance (reported at once): the rest of it is dropped
+        waiting = _drained(todo)
+
+        def entries() -> Iterator[RemoteEntry]:
+            while not self._stop.is_set():  # (asked before one is taken: the rest are yielded below)
+                item = next(waiting, None)
+                if item is None:
+                    return
+                started[item[0].key] = item
+                yield item[0]
+
+        events = self.source.instances_many(entries(), jobs)
+        try:
+            for entry, uid, payload in events:
+                if self._abort.is_set():
+                    break
+                if entry is None:  # nothing arrived for a while
+                    continue
+                key = entry.key
+                if key in broken:
+                    if not uid:  # its end
+                        broken.discard(key)
+                    continue
+                if uid:  # an instance
+                    series = staging.get(key)
+                    if series is None:
+                        series = staging[key] = _Series(self, entry)
+                    try:
+                        series.add(uid, payload, progress)  # type: ignore[arg-type]
+                        continue
+                    except OSError as exc:  # (a full disk: the run stops)
+                        broken.add(key)
+                        del staging[key]
+                        series.undo(progress)
+                        series.close()
+                        failed: Future = Future()
+                        failed.set_exception(exc)
+                        yield failed, started.pop(key)
+                        continue
+                item = started.pop(key)  # the series ended
+                series = staging.pop(key, None) or _Series(self, entry)
+                done: Future | None = Future()
+                try:
+                    if isinstance(payload, BaseException):
+                        raise payload
+                    done.set_result(series.place())  # type: ignore[union-attr]
+                except TransientError as exc:
+                    series.undo(progress)
+                    if not self._stop.is_set():
+                        print(f"[retry] {entry.describe()}: {exc}; tried again after the series under way", flush=True)
+                        again.append(item)
+                        continue
+                    done = None  # the run is stopping: not tried again
+                except Exception as exc:  # noqa: BLE001 (as a pool's future keeps it: the run reports it)
+                    series.undo(progress)
+                    done.set_exception(exc)  # type: ignore[union-attr]
+                finally:
+                    series.close()
+                yield done, item
+        finally:
+            events.close()  # the series under way abandoned (their associations aborted)
+            for series in staging.values():
+                series.undo(progress)
+                series.close()
+        for item in started.values():  # cut short: not synced
+            yield None, item
+        for item in waiting:  # never started: the run stopped first
+            yield None, item
 
     def _fetch(self, entry: RemoteEntry, progress: Progress) -> list[list]:
         """Download (and unpack) one entry into place; returns the manifest file list."""
@@ -637,17 +672,7 @@ class Engine:
                 todo.sort(key=lambda item: item[0].key not in self._staged)
             with _closing(ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sync"), self._request) as pool:
                 try:
-                    for future, (entry, existing) in _bounded(
-                        pool,
-                        self._with_retries,
-                        _drained(todo),
-                        progress,
-                        jobs * 4,
-                        self._stop,
-                        self._abort,
-                        self._placeable,
-                        self._inline,
-                    ):
+                    for future, (entry, existing) in self._transfers(pool, todo, progress, jobs):
                         try:
                             if future is None or future is ABANDONED:  # never started, or left behind: the run stopped first
                                 self._request.abandoned += future is ABANDONED
@@ -718,6 +743,24 @@ class Engine:
             self._delete(listed, outcome)  # never after a failure
         outcome.seconds = time.monotonic() - started
         return outcome
+
+    def _transfers(
+        self, pool: ThreadPoolExecutor, todo: list[tuple[RemoteEntry, bool]], progress: Progress, jobs: int
+    ) -> Iterator[tuple[Future | None, tuple[RemoteEntry, bool]]]:
+        """Every transfer of ``todo``, yielded as it ends with its future (None: not
+        started, or cut short, the run stopping): the series from this thread when the
+        source says it is the better way (:meth:`_one_thread`), the rest (and the series
+        to try again) ``jobs`` at once in ``pool`` (:func:`_bounded`)."""
+        again: list[tuple[RemoteEntry, bool]] = []
+        if isinstance(self.source, HasManyInstances) and self.source.one_thread:
+            series = [item for item in todo if item[0].series]
+            if series:
+                todo[:] = [item for item in todo if not item[0].series]
+                yield from self._one_thread(series, progress, jobs, again)
+        todo += again
+        yield from _bounded(
+            pool, self._with_retries, _drained(todo), progress, jobs * 4, self._stop, self._abort, self._placeable, self._inline
+        )
 
     def _bulk(self, todo: list[tuple[RemoteEntry, bool]], progress: Progress, jobs: int, outcome: Outcome) -> None:
         """Before the per-file transfers: what the source can fetch ahead in a few requests
@@ -916,6 +959,90 @@ class _Sizes:
 #: what :func:`_bounded` yields for a transfer left running when the run stopped
 ABANDONED = object()
 ABANDON_WAIT = 2.0  # seconds the transfers under way get to end at their next chunk once ``abort`` is set
+
+
+class _Series:
+    """One DICOM series on its way into the dropoff: every instance staged as
+    ``<SOPInstanceUID>.dcm`` in a folder of its own under ``.clpipe-sync/tmp/`` (a
+    repeated UID is written once), the count checked, then that folder renamed to the
+    series' folder (one rename for the whole series), or, when the series' folder exists
+    already, each instance renamed into it.
+
+    A source yields each instance as bytes (a server's answer) or as the ``Path`` of a
+    local file, which is copied by the kernel (:func:`copy_file`). tmp/ is on the
+    dropoff's filesystem, so the renames are atomic; nothing but whole instances under
+    their final names is ever in a series folder, not even after kill -9 (the next run
+    empties tmp/). A failure removes what it staged (:meth:`undo`, :meth:`close`), and the
+    series' folder if the placing made it and placed nothing in it."""
+
+    def __init__(self, engine: Engine, entry: RemoteEntry):
+        self.engine, self.entry = engine, entry
+        self.stage = f"{engine.state.tmp}/series-{next(engine._parts)}"
+        self.staged: dict[str, tuple[str, int]] = {}  # final name -> (staged path, size)
+        self.received = 0
+        self._made = False  # the staging folder (made at the first instance)
+
+    def add(self, uid: str, payload: bytes | Path, progress: Progress) -> None:
+        name = portable_name(f"{uid}.dcm") if uid else ""
+        if not uid or name in self.staged:
+            return
+        if not self._made:
+            os.mkdir(self.stage)
+            self._made = True
+        part = f"{self.stage}/{name}"
+        size = copy_file(payload, part) if isinstance(payload, Path) else write_new(part, payload)
+        self.staged[name] = (part, size)
+        self.received += size
+        progress.advance(size)
+
+    def place(self) -> list[list]:
+        """The count checked, the staged instances renamed into the series' folder; the
+        manifest's file list."""
+        entry, staged = self.entry, self.staged
+        if entry.count and len(staged) < entry.count:
+            raise VerifyError(f"received {len(staged)} of the series' {entry.count} instances")
+        if not staged:
+            raise VerifyError("the series has no instances to retrieve")
+        folder = inside(self.engine.options.dropoff, entry.path)
+        made = False
+        placed = 0
+        try:
+            if not os.path.isdir(folder):  # a new series: its staged folder becomes it
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.rename(self.stage, folder)
+                    placed = len(staged)
+                except OSError:
+                    pass  # made meanwhile: instance by instance, below
+            if not placed:
+                made = not os.path.isdir(folder)
+                folder.mkdir(parents=True, exist_ok=True)
+                prefix = f"{folder}/"
+                for name, (part, _) in staged.items():
+                    os.replace(part, prefix + name)
+                    placed += 1
+        except BaseException:
+            if made and not placed:
+                try:
+                    folder.rmdir()  # only when empty: nothing of this series is left behind
+                except OSError:
+                    pass
+            raise
+        return [[f"{entry.path}/{name}", size, ""] for name, (_, size) in staged.items()]
+
+    def undo(self, progress: Progress) -> None:
+        """The progress it made taken back (it failed, or was abandoned)."""
+        progress.advance(-self.received)
+        self.received = 0
+
+    def close(self) -> None:
+        """Its staging folder removed (what was not placed; renamed in whole: gone
+        already), and what it wrote counted (a full disk's estimate: Engine)."""
+        if self._made:
+            shutil.rmtree(self.stage, ignore_errors=True)
+        with self.engine._lock:
+            self.engine._instances_written[0] += len(self.staged)
+            self.engine._instances_written[1] += sum(size for _, size in self.staged.values())
 
 
 def _place(part: Path, final: Path) -> None:

@@ -8,7 +8,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -303,7 +303,16 @@ class Channel(Wire):
         """Send a C-GET and yield ``(SOPInstanceUID, Part-10 bytes)`` for each C-STORE it
         causes (answered with success as it arrives); ``self.final`` says how it ended.
         The next message is read only when the engine asks for the next instance."""
+        yield from self.send_get(identifier)
+
+    def send_get(self, identifier: Identifier) -> Generator[tuple[str, bytes], None, None]:
+        """Send a C-GET now; its instances are read as :meth:`get` reads them, from the
+        iterator returned (so that one thread can send several and read each one's
+        instances as they arrive: the source's ``instances_many``)."""
         self._request(QR_GET, C_GET_RQ, identifier)
+        return self._stores()
+
+    def _stores(self) -> Generator[tuple[str, bytes], None, None]:
         for context, fields, data in self.messages():
             command = field_us(fields, COMMAND_FIELD)
             if command == C_STORE_RQ and data:

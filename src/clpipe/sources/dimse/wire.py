@@ -110,6 +110,11 @@ class Wire:
         self._offset += size
         return bytes(memoryview(buffer)[start : self._offset])
 
+    def unread(self) -> bool:
+        """Bytes received and not yet read (the next message may be read without waiting
+        for the socket: poll() would not say so)."""
+        return self._end > self._offset
+
     def _read_pdu(self) -> tuple[int, bytes]:
         """(PDU type, the bytes after its header) of the next PDU."""
         kind, _reserved, length = HEADER.unpack(self._recv(HEADER.size))
