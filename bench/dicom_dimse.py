@@ -29,7 +29,10 @@ Rows (each run ``--repeat`` times, the median shown, every try listed):
   patients, then one C-GET per series on pooled associations) into an empty dropoff; then
   the no-op re-sync into the same dropoff (nothing may be retrieved). 4 jobs are asked (the
   default); the PACS is on this machine, so the engine retrieves one series per CPU at a
-  time (DimseSource.max_jobs): the associations column shows how many it used.
+  time (DimseSource.max_jobs): the associations column shows how many it used; and it
+  reads them all from one thread (DimseSource.one_thread).
+* native C-GET, 4 jobs, a thread per series: the same, one thread per association, as
+  from a PACS elsewhere (one_thread off): what the one thread saves.
 * native C-GET, 4 jobs, no CPU cap: 4 associations all the same (as before the cap); 1
   job; 4 jobs with a new association per series (no pool); C-MOVE with 4 jobs (to our
   storage SCP on $CLPIPE_MOVE_PORT, where Orthanc knows AE CLPIPE).
@@ -78,6 +81,7 @@ SEED = "bench-dimse"  # other UIDs than the test data set (and the DICOMweb benc
 SIZES = {"full": dict(scale=16, size=64), "quick": dict(scale=2, size=32)}  # --scale 16: 2,209 instances
 JOBS = 4
 NO_CAP = "native C-GET, 4 jobs, no CPU cap"  # 4 associations although the PACS is on this machine
+THREADS = "native C-GET, 4 jobs, a thread per series"  # as from a PACS elsewhere (DimseSource.one_thread off)
 GETSCU_PARALLEL = (2, 4, 8)  # getscu processes side by side, one per series (xargs -P)
 HTTP_TIMEOUT = 60.0
 START = 'eval "$(scripts/infra/dicom-up.sh)"'
@@ -205,7 +209,14 @@ def this_module() -> list[str]:
 
 
 def native_command(
-    address: str, dest: Path, jobs: int = JOBS, retrieve: str = "get", reuse: bool = True, move_port: int = 0, cap: bool = True
+    address: str,
+    dest: Path,
+    jobs: int = JOBS,
+    retrieve: str = "get",
+    reuse: bool = True,
+    move_port: int = 0,
+    cap: bool = True,
+    one_thread: bool = True,
 ) -> list[str]:
     """A fresh interpreter running one native sync (bench/dicom_dimse_native.py: only the
     engine's imports, none of this benchmark's), its bytecode cached as clpipe's."""
@@ -220,6 +231,7 @@ def native_command(
         "1" if reuse else "0",
         str(move_port),
         "1" if cap else "0",
+        "1" if one_thread else "0",
     ]
 
 
@@ -652,6 +664,8 @@ def run_section(args, env: dict, orthanc: Orthanc, work: Path, scale: int, size:
         dest = rounds / "native"
         row("native C-GET, 4 jobs", native_command(address, dest), dest, native_uid)
         row("native C-GET, 4 jobs, no-op re-sync", native_command(address, dest), dest, native_uid, noop=True)
+        dest = rounds / "native-threads"
+        row(THREADS, native_command(address, dest, one_thread=False), dest, native_uid)
         dest = rounds / "native-nocap"
         row(NO_CAP, native_command(address, dest, cap=False), dest, native_uid)
         dest = rounds / "native-1"

@@ -1,6 +1,6 @@
 """One native run of bench/dicom_dimse.py, in a fresh interpreter:
 
-    python -c "import dicom_dimse_native ..." ADDRESS DEST JOBS RETRIEVE REUSE MOVE_PORT CAP
+    python -c "import dicom_dimse_native ..." ADDRESS DEST JOBS RETRIEVE REUSE MOVE_PORT CAP [ONE_THREAD]
 
 A DimseSource and the Engine as ``clpipe dicom`` runs them: the C-FIND listing of the
 benchmark's patients, then one C-GET (or C-MOVE) per series, into DEST. A module of its
@@ -19,7 +19,7 @@ from pathlib import Path
 PREFIX = "BENCHDIMSE"  # the benchmark's PatientIDs (bench/dicom_dimse.py uploads them)
 
 
-def run(address: str, dest: Path, jobs: int, retrieve: str, reuse: bool, move_port: int, cap: bool = True) -> int:
+def run(address: str, dest: Path, jobs: int, retrieve: str, reuse: bool, move_port: int, cap: bool = True, one_thread: bool = True) -> int:
     """List the benchmark's patients and sync them with the engine; a JSON summary."""
     from clpipe.sources.dicom import DicomQuery, SourceSettings, entries, parse_source_url
     from clpipe.sources.dimse import DimseSource
@@ -27,7 +27,11 @@ def run(address: str, dest: Path, jobs: int, retrieve: str, reuse: bool, move_po
     from clpipe.sync.manifest import SyncState
 
     settings = SourceSettings(
-        retrieve=retrieve, move_port=move_port, jobs=jobs, timeout=60, extra={"reuse_associations": reuse, "local_cpu_cap": cap}
+        retrieve=retrieve,
+        move_port=move_port,
+        jobs=jobs,
+        timeout=60,
+        extra={"reuse_associations": reuse, "local_cpu_cap": cap, "one_thread": one_thread},
     )
     started = time.perf_counter()
     source = DimseSource(parse_source_url(f"dimse://{address}"), settings)
@@ -58,8 +62,8 @@ def run(address: str, dest: Path, jobs: int, retrieve: str, reuse: bool, move_po
 
 
 def main(argv: list[str]) -> int:
-    address, dest, jobs, retrieve, reuse, port, cap = argv
-    return run(address, Path(dest), int(jobs), retrieve, reuse == "1", int(port), cap == "1")
+    address, dest, jobs, retrieve, reuse, port, cap, *one_thread = argv
+    return run(address, Path(dest), int(jobs), retrieve, reuse == "1", int(port), cap == "1", one_thread != ["0"])
 
 
 if __name__ == "__main__":

@@ -727,6 +727,7 @@ def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
         "getscu, per series, xargs -P 8",
         "native C-GET, 4 jobs",
         "native C-GET, 4 jobs, no-op re-sync",
+        "native C-GET, 4 jobs, a thread per series",
         "native C-GET, 4 jobs, no CPU cap",
         "native C-GET, 1 job",
         "native C-GET, 4 jobs, new association per series",
@@ -861,7 +862,8 @@ def ours(found) -> list:
 
 def test_one_thread_only_for_c_get_over_plain_tcp_from_this_machine(certificate):
     """The engine retrieves from one thread only where the CPU is the bound: C-GET from a
-    PACS at a loopback address, without TLS, the CPU cap on (DimseSource.one_thread)."""
+    PACS at a loopback address, without TLS (DimseSource.one_thread; the benchmark can
+    turn it off)."""
     cert, _ = certificate
     url = parse_source_url("dimse://PACS@127.0.0.1:104")
     assert DimseSource(url, SourceSettings()).one_thread
@@ -869,7 +871,8 @@ def test_one_thread_only_for_c_get_over_plain_tcp_from_this_machine(certificate)
     assert not DimseSource(parse_source_url("dimse://PACS@pacs.example.org:104"), SourceSettings()).one_thread
     assert not DimseSource(url, SourceSettings(retrieve="move", move_port=11112)).one_thread
     assert not DimseSource(url, SourceSettings(tls_ca=str(cert))).one_thread
-    assert not DimseSource(url, SourceSettings(extra={"local_cpu_cap": False})).one_thread
+    assert DimseSource(url, SourceSettings(extra={"local_cpu_cap": False})).one_thread
+    assert not DimseSource(url, SourceSettings(extra={"one_thread": False})).one_thread
 
 
 def test_instances_many_brings_every_series_from_this_thread(dicom_env, expected):

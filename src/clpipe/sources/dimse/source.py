@@ -96,7 +96,8 @@ class DimseSource:
     storage SCP, C-MOVE), tls_ca/tls_cert/tls_key, timeout (every connect, read and
     answer); ``settings.extra`` (for tests and benchmarks): ``reuse_associations``
     (default True), ``max_pdu`` (the largest PDU we accept, default 1 MiB),
-    ``local_cpu_cap`` (default True: see :attr:`max_jobs`)."""
+    ``local_cpu_cap`` (default True: see :attr:`max_jobs`), ``one_thread`` (default True:
+    see :attr:`one_thread`)."""
 
     def __init__(self, url: SourceURL, settings: SourceSettings):
         self.url, self.settings = url, settings
@@ -116,6 +117,7 @@ class DimseSource:
         self.reuse = bool(settings.extra.get("reuse_associations", True))
         self.jobs = max(1, int(settings.jobs or 1))
         self.local_cpu_cap = bool(settings.extra.get("local_cpu_cap", True))
+        self.may_one_thread = bool(settings.extra.get("one_thread", True))
         self.max_pdu = int(settings.extra.get("max_pdu", MAX_PDU))
         self._tls = tls_context(settings)
         #: the presentation contexts we propose: C-FIND, and C-GET with one storage context
@@ -348,7 +350,7 @@ class DimseSource:
         our CPU from one thread, 0.41-0.46 s from two: bench/README.md). From a PACS
         elsewhere each association mostly waits on the network and on the dropoff's file
         system (on a cluster often a network one), and threads overlap those waits."""
-        return self.retrieve == "get" and self._tls is None and hasattr(select, "poll") and self.local_cpu_cap and _is_loopback(self.host)
+        return self.retrieve == "get" and self._tls is None and hasattr(select, "poll") and self.may_one_thread and _is_loopback(self.host)
 
     def instances_many(self, entries: Iterator[Any], jobs: int) -> Generator[tuple[Any, str, bytes | BaseException | None], None, None]:
         """Retrieve series by C-GET from this one thread, on up to ``jobs`` associations at
