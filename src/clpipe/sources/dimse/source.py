@@ -361,7 +361,8 @@ class DimseSource:
         (the error :meth:`instances` would raise), and ``(None, "", None)`` after each
         half second with nothing to read (the caller may close the generator then).
         Closing the generator aborts the retrievals under way. An association silent for
-        the timeout fails its series alone; the others go on."""
+        the timeout fails its series alone; the others go on (one that stops in the middle
+        of a message holds them up until the timeout: a message is read whole)."""
         poller = select.poll()
         active: dict[int, _Retrieval] = {}
         pending = iter(entries)
