@@ -47,7 +47,7 @@ instances).
   ability): it keeps ``jobs`` associations busy, each taking the next series as one
   ends, and reads whichever has an answer (poll). There the CPU is the bound, and
   threads reading associations side by side hand the GIL over at each system call
-  (~5 futex calls per instance): one thread used about a fifth less of our CPU. A PACS
+  (~5 futex calls per instance): one thread used a fifth to a third less of our CPU. A PACS
   elsewhere keeps one thread per series, which overlaps the waits on the network and on
   the dropoff's file system. C-MOVE sends the request from a thread of its own; the
   storage SCP's threads hand instances to the engine through a bounded queue.

@@ -345,9 +345,9 @@ class DimseSource:
         """Whether the engine retrieves the series from one thread (:meth:`instances_many`)
         rather than one thread per series: C-GET over plain TCP from a PACS on this
         machine. Then both ends share the CPUs and the CPU is the bound; threads reading
-        associations side by side hand the GIL over at every system call, which took about
-        a quarter of our CPU (measured with Orthanc on 2 CPUs, 2,209 instances: 0.31 s of
-        our CPU from one thread, 0.41-0.46 s from two: bench/README.md). From a PACS
+        associations side by side hand the GIL over at every system call, which cost about
+        a third more of our CPU (Orthanc on 2 CPUs, 2,209 instances: 0.40 s from one thread,
+        0.58 s from a thread per association, bench/results/dicom_dimse.md). From a PACS
         elsewhere each association mostly waits on the network and on the dropoff's file
         system (on a cluster often a network one), and threads overlap those waits."""
         return self.retrieve == "get" and self._tls is None and hasattr(select, "poll") and self.may_one_thread and _is_loopback(self.host)
