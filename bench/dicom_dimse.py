@@ -28,13 +28,13 @@ Rows (each run ``--repeat`` times, the median shown, every try listed):
   DimseSource and the Engine as ``clpipe dicom`` runs them (C-FIND listing of the BENCHDIMSE
   patients, then one C-GET per series on pooled associations) into an empty dropoff; then
   the no-op re-sync into the same dropoff (nothing may be retrieved). 4 jobs are asked (the
-  default); the PACS is on this machine, so the engine retrieves one series per CPU at a
-  time (DimseSource.max_jobs): the associations column shows how many it used; and it
-  reads them all from one thread (DimseSource.one_thread).
-* native C-GET, 4 jobs, a thread per series: the same, one thread per association, as
-  from a PACS elsewhere (one_thread off): what the one thread saves.
-* native C-GET, 4 jobs, no CPU cap: 4 associations all the same (as before the cap); 1
-  job; 4 jobs with a new association per series (no pool); C-MOVE with 4 jobs (to our
+  default); the PACS is on this machine, so the engine reads all the associations from
+  one thread (DimseSource.one_thread): the associations column shows how many it used.
+* native C-GET, 4 jobs, a thread per series: the same with one thread per association, as
+  from a PACS elsewhere (one_thread off): what the one thread saves. With a thread each,
+  a PACS on this machine gets one series per CPU at a time (DimseSource.max_jobs).
+* native C-GET, 4 jobs, a thread per series, no CPU cap: 4 threads all the same (as
+  before the cap); 1 job; 4 jobs with a new association per series (no pool); C-MOVE with 4 jobs (to our
   storage SCP on $CLPIPE_MOVE_PORT, where Orthanc knows AE CLPIPE).
 
 Columns: seconds = wall time of the subprocess (interpreter start and imports included);
@@ -80,7 +80,7 @@ PATIENTS = {"SUB01": "BENCHDIMSE01", "SUB02": "BENCHDIMSE02", "SUB 03/x": "BENCH
 SEED = "bench-dimse"  # other UIDs than the test data set (and the DICOMweb benchmark's)
 SIZES = {"full": dict(scale=16, size=64), "quick": dict(scale=2, size=32)}  # --scale 16: 2,209 instances
 JOBS = 4
-NO_CAP = "native C-GET, 4 jobs, no CPU cap"  # 4 associations although the PACS is on this machine
+NO_CAP = "native C-GET, 4 jobs, a thread per series, no CPU cap"  # 4 threads although the PACS is on this machine
 THREADS = "native C-GET, 4 jobs, a thread per series"  # as from a PACS elsewhere (DimseSource.one_thread off)
 GETSCU_PARALLEL = (2, 4, 8)  # getscu processes side by side, one per series (xargs -P)
 HTTP_TIMEOUT = 60.0
@@ -550,8 +550,8 @@ def table(runs: list[Run], header: list[str]) -> str:
             by.get(NO_CAP),
             getscu,
             "the fastest getscu configuration (its fastest row)",
-            " (informational: 4 associations although the PACS shares this machine's CPUs, as before the cap)",
-            native_label="native C-GET (4 jobs, no CPU cap)",
+            " (informational: 4 associations in 4 threads although the PACS shares this machine's CPUs, as before the cap)",
+            native_label="native C-GET (4 jobs, a thread per series, no CPU cap)",
         )
     )
     return "\n".join(out) + "\n"
@@ -667,7 +667,7 @@ def run_section(args, env: dict, orthanc: Orthanc, work: Path, scale: int, size:
         dest = rounds / "native-threads"
         row(THREADS, native_command(address, dest, one_thread=False), dest, native_uid)
         dest = rounds / "native-nocap"
-        row(NO_CAP, native_command(address, dest, cap=False), dest, native_uid)
+        row(NO_CAP, native_command(address, dest, cap=False, one_thread=False), dest, native_uid)
         dest = rounds / "native-1"
         row("native C-GET, 1 job", native_command(address, dest, jobs=1), dest, native_uid)
         dest = rounds / "native-noreuse"

@@ -637,17 +637,18 @@ class Counting:
         self.source.close()
 
 
-def test_a_pacs_on_this_machine_gets_no_more_associations_than_cpus(dicom_env, expected, tmp_path, monkeypatch):
-    """From a PACS at a loopback address the engine retrieves one series per CPU at a time:
-    both ends share the CPUs and nothing waits on a network, so more associations only add
-    work on both sides (bench/results/dicom_dimse.md). A PACS elsewhere gets every job, and
-    so does this one with the cap off."""
+def test_a_pacs_on_this_machine_gets_no_more_threads_than_cpus(dicom_env, expected, tmp_path, monkeypatch):
+    """From a PACS at a loopback address read with a thread per association (C-MOVE, TLS,
+    or the one thread turned off) the engine retrieves one series per CPU at a time: both
+    ends share the CPUs and nothing waits on a network, so more threads only add work on
+    both sides (bench/README.md). Read from one thread (C-GET over plain TCP) it gets every
+    job, and so do a PACS elsewhere and this one with the cap off."""
     from clpipe.sources.dimse import source as dimse_source
 
     monkeypatch.setattr(dimse_source, "cpus", lambda: 1)
     dropoff = tmp_path / "dropoff"
     dropoff.mkdir()
-    source = Counting(open_source(dicom_env, "orthanc", "get"))
+    source = Counting(open_source(dicom_env, "orthanc", "get", jobs=4, extra={"one_thread": False}))
     try:
         assert source.max_jobs == 1
         outcome = run_engine(source, dropoff, jobs=4)
@@ -657,12 +658,22 @@ def test_a_pacs_on_this_machine_gets_no_more_associations_than_cpus(dicom_env, e
     finally:
         source.close()
     four = SourceSettings(jobs=4)
+    threads = SourceSettings(jobs=4, extra={"one_thread": False})
     assert DimseSource(parse_source_url("dimse://PACS@pacs.example.org:104"), four).max_jobs == 4
     assert DimseSource(parse_source_url("dimse://PACS@10.1.2.3:104"), four).max_jobs == 4
-    assert DimseSource(parse_source_url("dimse://PACS@localhost:104"), four).max_jobs == 1
-    assert DimseSource(parse_source_url("dimse://PACS@127.0.0.1:104"), SourceSettings(jobs=4, extra={"local_cpu_cap": False})).max_jobs == 4
+    assert DimseSource(parse_source_url("dimse://PACS@localhost:104"), threads).max_jobs == 1
+    assert (
+        DimseSource(parse_source_url("dimse://PACS@localhost:104"), SourceSettings(jobs=4, retrieve="move", move_port=11112)).max_jobs == 1
+    )
+    assert DimseSource(parse_source_url("dimse://PACS@localhost:104"), four).max_jobs == 4  # one thread: C-GET, plain TCP
+    assert (
+        DimseSource(
+            parse_source_url("dimse://PACS@127.0.0.1:104"), SourceSettings(jobs=4, extra={"local_cpu_cap": False, "one_thread": False})
+        ).max_jobs
+        == 4
+    )
     monkeypatch.setattr(dimse_source, "cpus", lambda: 8)
-    assert DimseSource(parse_source_url("dimse://PACS@127.0.0.1:104"), four).max_jobs == 4  # never more than asked
+    assert DimseSource(parse_source_url("dimse://PACS@127.0.0.1:104"), threads).max_jobs == 4  # never more than asked
 
 
 @pytest.mark.parametrize("server,retrieve", [("orthanc", "get"), ("dcmqrscp", "move"), ("qrscp", "get")])
@@ -714,11 +725,13 @@ def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
     native = [cell.strip() for cell in rows["native C-GET, 4 jobs"].split("|")[1:-1]]
     assert float(native[server_cpu]) > 0, native  # Orthanc served every instance of the row
     assert float(native[busy]) > 0, native
-    # 4 jobs asked of a PACS on this machine: one association per CPU (DimseSource.max_jobs),
-    # and 4 with the cap off
+    # 4 jobs asked of a PACS on this machine: 4 associations read from one thread; with a
+    # thread per series one association per CPU (DimseSource.max_jobs), and 4 with the cap off
     associations = columns.index("associations")
-    assert int(native[associations]) == min(4, len(os.sched_getaffinity(0))), native
-    assert rows["native C-GET, 4 jobs, no CPU cap"].split("|")[1:-1][associations].strip() == "4"
+    assert int(native[associations]) == 4, native
+    threads = rows["native C-GET, 4 jobs, a thread per series"].split("|")[1:-1][associations].strip()
+    assert int(threads) == min(4, len(os.sched_getaffinity(0)))
+    assert rows["native C-GET, 4 jobs, a thread per series, no CPU cap"].split("|")[1:-1][associations].strip() == "4"
     for name in (
         "getscu, per patient",
         "getscu, per patient, 3 at once",
@@ -728,7 +741,7 @@ def test_benchmark_quick_mode_runs_every_row(dicom_env, tmp_path):
         "native C-GET, 4 jobs",
         "native C-GET, 4 jobs, no-op re-sync",
         "native C-GET, 4 jobs, a thread per series",
-        "native C-GET, 4 jobs, no CPU cap",
+        "native C-GET, 4 jobs, a thread per series, no CPU cap",
         "native C-GET, 1 job",
         "native C-GET, 4 jobs, new association per series",
         "native C-MOVE, 4 jobs",
