@@ -85,7 +85,6 @@ THREADS = "native C-GET, 4 jobs, a thread per series"  # as from a PACS elsewher
 GETSCU_PARALLEL = (2, 4, 8)  # getscu processes side by side, one per series (xargs -P)
 HTTP_TIMEOUT = 60.0
 START = 'eval "$(scripts/infra/dicom-up.sh)"'
-INODE_REUSE_WAIT = 65.0  # seconds after deleting many files before the next timed row (see run_section)
 
 
 # ----------------------------------------------------------------------------- the data set
@@ -626,8 +625,11 @@ def run_section(args, env: dict, orthanc: Orthanc, work: Path, scale: int, size:
         print(f"{run.seconds:.2f} s, {run.status}", flush=True)
         tries.setdefault(name, []).append(run)
 
-    # Every row writes into a folder of its own, and none is deleted before the section
-    # ends: on a file system that avoids reusing recently freed inodes (ext4 without a
+    # Every row writes into a folder of its own, and none is deleted before the whole run
+    # ends (not between the sections either: creating files after 143,000 were deleted was
+    # 7x slower for minutes on this ext4, measured 31 us a file before, 170-310 us for the
+    # 200 s after; a 65 s wait, before 2026-12-07 05:40, left the next section's first
+    # rounds slow for every row): on a file system that avoids reusing recently freed inodes (ext4 without a
     # journal skips each inode freed in the last minute, five more while its inode table
     # block is not written back, looking every one up for every new file), creating files
     # after thousands were deleted costs several times the system time (measured here:
@@ -675,9 +677,7 @@ def run_section(args, env: dict, orthanc: Orthanc, work: Path, scale: int, size:
         dest = rounds / "native-move"
         row("native C-MOVE, 4 jobs", native_command(address, dest, retrieve="move", move_port=args.move_port), dest, native_uid)
     if not args.keep:
-        orthanc.remove()
-        for attempt in range(args.repeat):
-            shutil.rmtree(work / f"round-{scale}-{attempt + 1}", ignore_errors=True)
+        orthanc.remove()  # (the rows' folders stay until the whole run ends: see above)
     load_after = os.getloadavg()
     runs = [median(group) for group in tries.values()]
     header = [
@@ -728,10 +728,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     orthanc = Orthanc(env["CLPIPE_ORTHANC_HTTP"])
     sections, runs = [], []
     try:
-        for n, scale in enumerate(scales):
-            if n and not args.quick:  # the section before deleted its files: see run_section
-                print(f"waiting {INODE_REUSE_WAIT:.0f} s for the inodes the section before freed", flush=True)
-                time.sleep(INODE_REUSE_WAIT)
+        for scale in scales:
             text, section_runs = run_section(args, env, orthanc, work, scale, size)
             sections.append(text)
             runs += section_runs
@@ -753,10 +750,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "`event.encoded_dataset()`)",
             f"- tries per row: {args.repeat}, the median shown; in-process s = the native (or pynetdicom) run "
             "without interpreter start and imports (native: ~0.08 s; pynetdicom's import, with pydicom's and numpy's: ~0.3 s)",
-            "- every row writes into a folder of its own, all deleted when the section ends, and the next section starts "
-            f"{INODE_REUSE_WAIT:.0f} s later: this ext4 (no journal) looks up every inode freed in the last minute for each "
-            "new file, which made a row that ran right after another row's files were deleted several times slower to create "
-            "its files (0.4 ms instead of 0.08 ms a file); before each row, `sync` (untimed) writes out what the upload "
+            "- every row writes into a folder of its own, none deleted before the whole run ends: on this ext4 (no journal) "
+            "creating files after many were deleted is several times slower for minutes (measured: 31 us a file before "
+            "143,000 files were deleted, 170-310 us for the 200 s after), which made the first rounds after a section's "
+            "deletion slow for every row; before each row, `sync` (untimed) writes out what the upload "
             "and the rows before left dirty, so that no row shares the disk with another's writeback",
             "- every row checked: exactly the data set's SOP Instance UIDs, each dataset (after the file meta) "
             "byte for byte as uploaded (getscu: same elements and pixels where Orthanc re-encoded for it); "
