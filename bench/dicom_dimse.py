@@ -45,7 +45,7 @@ process tree, 50 ms samples; MB = 10^6 bytes. Goal (issue 15): native C-GET with
 at least as fast as the fastest getscu row of the same run (per patient, one after the
 other or 3 at once; per series from xargs -P 2, 4 or 8): its seconds / native seconds >= 1; and, informational, the same ratio
 against the faster pynetdicom row. Every row writes into a folder of its own, none deleted
-before the section ends (see run_section: deleting files slows the next ones' creation),
+before the whole run ends (see run_section: deleting files slows the next ones' creation),
 and each row starts after a ``sync`` (untimed): none shares the disk with the writeback of
 the upload or of the rows before it.
 """

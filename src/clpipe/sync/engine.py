@@ -444,24 +444,25 @@ class Engine:
                         continue
                 item = started.pop(key)  # the series ended
                 series = staging.pop(key, None) or _Series(self, entry)
-                done: Future | None = Future()
+                done: Future = Future()
+                stopping = False  # failed transiently while the run stops: not tried again
                 try:
                     if isinstance(payload, BaseException):
                         raise payload
-                    done.set_result(series.place())  # type: ignore[union-attr]
+                    done.set_result(series.place())
                 except TransientError as exc:
                     series.undo(progress)
-                    if not self._stop.is_set():
+                    stopping = self._stop.is_set()
+                    if not stopping:
                         print(f"[retry] {entry.describe()}: {exc}; tried again after the series under way", flush=True)
                         again.append(item)
                         continue
-                    done = None  # the run is stopping: not tried again
                 except Exception as exc:  # noqa: BLE001 (as a pool's future keeps it: the run reports it)
                     series.undo(progress)
-                    done.set_exception(exc)  # type: ignore[union-attr]
+                    done.set_exception(exc)
                 finally:
                     series.close()
-                yield done, item
+                yield (None if stopping else done), item
         finally:
             events.close()  # the series under way abandoned (their associations aborted)
             for series in staging.values():
