@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -634,7 +635,8 @@ def test_benchmark_quick_mode_runs_every_peer(tmp_path):
         "Python floor no-op",
         "native full",
         "native no-op",
-        "native no-op, no listing cache",
+        "native no-op, no stamp",
+        "native no-op, no stamp nor listing cache",
         "native jobs=1 full",
         "clpipe dicom sync full",
         "clpipe dicom sync no-op",
@@ -644,6 +646,10 @@ def test_benchmark_quick_mode_runs_every_peer(tmp_path):
     )
     assert re.search(r"^\| quick: native no-op / Python floor no-op, median of the rounds' ratios \| [\d.]+ ", out, re.M)
     assert all(row.rstrip().endswith("| ok |") for row in rows), rows
+    phases = {row.split("|")[3].strip(): row.split("|")[9] for row in rows}
+    assert "nothing changed since the stamp" in phases["native no-op"]  # the stamp's check, nothing listed
+    assert "nothing changed since the stamp" not in phases["native no-op, no stamp"]
+    assert "headers from the listing cache" in phases["native no-op, no stamp"]
 
 
 def test_delete_refuses_when_the_folder_lists_nothing(own_tree, tmp_path):
@@ -990,11 +996,29 @@ def test_a_cache_that_cannot_be_written_is_no_error(own_tree, tmp_path, old_file
     assert not (tmp_path / "no such folder").exists()
 
 
+def sync_command(config: Path, *opts: str) -> str:
+    """`clpipe dicom sync -submit` of the project with ``opts`` as its CommandLineOpts: its
+    output (it must succeed)."""
+    import subprocess
+    import sys
+
+    data = json.loads(config.read_text())
+    data["SourceOptions"]["CommandLineOpts"] = " ".join(opts)
+    config.write_text(json.dumps(data))
+    proc = subprocess.run(
+        [sys.executable, "-m", "clpipe", "dicom", "sync", "-config_file", str(config), "-submit"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
 def test_the_sync_command_keeps_the_cache_in_the_dropoff_state_folder(tmp_path):
     """`clpipe dicom sync`: a dry run writes no cache; a run writes it in
     .clpipe-sync/; a no-op run leaves it as it was (nothing changed)."""
-    import subprocess
-    import sys
 
     from helpers import new_project
 
@@ -1006,18 +1030,7 @@ def test_the_sync_command_keeps_the_cache_in_the_dropoff_state_folder(tmp_path):
     time.sleep(max(0.0, made + localdir.RACY_NS / 1e9 + 0.2 - time.time()))  # the files are no longer "just changed"
 
     def run(dry_run: bool = False):
-        data = json.loads(config.read_text())
-        data["SourceOptions"]["CommandLineOpts"] = "-n" if dry_run else ""
-        config.write_text(json.dumps(data))
-        proc = subprocess.run(
-            [sys.executable, "-m", "clpipe", "dicom", "sync", "-config_file", str(config), "-submit"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=dict(os.environ, PYTHONWARNINGS="ignore"),
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return proc.stdout
+        return sync_command(config, *(["-n"] if dry_run else []))
 
     cache_file = dropoff / ".clpipe-sync" / localdir.LISTING_CACHE
     run(dry_run=True)
@@ -1030,3 +1043,117 @@ def test_the_sync_command_keeps_the_cache_in_the_dropoff_state_folder(tmp_path):
     out = run()
     assert "0 created, 0 updated" in out
     assert (cache_file.stat().st_ino, cache_file.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+
+
+# ----------------------------------------------------------------------------- the tree's stamp
+
+
+def test_a_run_that_finds_nothing_changed_reports_what_listing_would(tmp_path):
+    """`clpipe dicom sync`: after a complete run, the next one finds the tree and the
+    dropoff unchanged from the stamp (sync/quick.py) and does not list the tree; its
+    audit, summary, sessions and lines are those of the engine's own no-op (the stamp
+    removed). A change in the dropoff or the tree, or a dry run, goes the usual way."""
+    import csv
+
+    from clpipe.sync import quick
+
+    from helpers import new_project
+
+    root = tmp_path / "export"
+    made = time.time()
+    make_file_tree(root)
+    config = new_project(tmp_path / "p", source_url=f"file://{root}")
+    dropoff = config.parent / "data_DICOMs"
+    stamp = dropoff / ".clpipe-sync" / quick.STAMP
+    time.sleep(max(0.0, made + quick.RACY_NS / 1e9 + 0.2 - time.time()))  # the files are no longer "just changed"
+
+    def run(*opts: str) -> tuple[str, Path]:
+        out = sync_command(config, *opts)
+        return out, Path(re.search(r"audit log: (\S+\.csv);", out)[1])
+
+    def lines(out: str, audit: Path) -> list[str]:
+        text = out.replace(audit.stem, "RUN").replace(audit.stem.rsplit("-", 1)[0], "RUN")
+        return [re.sub(r"; \d+\.\d s$", "", line) for line in text.splitlines() if "nothing changed in the source folder" not in line]
+
+    def summary(audit: Path) -> dict:
+        data = json.loads(audit.with_suffix(".summary.json").read_text())
+        return {k: v for k, v in data.items() if k not in ("run_id", "finished", "seconds", "audit_csv", "sessions_tsv")}
+
+    replayed = "nothing changed in the source folder or the dropoff since the last complete sync"
+    out, audit = run()
+    assert replayed not in out and stamp.exists()  # the first run copied everything, then stamped the tree
+    out2, audit2 = run()
+    assert replayed in out2
+    assert "13 series, as the last complete sync listed them" in out2
+    stamp.unlink()
+    out3, audit3 = run()  # the engine's own no-op, which stamps the tree again
+    assert replayed not in out3 and stamp.exists()
+    assert audit2.read_bytes() == audit3.read_bytes()
+    assert len(list(csv.reader(audit2.open()))) == 1 + 139
+    assert summary(audit2) == summary(audit3)
+    assert audit2.with_suffix(".sessions.tsv").read_text() == audit3.with_suffix(".sessions.tsv").read_text()
+    norm2 = [line.replace("13 series, as the last complete sync listed them", "listed 13 series") for line in lines(out2, audit2)]
+    assert norm2 == lines(out3, audit3)
+
+    # a file gone from the dropoff: listed again, and copied back
+    gone = next(p for p in dropoff.rglob("*.dcm") if ".clpipe-sync" not in p.parts)
+    content = gone.read_bytes()
+    gone.unlink()
+    out4, _ = run()  # (its series is fetched again: the engine checks whole series)
+    assert replayed not in out4 and " 0 failed" in out4 and gone.read_bytes() == content
+    # a dry run does not use the stamp and leaves it
+    written = stamp.stat()
+    out5, _ = run("-n")
+    assert replayed not in out5 and stamp.stat().st_ino == written.st_ino
+    assert replayed in run()[0]
+    # a file of the tree touched: listed again (as the engine judges a changed time: its series fetched again)
+    some = next(p for p in sorted(root.rglob("*.dcm")) if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    os.utime(some, ns=(some.stat().st_atime_ns, some.stat().st_mtime_ns - 10**9))
+    out6, _ = run()
+    assert replayed not in out6 and " updated, " in out6 and " 0 failed" in out6
+    assert not stamp.exists()  # the file changed a moment ago (its change time): no stamp vouches for it yet
+    time.sleep(quick.RACY_NS / 1e9 + 0.2)
+    assert replayed not in run()[0] and stamp.exists()
+    assert replayed in run()[0]
+
+
+@pytest.mark.parametrize("ending", ["complete", "failed", "stopped", "listing cut", "files adopted", "files deleted"])
+def test_only_a_run_that_ended_complete_stamps_the_tree(own_tree, tmp_path, monkeypatch, ending):
+    """The stamp says "a run would find every file in place": only a run that left them so
+    (and changed nothing else a no-op would not) writes it."""
+    from clpipe.engines.native import Stamp
+    from clpipe.sync import quick
+
+    monkeypatch.setattr(quick, "RACY_NS", 0)
+    root, _ = own_tree
+    source, dropoff = source_for(root), tmp_path / "dropoff"
+    state = SyncState(dropoff, "run")
+    state.acquire()
+    stamp = Stamp(state, source.tree_root, "key")
+    try:
+        state.load()
+        assert stamp.check() is None  # no stamp yet; the walk is kept
+        engine = Engine(source, state, Options(dropoff=dropoff, zip_tmp=tmp_path / "z", jobs=2))
+        outcome = engine.run(entries(source, DicomQuery()))
+        state.save()
+        assert outcome.created == 139 and not outcome.failed
+        if ending == "failed":
+            outcome.failed, outcome.failures = 1, ["x: broken"]
+        elif ending == "stopped":
+            outcome.stopped = "at the time limit"
+        elif ending == "listing cut":
+            outcome.listing_cut = True
+        elif ending == "files adopted":
+            outcome.adopted = 2
+        elif ending == "files deleted":
+            outcome.deleted = 1
+        stamp.write(outcome, engine, list(source.notes))
+    finally:
+        stamp.discard()
+        state.release()
+    assert (state.root / quick.STAMP).exists() == (ending == "complete")
+    assert not [p for p in state.root.iterdir() if ".new." in p.name]
+    if ending == "complete":
+        payload = quick.check(str(state.root), "key", source.tree_root, str(dropoff), locked=False)
+        assert payload is not None and payload["skipped"] == 139 and payload["listed"] == 13
+        assert all(t["placed"] == 0 and t["in_place"] == t["entries"] for t in payload["tallies"]["tallies"])

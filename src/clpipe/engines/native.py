@@ -4,6 +4,7 @@ against the manifest, transfer, verify, record, report (the parts are in :mod:`c
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -12,13 +13,15 @@ from typing import TYPE_CHECKING, Any
 from ..console import say
 from ..errors import DiskFull, PreflightError, TransferError, is_disk_full
 from ..layout import STATE_DIR
-from ..sources.base import HasListingCache, HasNotes
+from ..sources.base import HasListingCache, HasNotes, HasTreeStamp
 from ..sources.registry import source_class
+from ..spill import SortedSpill
+from ..sync import quick
 from ..sync import sessions as session_states
 from ..sync.engine import Engine, Options
 from ..sync.manifest import MANIFEST, SyncState
 from ..sync.progress import watched
-from ..sync.reports import write_reports
+from ..sync.reports import Outcome, write_reports
 from ..sync.shards import ShardView
 from ..sync.stopping import current as current_stop
 from .base import SYNC_COMPLETE, close, close_stopped, make_folders, say_failed
@@ -140,9 +143,14 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
         if not is_disk_full(exc):
             raise
         raise DiskFull.at(exc, folders, purpose="the sync's lock") from exc
+    stamp: Stamp | None = None
     try:
         try:
             state.load()
+            stamp = Stamp.of(plan, source, state, shard)
+            replay = stamp.check() if stamp is not None else None
+            if not opts.dry_run and replay is None:  # this run may change the dropoff: the last stamp no longer holds
+                quick.forget(str(state.root))
             if isinstance(source, HasListingCache):  # file://: a file unchanged since the last run is not opened again
                 source.cache_listing(dropoff / STATE_DIR, write=not opts.dry_run)
             engine = Engine(
@@ -160,7 +168,16 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
                 ),
             )
             try:
-                outcome = engine.run(shard.filter(listing()))  # checks each entry as the listing streams in
+                if replay is not None:  # nothing changed since the last complete run (sync/quick.py): its report
+                    say(
+                        "nothing changed in the source folder or the dropoff since the last complete sync "
+                        f"({quick.STAMP} in {state.root}): not listed again"
+                    )
+                    outcome = replay.outcome(temp)
+                    engine.sessions, engine.listed, engine.listed_bytes = replay.tallies(), replay.listed, replay.listed_bytes
+                    outcome.notes += replay.notes
+                else:
+                    outcome = engine.run(shard.filter(listing()))  # checks each entry as the listing streams in
             except DiskFull as exc:  # the engine stopped at a full disk, with what it did
                 full, outcome = exc, exc.outcome  # type: ignore[assignment]
         except OSError as exc:  # a full disk before any transfer (the state, the adoption of files)
@@ -169,11 +186,13 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
             raise DiskFull.at(
                 exc, folders, purpose="this sync's bookkeeping (the dropoff's .clpipe-sync folder; a large listing in TempDirectory)"
             ) from exc
-        if isinstance(source, HasNotes):  # what the source skipped or had to change
-            outcome.notes += list(source.notes)
+        source_notes = list(source.notes) if isinstance(source, HasNotes) and replay is None else []
+        outcome.notes += source_notes  # what the source skipped or had to change
         outcome.notes += shard.notes()
         if plan.is_flywheel:
             say(f"listed {engine.listed} remote files ({engine.listed_bytes / 1e6:.1f} MB) in one request")
+        elif replay is not None:
+            say(f"{engine.listed} series, as the last complete sync listed them")
         else:
             say(f"listed {engine.listed} series")
         if not opts.dry_run:
@@ -197,10 +216,14 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
                     if not is_disk_full(exc):
                         raise
                     full = full or DiskFull.at(exc, folders, purpose="the sessions' tallies of this shard")
+            if stamp is not None and replay is None and full is None:
+                stamp.write(outcome, engine, source_notes)  # when this run ended complete: the next may skip listing
             sessions = None if opts.dry_run or shard.active else SessionStates.after(plan, engine.sessions, outcome.notes)
             if sessions is not None and sessions.error is not None and full is None:
                 full = DiskFull.at(sessions.error, folders, purpose="the sessions' states (the dropoff's .clpipe-sync folder)")
     finally:
+        if stamp is not None:
+            stamp.discard()
         state.release()
     outcome.seconds = time.monotonic() - started
     audit, summary = Path(plan.audit_csv), Path(plan.summary_json)
@@ -252,6 +275,102 @@ def _manifest_bytes(state: SyncState) -> int:
         except OSError:
             pass
     return total
+
+
+class Replay:
+    """What the last complete run reported, for a run that found nothing changed since
+    (sync/quick.py): the counts of a run that skipped every file, the source's notes, the
+    sessions' tallies, and the audit's rows read from the stamp."""
+
+    def __init__(self, state_root: str, payload: dict[str, Any]) -> None:
+        self.state_root, self.payload = state_root, payload
+        self.listed: int = payload["listed"]
+        self.listed_bytes: int = payload["listed_bytes"]
+        self.notes: list[str] = list(payload["notes"])
+
+    def outcome(self, spill: Path) -> Outcome:
+        outcome = Outcome(skipped=self.payload["skipped"], renamed=self.payload["renamed"], unchanged=SortedSpill(spill))
+        for path in quick.audit_paths(self.state_root):
+            outcome.unchanged.append(path)
+        return outcome
+
+    def tallies(self) -> session_states.Tallies:
+        tallies = session_states.Tallies()
+        tallies.add_data(self.payload["tallies"])
+        return tallies
+
+
+class Stamp:
+    """A folder source's stamp for one run (sync/quick.py): checked when the run begins,
+    its walk kept, and written when the run ends complete."""
+
+    def __init__(self, state: SyncState, tree: str, key: str) -> None:
+        self.state, self.tree, self.key = state, tree, key
+        self.root = str(state.root)
+        self.snapshot: quick.Snapshot | None = None
+
+    @classmethod
+    def of(cls, plan: SyncPlan, source, state: SyncState, shard: ShardView) -> Stamp | None:
+        """The stamp of a run that may use one: a folder source, not a dry run, a listing
+        only, a run that deletes, or a shard task."""
+        opts = plan.sync_options
+        if not isinstance(source, HasTreeStamp) or opts.dry_run or opts.delete or opts.list_only or shard.active:
+            return None
+        from .. import __version__
+
+        template = plan.layout_template or ""
+        return cls(state, source.tree_root, quick.key(str(plan.url), plan.query, template, __version__))
+
+    def check(self) -> Replay | None:
+        """The last complete run's report when nothing changed since; None otherwise (the
+        tree's walk is kept for the stamp this run may write)."""
+        try:
+            self.snapshot = quick.Snapshot(self.root, self.key)
+        except OSError:  # the state folder takes no file now (a full disk): no stamp this run, the tree is listed
+            return None
+        payload = quick.check(self.root, self.key, self.tree, str(self.state.dropoff), locked=True, snapshot=self.snapshot)
+        if payload is None:
+            return None
+        self.discard()
+        try:
+            return Replay(self.root, payload)
+        except (KeyError, TypeError):  # not a payload this code wrote: the run lists the tree
+            return None
+
+    def write(self, outcome: Outcome, engine: Engine, notes: list[str]) -> None:
+        """Make the walk the stamp if the run ended complete with no change of its own to
+        report (every listed file in place, nothing failed, stopped, moved or deleted)."""
+        snapshot, self.snapshot = self.snapshot, None
+        if snapshot is None:
+            return
+        complete = not (outcome.files or outcome.failed or outcome.failures or outcome.stopped or outcome.listing_cut)
+        if not complete or outcome.deleted or outcome.moved or outcome.adopted:
+            snapshot.discard()
+            return
+        sizes: dict[str, int] = {}
+        for key in self.state.keys():
+            record = self.state.get(key)
+            if record is not None:
+                for path, size, *_ in record.files:
+                    sizes[path] = size
+        paths = list(heapq.merge(outcome.unchanged, outcome.created_paths, outcome.updated_paths))
+        if any(path not in sizes for path in paths):
+            snapshot.discard()
+            return
+        payload = {
+            "skipped": len(paths),
+            "renamed": outcome.renamed,
+            "listed": engine.listed,
+            "listed_bytes": engine.listed_bytes,
+            "notes": [note for note in (engine.names_note(),) if note] + list(notes),
+            "tallies": engine.sessions.data(no_op=True),
+        }
+        snapshot.finish(((path, sizes[path]) for path in paths), payload)
+
+    def discard(self) -> None:
+        if self.snapshot is not None:
+            self.snapshot.discard()
+            self.snapshot = None
 
 
 SHARD_TALLIES = "sessions-tallies.json"  # in a shard task's folder: what it found of each session

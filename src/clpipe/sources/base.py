@@ -187,6 +187,16 @@ class HasListingCache(Protocol):
 
 
 @runtime_checkable
+class HasTreeStamp(Protocol):
+    """``tree_root``: the source is a folder tree on a file system whose every change shows
+    in its entries' names, sizes and times, so a run can tell that nothing changed from a
+    walk alone (sync/quick.py) without listing it."""
+
+    @property
+    def tree_root(self) -> str: ...
+
+
+@runtime_checkable
 class HasUniquePaths(Protocol):
     """``unique_paths``: no two entries of a listing on one local path, and none inside
     another's file or unpacked folder (the names were settled from the whole listing)."""

@@ -729,6 +729,12 @@ class FolderSource:
         ``write=False`` (a dry run) reads it but writes none."""
         self._cache = (Path(folder) / LISTING_CACHE, write)
 
+    @property
+    def tree_root(self) -> str:
+        """The folder walked (a run may tell from its stamp that nothing in it changed:
+        sync/quick.py walks it as :func:`walk_files` does)."""
+        return str(self.root)
+
     def _probed(self, waits: bool) -> None:
         self.max_jobs = self.jobs if waits else min(self.jobs, cpus())
 

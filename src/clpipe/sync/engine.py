@@ -318,14 +318,20 @@ class Engine:
         outcome.files += [FileResult(new, "skipped", True, action + old) for old, new, _ in moves]
         return True
 
-    def _report_names(self, outcome: Outcome) -> None:
+    def names_note(self) -> str:
+        """What the run says of the entries it named apart from their remote names ("": none);
+        a run that finds every file in place says it too (sync/quick.py replays it)."""
         files, series = self._renamed[False], self._renamed[True]
-        outcome.renamed = files + series
-        if files or series:
-            what = " and ".join(f"{n} {unit}" for n, unit in ((files, "files"), (series, "series folders")) if n)
-            outcome.notes.append(
-                f"{what} renamed: their names collided with another's or were not portable (see 'Local names' in docs/engines.md)"
-            )
+        if not (files or series):
+            return ""
+        what = " and ".join(f"{n} {unit}" for n, unit in ((files, "files"), (series, "series folders")) if n)
+        return f"{what} renamed: their names collided with another's or were not portable (see 'Local names' in docs/engines.md)"
+
+    def _report_names(self, outcome: Outcome) -> None:
+        outcome.renamed = self._renamed[False] + self._renamed[True]
+        note = self.names_note()
+        if note:
+            outcome.notes.append(note)
         if outcome.moved:
             outcome.notes.append(
                 f"{outcome.moved} files synced under earlier names "

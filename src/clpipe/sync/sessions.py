@@ -136,16 +136,17 @@ class Tallies:
     # A shard task of an array job (-shards) keeps its tallies in its own folder; the final
     # job adds them up and merges them as one run's (arrays.py).
 
-    def save(self, path: Path) -> None:
-        """Write the tallies whole to ``path`` (a shard task's folder)."""
-        data = [
+    def data(self, *, no_op: bool = False) -> dict[str, Any]:
+        """The tallies as plain data (JSON and marshal can write it). ``no_op``: as a run
+        that found every file in place would tally them (nothing placed)."""
+        items = [
             {
                 "session": [t.session.path, t.session.subject, t.session.session, t.session.source_subject, t.session.source_session],
                 "entries": t.entries,
                 "in_place": t.in_place,
                 "files": t.files,
                 "bytes": t.bytes,
-                "placed": t.placed,
+                "placed": 0 if no_op else t.placed,
                 "modified": t.modified,
                 "fingerprint": t.fingerprint,
                 "failures": t.failures,
@@ -153,7 +154,11 @@ class Tallies:
             }
             for t in self.by_path.values()
         ]
-        text = json.dumps({"clpipe_session_tallies": FORMAT, "whole": self.whole, "tallies": data}) + "\n"
+        return {"clpipe_session_tallies": FORMAT, "whole": self.whole, "tallies": items}
+
+    def save(self, path: Path) -> None:
+        """Write the tallies whole to ``path`` (a shard task's folder)."""
+        text = json.dumps(self.data()) + "\n"
         write_whole(path, lambda out: out.write(text), durable=True)
 
     def add_saved(self, path: Path) -> bool:
@@ -161,12 +166,26 @@ class Tallies:
         task did not finish) or they cannot be read."""
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return self.add_data(data)
+
+    def add_data(self, data: Any) -> bool:
+        """Add tallies given as :meth:`data` made them; False when they are not such data."""
+        try:
             items = data["tallies"] if data.get("clpipe_session_tallies") == FORMAT else None
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        except (AttributeError, KeyError, TypeError):
             return False
         if not isinstance(items, list):
             return False
         self.whole = self.whole and data.get("whole") is True
+        try:
+            self._add_items(items)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return False
+        return True
+
+    def _add_items(self, items: list) -> None:
         for item in items:
             session = Session(*item["session"])
             tally = self.by_path.get(session.path)
@@ -181,7 +200,6 @@ class Tallies:
             tally.fingerprint ^= item["fingerprint"]
             tally.failures += item["failures"][: MAX_FAILURES - len(tally.failures)]
             tally.series.update(item["series"])
-        return True
 
 
 # ----------------------------------------------------------------------------- records
