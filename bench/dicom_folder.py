@@ -22,14 +22,19 @@ machine hits peers of the same round alike:
   and nothing else: not a sync tool, the least any Python process can take, so that the
   native no-op's distance to rsync is split into what Python costs and what clpipe adds;
 - native: ``dicom_folder_engine.py``, the engine with FolderSource as clpipe's runner
-  drives it (lock, manifest, listing cache, run, save) without the CLI around it;
+  drives it (the stamp's check, lock, manifest, listing cache, run, save, a new stamp)
+  without the CLI around it;
   interpreter start and clpipe's imports included (not this benchmark's); its phases
   (listing, copying, saving the manifest), the jobs it ran (a local folder: no more than
   the CPUs, see FolderSource.max_jobs) and the headers served by the listing cache are
   in the table;
 - ``clpipe dicom sync -c CONFIG -submit``: the whole command (config, logs, audit CSV);
-- no-op: the same native or clpipe run again into the synced folder; "native no-op, no
-  listing cache": the same with every header read again (as before the cache).
+- no-op: the same native or clpipe run again into the synced folder. "native no-op": the
+  stamp the full run left (sync/quick.py) checked first, without the lock and before the
+  engine is imported: the tree walked and each dropoff file stat'ed, nothing written.
+  "native no-op, no stamp": the run as before the stamp (lock, manifest, the listing from
+  the listing cache, the engine's check of each series); "no stamp nor listing cache":
+  every header read again too (as before both).
 
 The measured processes find their bytecode cached (as after ``pip install``; in the work
 folder, PYTHONPYCACHEPREFIX), whatever PYTHONDONTWRITEBYTECODE says in the caller's
@@ -445,10 +450,8 @@ def table(runs: list[Run], header: list[str], trees: list[str]) -> str:
         done = not r.status.startswith(("FAILED", "TIMEOUT"))
         fps = f"{r.files / r.seconds:,.0f}" if done else "-"
         mbs = f"{r.nbytes / MB / r.seconds:.1f}" if done and r.nbytes else "-"
-        out.append(
-            f"| {r.tree} | {r.round} | {r.name} | {r.seconds:.2f} | {fps} | {mbs} | {r.rss_mb:.0f} | "
-            f"{r.cpu:.2f} | {r.phases} | {r.status} |"
-        )
+        rss = f"{r.rss_mb:.0f}" if r.rss_mb else "-"  # (a run that ended before the first 50 ms sample)
+        out.append(f"| {r.tree} | {r.round} | {r.name} | {r.seconds:.2f} | {fps} | {mbs} | {rss} | {r.cpu:.2f} | {r.phases} | {r.status} |")
     out += ["", "| goal | value | target | verdict |", "| --- | ---: | --- | --- |"]
     out += [f"| {' | '.join(g)} |" for g in goals(runs, trees)]
     out += no_op_breakdown(runs, trees)
@@ -535,15 +538,22 @@ def main(argv: list[str] | None = None) -> int:
             "are in the phases column), in a fresh Python process "
             "(`bench/dicom_folder_engine.py`: interpreter start and clpipe's imports included); `clpipe dicom sync -c CONFIG "
             "-submit` = the whole command (config, log, audit CSV and summary included); no-op = the same again "
-            "into the synced folder, the file headers served by the listing cache in the dropoff's state folder "
-            f"(native {NO_CACHE}: every header read again, as before the cache)",
+            "into the synced folder: native no-op = the stamp's check (sync/quick.py: the walk of the tree and a `stat` "
+            "of each file the last run left in the dropoff, compared with the stamp that run wrote; no lock taken, "
+            "nothing written, clpipe's engine not imported) finding nothing changed, then the last run's counts; "
+            f"native {NO_STAMP} = the run as before the stamp, the file headers served by the listing cache in the "
+            f"dropoff's state folder (lock, manifest, the engine's check of each series); native {NO_CACHE}: every "
+            "header read again, as before the cache; the clpipe command's no-op checks the stamp under its lock, after "
+            "its own imports, config and logs",
             "- bytecode cached for the measured processes (as after `pip install`): PYTHONPYCACHEPREFIX in the work folder",
             "- the trees are in the page cache for every peer (they are read before the first run); "
             "dropping the cache needs privileges a shared machine does not give",
             "- files/s and MB/s: files and bytes written (cp -r: every file of the tree; native: each instance once)",
             "- native phases: clpipe's imports; the listing (walk, stat, headers) with the engine's check of each series "
             "against the manifest and the dropoff, made as the listing streams in; the copies; saving the manifest; "
-            "the rest of the seconds is the interpreter's start, the lock and the exit",
+            "the rest of the seconds is the interpreter's start, the lock and the exit (native no-op: the stamp "
+            "module's import, then its check as the listing)",
+            "- peak RSS: sampled every 50 ms; `-` for a run that ended before the first sample",
         ]
         text = table(runs, header, [label for label, _, _ in TREES[mode]])
         print()
