@@ -213,3 +213,17 @@ def test_a_stamp_is_written_in_time_order(made):
     time.sleep(0.01)
     assert made.stamp()
     assert (made.state / quick.STAMP).stat().st_ino != before
+
+
+def test_names_no_text_format_could_hold(tmp_path, old_files):
+    """Newlines, tabs and bytes that are not UTF-8 in the tree's names: kept exactly, and
+    a change to such a file is seen."""
+    d = Dropoff(tmp_path)
+    odd = os.fsencode(d.tree) + b"/line\nbreak\tand \xff byte.dcm"
+    with open(odd, "wb") as out:
+        out.write(b"odd")
+    assert d.stamp()
+    assert d.check() == PAYLOAD
+    with open(odd, "ab") as out:
+        out.write(b"!")
+    assert d.check() is None
