@@ -67,7 +67,7 @@ def main(tree: str, dest: str, jobs: int, cache: bool = True, stamp: bool = True
         begun = time.perf_counter()
         # as engines/native.py does: the stamp checked under the lock (its walk kept for the
         # new one), then forgotten, as this run may change the dropoff
-        if stamper is not None and stamper.check() is not None:
+        if stamper is not None and stamper.check(dropoff.parent / f"{dropoff.name}.zips") is not None:
             sys.exit("the stamp holds under the lock but did not without it: run again")
         quick.forget(str(state.root))
         if cache:  # as engines/native.py does: a file unchanged since the last listing is not opened again

@@ -1115,6 +1115,20 @@ def test_a_run_that_finds_nothing_changed_reports_what_listing_would(tmp_path):
     time.sleep(quick.RACY_NS / 1e9 + 0.2)
     assert replayed not in run()[0] and stamp.exists()
     assert replayed in run()[0]
+    # a stamp whose report this code did not write (its records intact): the folder is listed
+    records = []
+    with open(stamp, "rb") as handle:
+        while True:
+            try:
+                records.append(quick._load(handle))
+            except EOFError:
+                break
+    with open(stamp, "wb") as out:
+        for record in records:
+            quick._dump(("P", {"skipped": "many"}) if record[0] == "P" else record, out)
+    out7, _ = run()
+    assert replayed not in out7 and "0 created, 0 updated, 139 skipped, 0 failed" in out7
+    assert replayed in run()[0]  # (that run wrote a good stamp)
 
 
 @pytest.mark.parametrize("ending", ["complete", "failed", "stopped", "listing cut", "files adopted", "files deleted"])
@@ -1132,7 +1146,7 @@ def test_only_a_run_that_ended_complete_stamps_the_tree(own_tree, tmp_path, monk
     stamp = Stamp(state, source.tree_root, "key")
     try:
         state.load()
-        assert stamp.check() is None  # no stamp yet; the walk is kept
+        assert stamp.check(tmp_path / "z") is None  # no stamp yet; the walk is kept
         engine = Engine(source, state, Options(dropoff=dropoff, zip_tmp=tmp_path / "z", jobs=2))
         outcome = engine.run(entries(source, DicomQuery()))
         state.save()

@@ -148,7 +148,7 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
         try:
             state.load()
             stamp = Stamp.of(plan, source, state, shard)
-            replay = stamp.check() if stamp is not None else None
+            replay = stamp.check(temp) if stamp is not None else None
             if not opts.dry_run and replay is None:  # this run may change the dropoff: the last stamp no longer holds
                 quick.forget(str(state.root))
             if isinstance(source, HasListingCache):  # file://: a file unchanged since the last run is not opened again
@@ -173,8 +173,8 @@ def _sync(plan: SyncPlan, source, listing: Callable[[], Iterable], started: floa
                         "nothing changed in the source folder or the dropoff since the last complete sync "
                         f"({quick.STAMP} in {state.root}): not listed again"
                     )
-                    outcome = replay.outcome(temp)
-                    engine.sessions, engine.listed, engine.listed_bytes = replay.tallies(), replay.listed, replay.listed_bytes
+                    outcome = replay.outcome
+                    engine.sessions, engine.listed, engine.listed_bytes = replay.tallies, replay.listed, replay.listed_bytes
                     outcome.notes += replay.notes
                 else:
                     outcome = engine.run(shard.filter(listing()))  # checks each entry as the listing streams in
@@ -279,25 +279,21 @@ def _manifest_bytes(state: SyncState) -> int:
 
 class Replay:
     """What the last complete run reported, for a run that found nothing changed since
-    (sync/quick.py): the counts of a run that skipped every file, the source's notes, the
-    sessions' tallies, and the audit's rows read from the stamp."""
+    (sync/quick.py): the counts of a run that skipped every file, the audit's rows (read
+    from the stamp, kept sorted on disk beyond 50,000: clpipe/spill.py), the notes and the
+    sessions' tallies. Raises ``KeyError``, ``TypeError`` or ``ValueError`` for a payload
+    this code did not write, ``OSError`` or ``EOFError`` for a stamp that cannot be read."""
 
-    def __init__(self, state_root: str, payload: dict[str, Any]) -> None:
-        self.state_root, self.payload = state_root, payload
+    def __init__(self, state_root: str, payload: dict[str, Any], spill: Path) -> None:
         self.listed: int = payload["listed"]
         self.listed_bytes: int = payload["listed_bytes"]
-        self.notes: list[str] = list(payload["notes"])
-
-    def outcome(self, spill: Path) -> Outcome:
-        outcome = Outcome(skipped=self.payload["skipped"], renamed=self.payload["renamed"], unchanged=SortedSpill(spill))
-        for path in quick.audit_paths(self.state_root):
-            outcome.unchanged.append(path)
-        return outcome
-
-    def tallies(self) -> session_states.Tallies:
-        tallies = session_states.Tallies()
-        tallies.add_data(self.payload["tallies"])
-        return tallies
+        self.notes: list[str] = [str(note) for note in payload["notes"]]
+        self.outcome = Outcome(skipped=int(payload["skipped"]), renamed=int(payload["renamed"]), unchanged=SortedSpill(spill))
+        for path in quick.audit_paths(state_root):
+            self.outcome.unchanged.append(path)
+        self.tallies = session_states.Tallies()
+        if not self.tallies.add_data(payload["tallies"]):
+            raise ValueError("not tallies")
 
 
 class Stamp:
@@ -311,8 +307,8 @@ class Stamp:
 
     @classmethod
     def of(cls, plan: SyncPlan, source, state: SyncState, shard: ShardView) -> Stamp | None:
-        """The stamp of a run that may use one: a folder source, not a dry run, a listing
-        only, a run that deletes, or a shard task."""
+        """The stamp of this run; None when it may not use one: a source that is not a
+        folder, a dry run, a list-only run, a run that deletes, or a shard task."""
         opts = plan.sync_options
         if not isinstance(source, HasTreeStamp) or opts.dry_run or opts.delete or opts.list_only or shard.active:
             return None
@@ -321,7 +317,7 @@ class Stamp:
         template = plan.layout_template or ""
         return cls(state, source.tree_root, quick.key(str(plan.url), plan.query, template, __version__))
 
-    def check(self) -> Replay | None:
+    def check(self, spill: Path) -> Replay | None:
         """The last complete run's report when nothing changed since; None otherwise (the
         tree's walk is kept for the stamp this run may write)."""
         try:
@@ -331,11 +327,12 @@ class Stamp:
         payload = quick.check(self.root, self.key, self.tree, str(self.state.dropoff), locked=True, snapshot=self.snapshot)
         if payload is None:
             return None
-        self.discard()
         try:
-            return Replay(self.root, payload)
-        except (KeyError, TypeError):  # not a payload this code wrote: the run lists the tree
+            replay = Replay(self.root, payload, spill)
+        except (KeyError, TypeError, ValueError, OSError, EOFError):  # not a stamp this code wrote whole: the run lists the tree
             return None
+        self.discard()
+        return replay
 
     def write(self, outcome: Outcome, engine: Engine, notes: list[str]) -> None:
         """Make the walk the stamp if the run ended complete with no change of its own to
