@@ -64,7 +64,9 @@ def made(tmp_path, old_files) -> Dropoff:
 def test_nothing_changed_replays_the_report(made):
     assert made.check(locked=True) == PAYLOAD
     assert made.check(locked=False) == PAYLOAD
-    assert list(quick.audit_paths(str(made.state))) == sorted(made.files)
+    paths: list[str] = []
+    assert quick.check(str(made.state), KEY, str(made.tree), str(made.dropoff), locked=True, paths=paths) == PAYLOAD
+    assert paths == sorted(made.files)  # the audit's rows of the replayed run
     assert not [p for p in made.state.iterdir() if ".new." in p.name]  # the snapshot became the stamp
 
 

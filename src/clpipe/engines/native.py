@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import __version__
 from ..console import say
 from ..errors import DiskFull, PreflightError, TransferError, is_disk_full
 from ..layout import STATE_DIR
@@ -279,18 +280,16 @@ def _manifest_bytes(state: SyncState) -> int:
 
 class Replay:
     """What the last complete run reported, for a run that found nothing changed since
-    (sync/quick.py): the counts of a run that skipped every file, the audit's rows (read
-    from the stamp, kept sorted on disk beyond 50,000: clpipe/spill.py), the notes and the
+    (sync/quick.py): the counts of a run that skipped every file, the audit's rows (given
+    by the stamp's check, kept on disk beyond 50,000: clpipe/spill.py), the notes and the
     sessions' tallies. Raises ``KeyError``, ``TypeError`` or ``ValueError`` for a payload
-    this code did not write, ``OSError`` or ``EOFError`` for a stamp that cannot be read."""
+    this code did not write."""
 
-    def __init__(self, state_root: str, payload: dict[str, Any], spill: Path) -> None:
+    def __init__(self, payload: dict[str, Any], unchanged: SortedSpill) -> None:
         self.listed: int = payload["listed"]
         self.listed_bytes: int = payload["listed_bytes"]
         self.notes: list[str] = [str(note) for note in payload["notes"]]
-        self.outcome = Outcome(skipped=int(payload["skipped"]), renamed=int(payload["renamed"]), unchanged=SortedSpill(spill))
-        for path in quick.audit_paths(state_root):
-            self.outcome.unchanged.append(path)
+        self.outcome = Outcome(skipped=int(payload["skipped"]), renamed=int(payload["renamed"]), unchanged=unchanged)
         self.tallies = session_states.Tallies()
         if not self.tallies.add_data(payload["tallies"]):
             raise ValueError("not tallies")
@@ -312,8 +311,6 @@ class Stamp:
         opts = plan.sync_options
         if not isinstance(source, HasTreeStamp) or opts.dry_run or opts.delete or opts.list_only or shard.active:
             return None
-        from .. import __version__
-
         template = plan.layout_template or ""
         return cls(state, source.tree_root, quick.key(str(plan.url), plan.query, template, __version__))
 
@@ -324,12 +321,15 @@ class Stamp:
             self.snapshot = quick.Snapshot(self.root, self.key)
         except OSError:  # the state folder takes no file now (a full disk): no stamp this run, the tree is listed
             return None
-        payload = quick.check(self.root, self.key, self.tree, str(self.state.dropoff), locked=True, snapshot=self.snapshot)
-        if payload is None:
-            return None
+        unchanged = SortedSpill(spill)
+        root, dropoff = self.root, str(self.state.dropoff)
+        payload = quick.check(root, self.key, self.tree, dropoff, locked=True, snapshot=self.snapshot, paths=unchanged)
         try:
-            replay = Replay(self.root, payload, spill)
-        except (KeyError, TypeError, ValueError, OSError, EOFError):  # not a stamp this code wrote whole: the run lists the tree
+            replay = Replay(payload, unchanged) if payload is not None else None
+        except (KeyError, TypeError, ValueError):  # not a report this code wrote: the run lists the tree
+            replay = None
+        if replay is None:
+            unchanged.close()
             return None
         self.discard()
         return replay

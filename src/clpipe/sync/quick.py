@@ -1,8 +1,8 @@
 """A no-op re-sync of a folder (file://) told without listing it: the tree's stamp.
 
 A run of a folder source that left every listed file in the dropoff (nothing failed,
-nothing stopped, no note of the engine's own) writes a *stamp* into the dropoff's state
-folder. It holds:
+stopped, adopted, moved or deleted) writes a *stamp* into the dropoff's state folder. It
+holds:
 
 * every entry of the source tree as the run found it *before* it listed the tree: each
   file's relative path, size, modification time, inode and change time (the listing
@@ -11,7 +11,7 @@ folder. It holds:
 * each file of the run's entries in the dropoff with the size the manifest records (the
   engine's test of "in place", sync/engine.py);
 * the manifest's own size, modification time and inode;
-* what a no-op run would report: the counts, the source's notes, the sessions' tallies.
+* what a no-op run would report: the counts, the notes, the sessions' tallies.
 
 The next run walks the tree in the same order and compares entry by entry, stats each
 dropoff file the stamp lists, and checks that no journal is waiting. When nothing
@@ -173,9 +173,9 @@ class Snapshot:
         self.files = 0
         self._chunk: list[tuple] = []
         self._out = open(self.path, "wb", buffering=1 << 16)  # noqa: SIM115 (closed by finish or discard)
-        self._dump((MAGIC, FORMAT, stamp_key))
+        self._write((MAGIC, FORMAT, stamp_key))
 
-    def _dump(self, item: tuple) -> None:
+    def _write(self, item: tuple) -> None:
         if not self.usable:
             return
         try:
@@ -192,7 +192,7 @@ class Snapshot:
         chunk = self._chunk
         chunk.append(item)
         if len(chunk) >= CHUNK:
-            self._dump(("S", chunk))
+            self._write(("S", chunk))
             chunk.clear()
 
     def finish(self, dest: Iterator[tuple[str, int]], payload: dict[str, Any]) -> bool:
@@ -246,12 +246,22 @@ def forget(state_root: str) -> None:
 
 
 def check(
-    state_root: str, stamp_key: str, tree: str, dropoff: str, *, locked: bool, snapshot: Snapshot | None = None
+    state_root: str,
+    stamp_key: str,
+    tree: str,
+    dropoff: str,
+    *,
+    locked: bool,
+    snapshot: Snapshot | None = None,
+    paths: Any = None,
 ) -> dict[str, Any] | None:
     """What the last complete run reported, when nothing it depended on has changed since
     (see the module's docstring); None otherwise. ``snapshot``: fed the whole walk (also
-    past a difference), for the stamp this run may write. ``locked``: the caller holds the
-    dropoff's lock; if not, a run holding it or taking it meanwhile makes the answer None."""
+    past a difference), for the stamp this run may write. ``paths``: given (``append``)
+    each dropoff path the stamp lists as it is checked, in order: the audit's rows of a
+    run that replays the report (meaningless when the answer is None). ``locked``: the
+    caller holds the dropoff's lock; if not, a run holding it or taking it meanwhile makes
+    the answer None."""
     lock = f"{state_root}/{LOCK}"
     if not locked and os.path.lexists(lock):
         if snapshot is not None:
@@ -266,7 +276,7 @@ def check(
         return None
     with handle:
         before = os.fstat(handle.fileno())
-        payload = _compare(handle, stamp_key, tree, dropoff, snapshot)
+        payload = _compare(handle, stamp_key, tree, dropoff, state_root, snapshot, paths)
         if payload is None:
             return None
         if not locked and os.path.lexists(lock):
@@ -287,7 +297,9 @@ def _feed(snapshot: Snapshot, items: Iterator[tuple]) -> None:
         snapshot.usable = False
 
 
-def _compare(handle, stamp_key: str, tree: str, dropoff: str, snapshot: Snapshot | None) -> dict[str, Any] | None:
+def _compare(
+    handle, stamp_key: str, tree: str, dropoff: str, state_root: str, snapshot: Snapshot | None, paths: Any
+) -> dict[str, Any] | None:
     items = walk(tree)
     same = True
     try:
@@ -331,7 +343,7 @@ def _compare(handle, stamp_key: str, tree: str, dropoff: str, snapshot: Snapshot
         while True:
             kind, chunk = _load(handle)
             if kind == "M":
-                if _stat(f"{prefix}{STATE_DIR}/{MANIFEST}") != tuple(chunk):
+                if _stat(f"{state_root}/{MANIFEST}") != tuple(chunk):
                     return None
                 continue
             if kind == "P":
@@ -347,21 +359,10 @@ def _compare(handle, stamp_key: str, tree: str, dropoff: str, snapshot: Snapshot
                     fd, opened = os.open(prefix + folder, os.O_RDONLY | os.O_DIRECTORY), folder
                 if os.stat(name, dir_fd=fd).st_size != size:
                     return None
+                if paths is not None:
+                    paths.append(path)
     except (OSError, EOFError, ValueError, TypeError):  # a file gone, a damaged stamp
         return None
     finally:
         if fd >= 0:
             os.close(fd)
-
-
-def audit_paths(state_root: str) -> Iterator[str]:
-    """The dropoff paths the stamp lists (the audit's rows of a no-op run), in order."""
-    with open(f"{state_root}/{STAMP}", "rb", buffering=1 << 16) as handle:
-        _load(handle)
-        while True:
-            kind, chunk = _load(handle)
-            if kind == "D":
-                for path, _ in chunk:
-                    yield path
-            elif kind != "S":
-                return

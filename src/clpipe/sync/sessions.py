@@ -180,26 +180,23 @@ class Tallies:
             return False
         self.whole = self.whole and data.get("whole") is True
         try:
-            self._add_items(items)
+            for item in items:
+                session = Session(*item["session"])
+                tally = self.by_path.get(session.path)
+                if tally is None:
+                    tally = self.by_path[session.path] = Tally(session)
+                tally.entries += item["entries"]
+                tally.in_place += item["in_place"]
+                tally.files += item["files"]
+                tally.bytes += item["bytes"]
+                tally.placed += item["placed"]
+                tally.modified = max(tally.modified, item["modified"])
+                tally.fingerprint ^= item["fingerprint"]
+                tally.failures += item["failures"][: MAX_FAILURES - len(tally.failures)]
+                tally.series.update(item["series"])
         except (AttributeError, KeyError, TypeError, ValueError):
             return False
         return True
-
-    def _add_items(self, items: list) -> None:
-        for item in items:
-            session = Session(*item["session"])
-            tally = self.by_path.get(session.path)
-            if tally is None:
-                tally = self.by_path[session.path] = Tally(session)
-            tally.entries += item["entries"]
-            tally.in_place += item["in_place"]
-            tally.files += item["files"]
-            tally.bytes += item["bytes"]
-            tally.placed += item["placed"]
-            tally.modified = max(tally.modified, item["modified"])
-            tally.fingerprint ^= item["fingerprint"]
-            tally.failures += item["failures"][: MAX_FAILURES - len(tally.failures)]
-            tally.series.update(item["series"])
 
 
 # ----------------------------------------------------------------------------- records
